@@ -1,0 +1,711 @@
+"""Data sets: find or download, verify, decode, cache, and serve as tensors in [-1, 1].
+
+Every data set comes out the same way, whatever its file format:
+
+    ds = data.load("usps", split="train", data_root="data")     # an ImageSet
+    ds.images()      # float32 (N, 3, H, W) in [-1, 1], gray replicated to 3 channels
+    ds.labels        # int64 (N,) or None (an unlabelled folder)
+
+Digits default to 28x28, faces to 64x64 (center-cropped to a square, then resized).
+
+| name     | files (under --data-root)                                   | format            |
+|----------|-------------------------------------------------------------|-------------------|
+| mnist    | mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]    | IDX               |
+| usps     | usps/usps.bz2, usps/usps.t.bz2                              | LIBSVM, bzip2     |
+| svhn     | svhn/{train,test}_32x32.mat                                 | MATLAB v5         |
+| mnistm   | mnist_m/ folder or mnist_m.tar.gz, or mnist_m_{train,test}.pt[.tar.gz] | PNG / torch |
+| celeba   | celeba/img_align_celeba/ or .zip, list_attr_celeba.txt, list_eval_partition.txt | JPEG |
+| a folder | DIR/data/*.png + DIR/{train,val,test}.csv, or DIR/*.png      | the course layout |
+
+Decoding is done once: the decoded uint8 arrays go to a cache (`--cache`, default
+~/.cache/dlcv-from-scratch) keyed by the source files' size and time, so the second load
+of 60,000 digits is a single `np.load`. Images stay uint8 in memory (a quarter of the
+float size) and become floats batch by batch in `ImageSet.images`.
+
+Downloads come from the data sets' public addresses, show progress, land in a `.part`
+file and are renamed only after their published MD5 matched.
+"""
+import bz2
+import csv
+import gzip
+import hashlib
+import io
+import struct
+import tarfile
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from util import Progress, UserError
+
+DEFAULT_CACHE = Path.home() / ".cache" / "dlcv-from-scratch"
+DIGITS = ("mnist", "mnistm", "svhn", "usps")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+# ============================================================================ the result
+@dataclass
+class ImageSet:
+    """Images as uint8 (N, C, H, W) with C = 1 or 3, plus whatever labels the set has."""
+    pixels: torch.Tensor
+    labels: torch.Tensor | None = None              # int64 (N,)
+    names: list[str] | None = None                  # file names, for prediction csvs
+    classes: list[str] = field(default_factory=list)
+    attributes: torch.Tensor | None = None          # CelebA: int64 (N, 40) of 0/1
+    attribute_names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    @property
+    def image_size(self) -> int:
+        return self.pixels.shape[-1]
+
+    def images(self, index=slice(None)) -> torch.Tensor:
+        """float32 (n, 3, H, W) in [-1, 1]: x = u8 / 127.5 - 1, gray expanded to RGB."""
+        selected = self.pixels[index].float().div_(127.5).sub_(1.0)
+        return selected.expand(-1, 3, -1, -1) if selected.shape[1] == 1 else selected
+
+    def subset(self, index) -> "ImageSet":
+        pick = (lambda seq: None if seq is None else [seq[i] for i in index.tolist()])
+        return ImageSet(self.pixels[index],
+                        None if self.labels is None else self.labels[index],
+                        pick(self.names), self.classes,
+                        None if self.attributes is None else self.attributes[index],
+                        self.attribute_names)
+
+    def to(self, device) -> "ImageSet":
+        """Move the uint8 pixels (and labels) once, e.g. to the GPU, so batches cost no copy."""
+        return ImageSet(self.pixels.to(device),
+                        None if self.labels is None else self.labels.to(device),
+                        self.names, self.classes,
+                        None if self.attributes is None else self.attributes.to(device),
+                        self.attribute_names)
+
+    def batches(self, batch_size: int, shuffle: bool = True, generator=None,
+                drop_last: bool = False):
+        """Yield (images, labels-or-None) minibatches; the order comes from `generator`."""
+        count = len(self)
+        order = (torch.randperm(count, generator=generator) if shuffle
+                 else torch.arange(count)).to(self.pixels.device)
+        stop = count - count % batch_size if drop_last else count
+        for start in range(0, stop, batch_size):
+            index = order[start:start + batch_size]
+            yield self.images(index), None if self.labels is None else self.labels[index]
+
+
+# ============================================================================ downloads
+def md5_of(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_file(urls: list[str], target: Path, md5: str | None, hint: str = "") -> Path:
+    """Fetch the first address that works into target.part, check MD5, rename to target.
+
+    Offline or a failed checksum ends in one line that names the file to place by hand."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".part")
+    by_hand = f"download it by hand and save it as {target}" + (f" ({hint})" if hint else "")
+    failures = []
+    for url in urls:
+        try:
+            _stream_to(url, partial)
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            failures.append(f"{url}: {getattr(error, 'reason', error)}")
+            continue
+        if md5 is not None and (got := md5_of(partial)) != md5:
+            partial.unlink()
+            raise UserError(f"download of {target.name} is corrupt (md5 {got}, expected "
+                            f"{md5}): run again, or {by_hand}")
+        partial.replace(target)
+        return target
+    raise UserError(f"could not download {target.name} ({'; '.join(failures)}): "
+                    f"check the network, or {by_hand}")
+
+
+def _stream_to(url: str, path: Path):
+    request = urllib.request.Request(url, headers={"User-Agent": "dlcv-from-scratch"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        if response.headers.get("Content-Type", "").startswith("text/html"):
+            raise ValueError("got a web page instead of the file (quota or login page)")
+        size = int(response.headers.get("Content-Length") or 0) or None
+        progress = Progress(desc=f"download {path.name[:-5]}", total=size, unit="B")
+        with open(path, "wb") as handle:
+            while block := response.read(1 << 16):
+                handle.write(block)
+                progress.update(len(block))
+        progress.close()
+
+
+def safe_extract(archive: Path, destination: Path) -> Path:
+    """Unpack a .tar[.gz] or .zip, refusing members that would land outside destination."""
+    destination = Path(destination).resolve()
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as bundle:
+                _refuse_escapes(bundle.namelist(), destination, archive)
+                bundle.extractall(destination)
+        else:
+            with tarfile.open(archive) as bundle:
+                members = bundle.getmembers()
+                _refuse_escapes([m.name for m in members], destination, archive)
+                if any(m.issym() or m.islnk() for m in members):
+                    raise UserError(f"archive {archive} holds links; refusing to unpack it")
+                bundle.extractall(destination, filter="data")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as error:
+        raise UserError(f"archive {archive} is truncated or damaged ({error}): delete it "
+                        "and download it again")
+    return destination
+
+
+def _refuse_escapes(names, destination: Path, archive: Path):
+    for name in names:
+        if not (destination / name).resolve().is_relative_to(destination):
+            raise UserError(f"archive {archive} has a member '{name}' that would be written "
+                            f"outside {destination}; refusing to unpack it")
+
+
+# ============================================================================ file formats
+def read_idx(path: Path) -> np.ndarray:
+    """IDX (LeCun's MNIST format): magic 0 0 type ndim, big-endian int32 dims, raw data."""
+    raw = _read_bytes(path)
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise UserError(f"{path} is not an IDX file of unsigned bytes: re-download it")
+    ndim = raw[3]
+    shape = struct.unpack(f">{ndim}i", raw[4:4 + 4 * ndim])
+    body = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if body.size != np.prod(shape):
+        raise UserError(f"{path} is truncated ({body.size} of {np.prod(shape)} bytes): "
+                        "delete it and download it again")
+    return body.reshape(shape)
+
+
+def read_libsvm(path: Path, features: int) -> tuple[np.ndarray, np.ndarray]:
+    """LIBSVM sparse text: `label index:value ...`, 1-based indices, absent values are 0."""
+    lines = _read_bytes(path).decode("ascii").split("\n")
+    rows = [line.split() for line in lines if line.strip()]
+    labels = np.array([float(row[0]) for row in rows]).astype(np.int64)
+    values = np.zeros((len(rows), features), np.float32)
+    for i, row in enumerate(rows):  # one pass over text lines, done once, then cached
+        pairs = np.array([item.split(":") for item in row[1:]], dtype=np.float64)
+        if len(pairs):
+            values[i, pairs[:, 0].astype(np.int64) - 1] = pairs[:, 1]
+    return values, labels
+
+
+# MATLAB level-5 MAT-file: 128-byte header, then tagged data elements, 8-byte aligned.
+MAT_NUMERIC = {1: np.int8, 2: np.uint8, 3: np.int16, 4: np.uint16, 5: np.int32,
+               6: np.uint32, 7: np.float32, 9: np.float64, 12: np.int64, 13: np.uint64}
+MAT_CLASS = {6: np.float64, 7: np.float32, 8: np.int8, 9: np.uint8, 10: np.int16,
+             11: np.uint16, 12: np.int32, 13: np.uint32, 14: np.int64, 15: np.uint64}
+MI_MATRIX, MI_COMPRESSED = 14, 15
+
+
+def read_mat(path: Path) -> dict[str, np.ndarray]:
+    """Numeric arrays of a MAT v5 file (zlib-compressed elements included), by name.
+
+    Element tag: uint32 type, uint32 byte count; a 'small' element packs both into
+    the first 4 bytes (count in the upper half) with its data in the next 4. A matrix
+    holds sub-elements: flags (class), dimensions, name, real part (column-major)."""
+    raw = _read_bytes(path)
+    if len(raw) < 128 or raw[126:128] != b"IM":
+        raise UserError(f"{path} is not a little-endian MATLAB v5 file: re-download it")
+    arrays, offset = {}, 128
+    try:
+        while offset + 8 <= len(raw):
+            kind, body, offset = _mat_element(raw, offset)
+            if kind == MI_COMPRESSED:
+                kind, body, _ = _mat_element(zlib.decompress(body), 0)
+            if kind == MI_MATRIX:
+                name, array = _mat_matrix(body)
+                if array is not None:
+                    arrays[name] = array
+    except (zlib.error, struct.error, ValueError) as error:
+        raise UserError(f"{path} is truncated or damaged ({error}): delete it and download "
+                        "it again")
+    return arrays
+
+
+def _mat_element(raw: bytes, offset: int) -> tuple[int, bytes, int]:
+    kind, size = struct.unpack_from("<II", raw, offset)
+    if kind >> 16:  # small data element format
+        return kind & 0xFFFF, raw[offset + 4:offset + 4 + (kind >> 16)], offset + 8
+    start, end = offset + 8, offset + 8 + size
+    if end > len(raw):
+        raise ValueError(f"element at byte {offset} runs past the end of the file")
+    return kind, raw[start:end], end + (-size % 8 if kind != MI_COMPRESSED else 0)
+
+
+def _mat_matrix(body: bytes) -> tuple[str, np.ndarray | None]:
+    elements, offset = [], 0
+    while offset + 8 <= len(body):
+        kind, data, offset = _mat_element(body, offset)
+        elements.append((kind, data))
+    (_, flags), (_, dims), (_, name), (real_kind, real) = elements[:4]
+    matlab_class = struct.unpack_from("<I", flags)[0] & 0xFF
+    if matlab_class not in MAT_CLASS:  # cells, structs, chars, sparse: not needed here
+        return name.decode("ascii"), None
+    shape = np.frombuffer(dims, np.int32)
+    values = np.frombuffer(real, MAT_NUMERIC[real_kind]).astype(MAT_CLASS[matlab_class])
+    return name.decode("ascii"), values.reshape(shape, order="F")
+
+
+def _read_bytes(path: Path) -> bytes:
+    """Whole file, transparently gunzipped / bunzipped by suffix."""
+    opener = {".gz": gzip.open, ".bz2": bz2.open}.get(Path(path).suffix, open)
+    try:
+        with opener(path, "rb") as handle:
+            return handle.read()
+    except (EOFError, OSError, zlib.error) as error:
+        raise UserError(f"{path} is truncated or damaged ({error}): delete it and "
+                        "download it again")
+
+
+def _decode(blob_or_path, size: int | None = None, square: bool = False) -> np.ndarray:
+    """One image file -> uint8 (H, W, C); optionally center-cropped square and resized."""
+    source = io.BytesIO(blob_or_path) if isinstance(blob_or_path, bytes) else blob_or_path
+    with Image.open(source) as image:
+        if size is not None:
+            image.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 2^k
+        image = image.convert("RGB" if image.mode not in ("L", "1") else "L")
+        if square:
+            side = min(image.size)
+            left, top = (image.width - side) // 2, (image.height - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+        if size is not None and image.size != (size, size):
+            image = image.resize((size, size), Image.BICUBIC, reducing_gap=None)
+        return np.asarray(image).reshape(image.height, image.width, -1)
+
+
+def _decode_all(blobs, desc: str, size=None, square=False) -> np.ndarray:
+    """Decode many files into one uint8 (N, C, H, W) array, with a progress line."""
+    decoded = [_decode(blob, size, square) for blob in Progress(blobs, desc, unit="img")]
+    shapes = {image.shape for image in decoded}
+    if len(shapes) > 1:
+        raise UserError(f"{desc}: images have different sizes {sorted(shapes)[:3]}: give "
+                        "--image-size so they can be resized to one")
+    return np.stack(decoded).transpose(0, 3, 1, 2)
+
+
+# ============================================================================ data sets
+MNIST_MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+                 "http://yann.lecun.com/exdb/mnist/"]
+MNIST_FILES = {  # published MD5s of the .gz files (as torchvision checks them)
+    "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+USPS_URL = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/multiclass/"
+USPS_FILES = {"usps.bz2": "ec16c51db3855ca6c91edd34d0e9b197",
+              "usps.t.bz2": "8ea070ee2aca1ac39742fdd1ef5ed118"}
+SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
+SVHN_FILES = {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
+              "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"}
+MNISTM_URL = "https://github.com/liyxi/mnist-m/releases/download/data/"
+MNISTM_FILES = {"mnist_m_train.pt.tar.gz": "191ed53db9933bd85cc9700558847391",
+                "mnist_m_test.pt.tar.gz": "e11cb4d7fff76d7ec588b1134907db59"}
+CELEBA_DRIVE = "https://drive.google.com/uc?export=download&id="
+CELEBA_FILES = {  # Google Drive ids and MD5s of the official aligned-faces release
+    "img_align_celeba.zip": ("0B7EVK8r0v71pZjFTYXZWM3FlRnM", "00d2c5bc6d35e252742224ab0c1e8fcb"),
+    "list_attr_celeba.txt": ("0B7EVK8r0v71pblRyaVFSWGxPY0U", "75e246fa4810816ffd6ee81facbd244c"),
+    "list_eval_partition.txt": ("0B7EVK8r0v71pY0NSMzRuSXJEVkk", "d32c9cbf5e040fd4025c592c306e6668"),
+}
+DIGIT_CLASSES = [str(d) for d in range(10)]
+
+
+def _first_existing(candidates) -> Path | None:
+    return next((Path(c) for c in candidates if Path(c).exists()), None)
+
+
+def _mnist(root: Path, split: str, download: bool):
+    prefix = "train" if split == "train" else "t10k"
+    found = {}
+    for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
+        found[stem] = _first_existing(
+            folder / f"{stem}{suffix}" for folder in (root / "mnist", root / "MNIST" / "raw")
+            for suffix in ("", ".gz"))
+        if found[stem] is None:
+            _need(download, "MNIST", root / "mnist", f"{stem}.gz")
+            found[stem] = download_file([u + f"{stem}.gz" for u in MNIST_MIRRORS],
+                                        root / "mnist" / f"{stem}.gz", MNIST_FILES[stem])
+    images, labels = (read_idx(path) for path in found.values())
+    _check_counts("MNIST", images, labels, classes=10)
+    return dict(pixels=images[:, None], labels=labels.astype(np.int64)), list(found.values())
+
+
+def _usps(root: Path, split: str, download: bool):
+    name = "usps.bz2" if split == "train" else "usps.t.bz2"
+    path = _first_existing([root / "usps" / name, root / "usps" / name[:-4]])
+    if path is None:
+        _need(download, "USPS", root / "usps", name)
+        path = download_file([USPS_URL + name], root / "usps" / name, USPS_FILES[name])
+    values, labels = read_libsvm(path, features=256)
+    labels = labels - 1  # LIBSVM's USPS stores digit + 1
+    # values in [-1, 1] -> bytes; (N, 256) row-major is (N, 16, 16)
+    pixels = np.rint((values + 1) * 127.5).clip(0, 255).astype(np.uint8).reshape(-1, 1, 16, 16)
+    _check_counts("USPS", pixels, labels, classes=10)
+    return dict(pixels=pixels, labels=labels), [path]
+
+
+def _svhn(root: Path, split: str, download: bool):
+    name = f"{'train' if split == 'train' else 'test'}_32x32.mat"
+    path = root / "svhn" / name
+    if not path.exists():
+        _need(download, "SVHN", root / "svhn", name)
+        download_file([SVHN_URL + name], path, SVHN_FILES[name])
+    arrays = read_mat(path)
+    if "X" not in arrays or "y" not in arrays:
+        raise UserError(f"{path} has no X and y arrays: is it SVHN's cropped-digits file?")
+    pixels = arrays["X"].astype(np.uint8).transpose(3, 2, 0, 1)  # (H, W, C, N) -> (N, C, H, W)
+    labels = arrays["y"].reshape(-1).astype(np.int64) % 10       # SVHN writes digit 0 as 10
+    _check_counts("SVHN", pixels, labels, classes=10)
+    return dict(pixels=pixels, labels=labels), [path]
+
+
+def _mnistm(root: Path, split: str, download: bool):
+    """Original layout (folder or mnist_m.tar.gz, 32x32 PNGs) or the .pt release (28x28)."""
+    part = "train" if split == "train" else "test"
+    folder = _first_existing([root / "mnist_m" / "mnist_m", root / "mnist_m"])
+    if folder is not None and (folder / f"mnist_m_{part}_labels.txt").exists():
+        labels_text = (folder / f"mnist_m_{part}_labels.txt").read_text()
+        names, labels = _parse_name_label(labels_text)
+        blobs = [(folder / f"mnist_m_{part}" / n).read_bytes() for n in names]
+        return _mnistm_from(names, labels, blobs), [folder / f"mnist_m_{part}_labels.txt"]
+    archive = root / "mnist_m" / "mnist_m.tar.gz"
+    if archive.exists():
+        return _mnistm_from_tar(archive, part), [archive]
+    tensor_file = root / "mnist_m" / f"mnist_m_{part}.pt"
+    if not tensor_file.exists():
+        bundle = root / "mnist_m" / f"mnist_m_{part}.pt.tar.gz"
+        if not bundle.exists():
+            _need(download, "MNIST-M", root / "mnist_m", "mnist_m.tar.gz or " + bundle.name)
+            download_file([MNISTM_URL + bundle.name], bundle, MNISTM_FILES[bundle.name])
+        safe_extract(bundle, bundle.parent)
+    images, labels = torch.load(tensor_file, weights_only=True)  # (N, 28, 28, 3) uint8
+    pixels = images.numpy().transpose(0, 3, 1, 2)
+    _check_counts("MNIST-M", pixels, labels.numpy(), classes=10)
+    return dict(pixels=pixels, labels=labels.numpy().astype(np.int64)), [tensor_file]
+
+
+def _mnistm_from_tar(archive: Path, part: str):
+    try:
+        with tarfile.open(archive) as bundle:
+            members = {m.name.split("mnist_m/", 1)[-1]: m for m in bundle.getmembers()}
+            label_member = members.get(f"mnist_m_{part}_labels.txt")
+            if label_member is None:
+                raise UserError(f"{archive} has no mnist_m_{part}_labels.txt: it is not the "
+                                "original MNIST-M archive")
+            names, labels = _parse_name_label(bundle.extractfile(label_member).read().decode())
+            blobs = [bundle.extractfile(members[f"mnist_m_{part}/{n}"]).read() for n in names]
+    except (tarfile.TarError, EOFError, zlib.error, KeyError) as error:
+        raise UserError(f"{archive} is truncated or damaged ({error}): delete it and "
+                        "download it again")
+    return _mnistm_from(names, labels, blobs)
+
+
+def _mnistm_from(names, labels, blobs):
+    pixels = _decode_all(blobs, "decode MNIST-M")
+    _check_counts("MNIST-M", pixels, labels, classes=10)
+    return dict(pixels=pixels, labels=labels, names=names)
+
+
+def _parse_name_label(text: str) -> tuple[list[str], np.ndarray]:
+    rows = [line.split() for line in text.splitlines() if line.strip()]
+    return [row[0] for row in rows], np.array([int(row[1]) for row in rows], np.int64)
+
+
+CELEBA_SPLITS = {"train": (0,), "test": (1, 2), "val": (1,), "all": (0, 1, 2)}
+
+
+def _celeba(root: Path, split: str, download: bool, size: int):
+    """Aligned CelebA: images present on disk joined to the official annotation files.
+
+    'test' is everything outside the official training range (valid + test), the held-out
+    faces that FID is measured against."""
+    folder = root / "celeba"
+    for name, (drive_id, md5) in CELEBA_FILES.items():
+        if name == "img_align_celeba.zip" and (folder / "img_align_celeba").is_dir():
+            continue
+        if not (folder / name).exists():
+            _need(download, "CelebA", folder, name)
+            download_file([CELEBA_DRIVE + drive_id], folder / name, md5,
+                          hint="Google Drive often refuses this; fetch it in a browser "
+                               "from the CelebA page")
+    attribute_names, attributes = _parse_celeba_attributes(folder / "list_attr_celeba.txt")
+    partition = dict(zip(*_parse_name_label((folder / "list_eval_partition.txt").read_text())))
+    wanted = set(CELEBA_SPLITS[split])
+    if (folder / "img_align_celeba").is_dir():
+        files = {p.name: p for p in (folder / "img_align_celeba").glob("*.jpg")}
+        names = sorted(n for n in files if n in attributes and partition.get(n) in wanted)
+        blobs = [files[n] for n in names]
+        source = folder / "img_align_celeba"
+    else:
+        source = folder / "img_align_celeba.zip"
+        names, blobs = _celeba_from_zip(source, attributes, partition, wanted)
+    if not names:
+        raise UserError(f"no CelebA images of split '{split}' found in {source}: check that "
+                        "the images and list_eval_partition.txt belong together")
+    pixels = _decode_all(blobs, "decode CelebA", size=size, square=True)
+    table = np.stack([attributes[n] for n in names])
+    return (dict(pixels=pixels, names=names, attributes=table,
+                 attribute_names=attribute_names),
+            [source, folder / "list_attr_celeba.txt", folder / "list_eval_partition.txt"])
+
+
+def _celeba_from_zip(archive: Path, attributes, partition, wanted):
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            members = {Path(m).name: m for m in bundle.namelist() if m.endswith(".jpg")}
+            names = sorted(n for n in members if n in attributes and partition.get(n) in wanted)
+            return names, [bundle.read(members[n]) for n in names]
+    except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+        raise UserError(f"{archive} is truncated or damaged ({error}): delete it and "
+                        "download it again")
+
+
+def _parse_celeba_attributes(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """list_attr_celeba.txt: count, the 40 names, then `file v1 ... v40` with v in {-1, 1}."""
+    lines = path.read_text().splitlines()
+    names = lines[1].split()
+    rows = [line.split() for line in lines[2:] if line.strip()]
+    values = (np.array([row[1:] for row in rows], dtype=np.int8) > 0).astype(np.int64)
+    if values.shape[1] != len(names):
+        raise UserError(f"{path} has {values.shape[1]} values per row for {len(names)} "
+                        "attributes: it is damaged; download it again")
+    return names, dict(zip((row[0] for row in rows), values))
+
+
+def _folder(root: Path, split: str, size: int | None):
+    """The course layout: DIR/data/*.png with DIR/{split}.csv (`image_name,label`, the
+    label column optional), or simply a folder of images (unlabelled, e.g. faces)."""
+    csv_name = {"train": ["train.csv"], "test": ["test.csv", "val.csv"],
+                "val": ["val.csv"]}.get(split, [f"{split}.csv"])
+    table = _first_existing(root / name for name in csv_name)
+    if table is not None:
+        with open(table, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows or "image_name" not in rows[0]:
+            raise UserError(f"{table} must start with the header 'image_name,label' (label "
+                            "optional)")
+        image_dir = root / "data" if (root / "data").is_dir() else root
+        names = [row["image_name"] for row in rows]
+        missing = [n for n in names if not (image_dir / n).is_file()]
+        if missing:
+            raise UserError(f"{table} lists {len(missing)} images missing from {image_dir} "
+                            f"(first: {missing[0]}): put the images in {image_dir}")
+        labels = (np.array([int(row["label"]) for row in rows], np.int64)
+                  if rows[0].get("label") not in (None, "") else None)
+        paths = [image_dir / n for n in names]
+        sources = [table, image_dir]
+    else:
+        paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise UserError(f"{root} has neither {' nor '.join(csv_name)} nor image files: "
+                            "give a folder with data/*.png and train.csv/val.csv, or a "
+                            "folder of images")
+        names, labels, sources = [p.name for p in paths], None, [root]
+    pixels = _decode_all(paths, f"decode {root.name}", size=size)
+    return dict(pixels=pixels, labels=labels, names=names), sources
+
+
+def _need(download: bool, what: str, folder: Path, name: str):
+    if not download:
+        raise UserError(f"{what} not found: expected {folder / name}; put the file there "
+                        "(or point --data-root at the folder that holds it), or allow "
+                        "downloading")
+
+
+def _check_counts(what: str, images, labels, classes: int):
+    if len(images) != len(labels):
+        raise UserError(f"{what}: {len(images)} images but {len(labels)} labels; the files do "
+                        "not belong together: download them again")
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise UserError(f"{what}: labels outside 0..{classes - 1}; the file is not the "
+                        "expected data set")
+
+
+# ============================================================================ load + cache
+READERS = {"mnist": _mnist, "usps": _usps, "svhn": _svhn, "mnistm": _mnistm}
+
+
+def load(name: str, split: str = "train", data_root="data", image_size: int | None = None,
+         attribute: str | None = None, download: bool = True, cache_dir=DEFAULT_CACHE,
+         limit: int | None = None) -> ImageSet:
+    """Load a data set by name (mnist, mnistm, svhn, usps, celeba) or folder path.
+
+    image_size: digits default 28, faces 64, folders keep their size. attribute: for
+    CelebA, the attribute (e.g. 'Smiling') whose 0/1 value becomes the label.
+    limit: keep the first `limit` images (for quick runs)."""
+    root = Path(data_root).expanduser()
+    if name in READERS or name == "celeba":
+        if not root.is_dir() and not download:
+            raise UserError(f"data folder {root} does not exist: pass --data-root DIR, the "
+                            "folder that holds mnist/, usps/, mnist_m/, svhn/, celeba/")
+        size = image_size or (28 if name in DIGITS else 64)
+        reader = ((lambda: _celeba(root, split, download, size)) if name == "celeba"
+                  else (lambda: READERS[name](root, split, download)))
+        label = name
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+        size = image_size
+        label = f"{folder.name}-{_digest(str(folder.resolve()))}"
+        reader = lambda: _folder(folder, split, size)  # noqa: E731
+    else:
+        raise UserError(f"unknown data set '{name}': use one of mnist, mnistm, svhn, usps, "
+                        "celeba, or the path of an existing image folder")
+    arrays = _cached(lambda: _resized(*reader(), size), label, split, size, cache_dir)
+    images = _as_image_set(arrays, attribute, label)
+    return images.subset(torch.arange(min(limit, len(images)))) if limit else images
+
+
+def _cached(reader, label: str, split: str, size, cache_dir) -> dict:
+    """Run `reader` once; afterwards load its arrays from an .npz keyed by the sources."""
+    if cache_dir is None:
+        return reader()[0]
+    cache_dir = Path(cache_dir).expanduser()
+    index = cache_dir / f"{label}-{split}-{size}.sources"
+    if index.exists():
+        key = index.read_text()
+        cached = cache_dir / f"{label}-{split}-{size}-{_digest(key)}.npz"
+        if cached.exists() and _sources_key(key) == key:
+            with np.load(cached, allow_pickle=False) as stored:
+                return {k: stored[k] for k in stored.files}
+    arrays, sources = reader()
+    key = _sources_signature(sources)
+    stored = {k: np.asarray(v) for k, v in arrays.items() if v is not None}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"{label}-{split}-{size}-{_digest(key)}.npz"
+    partial = target.with_name(target.name + ".part.npz")
+    np.savez(partial, **stored)
+    partial.replace(target)
+    index.write_text(key)
+    return arrays
+
+
+def _sources_signature(sources) -> str:
+    """Resolved path, size and modification time of every source: stale caches never load."""
+    parts = []
+    for source in sources:
+        stat = Path(source).stat()
+        parts.append(f"{Path(source).resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "\n".join(parts)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _sources_key(key: str) -> str:
+    """Recompute the signature of the sources named in a stored key ('' if one vanished)."""
+    try:
+        return _sources_signature(line.rsplit(":", 2)[0] for line in key.splitlines())
+    except OSError:
+        return ""
+
+
+def _resized(arrays: dict, sources: list, size: int | None) -> tuple[dict, list]:
+    """Bring decoded pixels to size x size before they are cached."""
+    pixels = torch.from_numpy(np.require(arrays["pixels"], np.uint8, ["C", "W"]))
+    if size is not None and pixels.shape[-2:] != (size, size):
+        pixels = resize(pixels, size)
+    return {**arrays, "pixels": pixels.numpy()}, sources
+
+
+def _as_image_set(arrays: dict, attribute: str | None, label: str) -> ImageSet:
+    pixels = torch.from_numpy(np.require(arrays["pixels"], np.uint8, ["C", "W"]))
+    names = [str(n) for n in arrays["names"]] if "names" in arrays else None
+    labels = torch.from_numpy(np.asarray(arrays["labels"], np.int64)) if "labels" in arrays \
+        else None
+    classes = DIGIT_CLASSES if label in DIGITS else []
+    attributes, attribute_names = None, []
+    if "attributes" in arrays:
+        attributes = torch.from_numpy(np.asarray(arrays["attributes"], np.int64))
+        attribute_names = [str(n) for n in arrays["attribute_names"]]
+    if attribute is not None:
+        if attribute not in attribute_names:
+            raise UserError(f"attribute '{attribute}' is not available for {label}: choose "
+                            f"one of {', '.join(attribute_names) or 'none (no attributes)'}")
+        labels = attributes[:, attribute_names.index(attribute)]
+        classes = [f"not {attribute}", attribute]
+    elif labels is not None and not classes:
+        classes = [str(c) for c in range(int(labels.max()) + 1)]
+    return ImageSet(pixels, labels, names, classes, attributes, attribute_names)
+
+
+def resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, C, h, w) -> uint8 (N, C, size, size), bilinear with antialiasing."""
+    resized = torch.cat([F.interpolate(chunk.float(), size=(size, size), mode="bilinear",
+                                       align_corners=False, antialias=True)
+                         for chunk in pixels.split(4096)])
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def describe(images: ImageSet) -> str:
+    """Counts per class (or per attribute value), image size and value range, as text."""
+    lines = [f"{len(images)} images, {images.pixels.shape[1]} channel(s) served as 3, "
+             f"{images.image_size}x{images.image_size}"]
+    if images.labels is not None:
+        counts = torch.bincount(images.labels, minlength=len(images.classes)).tolist()
+        lines.append("  " + "  ".join(f"{c}: {n}" for c, n in zip(images.classes, counts)))
+    else:
+        lines.append("  (no labels)")
+    return "\n".join(lines)
+
+
+# ============================================================================ image I/O
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float in [-1, 1] -> uint8 (rounded to nearest, clamped), same shape, on the CPU."""
+    return images.detach().float().add(1).mul(127.5).add_(0.5).clamp_(0, 255) \
+        .to(torch.uint8).cpu()
+
+
+def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2,
+              pad_value: float = 0.0) -> torch.Tensor:
+    """Tile (N, C, H, W) into one (C, rows*(H+p)+p, nrow*(W+p)+p) image, like torchvision."""
+    count, channels, height, width = images.shape
+    columns = min(nrow, count)
+    rows = -(-count // columns)
+    cell_h, cell_w = height + padding, width + padding
+    grid = images.new_full((channels, rows * cell_h + padding, columns * cell_w + padding),
+                           pad_value)
+    # place all images at once: pad to a full rows x columns table, then fold the table
+    table = images.new_full((rows * columns, channels, cell_h, cell_w), pad_value)
+    table[:count, :, :height, :width] = images
+    table = table.view(rows, columns, channels, cell_h, cell_w).permute(2, 0, 3, 1, 4)
+    grid[:, padding:, padding:] = table.reshape(channels, rows * cell_h, columns * cell_w)
+    return grid
+
+
+def save_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2) -> Path:
+    """Save images in [-1, 1] as one PNG grid (torchvision's save_image, normalised)."""
+    grid = make_grid(images.detach().float().cpu(), nrow, padding, pad_value=-1.0)
+    return _save_png(to_uint8(grid), path)
+
+
+def save_images(images: torch.Tensor, folder, names: list[str]) -> list[Path]:
+    """Save each image in [-1, 1] as its own PNG, e.g. names 0_001.png ... 9_100.png."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [_save_png(image, folder / name) for image, name in zip(to_uint8(images), names)]
+
+
+def _save_png(image_u8: torch.Tensor, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = image_u8.permute(1, 2, 0).numpy()
+    Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)
+    return path

@@ -1,0 +1,159 @@
+"""What every command shares: the error users see, device choice, seeding, a progress
+line, atomic files (checkpoints, results.json) and the loss history of a run.
+
+None of this is deep learning; it is the plumbing that makes a long run safe to interrupt
+and its numbers reproducible. Every training command in this project uses it the same way:
+
+    device = util.choose_device(args.device)
+    util.seed_everything(args.seed)
+    for step in util.Progress(range(steps), "train"): ...
+    util.save_checkpoint(state, out / "checkpoint.pt")       # write-then-rename
+"""
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A problem the user can fix (missing data, bad flag, corrupt file).
+
+    `run.py` prints the message as one line and exits with status 2, so the message must
+    say what went wrong *and* what to do about it."""
+
+
+# --------------------------------------------------------------------- device and seeds
+def choose_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple's MPS, then the CPU; an explicit name must exist."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None
+                 and torch.backends.mps.is_available()}
+    if name == "auto":
+        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
+    if name not in available:
+        raise UserError(f"unknown device '{name}': use auto, cpu, cuda or mps")
+    if not available[name]:
+        raise UserError(f"device '{name}' is not available on this machine: use --device auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (all devices); returns a CPU generator for data order."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------- progress line
+def _format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+class Progress:
+    """A progress line with rate and ETA, like tqdm but twenty lines long.
+
+    On a terminal the line is redrawn in place (carriage return); in a log file (not a tty)
+    a plain line is printed every `interval` seconds so logs stay readable. Use it as an
+    iterable wrapper, or call `update(n)` by hand (downloads count bytes this way).
+    `stats` given to `update` (e.g. loss=0.31) are shown at the end of the line."""
+
+    def __init__(self, iterable=None, desc: str = "", total: int | None = None,
+                 unit: str = "it", interval: float | None = None, stream=None):
+        self.iterable = iterable
+        self.total = total if total is not None else (
+            len(iterable) if hasattr(iterable, "__len__") else None)
+        self.desc, self.unit = desc, unit
+        self.stream = stream or sys.stderr
+        self.is_terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.interval = interval if interval is not None else (0.2 if self.is_terminal else 30.0)
+        self.count, self.stats = 0, {}
+        self.start = self.last_shown = time.perf_counter()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def update(self, n: int = 1, **stats):
+        self.count += n
+        self.stats.update(stats)
+        now = time.perf_counter()
+        if now - self.last_shown >= self.interval:
+            self.last_shown = now
+            self._show(end="\r" if self.is_terminal else "\n")
+
+    def line(self) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.count / elapsed
+        scale, unit = (1 / 2**20, "MB") if self.unit == "B" else (1, self.unit)
+        done = f"{self.count * scale:.1f}" if self.unit == "B" else f"{self.count}"
+        if self.total:
+            total = f"{self.total * scale:.1f}" if self.unit == "B" else f"{self.total}"
+            eta = (self.total - self.count) / rate if rate > 0 else float("inf")
+            head = f"{100 * self.count / self.total:3.0f}% {done}/{total}"
+            tail = f"{_format_seconds(elapsed)}<{_format_seconds(eta)}"
+        else:
+            head, tail = done, _format_seconds(elapsed)
+        stats = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in self.stats.items())
+        return f"{self.desc}: {head} [{tail}, {rate * scale:.2f} {unit}/s] {stats}".rstrip()
+
+    def _show(self, end: str):
+        self.stream.write(self.line() + end)
+        self.stream.flush()
+
+    def close(self):
+        self._show(end="\n")
+
+
+# --------------------------------------------------------------------- atomic files
+def _atomic_write(path: Path, write) -> Path:
+    """Write through `write(tmp_path)` then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def save_checkpoint(state: dict, path) -> Path:
+    """torch.save to a temporary file, then an atomic rename over the old checkpoint."""
+    return _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path, device="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found: give the path of a .pt file this "
+                        "project wrote (--ckpt), or drop --resume to start fresh")
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as error:  # a truncated or foreign file: say so in one line
+        raise UserError(f"checkpoint {path} cannot be read ({type(error).__name__}): "
+                        "it is damaged or not from this project; delete it or pick another")
+
+
+def write_json(obj, path) -> Path:
+    """results.json and friends, written atomically and human-readable."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
+def check_finite(loss: torch.Tensor, step: int, what: str = "loss"):
+    """Stop a diverged run with one clear line (the last checkpoint stays untouched)."""
+    if not torch.isfinite(loss).all():
+        raise UserError(f"{what} became {loss.item()} at step {step}: training diverged; "
+                        "lower the learning rate or resume from the last checkpoint")
