@@ -278,8 +278,6 @@ def _decode(blob_or_path, size: int | None = None, square: bool = False) -> np.n
     """One image file -> uint8 (H, W, C); optionally center-cropped square and resized."""
     source = io.BytesIO(blob_or_path) if isinstance(blob_or_path, bytes) else blob_or_path
     with Image.open(source) as image:
-        if size is not None:
-            image.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 2^k
         image = image.convert("RGB" if image.mode not in ("L", "1") else "L")
         if square:
             side = min(image.size)
@@ -574,7 +572,7 @@ def load(name: str, split: str = "train", data_root="data", image_size: int | No
 
 def _cached(reader, label: str, split: str, size, cache_dir) -> dict:
     """Run `reader` once; afterwards load its arrays from an .npz keyed by the sources."""
-    if cache_dir is None:
+    if not cache_dir:  # None or "" (--cache ""): decode every time
         return reader()[0]
     cache_dir = Path(cache_dir).expanduser()
     index = cache_dir / f"{label}-{split}-{size}.sources"
@@ -586,11 +584,10 @@ def _cached(reader, label: str, split: str, size, cache_dir) -> dict:
                 return {k: stored[k] for k in stored.files}
     arrays, sources = reader()
     key = _sources_signature(sources)
-    stored = {k: np.asarray(v) for k, v in arrays.items() if v is not None}
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"{label}-{split}-{size}-{_digest(key)}.npz"
     partial = target.with_name(target.name + ".part.npz")
-    np.savez(partial, **stored)
+    np.savez(partial, **{name: np.asarray(value) for name, value in arrays.items()})
     partial.replace(target)
     index.write_text(key)
     return arrays
@@ -622,7 +619,8 @@ def _resized(arrays: dict, sources: list, size: int | None) -> tuple[dict, list]
     pixels = torch.from_numpy(np.require(arrays["pixels"], np.uint8, ["C", "W"]))
     if size is not None and pixels.shape[-2:] != (size, size):
         pixels = resize(pixels, size)
-    return {**arrays, "pixels": pixels.numpy()}, sources
+    kept = {name: value for name, value in arrays.items() if value is not None}
+    return {**kept, "pixels": pixels.numpy()}, sources
 
 
 def _as_image_set(arrays: dict, attribute: str | None, label: str) -> ImageSet:

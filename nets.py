@@ -1,0 +1,99 @@
+"""Building blocks and architectures shared by the models, and a torchsummary-style table.
+
+Architectures:
+- DCGAN generator / discriminator (Radford, Metz & Chintala 2016, "Unsupervised
+  Representation Learning with Deep Convolutional Generative Adversarial Networks"):
+  z (100) -> 4x4x512 -> 8x8x256 -> 16x16x128 -> 32x32x64 -> 64x64x3 by 4x4 transposed
+  convolutions of stride 2, batch norm + ReLU, Tanh out; the discriminator mirrors it with
+  strided convolutions and LeakyReLU(0.2). No biases (batch norm makes them redundant).
+
+`summary(model, input_size)` prints what torchsummary prints: every leaf layer with its
+output shape and parameter count, then totals and memory estimates.
+"""
+import torch
+import torch.nn as nn
+
+
+# ============================================================================ DCGAN
+def dcgan_generator(latent_dim: int = 100, width: int = 64, channels: int = 3) -> nn.Sequential:
+    """z (B, latent_dim, 1, 1) -> image (B, channels, 64, 64) in [-1, 1]."""
+    def up(c_in, c_out, stride, padding):
+        return [nn.ConvTranspose2d(c_in, c_out, 4, stride, padding, bias=False),
+                nn.BatchNorm2d(c_out), nn.ReLU(True)]
+    return nn.Sequential(
+        *up(latent_dim, width * 8, 1, 0),                     # (B, 512, 4, 4)
+        *up(width * 8, width * 4, 2, 1),                      # (B, 256, 8, 8)
+        *up(width * 4, width * 2, 2, 1),                      # (B, 128, 16, 16)
+        *up(width * 2, width, 2, 1),                          # (B, 64, 32, 32)
+        nn.ConvTranspose2d(width, channels, 4, 2, 1, bias=False), nn.Tanh())
+
+
+def dcgan_discriminator(width: int = 64, channels: int = 3) -> nn.Sequential:
+    """image (B, channels, 64, 64) -> real/fake logit (B, 1, 1, 1).
+
+    It ends in a logit, not a sigmoid: the loss applies the sigmoid inside
+    `binary_cross_entropy_with_logits`, which is stable where a separate sigmoid saturates."""
+    def down(c_in, c_out, norm):
+        return [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False),
+                *([nn.BatchNorm2d(c_out)] if norm else []), nn.LeakyReLU(0.2, True)]
+    return nn.Sequential(
+        *down(channels, width, norm=False),                   # (B, 64, 32, 32)
+        *down(width, width * 2, norm=True),                   # (B, 128, 16, 16)
+        *down(width * 2, width * 4, norm=True),               # (B, 256, 8, 8)
+        *down(width * 4, width * 8, norm=True),               # (B, 512, 4, 4)
+        nn.Conv2d(width * 8, 1, 4, 1, 0, bias=False))         # (B, 1, 1, 1)
+
+
+def dcgan_init_(module: nn.Module) -> nn.Module:
+    """DCGAN paper: all weights from N(0, 0.02); batch-norm scale from N(1, 0.02), shift 0."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(layer.weight, 0.0, 0.02)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif isinstance(layer, nn.BatchNorm2d):
+            nn.init.normal_(layer.weight, 1.0, 0.02)
+            nn.init.zeros_(layer.bias)
+    return module
+
+
+# ============================================================================ summary
+def summary(model: nn.Module, input_size: tuple, device="cpu") -> str:
+    """torchsummary's table for one input of shape input_size (without the batch axis)."""
+    rows, hooks = [], []
+    leaves = [m for m in model.modules() if not list(m.children())]
+
+    def record(layer, _inputs, output):
+        shape = list(output.shape) if torch.is_tensor(output) else list(output[0].shape)
+        params = sum(p.numel() for p in layer.parameters(recurse=False))
+        trainable = sum(p.numel() for p in layer.parameters(recurse=False) if p.requires_grad)
+        rows.append((f"{type(layer).__name__}-{len(rows) + 1}", [-1] + shape[1:],
+                     params, trainable))
+
+    hooks = [leaf.register_forward_hook(record) for leaf in leaves]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(2, *input_size, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+
+    total = sum(r[2] for r in rows)
+    trainable = sum(r[3] for r in rows)
+    megabytes = 4 / 2**20  # float32 bytes -> MB
+    input_mb = abs(torch.tensor(input_size).prod().item()) * megabytes
+    activations_mb = 2 * sum(abs(torch.tensor(r[1]).prod().item()) for r in rows) * megabytes
+    params_mb = total * megabytes
+    rule, double = "-" * 64, "=" * 64
+    lines = [rule, f"{'Layer (type)':>20}  {'Output Shape':>25} {'Param #':>15}", double]
+    lines += [f"{name:>20}  {str(shape):>25} {params:>15,}" for name, shape, params, _ in rows]
+    lines += [double, f"Total params: {total:,}", f"Trainable params: {trainable:,}",
+              f"Non-trainable params: {total - trainable:,}", rule,
+              f"Input size (MB): {input_mb:.2f}",
+              f"Forward/backward pass size (MB): {activations_mb:.2f}",
+              f"Params size (MB): {params_mb:.2f}",
+              f"Estimated Total Size (MB): {input_mb + activations_mb + params_mb:.2f}", rule]
+    return "\n".join(lines)

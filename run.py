@@ -1,0 +1,135 @@
+"""The one command line of the project.
+
+    python run.py data --name usps --data-root DIR      # counts per split and class + preview
+    python run.py summary gan --variant a               # layer table and parameter counts
+
+Every command takes the common flags --data-root, --cache, --out, --device, --seed.
+Each model module keeps its settings in one dataclass; `add_flags` turns its fields into
+flags (`batch_size` becomes --batch-size) and `settings_from` turns the parsed flags back
+into the dataclass, so a setting is written in exactly one place.
+
+Errors a user can fix (missing data, a bad flag, a damaged file, a diverged loss) end in
+one line on stderr and exit status 2, never in a traceback.
+"""
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+import nets
+import util
+
+
+# ============================================================================ flags
+def add_flags(parser: argparse.ArgumentParser, settings_class) -> None:
+    """One --flag per dataclass field, typed by its default, help from its comment."""
+    for field in dataclasses.fields(settings_class):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=field.metadata.get("help"))
+        else:
+            kind = type(default) if default is not None else str
+            parser.add_argument(flag, type=kind, default=default,
+                                help=field.metadata.get("help"))
+
+
+def settings_from(args: argparse.Namespace, settings_class):
+    return settings_class(**{f.name: getattr(args, f.name)
+                             for f in dataclasses.fields(settings_class)})
+
+
+@dataclasses.dataclass
+class Common:
+    """Flags every command shares."""
+    data_root: str = dataclasses.field(default="data", metadata={
+        "help": "folder holding (or receiving) mnist/, usps/, mnist_m/, svhn/, celeba/"})
+    cache: str = dataclasses.field(default=str(data.DEFAULT_CACHE), metadata={
+        "help": "where decoded arrays are cached"})
+    download: bool = dataclasses.field(default=True, metadata={
+        "help": "download missing data sets (--no-download to forbid)"})
+    out: str = dataclasses.field(default="runs", metadata={"help": "output folder"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "random seed"})
+
+
+def load_data(common: Common, name: str, split: str, **options) -> data.ImageSet:
+    return data.load(name, split, data_root=common.data_root, cache_dir=common.cache,
+                     download=common.download, **options)
+
+
+# ============================================================================ commands
+def command_data(args) -> None:
+    """Load both splits of a data set, print counts per class, save a preview grid."""
+    common = settings_from(args, Common)
+    for split in args.splits.split(","):
+        images = load_data(common, args.name, split, image_size=args.image_size,
+                           attribute=args.attribute)
+        print(f"{args.name} [{split}]: {data.describe(images)}")
+        preview = Path(common.out) / "data" / f"{Path(args.name).name}-{split}-preview.png"
+        data.save_grid(images.images(slice(0, 64)), preview)
+        print(f"  preview: {preview}")
+
+
+def architectures(name: str, variant: str):
+    """(title, network, input size) triples that `summary` can show."""
+    if name == "gan" and variant == "a":
+        return [("generator", nets.dcgan_generator(), (100, 1, 1)),
+                ("discriminator", nets.dcgan_discriminator(), (3, 64, 64))]
+    raise util.UserError(f"no architecture '{name}' variant '{variant}': try "
+                         "'summary gan --variant a'")
+
+
+def command_summary(args) -> None:
+    for title, network, input_size in architectures(args.name, args.variant):
+        print(f"{args.name} variant {args.variant}: {title}")
+        print(nets.summary(network, input_size))
+
+
+# ============================================================================ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run.py", description="Generative models and domain adaptation from scratch.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, function, help_text):
+        sub = commands.add_parser(name, help=help_text,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_flags(sub, Common)
+        sub.set_defaults(function=function)
+        return sub
+
+    sub = command("data", command_data, "load a data set, print counts, save a preview")
+    sub.add_argument("--name", required=True,
+                     help="mnist, mnistm, svhn, usps, celeba, or a folder path")
+    sub.add_argument("--splits", default="train,test", help="comma-separated splits")
+    sub.add_argument("--image-size", type=int, default=None,
+                     help="side in pixels (digits 28, faces 64)")
+    sub.add_argument("--attribute", default=None, help="CelebA attribute used as label")
+
+    sub = command("summary", command_summary, "print a network's layers and parameters")
+    sub.add_argument("name", help="which model, e.g. gan")
+    sub.add_argument("--variant", default="a", help="model variant")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.function(args)
+    except util.UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: checkpoints written so far are kept; continue with --resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,499 @@
+"""Tests, grouped by module. Each test names the claim it checks and compares with ground
+truth: numbers written by hand, a reference implementation (scipy's MAT writer, torch's
+own layers), or a closed form. Run: python -m pytest -q test_all.py
+"""
+import base64
+import bz2
+import gzip
+import io
+import os
+import struct
+import tarfile
+import urllib.error
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import nets
+import run
+import util
+
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
+def one_line_error(capsys, argv) -> str:
+    """Run the command line, expect exit 2 and exactly one line on stderr; return it."""
+    assert run.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+# ============================================================================ data: formats
+def write_idx(path: Path, array: np.ndarray):
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_mnist(root: Path, count=6, gz=True, folder="mnist"):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+    labels = np.arange(count) % 10
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    for prefix in ("train", "t10k"):
+        write_idx(root / folder / f"{prefix}-images-idx3-ubyte{suffix}", images)
+        write_idx(root / folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
+    return images, labels
+
+
+@pytest.mark.parametrize("gz,folder", [(True, "mnist"), (False, "MNIST/raw")])
+def test_mnist_idx_loads_exact_pixels_as_rgb_in_unit_range(tmp_path, gz, folder):
+    images, labels = make_mnist(tmp_path, gz=gz, folder=folder)
+    ds = data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "cache")
+    batch = ds.images()
+    assert batch.shape == (6, 3, 28, 28) and batch.dtype == torch.float32
+    assert torch.equal(ds.labels, torch.from_numpy(labels).long())
+    expected = torch.from_numpy(images).float() / 127.5 - 1
+    assert torch.allclose(batch[:, 0], expected) and torch.equal(batch[:, 0], batch[:, 2])
+    assert torch.equal(data.to_uint8(batch[:, :1]), ds.pixels)  # exact round trip
+
+
+def test_truncated_idx_gives_one_line_error(tmp_path, capsys):
+    make_mnist(tmp_path)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:-100]))
+    line = one_line_error(capsys, ["data", "--name", "mnist", "--data-root", str(tmp_path),
+                                   "--cache", str(tmp_path / "c"), "--out", str(tmp_path)])
+    assert "truncated" in line and "download it again" in line
+
+
+def test_usps_libsvm_values_map_to_bytes_and_labels_shift(tmp_path):
+    (tmp_path / "usps").mkdir()
+    # two images: first has pixel 1 = -1 and pixel 256 = 1, the rest omitted (= 0)
+    text = "1 1:-1 256:1\n10 2:0.5\n"
+    for name in ("usps.bz2", "usps.t.bz2"):
+        (tmp_path / "usps" / name).write_bytes(bz2.compress(text.encode()))
+    ds = data.load("usps", "test", tmp_path, image_size=16, download=False, cache_dir=None)
+    assert ds.labels.tolist() == [0, 9]
+    first = ds.pixels[0, 0]
+    assert first[0, 0] == 0 and first[15, 15] == 255 and first[5, 5] == 128  # (v+1)*127.5
+    assert ds.pixels[1, 0, 0, 1] == round(1.5 * 127.5)
+    assert data.load("usps", "test", tmp_path, download=False, cache_dir=None) \
+        .pixels.shape == (2, 1, 28, 28)
+
+
+# A MATLAB v5 file written by scipy.io.savemat(..., do_compression=True) (the reference
+# writer): X = (arange(180) * 7 % 251) as uint8 (4, 3, 3, 5), y = [10, 1, 2, 9, 10] double.
+SCIPY_MAT = (
+    "TUFUTEFCIDUuMCBNQVQtZmlsZSBQbGF0Zm9ybTogcG9zaXgsIENyZWF0ZWQgb246IFN1biBOb3YgMjIgMTU6MDA6"
+    "MTAgMjAyNgAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAABSU0PAAAA"
+    "7AAAAHic42NgYPgAxGxAzAHEnAwQwArEAkDMAsTMUAwSYwTCCCDNBMRbQAqtyzZmLrkvdYnXo1k5buaVnuNMtl8N"
+    "spe5Ne75vv6VaoJEcN9JdqfaHQWrnyneFPHv0kpdcHvyOU4XRvOitb4dh5m3fdRJl4+aeoHPs2V/+aa3Gg+kwyYa"
+    "5ix/NOuqgDezXeWWkP5TrHt/GOepJc65LhrQfaxu5xf950qxMyyK171ceEc8iMu1YXf0tIs8R1isSnUzFt+TCZ90"
+    "tvUAg9k7zZT59lVbP6x4LBcp6NN+KGnuDeHTbI41JvmrnoKcDQD1ylbgDwAAADQAAAB4nONjYGCIAGI2IOaA0iDA"
+    "CuWDaEYwZmSoBNKcQKzBAAMqDhD6gz1UAMpXcoDJAwCGUQPT")
+SCIPY_X = (np.arange(180, dtype=np.uint8) * 7 % 251).reshape(4, 3, 3, 5)
+
+
+def test_mat_reader_matches_scipy_compressed_file(tmp_path):
+    path = tmp_path / "x.mat"
+    path.write_bytes(base64.b64decode(SCIPY_MAT))
+    arrays = data.read_mat(path)
+    assert arrays["X"].dtype == np.uint8 and np.array_equal(arrays["X"], SCIPY_X)
+    assert arrays["y"].dtype == np.float64 and arrays["y"].ravel().tolist() == [10, 1, 2, 9, 10]
+
+
+def test_svhn_transposes_images_and_maps_label_10_to_0(tmp_path):
+    (tmp_path / "svhn").mkdir()
+    for name in ("train_32x32.mat", "test_32x32.mat"):
+        (tmp_path / "svhn" / name).write_bytes(base64.b64decode(SCIPY_MAT))
+    ds = data.load("svhn", "train", tmp_path, download=False, cache_dir=None)
+    assert ds.labels.tolist() == [0, 1, 2, 9, 0] and ds.pixels.shape == (5, 3, 28, 28)
+    arrays, _ = data._svhn(tmp_path, "train", download=False)
+    # (H, W, C, N) -> (N, C, H, W): pixel [n, c, h, w] is X[h, w, c, n]
+    assert np.array_equal(arrays["pixels"], SCIPY_X.transpose(3, 2, 0, 1))
+
+
+def test_truncated_mat_gives_clear_error(tmp_path):
+    path = tmp_path / "x.mat"
+    path.write_bytes(base64.b64decode(SCIPY_MAT)[:-40])
+    with pytest.raises(util.UserError, match="truncated or damaged"):
+        data.read_mat(path)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_mnistm_tar(path: Path, count=4):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+    with tarfile.open(path, "w:gz") as bundle:
+        for part in ("train", "test"):
+            members = {f"mnist_m/mnist_m_{part}/{i:08d}.png": png_bytes(images[i])
+                       for i in range(count)}
+            members[f"mnist_m/mnist_m_{part}_labels.txt"] = "".join(
+                f"{i:08d}.png {(3 * i) % 10}\n" for i in range(count)).encode()
+            for name, blob in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                bundle.addfile(info, io.BytesIO(blob))
+    return images
+
+
+def test_mnistm_from_archive_and_from_folder_agree_with_the_pngs(tmp_path):
+    (tmp_path / "mnist_m").mkdir()
+    images = make_mnistm_tar(tmp_path / "mnist_m" / "mnist_m.tar.gz")
+    from_tar = data.load("mnistm", "test", tmp_path, image_size=32, download=False,
+                         cache_dir=None)
+    assert torch.equal(from_tar.pixels, torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert from_tar.labels.tolist() == [0, 3, 6, 9]
+    data.safe_extract(tmp_path / "mnist_m" / "mnist_m.tar.gz", tmp_path / "mnist_m")
+    (tmp_path / "mnist_m" / "mnist_m.tar.gz").unlink()
+    from_folder = data.load("mnistm", "test", tmp_path, image_size=32, download=False,
+                            cache_dir=None)
+    assert torch.equal(from_folder.pixels, from_tar.pixels)
+    assert data.load("mnistm", "test", tmp_path, download=False, cache_dir=None) \
+        .pixels.shape == (4, 3, 28, 28)
+
+
+def test_mnistm_release_tensor_archive_loads(tmp_path):
+    images = torch.randint(0, 256, (3, 28, 28, 3), dtype=torch.uint8)
+    labels = torch.tensor([7, 0, 2])
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    torch.save((images, labels), staging / "mnist_m_train.pt")
+    (tmp_path / "mnist_m").mkdir()
+    with tarfile.open(tmp_path / "mnist_m" / "mnist_m_train.pt.tar.gz", "w:gz") as bundle:
+        bundle.add(staging / "mnist_m_train.pt", arcname="mnist_m_train.pt")
+    ds = data.load("mnistm", "train", tmp_path, download=False, cache_dir=None)
+    assert torch.equal(ds.pixels, images.permute(0, 3, 1, 2)) and ds.labels.tolist() == [7, 0, 2]
+
+
+def make_celeba(root: Path, present=("000001.jpg", "000003.jpg", "000004.jpg")):
+    """Annotations for five faces, images for only three of them, as in a subset."""
+    folder = root / "celeba"
+    folder.mkdir(parents=True)
+    names = [f"{i:06d}.jpg" for i in range(1, 6)]
+    attribute_names = ["Male", "Smiling"]
+    rows = [f"{n} {' '.join('1' if (i + j) % 2 else '-1' for j in range(2))}"
+            for i, n in enumerate(names)]
+    (folder / "list_attr_celeba.txt").write_text(
+        f"{len(names)}\n{' '.join(attribute_names)}\n" + "\n".join(rows) + "\n")
+    (folder / "list_eval_partition.txt").write_text(
+        "".join(f"{n} {0 if i < 3 else 2}\n" for i, n in enumerate(names)))
+    with zipfile.ZipFile(folder / "img_align_celeba.zip", "w") as bundle:
+        for i, name in enumerate(present):
+            face = np.full((218, 178, 3), 40 * (i + 1), np.uint8)
+            face[:20] = 255  # a band cut away by the center crop
+            buffer = io.BytesIO()
+            Image.fromarray(face).save(buffer, format="JPEG", quality=95)
+            bundle.writestr(f"img_align_celeba/{name}", buffer.getvalue())
+
+
+def test_celeba_joins_attributes_to_present_images_and_center_crops(tmp_path):
+    make_celeba(tmp_path)
+    train = data.load("celeba", "train", tmp_path, image_size=16, attribute="Smiling",
+                      download=False, cache_dir=None)
+    assert train.names == ["000001.jpg", "000003.jpg"]  # 000002 has no image
+    assert train.labels.tolist() == [1, 1] and train.attributes.tolist() == [[0, 1], [0, 1]]
+    assert train.pixels.shape == (2, 3, 16, 16) and train.attribute_names == ["Male", "Smiling"]
+    # the white band at the top is outside the centered 178x178 square
+    assert (train.pixels[0].float() - 40).abs().max() <= 3
+    test = data.load("celeba", "test", tmp_path, image_size=16, download=False, cache_dir=None)
+    assert test.names == ["000004.jpg"] and test.labels is None
+
+
+def make_course_folder(root: Path, with_labels=True):
+    (root / "data").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((28, 28, 3), 50 * i, np.uint8)).save(root / "data" / f"{i:05d}.png")
+    header = "image_name,label\n" if with_labels else "image_name\n"
+    body = "".join(f"{i:05d}.png{f',{i + 4}' if with_labels else ''}\n" for i in range(3))
+    (root / "train.csv").write_text(header + body)
+    (root / "val.csv").write_text(header + body.splitlines(True)[0])
+
+
+def test_course_csv_layout_labels_names_and_val_as_test(tmp_path):
+    make_course_folder(tmp_path / "svhn")
+    train = data.load(str(tmp_path / "svhn"), "train", cache_dir=tmp_path / "cache")
+    assert train.labels.tolist() == [4, 5, 6] and train.names[0] == "00000.png"
+    assert train.pixels[2].float().mean() == 100
+    test = data.load(str(tmp_path / "svhn"), "test", cache_dir=tmp_path / "cache")
+    assert len(test) == 1 and test.names == ["00000.png"]
+
+
+def test_course_csv_without_labels_and_plain_image_folder(tmp_path):
+    make_course_folder(tmp_path / "digits", with_labels=False)
+    ds = data.load(str(tmp_path / "digits"), "train", cache_dir=None)
+    assert ds.labels is None and len(ds) == 3
+    faces = data.load(str(tmp_path / "digits" / "data"), "train", image_size=8, cache_dir=None)
+    assert faces.labels is None and faces.pixels.shape == (3, 3, 8, 8)
+
+
+def test_course_csv_with_missing_images_names_the_folder(tmp_path, capsys):
+    make_course_folder(tmp_path / "d")
+    (tmp_path / "d" / "data" / "00001.png").unlink()
+    line = one_line_error(capsys, ["data", "--name", str(tmp_path / "d"), "--cache", "",
+                                   "--out", str(tmp_path)])
+    assert "missing" in line and "00001.png" in line
+
+
+def test_empty_folder_and_unknown_name_say_what_to_give(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    line = one_line_error(capsys, ["data", "--name", str(tmp_path / "empty"),
+                                   "--out", str(tmp_path)])
+    assert "train.csv" in line
+    assert "use one of mnist" in one_line_error(capsys, ["data", "--name", "cifar"])
+
+
+def test_missing_data_folder_without_download_says_what_to_do(tmp_path, capsys):
+    line = one_line_error(capsys, ["data", "--name", "mnist", "--no-download",
+                                   "--data-root", str(tmp_path / "nowhere")])
+    assert "--data-root" in line
+
+
+# ============================================================================ data: downloads
+def fake_network(monkeypatch, payload: bytes | None):
+    """Replace the one network call; payload None means 'offline'."""
+    def stream(url, path):
+        if payload is None:
+            raise urllib.error.URLError("Temporary failure in name resolution")
+        Path(path).write_bytes(payload)
+    monkeypatch.setattr(data, "_stream_to", stream)
+
+
+def test_download_checks_md5_then_renames(tmp_path, monkeypatch):
+    fake_network(monkeypatch, b"hello")
+    target = data.download_file(["http://x/f"], tmp_path / "f.bin",
+                                md5="5d41402abc4b2a76b9719d911017c592")  # md5("hello")
+    assert target.read_bytes() == b"hello" and not (tmp_path / "f.bin.part").exists()
+
+
+def test_download_with_wrong_md5_keeps_nothing_and_says_so(tmp_path, monkeypatch):
+    fake_network(monkeypatch, b"not the file")
+    with pytest.raises(util.UserError, match="corrupt") as error:
+        data.download_file(["http://x/f"], tmp_path / "f.bin", md5="0" * 32)
+    assert str(tmp_path / "f.bin") in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_offline_download_names_the_file_to_place_by_hand(tmp_path, monkeypatch, capsys):
+    fake_network(monkeypatch, None)
+    line = one_line_error(capsys, ["data", "--name", "usps", "--data-root", str(tmp_path),
+                                   "--out", str(tmp_path)])
+    assert "by hand" in line and str(tmp_path / "usps" / "usps.bz2") in line
+
+
+def test_downloaded_usps_is_verified_and_loaded(tmp_path, monkeypatch):
+    content = bz2.compress(b"3 1:1\n")
+    monkeypatch.setitem(data.USPS_FILES, "usps.bz2", __import__("hashlib").md5(content).hexdigest())
+    fake_network(monkeypatch, content)
+    ds = data.load("usps", "train", tmp_path, cache_dir=None)
+    assert ds.labels.tolist() == [2] and (tmp_path / "usps" / "usps.bz2").exists()
+
+
+# ============================================================================ data: archives
+def test_truncated_archive_gives_clear_error(tmp_path):
+    archive = tmp_path / "a.tar.gz"
+    make_mnistm_tar(archive, count=30)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(util.UserError, match="truncated or damaged"):
+        data.safe_extract(archive, tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_archive_member_escaping_the_folder_is_refused(tmp_path, kind):
+    archive = tmp_path / f"evil.{kind}"
+    if kind == "tar":
+        with tarfile.open(archive, "w") as bundle:
+            info = tarfile.TarInfo("../escaped.txt")
+            info.size = 2
+            bundle.addfile(info, io.BytesIO(b"hi"))
+    else:
+        with zipfile.ZipFile(archive, "w") as bundle:
+            bundle.writestr("../escaped.txt", "hi")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(util.UserError, match="outside"):
+        data.safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+# ============================================================================ data: cache
+def test_second_load_comes_from_cache_until_a_source_changes(tmp_path, monkeypatch):
+    make_mnist(tmp_path)
+    first = data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "c")
+    monkeypatch.setattr(data, "read_idx", lambda path: (_ for _ in ()).throw(
+        AssertionError("decoded again")))
+    second = data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "c")
+    assert torch.equal(first.pixels, second.pixels) and torch.equal(first.labels, second.labels)
+    source = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="decoded again"):
+        data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "c")
+
+
+# ============================================================================ data: image I/O
+def test_make_grid_places_each_image_at_its_padded_cell():
+    images = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 2, 3) + 1
+    grid = data.make_grid(images, nrow=2, padding=1)
+    assert grid.shape == (1, 2 * 3 + 1, 2 * 4 + 1)  # rows*(H+p)+p, cols*(W+p)+p
+    expected = torch.zeros(1, 7, 9)
+    for index in range(3):
+        row, col = divmod(index, 2)
+        expected[0, 1 + row * 3:1 + row * 3 + 2, 1 + col * 4:1 + col * 4 + 3] = index + 1
+    assert torch.equal(grid, expected)
+
+
+def test_save_grid_and_numbered_images_write_pngs(tmp_path):
+    images = torch.linspace(-1, 1, 5 * 3 * 4 * 4).view(5, 3, 4, 4)
+    grid_path = data.save_grid(images, tmp_path / "grid.png", nrow=5, padding=2)
+    assert Image.open(grid_path).size == (5 * 6 + 2, 6 + 2)
+    paths = data.save_images(images, tmp_path / "gen", [f"{i}_001.png" for i in range(5)])
+    saved = np.asarray(Image.open(paths[4]))
+    assert saved.shape == (4, 4, 3) and saved[-1, -1, -1] == 255
+    assert np.array_equal(saved, data.to_uint8(images[4]).permute(1, 2, 0).numpy())
+
+
+def test_resize_keeps_constant_images_constant():
+    pixels = torch.full((2, 1, 16, 16), 77, dtype=torch.uint8)
+    resized = data.resize(pixels, 28)
+    assert resized.shape == (2, 1, 28, 28) and (resized == 77).all()
+
+
+def test_batches_cover_every_image_once_in_seeded_order():
+    ds = data.ImageSet(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1),
+                       torch.arange(10))
+    seen = [labels for _, labels in ds.batches(4, generator=torch.Generator().manual_seed(3))]
+    assert [len(b) for b in seen] == [4, 4, 2]
+    assert sorted(torch.cat(seen).tolist()) == list(range(10))
+    again = [labels for _, labels in ds.batches(4, generator=torch.Generator().manual_seed(3))]
+    assert all(torch.equal(a, b) for a, b in zip(seen, again))
+
+
+# ============================================================================ data: real files
+@pytest.fixture(scope="session")
+def real_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("real-cache")
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
+@pytest.mark.parametrize("name,counts", [("mnist", (60000, 10000)), ("usps", (7291, 2007)),
+                                         ("mnistm", (25000, 9001)), ("celeba", (8000, 2000))])
+def test_real_data_sets_have_published_counts_and_look_like_images(name, counts, real_cache):
+    for split, count in zip(("train", "test"), counts):
+        ds = data.load(name, split, SHARED_DATA, download=False, cache_dir=real_cache)
+        assert len(ds) == count
+        assert ds.pixels.shape[-1] == (64 if name == "celeba" else 28)
+        sample = ds.images(slice(0, 500))
+        assert sample.min() >= -1 and sample.max() <= 1 and sample.max() > 0.9
+        per_image_spread = sample.flatten(1).std(dim=1)
+        assert (per_image_spread > 0.05).all(), "an all-constant image"
+        if name == "celeba":
+            assert len(ds.attribute_names) == 40 and ds.attributes.shape == (count, 40)
+        else:
+            assert torch.bincount(ds.labels, minlength=10).min() > count // 20
+
+
+# ============================================================================ util
+def test_progress_prints_rate_and_eta_lines_when_not_a_terminal():
+    stream = io.StringIO()
+    progress = util.Progress(range(4), "train", interval=0.0, stream=stream)
+    for _ in progress:
+        progress.update(0, loss=0.5)
+    lines = stream.getvalue().splitlines()
+    assert lines[-1].startswith("train: 100% 4/4") and "it/s" in lines[-1]
+    assert "loss=0.5" in lines[-1] and "<" in lines[-1] and "\r" not in stream.getvalue()
+
+
+def test_checkpoint_write_is_atomic_and_damage_is_reported(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    util.save_checkpoint({"step": 1}, path)
+
+    def crash(obj, target):
+        Path(target).write_bytes(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        util.save_checkpoint({"step": 2}, path)
+    assert util.load_checkpoint(path)["step"] == 1  # the old checkpoint survived
+    path.write_bytes(b"garbage")
+    with pytest.raises(util.UserError, match="damaged"):
+        util.load_checkpoint(path)
+
+
+def test_device_choice_and_errors():
+    assert util.choose_device("cpu").type == "cpu"
+    assert util.choose_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(util.UserError, match="unknown device"):
+        util.choose_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(util.UserError, match="not available"):
+            util.choose_device("cuda")
+
+
+def test_nan_loss_is_a_user_error():
+    util.check_finite(torch.tensor(1.0), step=3)
+    with pytest.raises(util.UserError, match="diverged"):
+        util.check_finite(torch.tensor(float("nan")), step=3)
+
+
+def test_seed_makes_torch_and_numpy_repeat():
+    util.seed_everything(5)
+    first = torch.rand(3), np.random.rand(3)
+    util.seed_everything(5)
+    assert torch.equal(first[0], torch.rand(3)) and np.array_equal(first[1], np.random.rand(3))
+
+
+# ============================================================================ run.py
+def test_dataclass_fields_become_flags_and_back():
+    import argparse
+    parser = argparse.ArgumentParser()
+    run.add_flags(parser, run.Common)
+    args = parser.parse_args(["--data-root", "x", "--seed", "7", "--no-download"])
+    common = run.settings_from(args, run.Common)
+    assert (common.data_root, common.seed, common.download) == ("x", 7, False)
+
+
+def test_data_command_prints_counts_and_writes_preview(tmp_path, capsys):
+    make_mnist(tmp_path)
+    assert run.main(["data", "--name", "mnist", "--data-root", str(tmp_path), "--no-download",
+                     "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "mnist [train]: 6 images" in printed and "0: 1  1: 1" in printed
+    assert Image.open(tmp_path / "out" / "data" / "mnist-test-preview.png").size == (6 * 30 + 2, 32)
+
+
+# ============================================================================ nets
+def test_dcgan_parameter_counts_match_the_seed_reports():
+    assert sum(p.numel() for p in nets.dcgan_generator().parameters()) == 3_576_704
+    assert sum(p.numel() for p in nets.dcgan_discriminator().parameters()) == 2_765_568
+    z = torch.randn(2, 100, 1, 1)
+    assert nets.dcgan_generator()(z).shape == (2, 3, 64, 64)
+    assert nets.dcgan_discriminator()(torch.randn(2, 3, 64, 64)).shape == (2, 1, 1, 1)
+
+
+def test_summary_rows_match_the_network():
+    model = nets.dcgan_discriminator()
+    table = nets.summary(model, (3, 64, 64))
+    assert "Total params: 2,765,568" in table and "Trainable params: 2,765,568" in table
+    assert "Conv2d-1" in table and "[-1, 64, 32, 32]" in table and "[-1, 1, 1, 1]" in table
+    rows = [line for line in table.splitlines() if line.strip().split("-")[0] in
+            ("Conv2d", "BatchNorm2d", "LeakyReLU")]
+    assert len(rows) == len([m for m in model.modules() if not list(m.children())])
+    # torchsummary's memory lines: params 2,765,568 * 4 bytes = 10.55 MB
+    assert "Params size (MB): 10.55" in table and "Input size (MB): 0.05" in table
+    frozen = nets.dcgan_generator()
+    frozen[0].weight.requires_grad_(False)
+    assert "Non-trainable params: 819,200" in nets.summary(frozen, (100, 1, 1))
