@@ -16,9 +16,11 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import data
+import metrics
 import nets
 import util
 
@@ -90,6 +92,28 @@ def command_summary(args) -> None:
         print(nets.summary(network, input_size))
 
 
+def command_fid(args) -> None:
+    """FID between two image folders or saved statistics, like pytorch-fid's command line."""
+    common = settings_from(args, Common)
+    device = util.choose_device(common.device)
+
+    def network():
+        weights = args.weights or metrics.fid_weights(common.cache)
+        inception = metrics.FIDInception()
+        inception.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return inception.eval().to(device)
+
+    statistics = [metrics.load_statistics(path, network, args.batch_size, device,
+                                          args.image_size, common.cache)
+                  for path in args.paths[:1 if args.save_stats else 2]]
+    if args.save_stats:
+        mu, sigma = statistics[0]
+        np.savez(args.paths[1], mu=mu, sigma=sigma)
+        print(f"saved statistics of {args.paths[0]} to {args.paths[1]}")
+    else:
+        print(f"FID: {metrics.frechet_distance(*statistics[0], *statistics[1]):.4f}")
+
+
 # ============================================================================ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -114,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("summary", command_summary, "print a network's layers and parameters")
     sub.add_argument("name", help="which model, e.g. gan")
     sub.add_argument("--variant", default="a", help="model variant")
+
+    sub = command("fid", command_fid, "Frechet Inception Distance of two folders or .npz")
+    sub.add_argument("paths", nargs=2, help="image folders or statistics files (.npz)")
+    sub.add_argument("--save-stats", action="store_true",
+                     help="write the statistics of the first folder to the second path")
+    sub.add_argument("--batch-size", type=int, default=50)
+    sub.add_argument("--image-size", type=int, default=None,
+                     help="resize folder images to this side first (if sizes differ)")
+    sub.add_argument("--weights", default=None,
+                     help="pytorch-fid weights file (default: download once into --cache)")
     return parser
 
 

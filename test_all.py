@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import data
+import metrics
 import nets
 import run
 import util
@@ -497,3 +498,120 @@ def test_summary_rows_match_the_network():
     frozen = nets.dcgan_generator()
     frozen[0].weight.requires_grad_(False)
     assert "Non-trainable params: 819,200" in nets.summary(frozen, (100, 1, 1))
+
+
+# ============================================================================ metrics: FID
+REFERENCE = Path(__file__).resolve().parent.parent / "shared" / "reference" \
+    / "fid_inception_seed0.npz"
+
+
+def reference_state(reference) -> dict:
+    """The weight rule of ../shared/data/README.md: sorted keys, one generator seeded 0."""
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for key, shape_text in zip(reference["keys"].tolist(), reference["shapes"].tolist()):
+        shape = tuple(int(s) for s in shape_text.split(",")) if shape_text else ()
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(0)
+        elif key.endswith("running_var"):
+            state[key] = 0.5 + torch.rand(shape, generator=generator)
+        elif key.endswith("running_mean"):
+            state[key] = 0.1 * torch.randn(shape, generator=generator)
+        elif len(shape) == 4:
+            fan_in = shape[1] * shape[2] * shape[3]
+            state[key] = torch.randn(shape, generator=generator) * (2 / fan_in) ** 0.5
+        elif len(shape) == 2:
+            state[key] = torch.randn(shape, generator=generator) * (1 / shape[1]) ** 0.5
+        elif key.endswith(".bn.weight"):
+            state[key] = 1 + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            state[key] = 0.1 * torch.randn(shape, generator=generator)
+    return state
+
+
+@pytest.fixture(scope="module")
+def reference_inception():
+    if not REFERENCE.is_file():
+        pytest.skip("../shared/reference/fid_inception_seed0.npz is not present")
+    reference = np.load(REFERENCE)
+    assert reference["keys"].tolist() == sorted(reference["keys"].tolist())
+    network = metrics.FIDInception()
+    network.load_state_dict(reference_state(reference), strict=True)  # same keys, same shapes
+    return network.eval(), reference
+
+
+@pytest.mark.parametrize("name", ["x64", "x28"])
+def test_fid_inception_blocks_match_pytorch_fid(reference_inception, name):
+    network, reference = reference_inception
+    with torch.no_grad():
+        blocks = network.blocks(torch.from_numpy(reference[name]))
+    for index, block in enumerate(blocks):
+        pooled = block.mean(dim=(2, 3)) if block.dim() == 4 else block
+        expected = torch.from_numpy(reference[f"{name}_block{index}"])
+        assert (pooled - expected).abs().max() <= 1e-4, f"block {index}"
+    if name == "x64":
+        with torch.no_grad():
+            logits = network.logits(torch.from_numpy(reference[name]))
+        assert (logits - torch.from_numpy(reference["x64_logits"])).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["full", "lowrank"])
+def test_frechet_distance_matches_pytorch_fid(case):
+    if not REFERENCE.is_file():
+        pytest.skip("../shared/reference/fid_inception_seed0.npz is not present")
+    reference = np.load(REFERENCE)
+    fid = metrics.frechet_distance(reference[f"{case}_mu1"], reference[f"{case}_sigma1"],
+                                   reference[f"{case}_mu2"], reference[f"{case}_sigma2"])
+    assert abs(fid / float(reference[f"{case}_fid"]) - 1) <= 1e-6
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    sigma = a @ a.T + np.eye(6)
+    mu = rng.normal(size=6)
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-9  # same Gaussian
+    # commuting (diagonal) covariances: sum (sqrt(s1) - sqrt(s2))^2 + ||mu1 - mu2||^2
+    s1, s2 = rng.uniform(0.5, 2, 6), rng.uniform(0.5, 2, 6)
+    expected = np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2) + np.sum((mu - 1) ** 2)
+    assert np.isclose(metrics.frechet_distance(mu, np.diag(s1), np.ones(6), np.diag(s2)),
+                      expected, rtol=1e-10)
+
+
+def test_gaussian_statistics_are_mean_and_unbiased_covariance():
+    features = np.random.default_rng(1).normal(size=(40, 3))
+    mu, sigma = metrics.gaussian_statistics(features)
+    centred = features - features.mean(0)
+    assert np.allclose(mu, features.mean(0)) and np.allclose(sigma, centred.T @ centred / 39)
+
+
+def test_fid_weights_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
+    fake_network(monkeypatch, None)
+    with pytest.raises(util.UserError, match="by hand") as error:
+        metrics.fid_weights(tmp_path)
+    assert "pt_inception-2015-12-05-6726825d.pth" in str(error.value)
+
+
+def test_fid_weights_with_wrong_sha256_are_removed(tmp_path, monkeypatch):
+    fake_network(monkeypatch, b"not weights")
+    with pytest.raises(util.UserError, match="corrupt"):
+        metrics.fid_weights(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fid_command_saves_statistics_and_compares(tmp_path, capsys, monkeypatch):
+    """End to end with a random-weight network file: stats of a folder equal stats of the
+    same folder's saved .npz, so the FID between them is 0."""
+    weights = tmp_path / "w.pth"
+    torch.manual_seed(0)
+    torch.save(metrics.FIDInception().state_dict(), weights)
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), np.uint8)) \
+            .save(folder / f"{i}.png")
+    common = ["--weights", str(weights), "--cache", "", "--device", "cpu"]
+    assert run.main(["fid", str(folder), str(tmp_path / "s.npz"), "--save-stats"] + common) == 0
+    assert run.main(["fid", str(folder), str(tmp_path / "s.npz")] + common) == 0
+    fid = float(capsys.readouterr().out.strip().splitlines()[-1].split(":")[1])
+    assert abs(fid) < 1e-6

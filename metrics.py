@@ -1,0 +1,294 @@
+"""Measuring generated images: FID with a from-scratch Inception network.
+
+Frechet Inception Distance (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update
+Rule Converge to a Local Nash Equilibrium"): fit a Gaussian to the 2,048-d pool3 features
+of real and of generated images and measure
+
+    FID = ||mu_r - mu_g||^2 + Tr(S_r) + Tr(S_g) - 2 Tr((S_r S_g)^(1/2)).
+
+The features must come from *the* network everyone uses, or numbers are not comparable:
+the TensorFlow Inception-v3 graph of 2015-12-05 (Szegedy et al. 2016, "Rethinking the
+Inception Architecture for Computer Vision") as ported to PyTorch by pytorch-fid. It differs
+from torchvision's Inception-v3 in three places, marked FID below: average pools in the
+mixed blocks exclude padding from the mean, the last block pools with a max, and the
+classifier has 1,008 classes. Batch norm uses eps = 0.001 throughout.
+"""
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from util import Progress, UserError
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # the file name carries its SHA-256's first 8 digits
+
+
+# ============================================================================ Inception
+class BasicConv2d(nn.Module):
+    """conv (no bias) -> batch norm (eps 1e-3) -> ReLU: the unit every block is made of."""
+
+    def __init__(self, c_in, c_out, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool_3x3(x):
+    # FID: the TF graph averages over the valid pixels only at the borders
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    """35x35 block: 1x1 | 1x1->5x5 | 1x1->3x3->3x3 | avgpool->1x1."""
+
+    def __init__(self, c_in, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 64, 1)
+        self.branch5x5_1 = BasicConv2d(c_in, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(c_in, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            self.branch_pool(_avg_pool_3x3(x))], 1)
+
+
+class InceptionB(nn.Module):
+    """Grid reduction 35 -> 17: 3x3/2 | 1x1->3x3->3x3/2 | maxpool/2."""
+
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(c_in, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch3x3(x),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):
+    """17x17 block with factorised 7x7 convolutions (1x7 then 7x1)."""
+
+    def __init__(self, c_in, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 192, 1)
+        self.branch7x7_1 = BasicConv2d(c_in, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(c_in, 192, 1)
+
+    def forward(self, x):
+        double = x
+        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                      self.branch7x7dbl_4, self.branch7x7dbl_5):
+            double = layer(double)
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+            double,
+            self.branch_pool(_avg_pool_3x3(x))], 1)
+
+
+class InceptionD(nn.Module):
+    """Grid reduction 17 -> 8: 1x1->3x3/2 | 1x1->1x7->7x1->3x3/2 | maxpool/2."""
+
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(c_in, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(c_in, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        seven = self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x)))
+        return torch.cat([
+            self.branch3x3_2(self.branch3x3_1(x)),
+            self.branch7x7x3_4(seven),
+            F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    """8x8 block whose 3x3 branches fan out into parallel 1x3 and 3x1 convolutions.
+
+    FID: the first E block (Mixed_7b) average-pools without padding, the second
+    (Mixed_7c) max-pools in its pool branch."""
+
+    def __init__(self, c_in, pool: str):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = BasicConv2d(c_in, 320, 1)
+        self.branch3x3_1 = BasicConv2d(c_in, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(c_in, 192, 1)
+
+    def forward(self, x):
+        single = self.branch3x3_1(x)
+        double = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = (_avg_pool_3x3(x) if self.pool == "avg"
+                  else F.max_pool2d(x, 3, stride=1, padding=1))
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch3x3_2a(single), self.branch3x3_2b(single),
+            self.branch3x3dbl_3a(double), self.branch3x3dbl_3b(double),
+            self.branch_pool(pooled)], 1)
+
+
+class FIDInception(nn.Module):
+    """Inception-v3 as the FID standard uses it; state-dict keys equal pytorch-fid's file.
+
+    forward(images in [0, 1], any size) -> (N, 2048) pool3 features. The images are
+    resized to 299x299 (bilinear, align_corners=False) and scaled to [-1, 1] first.
+    `blocks(x)` returns the four stages pytorch-fid exposes (64, 192, 768, 2048 channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, pool="avg")
+        self.Mixed_7c = InceptionE(2048, pool="max")
+        self.fc = nn.Linear(2048, 1008)  # FID: the TF graph has 1,008 classes
+
+    def blocks(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1                                                      # (N, 3, 299, 299)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        block0 = F.max_pool2d(x, 3, stride=2)                              # (N, 64, 73, 73)
+        block1 = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(block0)), 3, stride=2)
+        x = block1                                                         # (N, 192, 35, 35)
+        for mixed in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a,
+                      self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e):
+            x = mixed(x)
+        block2 = x                                                         # (N, 768, 17, 17)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(block2)))            # (N, 2048, 8, 8)
+        block3 = x.mean(dim=(2, 3))                                        # (N, 2048)
+        return [block0, block1, block2, block3]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.blocks(images)[3]
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward(images))
+
+
+def fid_weights(cache_dir=data.DEFAULT_CACHE) -> Path:
+    """The pytorch-fid weights file: downloaded once, its SHA-256 prefix checked."""
+    path = Path(cache_dir).expanduser() / Path(FID_WEIGHTS_URL).name
+    if not path.exists():
+        data.download_file([FID_WEIGHTS_URL], path, md5=None)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
+            path.unlink()
+            raise UserError(f"the FID weights downloaded from {FID_WEIGHTS_URL} are corrupt "
+                            f"(sha256 {digest[:8]}...): run again, or fetch the file by hand "
+                            f"and save it as {path}")
+    return path
+
+
+def load_fid_inception(cache_dir=data.DEFAULT_CACHE, device="cpu") -> FIDInception:
+    network = FIDInception()
+    state = torch.load(fid_weights(cache_dir), map_location="cpu", weights_only=True)
+    network.load_state_dict(state, strict=True)
+    return network.eval().to(device)
+
+
+# ============================================================================ FID
+@torch.no_grad()
+def inception_features(network: FIDInception, images: torch.Tensor, batch_size: int = 50,
+                       device="cpu") -> np.ndarray:
+    """(N, 3, H, W) images in [-1, 1] (the project's convention) -> (N, 2048) float64."""
+    features = []
+    for start in Progress(range(0, len(images), batch_size), "inception features"):
+        batch = images[start:start + batch_size].to(device, torch.float32)
+        features.append(network((batch + 1) / 2).double().cpu())
+    return torch.cat(features).numpy()
+
+
+def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance (divide by N - 1, as numpy.cov) of (N, D) features."""
+    features = np.asarray(features, np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)), in float64.
+
+    S1 S2 is not symmetric, but it is similar to the symmetric PSD matrix
+    A = S1^(1/2) S2 S1^(1/2), so Tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(A)). Both square
+    roots come from symmetric eigendecompositions, whose tiny negative eigenvalues (rank
+    deficiency: fewer images than 2,048 features) are clipped to zero; no complex
+    numbers, no ill-conditioned general matrix square root."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    eigenvalues, eigenvectors = np.linalg.eigh(sigma1)
+    sqrt_sigma1 = (eigenvectors * np.sqrt(eigenvalues.clip(min=0))) @ eigenvectors.T
+    middle = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+    trace_sqrt = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def image_statistics(images: torch.Tensor, network: FIDInception, batch_size: int = 50,
+                     device="cpu") -> tuple[np.ndarray, np.ndarray]:
+    """mu and sigma of the pool3 features of images in [-1, 1]."""
+    if len(images) < 2:
+        raise UserError(f"FID needs at least 2 images, got {len(images)}")
+    return gaussian_statistics(inception_features(network, images, batch_size, device))
+
+
+def load_statistics(path, network_factory, batch_size=50, device="cpu", image_size=None,
+                    cache_dir=data.DEFAULT_CACHE) -> tuple[np.ndarray, np.ndarray]:
+    """A PATH of `run.py fid`: a saved .npz of mu and sigma, or a folder of images."""
+    path = Path(path)
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path) as stored:
+            if "mu" not in stored or "sigma" not in stored:
+                raise UserError(f"{path} holds no 'mu' and 'sigma': write it with "
+                                "'run.py fid --save-stats FOLDER OUT.npz'")
+            return stored["mu"], stored["sigma"]
+    if not path.is_dir():
+        raise UserError(f"{path} is neither a folder of images nor a statistics .npz file")
+    images = data.load(str(path), "train", image_size=image_size, cache_dir=cache_dir)
+    return image_statistics(images.images(), network_factory(), batch_size, device)
