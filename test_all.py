@@ -21,7 +21,9 @@ from PIL import Image
 import data
 import metrics
 import nets
+import plots
 import run
+import tsne
 import util
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
@@ -615,3 +617,165 @@ def test_fid_command_saves_statistics_and_compares(tmp_path, capsys, monkeypatch
     assert run.main(["fid", str(folder), str(tmp_path / "s.npz")] + common) == 0
     fid = float(capsys.readouterr().out.strip().splitlines()[-1].split(":")[1])
     assert abs(fid) < 1e-6
+
+
+# ============================================================================ tsne
+def clusters(per_cluster=30, dims=10, seed=0):
+    """Three well separated Gaussian blobs with their labels."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 20, (3, dims))
+    X = np.concatenate([c + rng.normal(0, 1, (per_cluster, dims)) for c in centres])
+    return X, np.repeat(np.arange(3), per_cluster)
+
+
+def test_conditional_probabilities_reach_the_requested_perplexity():
+    X, _ = clusters()
+    distances = tsne.squared_distances(X, X)[~np.eye(len(X), dtype=bool)].reshape(len(X), -1)
+    P = tsne.conditional_probabilities(distances, perplexity=12.0)
+    entropy = -(P * np.log(np.maximum(P, 1e-300))).sum(axis=1)
+    assert np.allclose(P.sum(axis=1), 1) and np.allclose(np.exp(entropy), 12.0, rtol=1e-4)
+
+
+def test_exact_affinities_are_symmetric_normalised_and_zero_on_the_diagonal():
+    X, _ = clusters()
+    P = tsne.exact_affinities(X, 10.0)
+    assert np.allclose(P, P.T) and np.isclose(P.sum(), 1) and np.all(np.diag(P) == 0)
+
+
+def test_sparse_affinities_equal_exact_ones_when_every_point_is_a_neighbour():
+    X, _ = clusters(per_cluster=10)  # 30 points, k = min(29, 3 * 10 + 1) = 29: all of them
+    rows, cols, values = tsne.sparse_affinities(X, 10.0)
+    dense = np.zeros((30, 30))
+    dense[rows, cols] = values
+    assert np.allclose(dense, tsne.exact_affinities(X, 10.0), atol=1e-12)
+
+
+def test_nearest_neighbours_match_a_full_sort():
+    X = np.random.default_rng(2).normal(size=(50, 3))
+    indices, distances = tsne.nearest_neighbours(X, 5, chunk=7)
+    full = ((X[:, None] - X[None]) ** 2).sum(-1)
+    np.fill_diagonal(full, np.inf)
+    assert np.array_equal(indices, np.argsort(full, axis=1)[:, :5])
+    assert np.allclose(distances, np.sort(full, axis=1)[:, :5])
+
+
+def test_exact_gradient_and_kl_match_autograd():
+    X, _ = clusters(per_cluster=8)
+    P = tsne.exact_affinities(X, 5.0)
+    Y = np.random.default_rng(3).normal(size=(len(X), 2))
+    gradient, kl = tsne.exact_gradient(Y, P)
+    y = torch.tensor(Y, requires_grad=True)
+    p = torch.tensor(P)
+    off = ~torch.eye(len(X), dtype=torch.bool)
+    kernel = (1 / (1 + ((y[:, None] - y[None]) ** 2).sum(-1)))[off]
+    q = kernel / kernel.sum()
+    torch_kl = (torch.special.xlogy(p[off], p[off]) - p[off] * torch.log(q)).sum()
+    torch_kl.backward()
+    assert np.isclose(kl, torch_kl.item()) and np.allclose(gradient, y.grad.numpy(), atol=1e-9)
+
+
+@pytest.mark.parametrize("scale,tolerance", [(1.0, 0.01), (5.0, 0.1)])
+def test_interpolated_gradient_approximates_the_exact_one(scale, tolerance):
+    X = np.random.default_rng(4).normal(size=(400, 5))
+    P = tsne.exact_affinities(X, 30.0)
+    rows, cols = np.nonzero(P)
+    Y = np.random.default_rng(5).normal(0, scale, (400, 2))
+    exact, exact_kl = tsne.exact_gradient(Y, P)
+    approximate, approximate_kl = tsne.InterpolatedGradient(rows, cols, P[rows, cols])(Y)
+    assert np.linalg.norm(approximate - exact) / np.linalg.norm(exact) < tolerance
+    assert abs(approximate_kl - exact_kl) / exact_kl < tolerance
+
+
+def test_grid_convolution_is_exact_for_a_tiny_map():
+    """Points within a fraction of a grid cell: cubic interpolation of the smooth kernel
+    is exact to ~1e-9, so phi1 equals the brute-force sum of (1 + r^2)^-1."""
+    Y = np.random.default_rng(6).normal(0, 0.01, (30, 2))
+    grid = tsne.Grid(Y)
+    k1 = grid.kernel_spectrum(lambda r2: 1 / (1 + r2))
+    (phi1,) = grid.convolve(np.ones((30, 1)), [(k1, 0)])
+    assert np.allclose(phi1, (1 / (1 + tsne.squared_distances(Y, Y))).sum(axis=1), rtol=1e-7)
+
+
+def test_grid_self_interaction_is_a_lone_charge_seen_by_itself():
+    Y = np.random.default_rng(8).uniform(0, 20, (5, 2))
+    grid = tsne.Grid(Y)
+    kernel = (lambda r2: 1 / (1 + r2))
+    spectrum = grid.kernel_spectrum(kernel)
+    alone = [grid.convolve(np.eye(5)[:, [i]], [(spectrum, 0)])[0][i] for i in range(5)]
+    assert np.allclose(grid.self_interaction(kernel), alone, rtol=1e-10)
+
+
+def test_pca_initialisation_has_std_1e4_on_the_first_axis():
+    X, _ = clusters()
+    Y = tsne.pca_initialisation(X)
+    assert Y.shape == (90, 2) and np.isclose(Y[:, 0].std(), 1e-4)
+
+
+@pytest.mark.parametrize("method", ["exact", "fft"])
+def test_tsne_separates_clusters_and_repeats_for_a_seed(method):
+    X, labels = clusters()
+    Y, kl = tsne.tsne(X, perplexity=10.0, method=method, iterations=400, return_kl=True)
+    assert Y.shape == (90, 2) and np.isfinite(kl) and kl < 1.0
+    assert tsne.knn_accuracy(Y, labels, k=5) == 1.0
+    assert tsne.trustworthiness(X, Y, k=5) > 0.9
+    assert np.array_equal(Y, tsne.tsne(X, perplexity=10.0, method=method, iterations=400))
+
+
+def brute_force_trustworthiness(X, Y, k):
+    """The definition, written out with loops."""
+    n = len(X)
+    data_order = [list(np.argsort(((X - X[i]) ** 2).sum(1), kind="stable")) for i in range(n)]
+    map_order = [np.argsort(((Y - Y[i]) ** 2).sum(1), kind="stable") for i in range(n)]
+    total = 0
+    for i in range(n):
+        data_nearest = set(data_order[i][1:k + 1])
+        for j in map_order[i][1:k + 1]:
+            if j not in data_nearest:
+                total += data_order[i].index(j) - k
+    return 1 - 2 / (n * k * (2 * n - 3 * k - 1)) * total
+
+
+def test_trustworthiness_matches_its_definition():
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(60, 4))
+    Y = X[:, :2] + rng.normal(0, 0.5, (60, 2))
+    assert np.isclose(tsne.trustworthiness(X, Y, 5), brute_force_trustworthiness(X, Y, 5))
+    assert np.isclose(tsne.trustworthiness(X, X, 5), 1.0)
+
+
+def test_knn_accuracy_on_two_groups():
+    Y = np.column_stack([[0.0, 1, 2, 3, 100, 101, 102, 103], np.zeros(8)])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 0])
+    # k = 3: every point's neighbours are the rest of its group; only the 0 at 103 is
+    # outvoted by its three neighbours labelled 1
+    assert tsne.knn_accuracy(Y, labels, k=3) == 7 / 8
+
+
+# ============================================================================ plots
+def test_nice_ticks_are_round_steps_covering_the_range():
+    assert plots.nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert plots.nice_ticks(-3, 47) == [0, 10, 20, 30, 40]
+    assert plots.nice_ticks(5, 5) == [4.6, 4.8, 5.0, 5.2, 5.4]  # a point: widened by 1
+
+
+def test_line_plot_draws_each_series_in_its_colour(tmp_path):
+    path = plots.line_plot({"loss": [3.0, 2.0, 1.0], "accuracy": [0.1, 0.5, 0.9]},
+                           tmp_path / "curves.png", title="training", ylabel="value")
+    image = np.asarray(Image.open(path))
+    colours = {tuple(int(c[k:k + 2], 16) for k in (1, 3, 5)) for c in plots.TAB10[:2]}
+    present = {tuple(p) for p in image.reshape(-1, 3)}
+    assert image.shape[0] == 420 and image.shape[1] > 640 and colours <= present
+
+
+def test_scatter_plot_puts_points_where_the_axes_say(tmp_path):
+    points = np.array([[0.0, 0.0], [10.0, 10.0]])
+    figure_path = plots.scatter_plot(points, [0, 3], tmp_path / "s.png", title="t-SNE",
+                                     names=["zero", "one", "two", "three"])
+    image = np.asarray(Image.open(figure_path))
+    figure = plots.Figure((-0.3, 10.3), (-0.3, 10.3), size=(640, 600),
+                          legend=["zero", "three"])
+    px, py = figure.to_pixels(points[:, 0], points[:, 1])
+    red = (0xd6, 0x27, 0x28)  # tab10 colour of label 3
+    blue = (0x1f, 0x77, 0xb4)
+    assert tuple(image[int(round(py[0])), int(round(px[0]))]) == blue
+    assert tuple(image[int(round(py[1])), int(round(px[1]))]) == red

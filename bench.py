@@ -1,0 +1,75 @@
+"""Benchmarks behind the figures in RESULTS.md (speed is measured here, not in the tests).
+
+    python bench.py tsne --data-root DIR [--sizes 2000,5000] [--sklearn]
+    python bench.py fid [--images 100] [--threads 2]
+
+`tsne`: MNIST test digits projected to 50 PCA dimensions, embedded by tsne.tsne; time,
+KL and trustworthiness at k = 12. With --sklearn (scikit-learn installed separately, it is
+not a dependency) the same input goes through sklearn.manifold.TSNE's defaults.
+`fid`: images per second of FIDInception feature extraction on 64x64 inputs.
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import data
+import metrics
+import tsne
+
+
+def mnist_pca50(data_root: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    digits = data.load("mnist", "test", data_root, download=False, limit=count)
+    pixels = digits.pixels[:, 0].reshape(count, -1).double().numpy() / 255
+    centred = pixels - pixels.mean(axis=0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    return centred @ components[:50].T, digits.labels.numpy()
+
+
+def bench_tsne(args):
+    for count in (int(s) for s in args.sizes.split(",")):
+        features, labels = mnist_pca50(args.data_root, count)
+        runs = [("tsne.tsne", lambda: tsne.tsne(features, seed=args.seed, return_kl=True))]
+        if args.sklearn:
+            from sklearn.manifold import TSNE
+
+            def sklearn_run():
+                model = TSNE(random_state=args.seed)
+                return model.fit_transform(features), model.kl_divergence_
+            runs.append(("sklearn TSNE", sklearn_run))
+        for name, embed in runs:
+            start = time.perf_counter()
+            embedding, kl = embed()
+            seconds = time.perf_counter() - start
+            trust = tsne.trustworthiness(features, embedding, k=12)
+            knn = tsne.knn_accuracy(embedding, labels, k=10)
+            print(f"N={count} {name}: {seconds:.1f} s, KL {kl:.3f}, trustworthiness(k=12) "
+                  f"{trust:.4f}, 10-NN accuracy {knn:.3f}", flush=True)
+
+
+def bench_fid(args):
+    torch.set_num_threads(args.threads)
+    network = metrics.FIDInception().eval()
+    images = torch.rand(args.images, 3, 64, 64) * 2 - 1
+    metrics.inception_features(network, images[:2], batch_size=2)  # warm-up
+    start = time.perf_counter()
+    metrics.inception_features(network, images, batch_size=50)
+    seconds = time.perf_counter() - start
+    print(f"FID features, {args.images} images 64x64, {args.threads} threads: "
+          f"{args.images / seconds:.2f} images/s")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    tsne_parser = commands.add_parser("tsne")
+    tsne_parser.add_argument("--data-root", default="data")
+    tsne_parser.add_argument("--sizes", default="2000,5000")
+    tsne_parser.add_argument("--seed", type=int, default=0)
+    tsne_parser.add_argument("--sklearn", action="store_true")
+    fid_parser = commands.add_parser("fid")
+    fid_parser.add_argument("--images", type=int, default=100)
+    fid_parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    {"tsne": bench_tsne, "fid": bench_fid}[args.command](args)
