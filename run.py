@@ -22,6 +22,8 @@ import torch
 import data
 import metrics
 import nets
+import plots
+import tsne
 import util
 
 
@@ -114,6 +116,45 @@ def command_fid(args) -> None:
         print(f"FID: {metrics.frechet_distance(*statistics[0], *statistics[1]):.4f}")
 
 
+def command_tsne(args) -> None:
+    """t-SNE of saved features (.npz) or of a data set's pixels (after PCA to 50 dims)."""
+    common = settings_from(args, Common)
+    if args.source.endswith(".npz"):
+        with np.load(args.source) as stored:
+            if args.key not in stored:
+                raise util.UserError(f"{args.source} has no array '{args.key}' (it has "
+                                     f"{', '.join(stored.files)}): pass --key NAME")
+            features = stored[args.key].reshape(len(stored[args.key]), -1)
+            labels = stored[args.labels_key] if args.labels_key in stored else None
+        title = Path(args.source).stem
+    else:
+        images = load_data(common, args.source, args.split)
+        features = images.pixels.reshape(len(images), -1).numpy() / 255.0
+        labels = None if images.labels is None else images.labels.numpy()
+        title = f"{Path(args.source).name} {args.split}"
+    features = features[:args.limit] if args.limit else features
+    labels = labels[:len(features)] if labels is not None else None
+    if features.shape[1] > 50:
+        features = tsne.pca(features.astype(np.float64), 50)
+    progress = util.Progress(desc="t-SNE", total=args.iterations)
+    embedding, kl = tsne.tsne(features, args.perplexity, common.seed, args.method,
+                              args.iterations, return_kl=True,
+                              progress=lambda step, kl: progress.update(1, kl=kl))
+    progress.close()
+    out = Path(common.out) / "tsne"
+    results = {"points": len(features), "kl": kl,
+               "trustworthiness_k12": tsne.trustworthiness(features, embedding, 12)}
+    if labels is not None:
+        results["knn10_accuracy"] = tsne.knn_accuracy(embedding, labels, 10)
+    plots.scatter_plot(embedding, labels if labels is not None else np.zeros(len(features)),
+                       out / "tsne.png", title=f"t-SNE of {title}")
+    np.savez(out / "embedding.npz", embedding=embedding,
+             **({} if labels is None else {"labels": labels}))
+    util.write_json(results, out / "results.json")
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in results.items()) + f"\n  wrote {out}/tsne.png, embedding.npz")
+
+
 # ============================================================================ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -148,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="resize folder images to this side first (if sizes differ)")
     sub.add_argument("--weights", default=None,
                      help="pytorch-fid weights file (default: download once into --cache)")
+
+    sub = command("tsne", command_tsne, "t-SNE plot of features (.npz) or of a data set")
+    sub.add_argument("source", help="an .npz of features, or a data set name / folder")
+    sub.add_argument("--key", default="features", help="array of the .npz to embed")
+    sub.add_argument("--labels-key", default="labels", help="array of the .npz with labels")
+    sub.add_argument("--split", default="test")
+    sub.add_argument("--limit", type=int, default=2000, help="embed the first N (0: all)")
+    sub.add_argument("--perplexity", type=float, default=30.0)
+    sub.add_argument("--method", default="auto", choices=["auto", "exact", "fft"])
+    sub.add_argument("--iterations", type=int, default=1000)
     return parser
 
 

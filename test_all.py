@@ -779,3 +779,17 @@ def test_scatter_plot_puts_points_where_the_axes_say(tmp_path):
     blue = (0x1f, 0x77, 0xb4)
     assert tuple(image[int(round(py[0])), int(round(px[0]))]) == blue
     assert tuple(image[int(round(py[1])), int(round(px[1]))]) == red
+
+
+def test_tsne_command_embeds_saved_features_and_writes_plot_and_results(tmp_path, capsys):
+    X, labels = clusters()
+    np.savez(tmp_path / "features.npz", features=X, labels=labels)
+    assert run.main(["tsne", str(tmp_path / "features.npz"), "--out", str(tmp_path),
+                     "--iterations", "400", "--perplexity", "10"]) == 0
+    results = __import__("json").loads((tmp_path / "tsne" / "results.json").read_text())
+    assert results["points"] == 90 and results["knn10_accuracy"] == 1.0
+    assert np.load(tmp_path / "tsne" / "embedding.npz")["embedding"].shape == (90, 2)
+    assert Image.open(tmp_path / "tsne" / "tsne.png").size[1] == 600
+    capsys.readouterr()
+    line = one_line_error(capsys, ["tsne", str(tmp_path / "features.npz"), "--key", "x"])
+    assert "has no array 'x'" in line

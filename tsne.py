@@ -169,7 +169,7 @@ class Grid:
         ax, ay = np.repeat(offsets, 4), np.tile(offsets, 4)          # the 16 stencil nodes
         gaps = ((ax[:, None] - ax[None]) ** 2 + (ay[:, None] - ay[None]) ** 2)
         between_nodes = kernel(gaps * self.spacing ** 2)               # (16, 16)
-        return np.einsum("na,ab,nb->n", self.weights, between_nodes, self.weights)
+        return ((self.weights @ between_nodes) * self.weights).sum(axis=1)
 
     def convolve(self, charges: np.ndarray, kernels) -> list[np.ndarray]:
         """sum_j kernel(||y_i - y_j||^2) charges_j for each (kernel, charge column) pair."""
@@ -185,7 +185,7 @@ class Grid:
         for kernel, column in kernels:
             rows = np.fft.ifft(spectra[column] * kernel, axis=0)[:nx]
             field = np.fft.irfft(rows, n=2 * ny, axis=1)[:, :ny]
-            results.append((field.ravel()[self.nodes] * self.weights).sum(axis=1))
+            results.append(np.einsum("nk,nk->n", field.ravel()[self.nodes], self.weights))
         return results
 
 
@@ -236,13 +236,19 @@ class InterpolatedGradient:
 
 
 # ============================================================================ optimisation
+def pca(X: np.ndarray, dims: int) -> np.ndarray:
+    """Project centred rows onto the top `dims` principal axes (SVD), signs made
+    deterministic: each axis points towards its largest absolute projection."""
+    centred = X - X.mean(axis=0)
+    _, _, axes = np.linalg.svd(centred, full_matrices=False)
+    projected = centred @ axes[:dims].T
+    signs = np.sign(projected[np.abs(projected).argmax(axis=0), np.arange(projected.shape[1])])
+    return projected * np.where(signs == 0, 1, signs)
+
+
 def pca_initialisation(X: np.ndarray) -> np.ndarray:
     """First two principal components, scaled so the first has std 1e-4 (as scikit-learn)."""
-    centred = X - X.mean(axis=0)
-    _, _, components = np.linalg.svd(centred, full_matrices=False)
-    projected = centred @ components[:2].T
-    signs = np.sign(projected[np.abs(projected).argmax(axis=0), [0, 1]])  # deterministic
-    projected *= np.where(signs == 0, 1, signs)
+    projected = pca(X, 2)
     return projected / np.std(projected[:, 0]) * 1e-4
 
 
