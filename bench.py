@@ -1,8 +1,11 @@
 """Benchmarks behind the figures in RESULTS.md (speed is measured here, not in the tests).
 
+    python bench.py data --data-root DIR [--cache DIR]
     python bench.py tsne --data-root DIR [--sizes 2000,5000] [--sklearn]
     python bench.py fid [--images 100] [--threads 2]
 
+`data`: seconds to load each data set found under DIR, first (decode, or from an existing
+cache) and second time (from the cache).
 `tsne`: MNIST test digits projected to 50 PCA dimensions, embedded by tsne.tsne; time,
 KL and trustworthiness at k = 12. With --sklearn (scikit-learn installed separately, it is
 not a dependency) the same input goes through sklearn.manifold.TSNE's defaults.
@@ -17,6 +20,7 @@ import torch
 import data
 import metrics
 import tsne
+from util import UserError
 
 
 def mnist_pca50(data_root: str, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,6 +50,24 @@ def bench_tsne(args):
                   f"{trust:.4f}, 10-NN accuracy {knn:.3f}", flush=True)
 
 
+def bench_data(args):
+    for name in ("mnist", "usps", "mnistm", "svhn", "celeba"):
+        for split in ("train", "test"):
+            seconds = []
+            for _ in range(2):
+                start = time.perf_counter()
+                try:
+                    images = data.load(name, split, args.data_root, download=False,
+                                       cache_dir=args.cache)
+                except UserError as error:
+                    print(f"{name} {split}: skipped ({error})")
+                    break
+                seconds.append(time.perf_counter() - start)
+            else:
+                print(f"{name} {split}: {len(images)} images, first load {seconds[0]:.2f} s, "
+                      f"second load {seconds[1]:.2f} s", flush=True)
+
+
 def bench_fid(args):
     torch.set_num_threads(args.threads)
     network = metrics.FIDInception().eval()
@@ -66,8 +88,11 @@ if __name__ == "__main__":
     tsne_parser.add_argument("--sizes", default="2000,5000")
     tsne_parser.add_argument("--seed", type=int, default=0)
     tsne_parser.add_argument("--sklearn", action="store_true")
+    data_parser = commands.add_parser("data")
+    data_parser.add_argument("--data-root", default="data")
+    data_parser.add_argument("--cache", default=str(data.DEFAULT_CACHE))
     fid_parser = commands.add_parser("fid")
     fid_parser.add_argument("--images", type=int, default=100)
     fid_parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    {"tsne": bench_tsne, "fid": bench_fid}[args.command](args)
+    {"data": bench_data, "tsne": bench_tsne, "fid": bench_fid}[args.command](args)

@@ -12,8 +12,13 @@ Inception Architecture for Computer Vision") as ported to PyTorch by pytorch-fid
 from torchvision's Inception-v3 in three places, marked FID below: average pools in the
 mixed blocks exclude padding from the mean, the last block pools with a max, and the
 classifier has 1,008 classes. Batch norm uses eps = 0.001 throughout.
+
+Generated digits are graded by a small CNN classifier trained on real digits
+(`train_classifier`): the share of generated images it reads as the digit they were
+generated for is the "digit accuracy" of the course.
 """
 import hashlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import nets
+import plots
+import util
 from util import Progress, UserError
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -292,3 +300,126 @@ def load_statistics(path, network_factory, batch_size=50, device="cpu", image_si
         raise UserError(f"{path} is neither a folder of images nor a statistics .npz file")
     images = data.load(str(path), "train", image_size=image_size, cache_dir=cache_dir)
     return image_statistics(images.images(), network_factory(), batch_size, device)
+
+
+# ============================================================================ digit classifier
+@dataclass
+class ClassifierSettings:
+    """How the digit evaluator is trained (flags of `run.py classifier`)."""
+    data: str = field(default="mnistm", metadata={"help": "digits to train on"})
+    epochs: int = field(default=12, metadata={"help": "passes over the training set"})
+    batch_size: int = field(default=128, metadata={"help": "images per step"})
+    lr: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "AdamW weight decay"})
+    shift: float = field(default=0.1, metadata={
+        "help": "random translation, as a fraction of the image side (augmentation)"})
+    resume: bool = field(default=False, metadata={"help": "continue from checkpoint.pt"})
+
+
+def random_shift(images: torch.Tensor, fraction: float, generator=None) -> torch.Tensor:
+    """Translate each image by up to +-fraction of its side (reflecting at the borders).
+
+    affine_grid works in normalised coordinates [-1, 1], where a shift t moves the image
+    by t / 2 of its side, hence the factor 2."""
+    if fraction <= 0:
+        return images
+    count = len(images)
+    shifts = (torch.rand(count, 2, generator=generator) * 2 - 1) * 2 * fraction
+    theta = torch.zeros(count, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, :, 2] = shifts
+    grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, padding_mode="reflection", align_corners=False)
+
+
+@torch.no_grad()
+def predict(network: nn.Module, images: "data.ImageSet", batch_size: int = 500,
+            device="cpu") -> torch.Tensor:
+    """Predicted class of every image, in order."""
+    network.eval()
+    return torch.cat([network(batch.to(device)).argmax(dim=1).cpu()
+                      for batch, _ in images.batches(batch_size, shuffle=False)])
+
+
+def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+    correct = int((predictions == labels.cpu()).sum())
+    return correct / max(len(labels), 1), correct, len(labels)
+
+
+def train_classifier(train: "data.ImageSet", test: "data.ImageSet",
+                     settings: ClassifierSettings, out: Path, device, seed: int) -> dict:
+    """Supervised training with AdamW, a one-cycle learning rate and label smoothing 0.1.
+
+    Each epoch's data order, augmentation and dropout are seeded by (seed, epoch), so a
+    run resumed from its checkpoint ends with the same weights as an uninterrupted one."""
+    out = Path(out)
+    network = nets.digit_classifier(classes=len(train.classes)).to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), settings.lr,
+                                  weight_decay=settings.weight_decay)
+    steps_per_epoch = -(-len(train) // settings.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr,
+                                                   total_steps=settings.epochs * steps_per_epoch)
+    history = {"train_loss": [], "test_accuracy": []}
+    first_epoch = 0
+    if settings.resume and (out / "checkpoint.pt").exists():
+        state = util.load_checkpoint(out / "checkpoint.pt", device)
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        history, first_epoch = state["history"], state["epoch"]
+        print(f"resumed from {out / 'checkpoint.pt'} after epoch {first_epoch}")
+    train_on_device = train.to(device)
+    for epoch in range(first_epoch, settings.epochs):
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        torch.manual_seed(seed * 100_003 + epoch)  # dropout
+        network.train()
+        progress = util.Progress(desc=f"epoch {epoch + 1}/{settings.epochs}",
+                                 total=steps_per_epoch)
+        losses = []
+        for images, labels in train_on_device.batches(settings.batch_size, generator=generator):
+            images = random_shift(images, settings.shift, generator)
+            loss = F.cross_entropy(network(images), labels, label_smoothing=0.1)
+            util.check_finite(loss, len(losses), "classifier loss")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            progress.update(1, loss=loss.item())
+        progress.close()
+        test_accuracy = accuracy(predict(network, test, device=device), test.labels)[0]
+        history["train_loss"].append(float(np.mean(losses)))
+        history["test_accuracy"].append(test_accuracy)
+        print(f"epoch {epoch + 1}: loss {history['train_loss'][-1]:.4f}, "
+              f"test accuracy {test_accuracy:.4f}")
+        util.save_checkpoint({"network": network.state_dict(), "optimizer":
+                              optimizer.state_dict(), "schedule": schedule.state_dict(),
+                              "history": history, "epoch": epoch + 1,
+                              "classes": train.classes, "settings": asdict(settings)},
+                             out / "checkpoint.pt")
+        plots.line_plot({"train loss": history["train_loss"]}, out / "loss.png",
+                        title="digit classifier: training loss", xlabel="epoch")
+        plots.line_plot({"test accuracy": history["test_accuracy"]}, out / "accuracy.png",
+                        title="digit classifier: test accuracy", xlabel="epoch")
+    _, correct, total = accuracy(predict(network, test, device=device), test.labels)
+    results = {"data": settings.data, "test_accuracy": correct / total, "correct": correct,
+               "total": total, "epochs": settings.epochs, "seed": seed}
+    util.write_json(results, out / "results.json")
+    return results
+
+
+def load_classifier(path, device="cpu") -> nn.Module:
+    state = util.load_checkpoint(path, device)
+    if "network" not in state or "classes" not in state:
+        raise UserError(f"{path} is not a digit-classifier checkpoint: train one with "
+                        "'run.py classifier'")
+    network = nets.digit_classifier(classes=len(state["classes"]))
+    network.load_state_dict(state["network"])
+    return network.to(device).eval()
+
+
+def label_from_name(name: str) -> int:
+    """The course's naming: the first character of a generated file is its digit."""
+    if not name[:1].isdigit():
+        raise UserError(f"file '{name}' does not start with its digit (e.g. 3_042.png)")
+    return int(name[0])

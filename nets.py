@@ -1,6 +1,8 @@
 """Building blocks and architectures shared by the models, and a torchsummary-style table.
 
 Architectures:
+- A digit classifier (two VGG-style stages of 3x3 convolutions with batch norm, then a
+  dropout MLP) for 28x28 RGB digits: the evaluator that grades generated digits.
 - DCGAN generator / discriminator (Radford, Metz & Chintala 2016, "Unsupervised
   Representation Learning with Deep Convolutional Generative Adversarial Networks"):
   z (100) -> 4x4x512 -> 8x8x256 -> 16x16x128 -> 32x32x64 -> 64x64x3 by 4x4 transposed
@@ -12,6 +14,21 @@ output shape and parameter count, then totals and memory estimates.
 """
 import torch
 import torch.nn as nn
+
+
+# ============================================================================ digits
+def digit_classifier(classes: int = 10, width: int = 32) -> nn.Sequential:
+    """image (B, 3, 28, 28) in [-1, 1] -> class logits (B, classes)."""
+    def stage(c_in, c_out):
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                nn.ReLU(True), nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out), nn.ReLU(True), nn.MaxPool2d(2)]
+    return nn.Sequential(
+        *stage(3, width),                                     # (B, 32, 14, 14)
+        *stage(width, 2 * width),                             # (B, 64, 7, 7)
+        nn.Flatten(), nn.Dropout(0.3),
+        nn.Linear(2 * width * 7 * 7, 256), nn.ReLU(True), nn.Dropout(0.3),
+        nn.Linear(256, classes))
 
 
 # ============================================================================ DCGAN

@@ -155,6 +155,40 @@ def command_tsne(args) -> None:
                    for k, v in results.items()) + f"\n  wrote {out}/tsne.png, embedding.npz")
 
 
+def command_classifier(args) -> None:
+    """Train the digit classifier that grades generated digits."""
+    common, settings = settings_from(args, Common), settings_from(args, metrics.ClassifierSettings)
+    device = util.choose_device(common.device)
+    util.seed_everything(common.seed)
+    train = load_data(common, settings.data, "train")
+    test = load_data(common, settings.data, "test")
+    if train.labels is None or test.labels is None:
+        raise util.UserError(f"{settings.data} has no labels: the classifier needs labelled "
+                             "digits (a csv with image_name,label)")
+    results = metrics.train_classifier(train, test, settings, Path(common.out) / "classifier",
+                                       device, common.seed)
+    print(f"test accuracy {results['test_accuracy']:.4f} ({results['correct']}/"
+          f"{results['total']}); checkpoint {Path(common.out) / 'classifier' / 'checkpoint.pt'}")
+
+
+def command_classify(args) -> None:
+    """Accuracy of the classifier on a folder whose file names start with their digit."""
+    common = settings_from(args, Common)
+    device = util.choose_device(common.device)
+    checkpoint = args.ckpt or Path(common.out) / "classifier" / "checkpoint.pt"
+    network = metrics.load_classifier(checkpoint, device)
+    images = data.load(args.folder, "train", image_size=28, cache_dir=None)
+    labels = torch.tensor([metrics.label_from_name(name) for name in images.names])
+    predictions = metrics.predict(network, images, device=device)
+    share, correct, total = metrics.accuracy(predictions, labels)
+    print(f"accuracy {share:.4f} ({correct}/{total}) on {args.folder}")
+    for digit in range(10):
+        mine = labels == digit
+        if mine.any():
+            print(f"  {digit}: {float((predictions[mine] == digit).float().mean()):.3f} "
+                  f"of {int(mine.sum())}")
+
+
 # ============================================================================ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -199,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--perplexity", type=float, default=30.0)
     sub.add_argument("--method", default="auto", choices=["auto", "exact", "fft"])
     sub.add_argument("--iterations", type=int, default=1000)
+
+    sub = command("classifier", command_classifier, "train the digit classifier (evaluator)")
+    add_flags(sub, metrics.ClassifierSettings)
+
+    sub = command("classify", command_classify, "digit accuracy of a folder like 3_042.png")
+    sub.add_argument("--folder", required=True, help="images named DIGIT_*.png")
+    sub.add_argument("--ckpt", default=None, help="default: OUT/classifier/checkpoint.pt")
     return parser
 
 

@@ -793,3 +793,37 @@ def test_tsne_command_embeds_saved_features_and_writes_plot_and_results(tmp_path
     capsys.readouterr()
     line = one_line_error(capsys, ["tsne", str(tmp_path / "features.npz"), "--key", "x"])
     assert "has no array 'x'" in line
+
+
+# ============================================================================ metrics: classifier
+def test_random_shift_moves_content_by_the_drawn_amount():
+    image = torch.full((1, 3, 28, 28), -1.0)
+    image[:, :, 12:16, 10:14] = 1.0  # a bright square away from the borders
+    shifted = metrics.random_shift(image, 0.1, torch.Generator().manual_seed(1))
+    drawn = (torch.rand(1, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 0.2
+    mass = (image[0, 0] + 1), (shifted[0, 0] + 1)
+    coords = torch.arange(28.0)
+
+    def centroid(m):
+        return torch.stack([(m.sum(0) * coords).sum(), (m.sum(1) * coords).sum()]) / m.sum()
+    moved = centroid(mass[1]) - centroid(mass[0])  # (x, y) in pixels
+    assert torch.allclose(moved, -drawn[0] * 28 / 2, atol=1e-3)
+    assert torch.equal(metrics.random_shift(image, 0.0), image)
+
+
+def toy_digits(count=64, seed=0) -> data.ImageSet:
+    """Two classes a small CNN separates at once: dark images (0) and bright ones (1)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % 2
+    pixels = (torch.rand(count, 3, 28, 28, generator=generator) * 100
+              + 150 * labels.view(-1, 1, 1, 1)).to(torch.uint8)
+    return data.ImageSet(pixels, labels, classes=["dark", "bright"])
+
+
+def test_classifier_run_writes_every_file_and_learns_a_toy_task(tmp_path):
+    settings = metrics.ClassifierSettings(epochs=2, batch_size=16, lr=3e-3)
+    results = metrics.train_classifier(toy_digits(), toy_digits(seed=1), settings,
+                                       tmp_path, "cpu", seed=0)
+    assert results["test_accuracy"] == 1.0 and results["total"] == 64
+    for name in ("checkpoint.pt", "loss.png", "accuracy.png", "results.json"):
+        assert (tmp_path / name).is_file(), name
