@@ -353,6 +353,7 @@ def train_classifier(train: "data.ImageSet", test: "data.ImageSet",
     Each epoch's data order, augmentation and dropout are seeded by (seed, epoch), so a
     run resumed from its checkpoint ends with the same weights as an uninterrupted one."""
     out = Path(out)
+    util.seed_everything(seed)  # the initial weights
     network = nets.digit_classifier(classes=len(train.classes)).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), settings.lr,
                                   weight_decay=settings.weight_decay)

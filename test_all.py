@@ -30,11 +30,13 @@ SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 
 def one_line_error(capsys, argv) -> str:
-    """Run the command line, expect exit 2 and exactly one line on stderr; return it."""
+    """Run the command line, expect exit 2 and stderr ending in one error line (progress
+    lines may come before it, a traceback may not); return that line."""
     assert run.main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:] and not any("Traceback" in line for line in lines), lines
+    return lines[-1]
 
 
 # ============================================================================ data: formats
@@ -827,3 +829,41 @@ def test_classifier_run_writes_every_file_and_learns_a_toy_task(tmp_path):
     assert results["test_accuracy"] == 1.0 and results["total"] == 64
     for name in ("checkpoint.pt", "loss.png", "accuracy.png", "results.json"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_resumed_classifier_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    settings = metrics.ClassifierSettings(epochs=2, batch_size=16, lr=3e-3)
+    metrics.train_classifier(toy_digits(), toy_digits(seed=1), settings,
+                             tmp_path / "whole", "cpu", seed=3)
+
+    def interrupt(*args, **kwargs):  # stop right after the first epoch's checkpoint
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(plots, "line_plot", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            metrics.train_classifier(toy_digits(), toy_digits(seed=1), settings,
+                                     tmp_path / "parts", "cpu", seed=3)
+    assert util.load_checkpoint(tmp_path / "parts" / "checkpoint.pt")["epoch"] == 1
+    resumed = metrics.ClassifierSettings(epochs=2, batch_size=16, lr=3e-3, resume=True)
+    metrics.train_classifier(toy_digits(), toy_digits(seed=1), resumed,
+                             tmp_path / "parts", "cpu", seed=3)
+    whole = util.load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["network"]
+    parts = util.load_checkpoint(tmp_path / "parts" / "checkpoint.pt")["network"]
+    for name in whole:
+        assert torch.equal(whole[name], parts[name]), name
+
+
+def test_classify_command_reads_digits_from_file_names(tmp_path, capsys):
+    settings = metrics.ClassifierSettings(epochs=2, batch_size=16, lr=3e-3)
+    metrics.train_classifier(toy_digits(), toy_digits(seed=1), settings,
+                             tmp_path / "classifier", "cpu", seed=0)
+    images = toy_digits(6, seed=2)
+    names = [f"{int(label)}_{i:03d}.png" for i, label in enumerate(images.labels)]
+    names[0] = "1" + names[0][1:]  # a dark image filed as bright: one wrong answer
+    folder = tmp_path / "generated"
+    data.save_images(images.images(), folder, names)
+    assert run.main(["classify", "--folder", str(folder), "--out", str(tmp_path)]) == 0
+    assert "accuracy 0.8333 (5/6)" in capsys.readouterr().out
+    data.save_images(images.images(slice(0, 1)), folder, ["x_001.png"])
+    line = one_line_error(capsys, ["classify", "--folder", str(folder), "--out", str(tmp_path)])
+    assert "does not start with its digit" in line
