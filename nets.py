@@ -1,6 +1,10 @@
 """Building blocks and architectures shared by the models, and a torchsummary-style table.
 
 Architectures:
+- The digit CNN of domain adaptation (Ganin et al. 2016's MNIST network): a feature
+  extractor (two 5x5 convolutions, batch norm, max pools -> 800 features), a label
+  classifier (800 -> 100 -> 100 -> 10) and a domain classifier (800 -> 100 -> 1), with
+  gradient reversal (`grad_reverse`) between the features and the domain classifier.
 - A digit classifier (two VGG-style stages of 3x3 convolutions with batch norm, then a
   dropout MLP) for 28x28 RGB digits: the evaluator that grades generated digits.
 - DCGAN generator / discriminator (Radford, Metz & Chintala 2016, "Unsupervised
@@ -16,6 +20,26 @@ import torch
 import torch.nn as nn
 
 
+# ============================================================================ gradient reversal
+class GradientReversal(torch.autograd.Function):
+    """Identity on the way forward, -lambda times the gradient on the way back
+    (Ganin & Lempitsky 2015): the features *maximise* the domain loss that the domain
+    classifier minimises, in one backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, lambd):
+        ctx.lambd = lambd
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return -ctx.lambd * grad_output, None  # no gradient for lambda
+
+
+def grad_reverse(x: torch.Tensor, lambd: float = 1.0) -> torch.Tensor:
+    return GradientReversal.apply(x, lambd)
+
+
 # ============================================================================ digits
 def digit_classifier(classes: int = 10, width: int = 32) -> nn.Sequential:
     """image (B, 3, 28, 28) in [-1, 1] -> class logits (B, classes)."""
@@ -29,6 +53,31 @@ def digit_classifier(classes: int = 10, width: int = 32) -> nn.Sequential:
         nn.Flatten(), nn.Dropout(0.3),
         nn.Linear(2 * width * 7 * 7, 256), nn.ReLU(True), nn.Dropout(0.3),
         nn.Linear(256, classes))
+
+
+def digit_features(channels: int = 3) -> nn.Sequential:
+    """image (B, 3, 28, 28) -> features (B, 800), the DANN paper's MNIST extractor."""
+    return nn.Sequential(
+        nn.Conv2d(channels, 64, 5), nn.BatchNorm2d(64), nn.MaxPool2d(2), nn.ReLU(True),
+        nn.Conv2d(64, 50, 5), nn.BatchNorm2d(50), nn.Dropout2d(0.5), nn.MaxPool2d(2),
+        nn.ReLU(True),                                        # (B, 50, 4, 4)
+        nn.Flatten())                                         # (B, 800)
+
+
+def label_classifier(features: int = 800, classes: int = 10) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(features, 100), nn.BatchNorm1d(100), nn.ReLU(True), nn.Dropout(0.5),
+        nn.Linear(100, 100), nn.BatchNorm1d(100), nn.ReLU(True),
+        nn.Linear(100, classes))
+
+
+def domain_classifier(features: int = 800, hidden: int = 100, layers: int = 1) -> nn.Sequential:
+    """features -> one logit, "this came from the source". DANN uses one hidden layer of
+    100; ADDA's discriminator has two of 500."""
+    sizes = [features] + [hidden] * layers
+    body = [module for c_in, c_out in zip(sizes, sizes[1:])
+            for module in (nn.Linear(c_in, c_out), nn.BatchNorm1d(c_out), nn.ReLU(True))]
+    return nn.Sequential(*body, nn.Linear(sizes[-1], 1))
 
 
 # ============================================================================ DCGAN

@@ -22,6 +22,8 @@ t-SNE for improved visualization of single-cell RNA-seq data", FIt-SNE):
   cubic Lagrange weights, convolving with the kernel by FFT, and interpolating back.
   Cost per iteration O(N + G log G) for G grid nodes, instead of O(N^2).
 """
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 EARLY_EXAGGERATION, EXAGGERATION_ITERATIONS = 12.0, 250
@@ -171,22 +173,38 @@ class Grid:
         between_nodes = kernel(gaps * self.spacing ** 2)               # (16, 16)
         return ((self.weights @ between_nodes) * self.weights).sum(axis=1)
 
-    def convolve(self, charges: np.ndarray, kernels) -> list[np.ndarray]:
-        """sum_j kernel(||y_i - y_j||^2) charges_j for each (kernel, charge column) pair."""
+    def spread(self, charges: np.ndarray) -> np.ndarray:
+        """Charges (N, C) onto the grid: (C, nx, ny), each point shared by its 16 nodes."""
         nx, ny = self.shape
-        spread = [np.bincount(self.nodes.ravel(), (self.weights * c[:, None]).ravel(),
-                              minlength=nx * ny).reshape(nx, ny) for c in charges.T]
-        # 2-D FFT of the grid zero-padded to (2 nx, 2 ny), so that the convolution is linear,
-        # not cyclic. Padding rows are zero and only the first nx rows of the result are
-        # used, so the second axis is transformed for nx rows only, both ways.
-        spectra = [np.fft.fft(np.fft.rfft(s, n=2 * ny, axis=1), n=2 * nx, axis=0)
-                   for s in spread]
-        results = []
-        for kernel, column in kernels:
-            rows = np.fft.ifft(spectra[column] * kernel, axis=0)[:nx]
-            field = np.fft.irfft(rows, n=2 * ny, axis=1)[:, :ny]
-            results.append(np.einsum("nk,nk->n", field.ravel()[self.nodes], self.weights))
-        return results
+        columns = charges.shape[1]
+        nodes = self.nodes[None] + (np.arange(columns) * nx * ny)[:, None, None]  # (C, N, 16)
+        values = self.weights[None] * charges.T[:, :, None]
+        return np.bincount(nodes.ravel(), values.ravel(),
+                           minlength=columns * nx * ny).reshape(columns, nx, ny)
+
+    def spectra(self, grids: np.ndarray) -> np.ndarray:
+        """2-D FFT of grids (C, nx, ny) zero-padded to (2 nx, 2 ny), so that products with
+        a kernel spectrum give linear, not cyclic, convolutions. The padding rows are zero,
+        so the second axis is transformed first, for the nx real rows only."""
+        nx, ny = self.shape
+        return np.fft.fft(np.fft.rfft(grids, n=2 * ny, axis=2), n=2 * nx, axis=1)
+
+    def gather(self, products: np.ndarray) -> np.ndarray:
+        """Back from spectra (C, 2 nx, ny + 1) to the grid, then interpolated at the
+        points: (C, N)."""
+        nx, ny = self.shape
+        rows = np.fft.ifft(products, axis=1)[:, :nx]
+        fields = np.fft.irfft(rows, n=2 * ny, axis=2)[:, :, :ny].reshape(len(products), -1)
+        return np.einsum("cnk,nk->cn", fields[:, self.nodes], self.weights)
+
+    def total(self, spectrum: np.ndarray, kernel: np.ndarray) -> float:
+        """sum_i sum_j kernel(y_i, y_j) for one charge grid, without going back to space:
+        by Parseval, <s, K * s> = sum_k |S_k|^2 K_k / M over the M padded frequencies. The
+        real FFT keeps half the last axis, so its inner bins count twice."""
+        nx, ny = self.shape
+        twice = np.full(ny + 1, 2.0)
+        twice[[0, -1]] = 1.0
+        return float(np.sum(np.abs(spectrum) ** 2 * kernel.real * twice) / (4 * nx * ny))
 
 
 class InterpolatedGradient:
@@ -198,10 +216,16 @@ class InterpolatedGradient:
     minus the self terms (j = i) as the grid computes them.
     Kernel spectra depend only on the grid's size and spacing, so they are kept."""
 
-    def __init__(self, rows, cols, values):
-        upper = rows < cols  # P is symmetric: keep each pair once, apply it to both ends
-        self.rows, self.cols, self.values = rows[upper], cols[upper], values[upper]
+    def __init__(self, rows, cols, values, worker: ThreadPoolExecutor | None = None):
+        # pairs sorted by row (CSR order): each row's attraction is then one contiguous
+        # segment, summed by np.add.reduceat; k-NN leaves no row empty
+        order = np.lexsort((cols, rows))
+        self.rows, self.cols, self.values = rows[order], cols[order], values[order]
+        self.row_starts = np.flatnonzero(np.r_[True, self.rows[1:] != self.rows[:-1]])
+        self.row_sizes = np.diff(np.r_[self.row_starts, len(self.rows)])
+        assert len(self.row_starts) == self.rows[-1] + 1, "every point needs a neighbour"
         self.spectra = {}
+        self.worker = worker  # a thread for the attraction (None: this thread)
 
     def kernels(self, grid: Grid):
         key = (grid.shape, grid.spacing)
@@ -212,26 +236,42 @@ class InterpolatedGradient:
                                  grid.kernel_spectrum(lambda r2: 1.0 / (1.0 + r2) ** 2))
         return self.spectra[key]
 
-    def __call__(self, Y: np.ndarray, exaggeration: float = 1.0, with_kl: bool = True):
+    def repulsion(self, Y: np.ndarray) -> tuple[np.ndarray, float]:
+        """(sum_j K2_ij (y_i - y_j) / Z, Z) through the grid."""
         grid = Grid(Y)
         k1, k2 = self.kernels(grid)
-        charges = np.column_stack([np.ones(len(Y)), Y])
-        phi1, phi2, psi_x, psi_y = grid.convolve(charges, [(k1, 0), (k2, 0), (k2, 1), (k2, 2)])
+        spectra = grid.spectra(grid.spread(np.column_stack([np.ones(len(Y)), Y])))
+        phi2, psi_x, psi_y = grid.gather(spectra * k2)
         self_terms = grid.self_interaction(lambda r2: 1.0 / (1.0 + r2)).sum()
-        z = max(phi1.sum() - self_terms, MACHINE_EPSILON)  # the sum excludes k = l
-        repulsion = (Y * phi2[:, None] - np.column_stack([psi_x, psi_y])) / z
+        z = max(grid.total(spectra[0], k1) - self_terms, MACHINE_EPSILON)  # k != l only
+        return (Y * phi2[:, None] - np.column_stack([psi_x, psi_y])) / z, z
 
-        n, i, j = len(Y), self.rows, self.cols
-        dx, dy = Y[i, 0] - Y[j, 0], Y[i, 1] - Y[j, 1]
+    def attraction(self, Y: np.ndarray, exaggeration: float) -> tuple[np.ndarray, np.ndarray]:
+        """(sum_j p_ij K1_ij (y_i - y_j), K1 of every stored pair)."""
+        x, y = Y[:, 0].copy(), Y[:, 1].copy()  # contiguous columns: take() is fastest
+        # y_i repeated over its row's pairs (CSR order) is cheaper than a gather
+        dx = np.repeat(x, self.row_sizes) - x.take(self.cols)
+        dy = np.repeat(y, self.row_sizes) - y.take(self.cols)
         kernel = 1.0 / (1.0 + dx * dx + dy * dy)
-        pull = exaggeration * self.values * kernel            # p_ij K1_ij, on i and on j
-        attraction = np.column_stack([np.bincount(i, pull * d, minlength=n)
-                                      - np.bincount(j, pull * d, minlength=n) for d in (dx, dy)])
+        pull = exaggeration * self.values * kernel            # p_ij K1_ij
+        return np.column_stack([np.add.reduceat(pull * d, self.row_starts)
+                                for d in (dx, dy)]), kernel
+
+    def __call__(self, Y: np.ndarray, exaggeration: float = 1.0, with_kl: bool = True):
+        # the two halves are independent and NumPy releases the GIL in its loops, so the
+        # attraction runs on a second thread (a second core) while the grid works
+        if self.worker is None:
+            (attraction, kernel), (repulsion, z) = (self.attraction(Y, exaggeration),
+                                                    self.repulsion(Y))
+        else:
+            pending = self.worker.submit(self.attraction, Y, exaggeration)
+            repulsion, z = self.repulsion(Y)
+            attraction, kernel = pending.result()
         kl = float("nan")
-        if with_kl:  # over the stored pairs, both halves: the rest of P is zero
+        if with_kl:  # over the stored pairs: the rest of P is zero
             q = np.maximum(kernel / z, MACHINE_EPSILON)
-            kl = 2 * float(np.sum(self.values
-                                  * np.log(np.maximum(self.values, MACHINE_EPSILON) / q)))
+            kl = float(np.sum(self.values * np.log(np.maximum(self.values, MACHINE_EPSILON)
+                                                   / q)))
         return 4.0 * (attraction - repulsion), kl
 
 
@@ -291,14 +331,16 @@ def tsne(X, perplexity: float = 30.0, seed: int = 0, method: str = "auto",
         learning_rate = max(n / EARLY_EXAGGERATION / 4, 50.0)
     rng = np.random.default_rng(seed)
     Y = pca_initialisation(X) + rng.normal(0, 1e-12, (n, 2))
-    if method == "exact":
-        P = exact_affinities(X, perplexity)
-        gradient = (lambda Y, exaggeration, with_kl: exact_gradient(Y, P, exaggeration, with_kl))
-    elif method == "fft":
-        gradient = InterpolatedGradient(*sparse_affinities(X, perplexity))
-    else:
+    if method not in ("exact", "fft"):
         raise ValueError(f"unknown t-SNE method '{method}': use auto, exact or fft")
-    Y, kl = optimise(Y, gradient, iterations, learning_rate, progress)
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        if method == "exact":
+            P = exact_affinities(X, perplexity)
+            gradient = (lambda Y, exaggeration, with_kl:
+                        exact_gradient(Y, P, exaggeration, with_kl))
+        else:
+            gradient = InterpolatedGradient(*sparse_affinities(X, perplexity), worker)
+        Y, kl = optimise(Y, gradient, iterations, learning_rate, progress)
     return (Y, kl) if return_kl else Y
 
 
