@@ -36,7 +36,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,20 +75,19 @@ class ImageSet:
         return selected.expand(-1, 3, -1, -1) if selected.shape[1] == 1 else selected
 
     def subset(self, index) -> "ImageSet":
-        pick = (lambda seq: None if seq is None else [seq[i] for i in index.tolist()])
-        return ImageSet(self.pixels[index],
-                        None if self.labels is None else self.labels[index],
-                        pick(self.names), self.classes,
-                        None if self.attributes is None else self.attributes[index],
-                        self.attribute_names)
+        names = None if self.names is None else [self.names[i] for i in index.tolist()]
+        return self._map(lambda tensor: tensor[index], names)
 
     def to(self, device) -> "ImageSet":
         """Move the uint8 pixels (and labels) once, e.g. to the GPU, so batches cost no copy."""
-        return ImageSet(self.pixels.to(device),
-                        None if self.labels is None else self.labels.to(device),
-                        self.names, self.classes,
-                        None if self.attributes is None else self.attributes.to(device),
-                        self.attribute_names)
+        return self._map(lambda tensor: tensor.to(device), self.names)
+
+    def _map(self, change, names) -> "ImageSet":
+        """The same set with `change` applied to every per-image tensor."""
+        def apply(tensor):
+            return None if tensor is None else change(tensor)
+        return replace(self, pixels=change(self.pixels), labels=apply(self.labels),
+                       attributes=apply(self.attributes), names=names)
 
     def batches(self, batch_size: int, shuffle: bool = True, generator=None,
                 drop_last: bool = False):
