@@ -71,12 +71,15 @@ def label_classifier(features: int = 800, classes: int = 10) -> nn.Sequential:
         nn.Linear(100, classes))
 
 
-def domain_classifier(features: int = 800, hidden: int = 100, layers: int = 1) -> nn.Sequential:
+def domain_classifier(features: int = 800, hidden: int = 100, layers: int = 1,
+                      batch_norm: bool = True) -> nn.Sequential:
     """features -> one logit, "this came from the source". DANN uses one hidden layer of
-    100; ADDA's discriminator has two of 500."""
+    100; ADDA's discriminator has two of 500 and no batch norm (it also judges batches of
+    target features alone, whose batch statistics would give the domain away)."""
     sizes = [features] + [hidden] * layers
     body = [module for c_in, c_out in zip(sizes, sizes[1:])
-            for module in (nn.Linear(c_in, c_out), nn.BatchNorm1d(c_out), nn.ReLU(True))]
+            for module in (nn.Linear(c_in, c_out),
+                           *([nn.BatchNorm1d(c_out)] if batch_norm else []), nn.ReLU(True))]
     return nn.Sequential(*body, nn.Linear(sizes[-1], 1))
 
 

@@ -2,6 +2,7 @@
 
     python run.py data --name usps --data-root DIR      # counts per split and class + preview
     python run.py summary gan --variant a               # layer table and parameter counts
+    python run.py uda --method adda --src mnistm --tgt usps   # domain adaptation
 
 Every command takes the common flags --data-root, --cache, --out, --device, --seed.
 Each model module keeps its settings in one dataclass; `add_flags` turns its fields into
@@ -24,6 +25,7 @@ import metrics
 import nets
 import plots
 import tsne
+import uda
 import util
 
 
@@ -189,6 +191,42 @@ def command_classify(args) -> None:
                   f"of {int(mine.sum())}")
 
 
+def command_uda(args) -> None:
+    """Domain adaptation: one method, all methods of a scenario, the course's table, or
+    predictions of a trained checkpoint for a folder (the course's csv)."""
+    common, settings = settings_from(args, Common), settings_from(args, uda.UDASettings)
+    device = util.choose_device(common.device)
+    if args.predict:
+        return predict_folder(args, common, device)
+    if settings.method not in uda.METHODS + ("all",):
+        raise util.UserError(f"unknown --method '{settings.method}': use "
+                             f"{', '.join(uda.METHODS)} or all")
+    methods = uda.METHODS if settings.method == "all" else (settings.method,)
+
+    def load(name, split, image_size):
+        return load_data(common, name, split, image_size=image_size)
+    out = Path(common.out) / "uda"
+    if args.table:
+        table = uda.run_table(settings, methods, load, out, device, common.seed)
+        print(uda.full_table(table) + f"wrote {out}/results.md and results.json")
+        return
+    scenario = out / f"{Path(settings.src).name}-{Path(settings.tgt).name}"
+    rows = uda.run_methods(settings, methods, load, scenario, device, common.seed)
+    print(uda.scenario_table(rows, settings.src, settings.tgt) + f"outputs in {scenario}/")
+
+
+def predict_folder(args, common: Common, device) -> None:
+    if not args.ckpt or not args.csv:
+        raise util.UserError("--predict DIR needs --ckpt CHECKPOINT and --csv OUT.csv")
+    network, settings = uda.load_for_prediction(args.ckpt, device)
+    images = data.load(args.predict, "test", image_size=settings.image_size, cache_dir=None)
+    if images.names is None:
+        raise util.UserError(f"{args.predict} gives no file names: pass a folder of images")
+    predictions = metrics.predict(network, images, device=device)
+    uda.write_predictions(images.names, predictions, Path(args.csv))
+    print(f"wrote {len(images)} predictions to {args.csv}")
+
+
 # ============================================================================ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -240,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("classify", command_classify, "digit accuracy of a folder like 3_042.png")
     sub.add_argument("--folder", required=True, help="images named DIGIT_*.png")
     sub.add_argument("--ckpt", default=None, help="default: OUT/classifier/checkpoint.pt")
+
+    sub = command("uda", command_uda, "domain adaptation: source, dann, dann-ent, adda, target")
+    add_flags(sub, uda.UDASettings)
+    sub.add_argument("--table", action="store_true",
+                     help="run the course's four scenarios and write results.md")
+    sub.add_argument("--predict", default=None, help="folder of images to label (with --ckpt)")
+    sub.add_argument("--ckpt", default=None, help="checkpoint for --predict")
+    sub.add_argument("--csv", default=None, help="predictions file for --predict")
     return parser
 
 

@@ -4,6 +4,7 @@ own layers), or a closed form. Run: python -m pytest -q test_all.py
 """
 import base64
 import bz2
+import dataclasses
 import gzip
 import io
 import os
@@ -25,6 +26,7 @@ import nets
 import plots
 import run
 import tsne
+import uda
 import util
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
@@ -882,3 +884,118 @@ def test_classify_command_reads_digits_from_file_names(tmp_path, capsys):
     data.save_images(images.images(slice(0, 1)), folder, ["x_001.png"])
     line = one_line_error(capsys, ["classify", "--folder", str(folder), "--out", str(tmp_path)])
     assert "does not start with its digit" in line
+
+
+# ============================================================================ uda
+def test_gradient_reversal_is_identity_forward_and_minus_lambda_backward():
+    x = torch.randn(5, 3, requires_grad=True)
+    weights = torch.randn(5, 3)
+    reversed_ = nets.grad_reverse(x, 0.7)
+    assert torch.equal(reversed_, x)
+    (reversed_ * weights).sum().backward()
+    reference = x.detach().clone().requires_grad_(True)
+    (-0.7 * reference * weights).sum().backward()  # autograd of -lambda x
+    assert torch.allclose(x.grad, reference.grad, atol=0)
+
+
+def test_dann_schedules_match_their_closed_forms():
+    progress = np.linspace(0, 1, 11)
+    lambdas = np.array([uda.grl_lambda(p) for p in progress])
+    assert np.allclose(lambdas, np.tanh(5 * progress))  # 2 / (1 + e^-10p) - 1 = tanh(5p)
+    assert lambdas[0] == 0 and np.isclose(lambdas[-1], 0.9999092, atol=1e-7)
+    assert uda.annealed_lr(0.01, 0) == 0.01
+    assert np.isclose(uda.annealed_lr(0.01, 1), 0.01 / 11 ** 0.75)
+
+
+def test_entropy_is_log_k_for_uniform_and_zero_for_certain_predictions():
+    assert torch.isclose(uda.entropy(torch.zeros(4, 10)), torch.tensor(np.log(10.0)).float())
+    assert uda.entropy(torch.tensor([[50.0, 0.0, 0.0]])) < 1e-12
+    p = torch.tensor([0.2, 0.3, 0.5])
+    assert torch.isclose(uda.entropy(p.log()[None]), -(p * p.log()).sum())
+
+
+def toy_domain(count=40, seed=0, inverted=False) -> data.ImageSet:
+    """Ten classes told apart by the row of a bright band; the target domain inverts the
+    colours, a shift a classifier trained on the source does not survive."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % 10
+    pixels = torch.rand(count, 3, 28, 28, generator=generator) * 60
+    rows = 2 * labels + 4
+    pixels[torch.arange(count), :, rows] = 255.0
+    pixels = pixels.to(torch.uint8)
+    return data.ImageSet(255 - pixels if inverted else pixels, labels,
+                         names=[f"{i:05d}.png" for i in range(count)],
+                         classes=[str(d) for d in range(10)])
+
+
+def toy_load(name, split, image_size):
+    if name == "svhn":
+        raise util.UserError("SVHN not found: expected data/svhn/train_32x32.mat")
+    return toy_domain(seed=len(name) + 10 * (split == "test"), inverted=name != "mnistm")
+
+
+def tiny_uda(**changes) -> "uda.UDASettings":
+    return uda.UDASettings(**{"epochs": 1, "adapt_epochs": 1, "batch_size": 8,
+                              "tsne_points": 20, **changes})
+
+
+def test_every_method_writes_every_promised_file(tmp_path):
+    settings = tiny_uda(src="mnistm", tgt="usps")
+    rows = uda.run_methods(settings, uda.METHODS, toy_load, tmp_path, "cpu", seed=0)
+    assert list(rows) == list(uda.METHODS)
+    for method in uda.METHODS:
+        for name in ("checkpoint.pt", "loss.png", "accuracy.png", "tsne_class.png",
+                     "tsne_domain.png", "results.json", "predictions.csv"):
+            assert (tmp_path / method / name).is_file(), (method, name)
+        assert rows[method]["total"] == 40 and 0 <= rows[method]["correct"] <= 40
+    table = (tmp_path / "results.md").read_text()
+    assert "| ADDA | " in table and f"({rows['adda']['correct']}/40)" in table
+
+
+def test_table_reports_a_scenario_with_missing_data_and_runs_the_rest(tmp_path):
+    table = uda.run_table(tiny_uda(tsne_points=0), ("source",), toy_load, tmp_path, "cpu", 0)
+    assert set(table) == {"mnistm-svhn", "mnistm-usps", "usps-mnistm", "svhn-usps"}
+    assert "error" in table["svhn-usps"] and "rows" in table["usps-mnistm"]
+    text = (tmp_path / "results.md").read_text()
+    assert "svhn -> usps not run: SVHN not found" in text
+    rows = [line for line in text.splitlines() if line.startswith("| Trained")]
+    assert len(rows) == 1 and rows[0].startswith("| Trained on source | not run | 0.")
+
+
+def test_predictions_csv_has_the_course_header_and_one_row_per_image(tmp_path, capsys):
+    settings = tiny_uda(src="mnistm", tgt="usps", method="dann", tsne_points=0)
+    uda.run_methods(settings, ["dann"], toy_load, tmp_path, "cpu", seed=0)
+    lines = (tmp_path / "dann" / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "image_name,label" and len(lines) == 41
+    assert all(name.endswith(".png") and label.isdigit() and 0 <= int(label) <= 9
+               for name, label in (line.split(",") for line in lines[1:]))
+    folder = tmp_path / "unlabelled"
+    images = toy_domain(5, seed=9, inverted=True)
+    data.save_images(images.images(), folder, images.names[:5])
+    csv_path = tmp_path / "pred.csv"
+    assert run.main(["uda", "--predict", str(folder), "--ckpt",
+                     str(tmp_path / "dann" / "checkpoint.pt"), "--csv", str(csv_path)]) == 0
+    rows = csv_path.read_text().splitlines()
+    assert rows[0] == "image_name,label" and [r.split(",")[0] for r in rows[1:]] == \
+        images.names[:5]
+
+
+@pytest.mark.parametrize("method", ["dann", "adda"])
+def test_resumed_uda_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, method):
+    settings = tiny_uda(src="mnistm", tgt="usps", method=method, epochs=2, tsne_points=0)
+    domains = uda.load_domains(settings, toy_load)
+    uda.train(domains, settings, tmp_path / "whole", "cpu", seed=1)
+
+    def interrupt(*args, **kwargs):  # stop right after the first epoch's checkpoint
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(uda, "save_curves", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            uda.train(domains, settings, tmp_path / "parts", "cpu", seed=1)
+    uda.train(domains, dataclasses.replace(settings, resume=True), tmp_path / "parts",
+              "cpu", seed=1)
+    whole = util.load_checkpoint(tmp_path / "whole" / "checkpoint.pt")
+    parts = util.load_checkpoint(tmp_path / "parts" / "checkpoint.pt")
+    assert parts["epoch"] == whole["epoch"] == (3 if method == "adda" else 2)
+    for name, tensor in whole["networks"].items():
+        assert torch.equal(tensor, parts["networks"][name]), name

@@ -146,10 +146,13 @@ def load_checkpoint(path, device="cpu") -> dict:
                         "it is damaged or not from this project; delete it or pick another")
 
 
+def write_text(text: str, path) -> Path:
+    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def write_json(obj, path) -> Path:
     """results.json and friends, written atomically and human-readable."""
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
-    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+    return write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
 
 
 def check_finite(loss: torch.Tensor, step: int, what: str = "loss"):

@@ -1,0 +1,449 @@
+"""Unsupervised domain adaptation for digits: source-only, DANN, DANN + entropy, ADDA and
+target-only, with the course protocol (labelled source train images, unlabelled target
+train images, accuracy on the target test split).
+
+A feature extractor F, a label classifier C and a domain classifier D (nets.py).
+
+Source only (lower bound):  min_{F,C} E_s[ CE(C(F(x_s)), y_s) ].
+Target only (upper bound):  the same on labelled target images.
+
+DANN (Ganin et al. 2016, "Domain-Adversarial Training of Neural Networks", JMLR):
+    min_{F,C} max_D  CE(C(F(x_s)), y_s) - L_dom,
+    L_dom = BCE(D(F(x_s)), 1) + BCE(D(F(x_t)), 0).
+One backward pass does both: a gradient reversal layer between F and D is the identity
+forward and multiplies the gradient by -lambda backward, so D descends L_dom while F
+ascends it. lambda grows as lambda(p) = 2 / (1 + exp(-10 p)) - 1 over the training
+progress p in [0, 1], keeping the noisy early domain signal away from F; the paper also
+anneals the learning rate, lr(p) = lr / (1 + 10 p)^0.75 (--anneal).
+
+DANN + entropy: the same, plus w * H(C(F(x_t))), the mean entropy of the target
+predictions (Grandvalet & Bengio 2005; as in Long et al. 2018, "CDAN+E"). Aligning the
+feature distributions does not align the classes; pushing target points away from the
+decision boundaries, where entropy is high, does help with that.
+
+ADDA (Tzeng et al. 2017, "Adversarial Discriminative Domain Adaptation"):
+1. pre-train F_s and C on the source (exactly the source-only run);
+2. F_t starts as a copy of F_s; F_s and C stay frozen; then alternate
+     D:   min BCE(D(F_s(x_s)), 1) + BCE(D(F_t(x_t)), 0)
+     F_t: min BCE(D(F_t(x_t)), 1)          (the GAN loss with inverted labels);
+3. classify target images by C(F_t(x)).
+
+Every method uses the same networks, data order and step count, so the table compares
+methods and nothing else. An epoch is max(|source|, |target|) / batch steps; the smaller
+set is cycled.
+"""
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import metrics
+import nets
+import plots
+import tsne
+import util
+from util import UserError
+
+METHODS = ("source", "dann", "dann-ent", "adda", "target")
+TITLES = {"source": "Trained on source", "dann": "DANN", "dann-ent": "DANN + entropy",
+          "adda": "ADDA", "target": "Trained on target"}
+SCENARIOS = (("mnistm", "svhn"), ("mnistm", "usps"), ("usps", "mnistm"), ("svhn", "usps"))
+
+
+@dataclass
+class UDASettings:
+    """Flags of `run.py uda`."""
+    method: str = field(default="dann", metadata={
+        "help": "source, dann, dann-ent, adda, target, or all (the whole table row set)"})
+    src: str = field(default="mnistm", metadata={"help": "labelled source digits"})
+    tgt: str = field(default="usps", metadata={"help": "unlabelled target digits"})
+    image_size: int = field(default=28, metadata={"help": "every domain is resized to this"})
+    epochs: int = field(default=10, metadata={"help": "training epochs (ADDA: pre-training)"})
+    adapt_epochs: int = field(default=10, metadata={"help": "ADDA adversarial epochs"})
+    batch_size: int = field(default=128, metadata={"help": "images per domain per step"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    adda_lr: float = field(default=2e-4, metadata={"help": "ADDA adversarial learning rate"})
+    anneal: bool = field(default=False, metadata={
+        "help": "DANN paper's annealing lr / (1 + 10 p)^0.75"})
+    entropy_weight: float = field(default=0.1, metadata={
+        "help": "weight of the target entropy (dann-ent)"})
+    limit: int = field(default=0, metadata={"help": "use only the first N images of each split"})
+    tsne_points: int = field(default=1000, metadata={
+        "help": "test images per domain in the t-SNE plots (0: no plots)"})
+    resume: bool = field(default=False, metadata={"help": "continue from checkpoint.pt"})
+
+
+# ============================================================================ schedules
+def grl_lambda(progress: float) -> float:
+    """DANN's reversal strength: 2 / (1 + exp(-10 p)) - 1, from 0 at p = 0 towards 1."""
+    return 2.0 / (1.0 + np.exp(-10.0 * progress)) - 1.0
+
+
+def annealed_lr(lr: float, progress: float) -> float:
+    """DANN's learning-rate annealing: lr / (1 + 10 p)^0.75."""
+    return lr / (1.0 + 10.0 * progress) ** 0.75
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy of the softmax of logits (B, K): -sum_k p_k log p_k."""
+    log_probs = F.log_softmax(logits, dim=1)
+    return -(log_probs.exp() * log_probs).sum(dim=1).mean()
+
+
+# ============================================================================ data
+@dataclass
+class Domains:
+    """The four splits one scenario needs, resized to one size."""
+    source_train: data.ImageSet
+    target_train: data.ImageSet
+    source_test: data.ImageSet
+    target_test: data.ImageSet
+
+
+def load_domains(settings: UDASettings, load) -> Domains:
+    """load(name, split, image_size) -> ImageSet; the source must be labelled."""
+    splits = [load(name, split, settings.image_size) for name, split in
+              ((settings.src, "train"), (settings.tgt, "train"),
+               (settings.src, "test"), (settings.tgt, "test"))]
+    if settings.limit:
+        splits = [s.subset(torch.arange(min(settings.limit, len(s)))) for s in splits]
+    if splits[0].labels is None:
+        raise UserError(f"source {settings.src} has no labels: give a labelled source "
+                        "(a data set name, or a folder with train.csv image_name,label)")
+    return Domains(*splits)
+
+
+def paired_indices(source_count: int, target_count: int, batch_size: int,
+                   generator: torch.Generator):
+    """Per step a source and a target index batch; an epoch covers the larger set once,
+    the smaller one is cycled through fresh permutations."""
+    steps = max(source_count, target_count) // batch_size
+    needed = steps * batch_size
+
+    def cycled(count):
+        rounds = -(-needed // count)
+        return torch.cat([torch.randperm(count, generator=generator)
+                          for _ in range(rounds)])[:needed].view(steps, batch_size)
+    return cycled(source_count), cycled(target_count)
+
+
+# ============================================================================ networks
+class Networks(nn.Module):
+    """F (features), C (classifier), D (domain), and for ADDA F_t (target features)."""
+
+    def __init__(self, method: str, classes: int = 10):
+        super().__init__()
+        self.features = nets.digit_features()
+        self.classifier = nets.label_classifier(classes=classes)
+        adda = method == "adda"
+        self.domain = (nets.domain_classifier(hidden=500, layers=2, batch_norm=False) if adda
+                       else nets.domain_classifier())
+        self.target_features = nets.digit_features() if adda else None
+        self.method = method
+
+    def target_encoder(self, adapted: bool) -> nn.Module:
+        return self.target_features if adapted else self.features
+
+
+def classify_step(nets_: Networks, images, labels, optimizer) -> dict:
+    loss = F.cross_entropy(nets_.classifier(nets_.features(images)), labels)
+    update(optimizer, loss)
+    return {"class": loss}
+
+
+def dann_step(nets_: Networks, source, labels, target, optimizer, progress: float,
+              entropy_weight: float = 0.0) -> dict:
+    """One DANN step on a source batch and a target batch, concatenated so that batch
+    norm sees both domains at once (B source rows first)."""
+    batch = len(source)
+    features = nets_.features(torch.cat([source, target]))            # (2B, 800)
+    class_logits = nets_.classifier(features)
+    class_loss = F.cross_entropy(class_logits[:batch], labels)
+    domain_logits = nets_.domain(nets.grad_reverse(features, grl_lambda(progress))).squeeze(1)
+    is_source = torch.cat([torch.ones(batch), torch.zeros(len(target))]).to(source.device)
+    domain_loss = F.binary_cross_entropy_with_logits(domain_logits, is_source)
+    losses = {"class": class_loss, "domain": domain_loss}
+    if entropy_weight:
+        losses["entropy"] = entropy(class_logits[batch:])
+    update(optimizer, class_loss + domain_loss + entropy_weight * losses.get("entropy", 0.0))
+    return losses
+
+
+def adda_step(nets_: Networks, source, target, optimizers) -> dict:
+    """One ADDA step: the discriminator, then the target encoder with inverted labels."""
+    with torch.no_grad():
+        source_features = nets_.features(source)                      # frozen, eval mode
+    target_features = nets_.target_features(target)
+    both = torch.cat([source_features, target_features.detach()])
+    is_source = torch.cat([torch.ones(len(source)), torch.zeros(len(target))]).to(source.device)
+    domain_loss = F.binary_cross_entropy_with_logits(nets_.domain(both).squeeze(1), is_source)
+    update(optimizers["domain"], domain_loss)
+    fooled = torch.ones(len(target), device=target.device)
+    encoder_loss = F.binary_cross_entropy_with_logits(
+        nets_.domain(target_features).squeeze(1), fooled)
+    update(optimizers["target"], encoder_loss)
+    return {"domain": domain_loss, "encoder": encoder_loss}
+
+
+def update(optimizer, loss):
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+# ============================================================================ training
+def phases(settings: UDASettings) -> list[tuple[str, int]]:
+    """(phase, epochs): ADDA pre-trains on the source, then adapts; the others train once."""
+    if settings.method == "adda":
+        return [("pretrain", settings.epochs), ("adapt", settings.adapt_epochs)]
+    return [(settings.method, settings.epochs)]
+
+
+def build_optimizers(nets_: Networks, settings: UDASettings) -> dict:
+    classifier_params = [*nets_.features.parameters(), *nets_.classifier.parameters()]
+    optimizers = {"main": torch.optim.Adam(
+        classifier_params + (list(nets_.domain.parameters())
+                             if settings.method.startswith("dann") else []), settings.lr)}
+    if settings.method == "adda":  # ADDA's GAN-style optimisers
+        optimizers["domain"] = torch.optim.Adam(nets_.domain.parameters(), settings.adda_lr,
+                                                betas=(0.5, 0.999))
+        optimizers["target"] = torch.optim.Adam(nets_.target_features.parameters(),
+                                                settings.adda_lr, betas=(0.5, 0.999))
+    return optimizers
+
+
+def run_epoch(nets_: Networks, domains: Domains, optimizers: dict, phase: str,
+              settings: UDASettings, epoch: int, total_epochs: int, generator) -> dict:
+    """One epoch of `phase`; returns the mean of each loss."""
+    source, target = domains.source_train, domains.target_train
+    source_batches, target_batches = paired_indices(len(source), len(target),
+                                                    settings.batch_size, generator)
+    steps = len(source_batches)
+    nets_.train()
+    if phase == "adapt":
+        nets_.features.eval()  # ADDA: F_s and C are frozen, with their running statistics
+        nets_.classifier.eval()
+    sums: dict[str, float] = {}
+    progress = util.Progress(desc=f"{phase} epoch {epoch + 1}/{total_epochs}", total=steps)
+    for step, (source_index, target_index) in enumerate(zip(source_batches, target_batches)):
+        done = (epoch * steps + step) / (total_epochs * steps)  # p in [0, 1)
+        if settings.anneal:
+            for group in optimizers["main"].param_groups:
+                group["lr"] = annealed_lr(settings.lr, done)
+        xs, ys = source.images(source_index), source.labels[source_index]
+        xt = target.images(target_index)
+        if phase in ("source", "pretrain"):
+            losses = classify_step(nets_, xs, ys, optimizers["main"])
+        elif phase == "target":
+            losses = classify_step(nets_, xt, target.labels[target_index], optimizers["main"])
+        elif phase == "adapt":
+            losses = adda_step(nets_, xs, xt, optimizers)
+        else:
+            losses = dann_step(nets_, xs, ys, xt, optimizers["main"], done,
+                               settings.entropy_weight if phase == "dann-ent" else 0.0)
+        for name, loss in losses.items():
+            util.check_finite(loss, step, f"{phase} {name} loss")
+            sums[name] = sums.get(name, 0.0) + loss.item()
+        progress.update(1, **{name: loss.item() for name, loss in losses.items()})
+    progress.close()
+    return {name: total / steps for name, total in sums.items()}
+
+
+@torch.no_grad()
+def evaluate(encoder: nn.Module, classifier: nn.Module, images: data.ImageSet,
+             batch_size: int = 500) -> torch.Tensor:
+    """Predicted digits of every image, in order."""
+    return metrics.predict(nn.Sequential(encoder, classifier), images, batch_size,
+                           images.pixels.device)
+
+
+@torch.no_grad()
+def embed(encoder: nn.Module, images: data.ImageSet, batch_size: int = 500) -> np.ndarray:
+    encoder.eval()
+    return torch.cat([encoder(batch).cpu() for batch, _ in
+                      images.batches(batch_size, shuffle=False)]).numpy()
+
+
+def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int) -> dict:
+    """Train one method, with a checkpoint per epoch; returns results.json's content."""
+    out = Path(out)
+    if settings.method == "target" and domains.target_train.labels is None:
+        raise UserError(f"target {settings.tgt} has no labels, so 'target' (train on the "
+                        "target) cannot run: give a labelled target or another --method")
+    util.seed_everything(seed)  # the initial weights
+    nets_ = Networks(settings.method, classes=10).to(device)
+    optimizers = build_optimizers(nets_, settings)
+    schedule = [phase for phase, epochs in phases(settings) for _ in range(epochs)]
+    history = {"target_accuracy": [], "source_accuracy": [], "losses": []}
+    first_epoch, seconds = 0, 0.0
+    checkpoint = out / "checkpoint.pt"
+    if settings.resume and checkpoint.exists():
+        state = util.load_checkpoint(checkpoint, device)
+        nets_.load_state_dict(state["networks"])
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        history, first_epoch, seconds = state["history"], state["epoch"], state["seconds"]
+        print(f"resumed from {checkpoint} after epoch {first_epoch}")
+    domains = Domains(*(d.to(device) for d in (domains.source_train, domains.target_train,
+                                              domains.source_test, domains.target_test)))
+    for epoch in range(first_epoch, len(schedule)):
+        phase = schedule[epoch]
+        if phase == "adapt" and epoch == settings.epochs:
+            nets_.target_features.load_state_dict(nets_.features.state_dict())  # F_t = F_s
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        torch.manual_seed(seed * 100_003 + epoch)  # dropout
+        start = time.perf_counter()
+        losses = run_epoch(nets_, domains, optimizers, phase, settings, epoch,
+                           len(schedule), generator)
+        seconds += time.perf_counter() - start
+        target_encoder = nets_.target_encoder(adapted=phase == "adapt")
+        history["losses"].append(losses)
+        history["target_accuracy"].append(metrics.accuracy(
+            evaluate(target_encoder, nets_.classifier, domains.target_test),
+            domains.target_test.labels)[0] if domains.target_test.labels is not None
+            else float("nan"))
+        history["source_accuracy"].append(metrics.accuracy(
+            evaluate(nets_.features, nets_.classifier, domains.source_test),
+            domains.source_test.labels)[0])
+        print(f"{phase} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in
+              losses.items()) + f"; target accuracy {history['target_accuracy'][-1]:.4f}")
+        util.save_checkpoint({"networks": nets_.state_dict(), "optimizers": {
+            name: optimizer.state_dict() for name, optimizer in optimizers.items()},
+            "history": history, "epoch": epoch + 1, "seconds": seconds,
+            "settings": asdict(settings)}, checkpoint)
+        save_curves(history, out, settings)
+    return finish(nets_, domains, history, settings, out, seed, seconds)
+
+
+def save_curves(history: dict, out: Path, settings: UDASettings):
+    title = f"{TITLES[settings.method]}: {settings.src} -> {settings.tgt}"
+    names = sorted({name for losses in history["losses"] for name in losses})
+    plots.line_plot({name: [losses.get(name, float("nan")) for losses in history["losses"]]
+                     for name in names}, out / "loss.png", title=f"{title}, losses",
+                    xlabel="epoch")
+    plots.line_plot({f"target test ({settings.tgt})": history["target_accuracy"],
+                     f"source test ({settings.src})": history["source_accuracy"]},
+                    out / "accuracy.png", title=f"{title}, accuracy", xlabel="epoch")
+
+
+def finish(nets_: Networks, domains: Domains, history: dict, settings: UDASettings,
+           out: Path, seed: int, seconds: float) -> dict:
+    """Final accuracy, predictions csv (for named images), t-SNE plots, results.json."""
+    target_encoder = nets_.target_encoder(adapted=settings.method == "adda")
+    predictions = evaluate(target_encoder, nets_.classifier, domains.target_test)
+    results = {"method": settings.method, "src": settings.src, "tgt": settings.tgt,
+               "seed": seed, "epochs": len(history["losses"]), "train_seconds": seconds,
+               "source_test_accuracy": history["source_accuracy"][-1]}
+    if domains.target_test.labels is not None:
+        share, correct, total = metrics.accuracy(predictions, domains.target_test.labels)
+        results.update(target_accuracy=share, correct=correct, total=total)
+    if domains.target_test.names is not None:
+        write_predictions(domains.target_test.names, predictions, out / "predictions.csv")
+    if settings.tsne_points:
+        plot_features(nets_.features, target_encoder, domains, settings, out, seed)
+    util.write_json(results, out / "results.json")
+    return results
+
+
+def plot_features(source_encoder, target_encoder, domains: Domains, settings: UDASettings,
+                  out: Path, seed: int):
+    """t-SNE of source and target test features, coloured by digit and by domain."""
+    count = settings.tsne_points
+    source = domains.source_test.subset(torch.arange(min(count, len(domains.source_test))))
+    target = domains.target_test.subset(torch.arange(min(count, len(domains.target_test))))
+    features = np.concatenate([embed(source_encoder, source), embed(target_encoder, target)])
+    progress = util.Progress(desc="t-SNE", total=1000)
+    points = tsne.tsne(tsne.pca(features.astype(np.float64), min(50, features.shape[1])),
+                       seed=seed, progress=lambda step, kl: progress.update(1))
+    progress.close()
+    title = f"{TITLES[settings.method]}: {settings.src} -> {settings.tgt}"
+    domain = np.repeat([0, 1], [len(source), len(target)])
+    plots.scatter_plot(points, domain, out / "tsne_domain.png", title=f"{title}, by domain",
+                       names=[f"source ({settings.src})", f"target ({settings.tgt})"])
+    if target.labels is not None:
+        digits = torch.cat([source.labels, target.labels]).cpu().numpy()
+        plots.scatter_plot(points, digits, out / "tsne_class.png", title=f"{title}, by digit")
+
+
+def write_predictions(names: list[str], predictions: torch.Tensor, path: Path) -> Path:
+    """The course's grading format: a header, then `image_name,label` per image."""
+    rows = "".join(f"{name},{int(label)}\n" for name, label in zip(names, predictions))
+    return util.write_text("image_name,label\n" + rows, path)
+
+
+def load_for_prediction(path, device) -> tuple[nn.Module, UDASettings]:
+    """The target encoder and classifier of a checkpoint, ready to predict."""
+    state = util.load_checkpoint(path, device)
+    if "networks" not in state or "settings" not in state:
+        raise UserError(f"{path} is not a domain-adaptation checkpoint: train one with "
+                        "'run.py uda'")
+    settings = UDASettings(**state["settings"])
+    nets_ = Networks(settings.method).to(device)
+    nets_.load_state_dict(state["networks"])
+    encoder = nets_.target_encoder(adapted=settings.method == "adda")
+    return nn.Sequential(encoder, nets_.classifier).eval(), settings
+
+
+# ============================================================================ tables
+def run_methods(settings: UDASettings, methods, load, out: Path, device, seed: int) -> dict:
+    """Every method on one scenario: {method: results}, and results.md for the row set."""
+    domains = load_domains(settings, load)
+    rows = {}
+    for method in methods:
+        if method == "target" and domains.target_train.labels is None:
+            print(f"skipping 'target': {settings.tgt} has no labels")
+            continue
+        print(f"== {TITLES[method]}: {settings.src} -> {settings.tgt}")
+        rows[method] = train(domains, replace(settings, method=method), out / method,
+                             device, seed)
+    util.write_json(rows, out / "results.json")
+    util.write_text(scenario_table(rows, settings.src, settings.tgt), out / "results.md")
+    return rows
+
+
+def run_table(settings: UDASettings, methods, load, out: Path, device, seed: int) -> dict:
+    """The course's four scenarios; one whose data is missing is reported, not fatal."""
+    table = {}
+    for src, tgt in SCENARIOS:
+        scenario = f"{src}-{tgt}"
+        try:
+            table[scenario] = {"rows": run_methods(replace(settings, src=src, tgt=tgt),
+                                                   methods, load, out / scenario, device, seed)}
+        except UserError as error:
+            print(f"skipping {src} -> {tgt}: {error}")
+            table[scenario] = {"error": str(error)}
+        util.write_json(table, out / "results.json")
+        util.write_text(full_table(table), out / "results.md")
+    return table
+
+
+def scenario_table(rows: dict, src: str, tgt: str) -> str:
+    """The seed reports' table for one scenario: method, accuracy (correct/total)."""
+    lines = [f"| {src} -> {tgt} | accuracy on {tgt} test |", "|---|---|"]
+    lines += [f"| {TITLES[m]} | {cell(r)} |" for m, r in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def full_table(table: dict) -> str:
+    """Methods down, scenarios across; a missing data set leaves its column explained."""
+    scenarios = list(table)
+    lines = ["| method | " + " | ".join(s.replace("-", " -> ") for s in scenarios) + " |",
+             "|---|" + "---|" * len(scenarios)]
+    for method in [m for m in METHODS if any(m in t.get("rows", {}) for t in table.values())]:
+        cells = [cell(table[s]["rows"][method]) if method in table[s].get("rows", {})
+                 else "not run" for s in scenarios]
+        lines.append(f"| {TITLES[method]} | " + " | ".join(cells) + " |")
+    lines += [f"\n{s.replace('-', ' -> ')} not run: {table[s]['error']}"
+              for s in scenarios if "error" in table[s]]
+    return "\n".join(lines) + "\n"
+
+
+def cell(results: dict) -> str:
+    if "target_accuracy" not in results:
+        return "(unlabelled target)"
+    return f"{results['target_accuracy']:.4f} ({results['correct']}/{results['total']})"
