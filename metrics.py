@@ -286,6 +286,20 @@ def image_statistics(images: torch.Tensor, network: FIDInception, batch_size: in
     return gaussian_statistics(inception_features(network, images, batch_size, device))
 
 
+def fid_or_reason(fake: torch.Tensor, real: torch.Tensor, cache_dir=data.DEFAULT_CACHE,
+                  device="cpu") -> dict:
+    """{"fid": FID of two image sets in [-1, 1]}, or, where the Inception weights cannot
+    be had (offline), {"fid": None, "fid_unavailable": the reason}: a training run must
+    still finish and save its results."""
+    try:
+        network = load_fid_inception(cache_dir, device)
+    except UserError as error:
+        return {"fid": None, "fid_unavailable": str(error)}
+    return {"fid": frechet_distance(*image_statistics(fake, network, device=device),
+                                    *image_statistics(real, network, device=device)),
+            "fid_images": [len(fake), len(real)]}
+
+
 def load_statistics(path, network_factory, batch_size=50, device="cpu", image_size=None,
                     cache_dir=data.DEFAULT_CACHE) -> tuple[np.ndarray, np.ndarray]:
     """A PATH of `run.py fid`: a saved .npz of mu and sigma, or a folder of images."""

@@ -18,6 +18,7 @@ output shape and parameter count, then totals and memory estimates.
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 # ============================================================================ gradient reversal
@@ -38,6 +39,65 @@ class GradientReversal(torch.autograd.Function):
 
 def grad_reverse(x: torch.Tensor, lambd: float = 1.0) -> torch.Tensor:
     return GradientReversal.apply(x, lambd)
+
+
+# ============================================================================ spectral norm
+class SpectralNorm:
+    """W_SN = W / sigma(W), sigma estimated by power iteration (Miyato et al. 2018,
+    "Spectral Normalization for Generative Adversarial Networks").
+
+    With W as a matrix (out_features, everything else) and a persistent unit vector u:
+        v <- W^T u / ||W^T u||,   u <- W v / ||W v||,   sigma = u^T W v.
+    One iteration per training step suffices because W changes little between steps, so
+    u keeps converging to the top left singular vector across steps. A discriminator
+    whose every layer has sigma = 1 is 1-Lipschitz, which keeps its gradients useful.
+
+    Runs as a forward pre-hook: before each forward, module.weight becomes W / sigma;
+    u and v move only in training mode. The trainable tensor is module.weight_orig."""
+
+    def __init__(self, n_power_iterations: int, dim: int, eps: float = 1e-12):
+        self.n_power_iterations, self.dim, self.eps = n_power_iterations, dim, eps
+
+    def matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """(out, in, kh, kw) -> (out, in * kh * kw); `dim` is the output axis (1 for a
+        transposed convolution, whose weight is (in, out, kh, kw))."""
+        if self.dim != 0:
+            weight = weight.movedim(self.dim, 0)
+        return weight.flatten(1)
+
+    def __call__(self, module: nn.Module, _inputs) -> None:
+        weight = module.weight_orig
+        matrix = self.matrix(weight)
+        u, v = module.weight_u, module.weight_v
+        if module.training:
+            with torch.no_grad():  # the power iteration is not differentiated through
+                for _ in range(self.n_power_iterations):
+                    v.copy_(F.normalize(matrix.t() @ u, dim=0, eps=self.eps))
+                    u.copy_(F.normalize(matrix @ v, dim=0, eps=self.eps))
+            u, v = u.clone(), v.clone()  # later in-place updates must not touch this graph
+        sigma = torch.dot(u, matrix @ v)  # u^T W v, differentiable in W
+        module.weight = weight / sigma
+
+
+def spectral_norm(module: nn.Module, n_power_iterations: int = 1,
+                  eps: float = 1e-12) -> nn.Module:
+    """Spectrally normalise module.weight, with the contract of
+    torch.nn.utils.spectral_norm: parameter `weight_orig`, buffers `weight_u`, `weight_v`."""
+    transposed = isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                     nn.ConvTranspose3d))
+    hook = SpectralNorm(n_power_iterations, dim=1 if transposed else 0, eps=eps)
+    weight = module.weight
+    rows, columns = hook.matrix(weight).shape
+    with torch.no_grad():
+        u = F.normalize(torch.randn(rows).to(weight), dim=0, eps=eps)
+        v = F.normalize(torch.randn(columns).to(weight), dim=0, eps=eps)
+    del module.weight
+    module.register_parameter("weight_orig", weight)
+    module.weight = weight.data  # a plain tensor until the first forward replaces it
+    module.register_buffer("weight_u", u)
+    module.register_buffer("weight_v", v)
+    module.register_forward_pre_hook(hook)
+    return module
 
 
 # ============================================================================ digits
@@ -84,33 +144,52 @@ def domain_classifier(features: int = 800, hidden: int = 100, layers: int = 1,
 
 
 # ============================================================================ DCGAN
-def dcgan_generator(latent_dim: int = 100, width: int = 64, channels: int = 3) -> nn.Sequential:
-    """z (B, latent_dim, 1, 1) -> image (B, channels, 64, 64) in [-1, 1]."""
+def dcgan_generator(latent_dim: int = 100, width: int = 64, channels: int = 3,
+                    image_size: int = 64) -> nn.Sequential:
+    """z (B, latent_dim, 1, 1) -> image (B, channels, S, S) in [-1, 1], S = 64 or 32.
+    At 64: 100 -> 4x4x512 -> 8x8x256 -> 16x16x128 -> 32x32x64 -> 64x64x3."""
+    widths = [width * 2 ** k for k in reversed(range(_stages(image_size)))]  # 512 .. 64
+
     def up(c_in, c_out, stride, padding):
         return [nn.ConvTranspose2d(c_in, c_out, 4, stride, padding, bias=False),
                 nn.BatchNorm2d(c_out), nn.ReLU(True)]
-    return nn.Sequential(
-        *up(latent_dim, width * 8, 1, 0),                     # (B, 512, 4, 4)
-        *up(width * 8, width * 4, 2, 1),                      # (B, 256, 8, 8)
-        *up(width * 4, width * 2, 2, 1),                      # (B, 128, 16, 16)
-        *up(width * 2, width, 2, 1),                          # (B, 64, 32, 32)
-        nn.ConvTranspose2d(width, channels, 4, 2, 1, bias=False), nn.Tanh())
+    layers = up(latent_dim, widths[0], 1, 0)                  # (B, 512, 4, 4)
+    for c_in, c_out in zip(widths, widths[1:]):
+        layers += up(c_in, c_out, 2, 1)                       # doubles the side
+    return nn.Sequential(*layers, nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1, bias=False),
+                         nn.Tanh())
 
 
-def dcgan_discriminator(width: int = 64, channels: int = 3) -> nn.Sequential:
-    """image (B, channels, 64, 64) -> real/fake logit (B, 1, 1, 1).
+def dcgan_discriminator(width: int = 64, channels: int = 3, image_size: int = 64,
+                        outputs: int = 1, spectral: bool = False,
+                        slope: float = 0.2) -> nn.Sequential:
+    """image (B, channels, S, S) -> logits (B, outputs, 1, 1); at 64:
+    3 -> 32x32x64 -> 16x16x128 -> 8x8x256 -> 4x4x512 -> 1.
 
-    It ends in a logit, not a sigmoid: the loss applies the sigmoid inside
-    `binary_cross_entropy_with_logits`, which is stable where a separate sigmoid saturates."""
+    It ends in logits, not a sigmoid: the loss applies the sigmoid inside
+    `binary_cross_entropy_with_logits`, which is stable where a separate sigmoid saturates.
+    outputs = 2 gives ACGAN's two heads on one body (real/fake, attribute).
+    spectral: spectral norm on every convolution instead of batch norm (variant b)."""
+    widths = [width * 2 ** k for k in range(_stages(image_size))]  # 64 .. 512
+
+    def conv(c_in, c_out, stride, padding):
+        layer = nn.Conv2d(c_in, c_out, 4, stride, padding, bias=spectral)
+        return spectral_norm(layer) if spectral else layer
+
     def down(c_in, c_out, norm):
-        return [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False),
-                *([nn.BatchNorm2d(c_out)] if norm else []), nn.LeakyReLU(0.2, True)]
-    return nn.Sequential(
-        *down(channels, width, norm=False),                   # (B, 64, 32, 32)
-        *down(width, width * 2, norm=True),                   # (B, 128, 16, 16)
-        *down(width * 2, width * 4, norm=True),               # (B, 256, 8, 8)
-        *down(width * 4, width * 8, norm=True),               # (B, 512, 4, 4)
-        nn.Conv2d(width * 8, 1, 4, 1, 0, bias=False))         # (B, 1, 1, 1)
+        return [conv(c_in, c_out, 2, 1), *([nn.BatchNorm2d(c_out)] if norm else []),
+                nn.LeakyReLU(slope, True)]
+    layers = down(channels, widths[0], norm=False)            # (B, 64, S/2, S/2)
+    for c_in, c_out in zip(widths, widths[1:]):
+        layers += down(c_in, c_out, norm=not spectral)        # halves the side
+    return nn.Sequential(*layers, conv(widths[-1], outputs, 1, 0))  # 4x4 -> (B, outputs, 1, 1)
+
+
+def _stages(image_size: int) -> int:
+    """Feature-map sizes between 4x4 and the image: 4 at 64x64, 3 at 32x32."""
+    if image_size not in (32, 64):
+        raise ValueError(f"the DCGAN nets make 32x32 or 64x64 images, not {image_size}")
+    return 4 if image_size == 64 else 3
 
 
 def dcgan_init_(module: nn.Module) -> nn.Module:

@@ -15,12 +15,14 @@ one line on stderr and exit status 2, never in a traceback.
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import data
+import gan
 import metrics
 import nets
 import plots
@@ -83,11 +85,12 @@ def command_data(args) -> None:
 
 def architectures(name: str, variant: str):
     """(title, network, input size) triples that `summary` can show."""
-    if name == "gan" and variant == "a":
-        return [("generator", nets.dcgan_generator(), (100, 1, 1)),
-                ("discriminator", nets.dcgan_discriminator(), (3, 64, 64))]
+    if name == "gan" and variant in gan.VARIANTS:
+        model = gan.GAN(gan.GANSettings(variant=variant))
+        return [("generator", model.generator, (model.generator[0].in_channels, 1, 1)),
+                ("discriminator", model.discriminator, (3, 64, 64))]
     raise util.UserError(f"no architecture '{name}' variant '{variant}': try "
-                         "'summary gan --variant a'")
+                         "'summary gan --variant a' (or b, acgan)")
 
 
 def command_summary(args) -> None:
@@ -227,6 +230,35 @@ def predict_folder(args, common: Common, device) -> None:
     print(f"wrote {len(images)} predictions to {args.csv}")
 
 
+def command_gan(args) -> None:
+    """Train a GAN on faces, or (--generate N --ckpt C) write N images to --out."""
+    common, settings = settings_from(args, Common), settings_from(args, gan.GANSettings)
+    device = util.choose_device(common.device)
+    if args.generate:
+        return generate_images(args.generate, args.ckpt, Path(common.out), device,
+                               common.seed, gan.load, gan.generate)
+    attribute = settings.attribute if settings.variant == "acgan" else None
+    faces = load_data(common, settings.data, "train", image_size=settings.image_size,
+                      attribute=attribute, limit=settings.limit or None)
+    held_out = load_data(common, settings.data, "test", image_size=settings.image_size)
+    print(f"{len(faces)} training faces, {len(held_out)} held out for FID")
+    out = Path(common.out) / f"gan_{settings.variant}"
+    results = gan.train(faces, held_out, settings, out, device, common.seed, common.cache)
+    print(f"done: {results['steps']} steps, {results['seconds_per_step']:.3f} s/step, "
+          f"FID {results.get('fid')}; outputs in {out}/")
+
+
+def generate_images(count: int, checkpoint, out: Path, device, seed: int, load, generate):
+    """The course deliverable: `count` PNGs from a checkpoint, fixed seed, batched."""
+    if not checkpoint:
+        raise util.UserError("--generate needs --ckpt CHECKPOINT (e.g. runs/gan_b/checkpoint.pt)")
+    model, settings = load(checkpoint, device)
+    start = time.perf_counter()
+    images = generate(model, count, settings, seed, device)
+    paths = data.save_images(images, out, [f"{i:04d}.png" for i in range(count)])
+    print(f"wrote {len(paths)} images to {out} in {time.perf_counter() - start:.1f} s")
+
+
 # ============================================================================ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -278,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("classify", command_classify, "digit accuracy of a folder like 3_042.png")
     sub.add_argument("--folder", required=True, help="images named DIGIT_*.png")
     sub.add_argument("--ckpt", default=None, help="default: OUT/classifier/checkpoint.pt")
+
+    sub = command("gan", command_gan, "GANs on faces: --variant a (DCGAN), b, acgan")
+    add_flags(sub, gan.GANSettings)
+    sub.add_argument("--generate", type=int, default=0,
+                     help="write this many images from --ckpt into --out, then stop")
+    sub.add_argument("--ckpt", default=None, help="checkpoint for --generate")
 
     sub = command("uda", command_uda, "domain adaptation: source, dann, dann-ent, adda, target")
     add_flags(sub, uda.UDASettings)

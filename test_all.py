@@ -4,6 +4,7 @@ own layers), or a closed form. Run: python -m pytest -q test_all.py
 """
 import base64
 import bz2
+import copy
 import dataclasses
 import gzip
 import io
@@ -18,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
+import gan
 import metrics
 import nets
 import plots
@@ -999,3 +1002,155 @@ def test_resumed_uda_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, meth
     assert parts["epoch"] == whole["epoch"] == (3 if method == "adda" else 2)
     for name, tensor in whole["networks"].items():
         assert torch.equal(tensor, parts["networks"][name]), name
+
+
+# ============================================================================ gan
+@pytest.mark.parametrize("layer", [torch.nn.Linear(20, 7), torch.nn.Conv2d(3, 8, 4),
+                                   torch.nn.ConvTranspose2d(8, 5, 4)], ids=lambda m: type(m).__name__)
+def test_spectral_norm_matches_torch(layer):
+    ours = nets.spectral_norm(copy.deepcopy(layer))
+    theirs = torch.nn.utils.spectral_norm(copy.deepcopy(layer))
+    with torch.no_grad():  # identical weights (deep copies) and identical u, v
+        ours.weight_u.copy_(theirs.weight_u)
+        ours.weight_v.copy_(theirs.weight_v)
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    x = torch.randn(2, 20) if isinstance(layer, torch.nn.Linear) else torch.randn(2, 8, 8, 8)[:, :layer.in_channels]
+    for _ in range(3):  # training-mode forwards move u
+        assert torch.allclose(ours(x), theirs(x), atol=1e-6)
+        assert torch.allclose(ours.weight, theirs.weight, atol=1e-7)
+        assert torch.allclose(ours.weight_u, theirs.weight_u, atol=1e-7)
+    ours.eval(), theirs.eval()
+    u = ours.weight_u.clone()
+    assert torch.allclose(ours(x), theirs(x), atol=1e-6) and torch.equal(ours.weight_u, u)
+    ours(x).sum().backward()  # the gradient reaches the raw weight
+    assert ours.weight_orig.grad is not None and ours.weight_orig.grad.abs().sum() > 0
+
+
+def test_spectral_norm_sigma_converges_to_the_largest_singular_value():
+    layer = nets.spectral_norm(torch.nn.Conv2d(16, 32, 3), n_power_iterations=1)
+    x = torch.randn(1, 16, 5, 5)
+    for _ in range(200):
+        layer(x)
+    largest = torch.linalg.matrix_norm(layer.weight_orig.detach().flatten(1), ord=2)
+    sigma = layer.weight_orig.detach().flatten(1).norm() / layer.weight.detach().flatten(1).norm()
+    assert torch.isclose(sigma, largest, rtol=1e-5)
+    assert torch.isclose(torch.linalg.matrix_norm(layer.weight.detach().flatten(1), ord=2),
+                         torch.tensor(1.0), rtol=1e-5)
+
+
+def test_gan_losses_match_their_formulas():
+    real, fake = torch.randn(6), torch.randn(6)
+    bce = (F.binary_cross_entropy_with_logits(real, torch.ones(6))
+           + F.binary_cross_entropy_with_logits(fake, torch.zeros(6)))
+    assert torch.isclose(gan.discriminator_loss(real, fake, hinge=False), bce)
+    assert torch.isclose(gan.generator_loss(fake, hinge=False),
+                         F.binary_cross_entropy_with_logits(fake, torch.ones(6)))
+    hinge = gan.discriminator_loss(torch.tensor([2.0, 0.5]), torch.tensor([-3.0, 0.0]), True)
+    assert torch.isclose(hinge, torch.tensor((0 + 0.5) / 2 + (0 + 1) / 2))
+    assert gan.generator_loss(torch.tensor([1.0, 3.0]), hinge=True) == -2.0
+
+
+def test_translation_shifts_whole_pixels_and_fills_mid_gray():
+    images = torch.randn(3, 2, 16, 16)
+    rng = torch.Generator().manual_seed(4)
+    shifted = gan._translation(images, rng)
+    shifts = torch.randint(-2, 3, (3, 2), generator=torch.Generator().manual_seed(4))
+    for image, moved, (dy, dx) in zip(images, shifted, shifts.tolist()):
+        expected = torch.zeros_like(image)
+        expected[:, max(dy, 0):16 + min(dy, 0), max(dx, 0):16 + min(dx, 0)] = \
+            image[:, max(-dy, 0):16 + min(-dy, 0), max(-dx, 0):16 + min(-dx, 0)]
+        assert torch.equal(moved, expected)
+
+
+def test_cutout_zeroes_one_half_side_square_and_augmentations_pass_gradients():
+    images = torch.ones(4, 3, 16, 16, requires_grad=True)
+    cut = gan._cutout(images, torch.Generator().manual_seed(2))
+    centres = torch.randint(0, 16, (4, 2), generator=torch.Generator().manual_seed(2))
+    for image, (cy, cx) in zip(cut, centres.tolist()):
+        rows = (torch.arange(16) - cy).abs() < 4
+        cols = (torch.arange(16) - cx).abs() < 4
+        assert torch.equal(image[0] == 0, rows[:, None] & cols[None, :])
+    augmented = gan.diff_augment(images, "translation,color,cutout", torch.Generator())
+    augmented.sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
+def test_ema_update_is_the_moving_average_with_warm_up():
+    model = gan.GAN(gan.GANSettings(variant="b", image_size=32))
+    before = [p.clone() for p in model.ema.parameters()]
+    with torch.no_grad():
+        for p in model.generator.parameters():
+            p.add_(1.0)
+    model.update_ema(step=5, decay=0.999)
+    d = min(0.999, 6 / 15)
+    for old, new, current in zip(before, model.ema.parameters(), model.generator.parameters()):
+        assert torch.allclose(new, d * old + (1 - d) * current)
+
+
+def toy_faces(count=32, size=32) -> data.ImageSet:
+    generator = torch.Generator().manual_seed(0)
+    return data.ImageSet((torch.rand(count, 3, size, size, generator=generator) * 255)
+                         .to(torch.uint8), torch.arange(count) % 2)
+
+
+def tiny_gan(**changes) -> "gan.GANSettings":
+    return gan.GANSettings(**{"image_size": 32, "steps": 2, "batch_size": 4,
+                              "sample_every": 1, "fid_images": 0, **changes})
+
+
+@pytest.mark.parametrize("variant", ["a", "b", "acgan"])
+def test_a_tiny_gan_run_writes_grid_curves_checkpoint_and_results(tmp_path, variant):
+    results = gan.train(toy_faces(), None, tiny_gan(variant=variant), tmp_path, "cpu", 0)
+    assert results["steps"] == 2
+    names = ["samples.png", "loss.png", "d_outputs.png", "checkpoint.pt", "results.json"]
+    for name in names + (["pairs.png"] if variant == "acgan" else []):
+        assert (tmp_path / name).is_file(), name
+    grid = Image.open(tmp_path / "samples.png")
+    assert grid.size == (8 * 34 + 2, 4 * 34 + 2)  # 32 samples, 8 per row, padding 2
+
+
+def test_resumed_gan_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    settings = tiny_gan(variant="b", steps=3)
+    gan.train(toy_faces(), None, settings, tmp_path / "whole", "cpu", 1)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(gan, "save_pictures", interrupt)  # right after the step-1 checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            gan.train(toy_faces(), None, settings, tmp_path / "parts", "cpu", 1)
+    gan.train(toy_faces(), None, dataclasses.replace(settings, resume=True),
+              tmp_path / "parts", "cpu", 1)
+    whole = util.load_checkpoint(tmp_path / "whole" / "checkpoint.pt")
+    parts = util.load_checkpoint(tmp_path / "parts" / "checkpoint.pt")
+    assert whole["step"] == parts["step"] == 3
+    for name, tensor in whole["gan"].items():
+        assert torch.equal(tensor, parts["gan"][name]), name
+
+
+def test_generate_writes_exactly_n_images_of_the_right_size(tmp_path, capsys):
+    gan.train(toy_faces(), None, tiny_gan(variant="b", steps=1), tmp_path / "run", "cpu", 0)
+    folder = tmp_path / "faces"
+    assert run.main(["gan", "--generate", "7", "--ckpt", str(tmp_path / "run" / "checkpoint.pt"),
+                     "--out", str(folder)]) == 0
+    files = sorted(folder.iterdir())
+    assert len(files) == 7 and files[0].name == "0000.png"
+    assert all(Image.open(f).size == (32, 32) for f in files)
+    first = np.asarray(Image.open(files[0]))
+    assert run.main(["gan", "--generate", "7", "--ckpt", str(tmp_path / "run" / "checkpoint.pt"),
+                     "--out", str(folder)]) == 0
+    assert np.array_equal(first, np.asarray(Image.open(files[0])))  # a fixed seed
+
+
+def test_nan_loss_stops_the_gan_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"count": 0}
+    real_loss = gan.discriminator_loss
+
+    def diverging(real, fake, hinge):
+        calls["count"] += 1
+        loss = real_loss(real, fake, hinge)
+        return loss * float("nan") if calls["count"] >= 3 else loss
+    monkeypatch.setattr(gan, "discriminator_loss", diverging)
+    with pytest.raises(util.UserError, match="diverged"):
+        gan.train(toy_faces(), None, tiny_gan(variant="a", steps=5), tmp_path, "cpu", 0)
+    assert util.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2

@@ -1,0 +1,362 @@
+"""GANs on 64x64 faces: DCGAN (variant a), an improved GAN (variant b) and ACGAN.
+
+A generator G maps noise z ~ N(0, I) to an image; a discriminator D scores images. They
+play (Goodfellow et al. 2014, "Generative Adversarial Nets")
+    min_G max_D  E_x[log sigmoid(D(x))] + E_z[log(1 - sigmoid(D(G(z))))],
+and G is trained on the non-saturating loss -log sigmoid(D(G(z))), whose gradient does not
+vanish while D wins easily at the start.
+
+Variant a, DCGAN (Radford et al. 2016): the architecture of nets.py with batch norm, the
+loss above (binary cross-entropy on logits), Adam lr 2e-4, beta1 0.5, batch 128.
+
+Variant b changes, each for a reason:
+- spectral normalisation of every D layer, instead of batch norm (Miyato et al. 2018):
+  D becomes 1-Lipschitz, its gradients stay informative, no mode collapse from an
+  over-confident D;
+- the hinge loss (Lim & Ye 2017; used by SNGAN, BigGAN)
+      L_D = E[relu(1 - D(x))] + E[relu(1 + D(G(z)))],   L_G = -E[D(G(z))]:
+  D stops pushing scores it already gets right, so it does not overfit;
+- two time-scale learning rates, D 4e-4 and G 1e-4 (Heusel et al. 2017, TTUR): D keeps
+  up with G with one D step per G step;
+- an exponential moving average of G's weights for sampling (Karras et al. 2018;
+  Yazici et al. 2019): it averages out the oscillation of the adversarial game;
+- differentiable augmentation of every image D sees, real and fake, in both steps
+  (Zhao et al. 2020, "DiffAugment"): translation, colour and cutout keep D from
+  memorising a small training set (here 8,000 faces on CPU, 162,770 on the full set).
+These are the literature's choices; FID could not be measured to rank them on the
+development machines here (no GPU, no FID weights), see RESULTS.md.
+
+ACGAN (Odena et al. 2017, "Conditional Image Synthesis with Auxiliary Classifier GANs"):
+G gets z and a binary attribute c (default Smiling); D has a second output that
+predicts c. Both players also minimise the attribute's cross-entropy, on real images
+(D) and on generated ones (D and G), so G learns to draw the attribute it is given.
+It uses variant b's training.
+"""
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import metrics
+import nets
+import plots
+import util
+from util import UserError
+
+VARIANTS = ("a", "b", "acgan")
+
+
+@dataclass
+class GANSettings:
+    """Flags of `run.py gan`. Variant b and ACGAN use the improved recipe."""
+    variant: str = field(default="b", metadata={"help": "a (DCGAN), b (improved) or acgan"})
+    data: str = field(default="celeba", metadata={"help": "celeba or a folder of faces"})
+    image_size: int = field(default=64, metadata={"help": "64, or 32 for quick study"})
+    steps: int = field(default=20000, metadata={"help": "generator steps"})
+    batch_size: int = field(default=128, metadata={"help": "images per step"})
+    latent_dim: int = field(default=100, metadata={"help": "size of z"})
+    attribute: str = field(default="Smiling", metadata={"help": "ACGAN's CelebA attribute"})
+    ema_decay: float = field(default=0.999, metadata={"help": "generator EMA (b, acgan)"})
+    augment: str = field(default="translation,color,cutout", metadata={
+        "help": "DiffAugment policy for b and acgan ('' for none)"})
+    sample_every: int = field(default=500, metadata={
+        "help": "steps between sample grids, curves and checkpoints"})
+    fid_images: int = field(default=2000, metadata={
+        "help": "generated and held-out images for the final FID (0: skip)"})
+    limit: int = field(default=0, metadata={"help": "use only the first N training faces"})
+    resume: bool = field(default=False, metadata={"help": "continue from checkpoint.pt"})
+
+    @property
+    def improved(self) -> bool:
+        return self.variant in ("b", "acgan")
+
+
+# ============================================================================ losses
+def discriminator_loss(real_logits, fake_logits, hinge: bool) -> torch.Tensor:
+    """hinge: E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]; else BCE with targets 1 and 0,
+    -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z)))) = softplus(-D(x)) + softplus(D(G(z)))."""
+    if hinge:
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def generator_loss(fake_logits, hinge: bool) -> torch.Tensor:
+    """hinge: -E[D(G(z))]; else the non-saturating -log sigmoid(D(G(z)))."""
+    return -fake_logits.mean() if hinge else F.softplus(-fake_logits).mean()
+
+
+# ============================================================================ DiffAugment
+def diff_augment(images: torch.Tensor, policy: str, generator: torch.Generator) -> torch.Tensor:
+    """Zhao et al. 2020: the same random, differentiable transforms for real and fake
+    images, so D sees augmented data and G's gradient passes through the transform."""
+    for name in filter(None, policy.split(",")):
+        if name not in AUGMENTATIONS:
+            raise UserError(f"unknown augmentation '{name}': use {', '.join(AUGMENTATIONS)}")
+        images = AUGMENTATIONS[name](images, generator)
+    return images
+
+
+def _uniform(shape, generator, device) -> torch.Tensor:
+    return torch.rand(shape, generator=generator).to(device)
+
+
+def _color(x, generator):
+    """Random brightness (+-0.5), saturation (x0..2) and contrast (x0.5..1.5)."""
+    count = len(x)
+    x = x + (_uniform((count, 1, 1, 1), generator, x.device) - 0.5)
+    gray = x.mean(dim=1, keepdim=True)
+    x = (x - gray) * (_uniform((count, 1, 1, 1), generator, x.device) * 2) + gray
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * (_uniform((count, 1, 1, 1), generator, x.device) + 0.5) + mean
+
+
+def _translation(x, generator, ratio: float = 0.125):
+    """Shift by up to 1/8 of the side, whole pixels, zeros (mid-gray) shifted in."""
+    count, _, size, _ = x.shape
+    limit = int(size * ratio + 0.5)
+    shifts = torch.randint(-limit, limit + 1, (count, 2), generator=generator).to(x.device)
+    rows = torch.arange(size, device=x.device)
+    source_y = rows.view(1, size, 1) - shifts[:, 0].view(-1, 1, 1)      # (B, S, 1)
+    source_x = rows.view(1, 1, size) - shifts[:, 1].view(-1, 1, 1)      # (B, 1, S)
+    inside = ((source_y >= 0) & (source_y < size) & (source_x >= 0) & (source_x < size))
+    flat = (source_y.clamp(0, size - 1) * size + source_x.clamp(0, size - 1))  # (B, S, S)
+    gathered = x.flatten(2).gather(2, flat.flatten(1).unsqueeze(1).expand(-1, x.shape[1], -1))
+    return gathered.view_as(x) * inside.unsqueeze(1)
+
+
+def _cutout(x, generator, ratio: float = 0.5):
+    """Zero a random square of half the side (it may hang over the border)."""
+    count, _, size, _ = x.shape
+    half = int(size * ratio / 2 + 0.5)
+    centres = torch.randint(0, size, (count, 2), generator=generator).to(x.device)
+    rows = torch.arange(size, device=x.device)
+    off_y = (rows.view(1, size) - centres[:, :1]).abs() >= half           # (B, S)
+    off_x = (rows.view(1, size) - centres[:, 1:]).abs() >= half
+    keep = off_y.unsqueeze(2) | off_x.unsqueeze(1)                         # (B, S, S)
+    return x * keep.unsqueeze(1)
+
+
+AUGMENTATIONS = {"color": _color, "translation": _translation, "cutout": _cutout}
+
+
+# ============================================================================ networks
+class GAN(nn.Module):
+    """G, D and (improved variants) the EMA copy of G used for sampling."""
+
+    def __init__(self, settings: GANSettings):
+        super().__init__()
+        conditional = settings.variant == "acgan"
+        self.attribute_channels = 2 if conditional else 0  # one-hot c appended to z
+        self.generator = nets.dcgan_init_(nets.dcgan_generator(
+            settings.latent_dim + self.attribute_channels, image_size=settings.image_size))
+        self.discriminator = nets.dcgan_init_(nets.dcgan_discriminator(
+            image_size=settings.image_size, outputs=2 if conditional else 1,
+            spectral=settings.improved))
+        self.ema = copy.deepcopy(self.generator).requires_grad_(False) if settings.improved \
+            else None
+
+    def generator_input(self, z: torch.Tensor, attributes: torch.Tensor | None):
+        """(B, latent) and c (B,) -> (B, latent [+ 2], 1, 1)."""
+        if self.attribute_channels:
+            z = torch.cat([z, F.one_hot(attributes, 2).to(z)], dim=1)
+        return z[:, :, None, None]
+
+    @torch.no_grad()
+    def sample(self, z, attributes=None) -> torch.Tensor:
+        """Images from the generator used for results: the EMA copy when there is one."""
+        generator = self.ema if self.ema is not None else self.generator
+        generator.eval()
+        images = generator(self.generator_input(z, attributes))
+        return images
+
+    @torch.no_grad()
+    def update_ema(self, step: int, decay: float):
+        """theta_ema <- d theta_ema + (1 - d) theta, with d = min(decay, (1 + t) / (10 + t))
+        so the average forgets the random initial weights quickly; buffers are copied."""
+        if self.ema is None:
+            return
+        d = min(decay, (1 + step) / (10 + step))
+        for averaged, current in zip(self.ema.parameters(), self.generator.parameters()):
+            averaged.lerp_(current, 1 - d)
+        for averaged, current in zip(self.ema.buffers(), self.generator.buffers()):
+            averaged.copy_(current)
+
+
+def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
+               settings: GANSettings, rng: torch.Generator) -> dict:
+    """One D step and one G step on a batch of real images; returns the numbers to plot."""
+    count, device = len(real), real.device
+    z = torch.randn(count, settings.latent_dim, generator=rng).to(device)
+    fake_attributes = (torch.randint(0, 2, (count,), generator=rng).to(device)
+                       if gan.attribute_channels else None)
+    fake = gan.generator(gan.generator_input(z, fake_attributes))
+    augment = (lambda x: diff_augment(x, settings.augment, rng)) if settings.improved \
+        else (lambda x: x)
+    hinge = settings.improved
+
+    real_out = gan.discriminator(augment(real)).flatten(1)               # (B, 1 or 2)
+    fake_out = gan.discriminator(augment(fake.detach())).flatten(1)
+    d_loss = discriminator_loss(real_out[:, 0], fake_out[:, 0], hinge)
+    if gan.attribute_channels:  # ACGAN: D learns the attribute of real and generated faces
+        d_loss = d_loss + attribute_loss(real_out, real_attributes) \
+            + attribute_loss(fake_out, fake_attributes)
+    step(optimizers["discriminator"], d_loss)
+
+    fake_out_for_g = gan.discriminator(augment(fake)).flatten(1)
+    g_loss = generator_loss(fake_out_for_g[:, 0], hinge)
+    if gan.attribute_channels:  # ... and G must draw the attribute it was asked for
+        g_loss = g_loss + attribute_loss(fake_out_for_g, fake_attributes)
+    step(optimizers["generator"], g_loss)
+    return {"loss_d": d_loss, "loss_g": g_loss,
+            "D(x)": torch.sigmoid(real_out[:, 0]).mean(),
+            "D(G(z))": torch.sigmoid(fake_out[:, 0]).mean()}
+
+
+def attribute_loss(outputs: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(outputs[:, 1], attributes.float())
+
+
+def step(optimizer, loss):
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+# ============================================================================ training
+def build_optimizers(gan: GAN, settings: GANSettings) -> dict:
+    """DCGAN: Adam 2e-4 for both; improved: TTUR, D 4e-4 and G 1e-4. beta1 0.5."""
+    lr_g, lr_d = (1e-4, 4e-4) if settings.improved else (2e-4, 2e-4)
+    return {"generator": torch.optim.Adam(gan.generator.parameters(), lr_g, betas=(0.5, 0.999)),
+            "discriminator": torch.optim.Adam(gan.discriminator.parameters(), lr_d,
+                                              betas=(0.5, 0.999))}
+
+
+def fixed_noise(settings: GANSettings, count: int, seed: int):
+    """The same z (and attributes) every time: grids from different steps compare."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(count, settings.latent_dim, generator=generator)
+    attributes = torch.arange(count) % 2 if settings.variant == "acgan" else None
+    return z, attributes
+
+
+def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSettings,
+          out: Path, device, seed: int, cache_dir=data.DEFAULT_CACHE) -> dict:
+    """Train, with sample grid, curves and checkpoint every `sample_every` steps."""
+    if settings.variant not in VARIANTS:
+        raise UserError(f"unknown --variant '{settings.variant}': use a, b or acgan")
+    if settings.variant == "acgan" and faces.labels is None:
+        raise UserError(f"ACGAN needs the attribute '{settings.attribute}' as labels: "
+                        "use CelebA (with its list_attr_celeba.txt)")
+    out = Path(out)
+    util.seed_everything(seed)
+    gan = GAN(settings).to(device)
+    optimizers = build_optimizers(gan, settings)
+    rng = torch.Generator().manual_seed(seed)  # data order, z, augmentation
+    history, first_step, seconds = {}, 0, 0.0
+    checkpoint = out / "checkpoint.pt"
+    if settings.resume and checkpoint.exists():
+        state = util.load_checkpoint(checkpoint, device)
+        gan.load_state_dict(state["gan"])
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        rng.set_state(state["rng"])
+        history, first_step, seconds = state["history"], state["step"], state["seconds"]
+        print(f"resumed from {checkpoint} at step {first_step}")
+    faces = faces.to(device)
+    running: dict[str, float] = {}  # sums since the last save
+    progress = util.Progress(desc=f"GAN {settings.variant}", total=settings.steps)
+    progress.update(first_step)
+    start = time.perf_counter()
+    for index in range(first_step, settings.steps):
+        batch = torch.randint(len(faces), (settings.batch_size,), generator=rng)
+        batch = batch.to(faces.pixels.device)
+        real_attributes = faces.labels[batch] if settings.variant == "acgan" else None
+        gan.train()
+        numbers = train_step(gan, optimizers, faces.images(batch), real_attributes,
+                             settings, rng)
+        gan.update_ema(index, settings.ema_decay)
+        for name, value in numbers.items():
+            util.check_finite(value, index + 1, f"GAN {name}")
+            running[name] = running.get(name, 0.0) + value.item()
+        progress.update(1, **{k: round(v.item(), 3) for k, v in numbers.items()})
+        done = index + 1
+        if done % settings.sample_every == 0 or done == settings.steps:
+            seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            since = done - (history["step"][-1] if history else 0)
+            for name, total in running.items():
+                history.setdefault(name, []).append(total / since)
+            history.setdefault("step", []).append(done)
+            running = {}
+            util.save_checkpoint({"gan": gan.state_dict(), "optimizers": {
+                name: optimizer.state_dict() for name, optimizer in optimizers.items()},
+                "rng": rng.get_state(), "history": history, "step": done,
+                "seconds": seconds, "settings": asdict(settings)}, checkpoint)
+            save_pictures(gan, history, settings, out, seed, device)
+    progress.close()
+    return finish(gan, held_out, history, settings, out, seed, seconds, device, cache_dir)
+
+
+def save_pictures(gan: GAN, history: dict, settings: GANSettings, out: Path, seed: int,
+                  device):
+    z, attributes = fixed_noise(settings, 32, seed)
+    data.save_grid(gan.sample(z.to(device), None if attributes is None
+                              else attributes.to(device)).cpu(), out / "samples.png")
+    title = f"GAN variant {settings.variant}"
+    plots.line_plot({"D loss": history["loss_d"], "G loss": history["loss_g"]},
+                    out / "loss.png", title=f"{title}: losses", xlabel="step",
+                    x=history["step"])
+    plots.line_plot({"D(x)": history["D(x)"], "D(G(z))": history["D(G(z))"]},
+                    out / "d_outputs.png", title=f"{title}: sigmoid of D's score",
+                    xlabel="step", x=history["step"])
+    if settings.variant == "acgan":
+        save_attribute_pairs(gan, settings, out / "pairs.png", seed, device)
+
+
+def save_attribute_pairs(gan: GAN, settings: GANSettings, path: Path, seed: int, device):
+    """The ACGAN figure: 10 columns, each one z drawn without (top) and with (bottom) the
+    attribute."""
+    z, _ = fixed_noise(settings, 10, seed + 1)
+    z = z.to(device).repeat(2, 1)
+    attributes = torch.arange(2, device=device).repeat_interleave(10)
+    data.save_grid(gan.sample(z, attributes).cpu(), path, nrow=10)
+
+
+def finish(gan: GAN, held_out, history: dict, settings: GANSettings, out: Path, seed: int,
+           seconds: float, device, cache_dir) -> dict:
+    steps = history["step"][-1] if history else 0
+    results = {"variant": settings.variant, "steps": steps, "seed": seed,
+               "image_size": settings.image_size, "train_seconds": seconds,
+               "seconds_per_step": seconds / max(steps, 1),
+               **{f"final_{k}": v[-1] for k, v in history.items() if k != "step"}}
+    if settings.fid_images and held_out is not None:
+        fake = generate(gan, settings.fid_images, settings, seed + 2, device)
+        real = held_out.images(slice(0, settings.fid_images))
+        results.update(metrics.fid_or_reason(fake, real, cache_dir, device))
+    util.write_json(results, out / "results.json")
+    return results
+
+
+@torch.no_grad()
+def generate(gan: GAN, count: int, settings: GANSettings, seed: int, device,
+             batch_size: int = 250) -> torch.Tensor:
+    """count images (count, 3, S, S) in [-1, 1] on the CPU, batched, from a fixed seed."""
+    z, attributes = fixed_noise(settings, count, seed)
+    return torch.cat([gan.sample(z[i:i + batch_size].to(device), None if attributes is None
+                                 else attributes[i:i + batch_size].to(device)).cpu()
+                      for i in range(0, count, batch_size)])
+
+
+def load(path, device) -> tuple[GAN, GANSettings]:
+    state = util.load_checkpoint(path, device)
+    if "gan" not in state or "settings" not in state:
+        raise UserError(f"{path} is not a GAN checkpoint: train one with 'run.py gan'")
+    settings = GANSettings(**state["settings"])
+    gan = GAN(settings).to(device)
+    gan.load_state_dict(state["gan"])
+    return gan, settings
