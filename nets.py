@@ -16,6 +16,8 @@ Architectures:
 `summary(model, input_size)` prints what torchsummary prints: every leaf layer with its
 output shape and parameter count, then totals and memory estimates.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -203,6 +205,109 @@ def dcgan_init_(module: nn.Module) -> nn.Module:
             nn.init.normal_(layer.weight, 1.0, 0.02)
             nn.init.zeros_(layer.bias)
     return module
+
+
+# ============================================================================ U-Net (DDPM)
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Transformer sinusoids of the timestep (Vaswani et al. 2017; as in Ho et al. 2020):
+    [sin(t w_k), cos(t w_k)], w_k = 10000^(-k / (dim/2)), k = 0 .. dim/2 - 1. (B,) -> (B, dim)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * frequencies[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class ResidualBlock(nn.Module):
+    """GroupNorm, SiLU, 3x3 conv, plus the (time + class) embedding, twice; skip path."""
+
+    def __init__(self, c_in: int, c_out: int, embedding_dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.embedding = nn.Linear(embedding_dim, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(8, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, embedding):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.embedding(F.silu(embedding))[:, :, None, None]  # per-channel shift
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention over the H*W positions, residual (as in DDPM at 16x16)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(8, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x, _embedding=None):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)  # (B, HW, C)
+        attended = F.scaled_dot_product_attention(q, k, v)   # softmax(q k^T / sqrt(C)) v
+        return x + self.out(attended.transpose(1, 2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t, c): a U-Net (Ronneberger et al. 2015) as DDPM uses it.
+
+    28x28 -> 14x14 -> 7x7 and back, `blocks` residual blocks per level, self-attention at
+    7x7, skip connections by concatenation. The timestep enters as a sinusoidal embedding
+    through an MLP; the class as a learned embedding added to it. Class index `classes`
+    is the "no class" token of classifier-free guidance."""
+
+    def __init__(self, channels: int = 3, width: int = 64, multipliers=(1, 2, 2),
+                 classes: int = 10, blocks: int = 1, dropout: float = 0.1):
+        super().__init__()
+        embedding_dim = 4 * width
+        self.width = width
+        self.time_mlp = nn.Sequential(nn.Linear(width, embedding_dim), nn.SiLU(),
+                                      nn.Linear(embedding_dim, embedding_dim))
+        self.class_embedding = nn.Embedding(classes + 1, embedding_dim)
+        self.stem = nn.Conv2d(channels, width, 3, padding=1)
+        widths = [width * m for m in multipliers]
+        self.down, self.up = nn.ModuleList(), nn.ModuleList()
+        skips, c = [width], width
+        for level, c_out in enumerate(widths):
+            for _ in range(blocks):
+                self.down.append(ResidualBlock(c, c_out, embedding_dim, dropout))
+                c = c_out
+                skips.append(c)
+            if level < len(widths) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # halves the side
+                skips.append(c)
+        self.middle = nn.ModuleList([ResidualBlock(c, c, embedding_dim, dropout),
+                                     SelfAttention(c),
+                                     ResidualBlock(c, c, embedding_dim, dropout)])
+        for level, c_out in reversed(list(enumerate(widths))):
+            for _ in range(blocks + 1):
+                self.up.append(ResidualBlock(c + skips.pop(), c_out, embedding_dim, dropout))
+                c = c_out
+            if level > 0:
+                self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
+        self.head = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, channels, 3,
+                                                                           padding=1))
+
+    def forward(self, x, t, labels):
+        """x (B, C, H, W), t (B,) timesteps, labels (B,) in 0..classes -> eps (B, C, H, W)."""
+        embedding = self.time_mlp(timestep_embedding(t, self.width)) \
+            + self.class_embedding(labels)
+        h = self.stem(x)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h, embedding) if isinstance(layer, ResidualBlock) else layer(h)
+            skips.append(h)
+        for layer in self.middle:
+            h = layer(h, embedding)
+        for layer in self.up:
+            if isinstance(layer, ResidualBlock):
+                h = layer(torch.cat([h, skips.pop()], dim=1), embedding)
+            else:
+                h = layer(h)
+        return self.head(h)
 
 
 # ============================================================================ summary
