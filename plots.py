@@ -139,3 +139,15 @@ def scatter_plot(points, labels, path, title="", names=None, radius: float = 2.0
     figure.image.paste(Image.fromarray(canvas))
     figure.legend([(names[c], TAB10[c % 10]) for c in present])
     return figure.save(path)
+
+
+def add_caption(path, text: str) -> Path:
+    """Put one line of text above an image file (e.g. the MSE over reconstructions)."""
+    image = Image.open(path).convert("RGB")
+    font = _font(12)
+    canvas = Image.new("RGB", (max(image.width, int(font.getlength(text)) + 8),
+                               image.height + 20), "white")
+    canvas.paste(image, (0, 20))
+    ImageDraw.Draw(canvas).text((4, 3), text, fill="black", font=font)
+    canvas.save(path)
+    return Path(path)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import data
+import ddpm
 import gan
 import metrics
 import nets
@@ -29,6 +30,7 @@ import plots
 import tsne
 import uda
 import util
+import vae
 
 
 # ============================================================================ flags
@@ -194,6 +196,45 @@ def command_classify(args) -> None:
                   f"of {int(mine.sum())}")
 
 
+def command_vae(args) -> None:
+    """Train the VAE on faces; outputs go to OUT/vae_lambda{kl_weight}."""
+    common, settings = settings_from(args, Common), settings_from(args, vae.VAESettings)
+    device = util.choose_device(common.device)
+    faces = load_data(common, settings.data, "train", image_size=64,
+                      limit=settings.limit or None)
+    test = load_data(common, settings.data, "test", image_size=64,
+                     attribute=settings.attribute if settings.data == "celeba" else None)
+    out = Path(common.out) / f"vae_lambda{settings.kl_weight:g}"
+    results = vae.train(faces, test, settings, out, device, common.seed)
+    print(f"test MSE {results['test_mse']:.4f}, KL {results['test_kl']:.1f}; outputs in {out}/")
+
+
+def command_ddpm(args) -> None:
+    """Train the conditional DDPM on digits, or (--generate --ckpt C) write the 1000
+    course images 0_001.png .. 9_100.png into --out."""
+    common, settings = settings_from(args, Common), settings_from(args, ddpm.DDPMSettings)
+    device = util.choose_device(common.device)
+    if args.generate:
+        if not args.ckpt:
+            raise util.UserError("--generate needs --ckpt CHECKPOINT (e.g. runs/ddpm/checkpoint.pt)")
+        model, trained = ddpm.load(args.ckpt, device)
+        sampling = dataclasses.replace(trained, sampler=settings.sampler,
+                                       sampling_steps=settings.sampling_steps,
+                                       eta=settings.eta, guidance=settings.guidance)
+        _, _, seconds = ddpm.generate(model, sampling, Path(common.out), common.seed, device)
+        print(f"wrote 1000 images to {common.out} in {seconds:.1f} s ({sampling.sampler}"
+              f"{', %d steps' % sampling.sampling_steps if sampling.sampler == 'ddim' else ''})")
+        return
+    digits = load_data(common, settings.data, "train")
+    test = load_data(common, settings.data, "test")
+    out = Path(common.out) / "ddpm"
+    if not settings.classifier:
+        settings.classifier = str(Path(common.out) / "classifier" / "checkpoint.pt")
+    results = ddpm.train(digits, test, settings, out, device, common.seed, common.cache)
+    print(f"done: digit accuracy {results.get('digit_accuracy')}, FID {results.get('fid')}; "
+          f"outputs in {out}/")
+
+
 def command_uda(args) -> None:
     """Domain adaptation: one method, all methods of a scenario, the course's table, or
     predictions of a trained checkpoint for a folder (the course's csv)."""
@@ -315,6 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(sub, gan.GANSettings)
     sub.add_argument("--generate", type=int, default=0,
                      help="write this many images from --ckpt into --out, then stop")
+    sub.add_argument("--ckpt", default=None, help="checkpoint for --generate")
+
+    sub = command("vae", command_vae, "variational autoencoder on faces")
+    add_flags(sub, vae.VAESettings)
+
+    sub = command("ddpm", command_ddpm, "conditional diffusion on digits (DDPM / DDIM)")
+    add_flags(sub, ddpm.DDPMSettings)
+    sub.add_argument("--generate", action="store_true",
+                     help="write the 1000 course images from --ckpt into --out, timed")
     sub.add_argument("--ckpt", default=None, help="checkpoint for --generate")
 
     sub = command("uda", command_uda, "domain adaptation: source, dann, dann-ent, adda, target")

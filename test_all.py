@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import gzip
 import io
+import math
 import os
 import struct
 import tarfile
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import ddpm
 import gan
 import metrics
 import nets
@@ -31,6 +33,7 @@ import run
 import tsne
 import uda
 import util
+import vae
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 
@@ -1154,3 +1157,185 @@ def test_nan_loss_stops_the_gan_and_keeps_the_last_good_checkpoint(tmp_path, mon
     with pytest.raises(util.UserError, match="diverged"):
         gan.train(toy_faces(), None, tiny_gan(variant="a", steps=5), tmp_path, "cpu", 0)
     assert util.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
+
+
+# ============================================================================ ddpm
+@pytest.mark.parametrize("T", [10, 1000])
+def test_linear_and_cosine_schedules_match_their_closed_forms(T):
+    linear = ddpm.NoiseSchedule(T, "linear")
+    assert len(linear.betas) == T and linear.betas[0] == 1e-4 and linear.betas[-1] == 0.02
+    assert torch.allclose(linear.alphas_cumprod[2], (1 - linear.betas[:3]).prod())
+    cosine = ddpm.NoiseSchedule(T, "cosine")
+    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    for t in (1, T // 2, T - 1):  # alpha_bar_t = f(t) / f(0) where beta is not clipped
+        assert math.isclose(cosine.alphas_cumprod[t - 1].item(), f(t) / f(0), rel_tol=1e-9)
+    assert cosine.betas.max() <= 0.999 and math.isclose(cosine.betas[-1].item(), 0.999)
+
+
+def test_q_sample_has_the_closed_form_mean_and_variance():
+    schedule = ddpm.NoiseSchedule(100, "linear")
+    x0 = torch.full((20000, 1, 1, 1), 0.7)
+    t = torch.full((20000,), 60)
+    x_t = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
+    alpha_bar = schedule.alphas_cumprod[59].item()
+    assert abs(x_t.mean().item() - math.sqrt(alpha_bar) * 0.7) < 4 * math.sqrt((1 - alpha_bar) / 20000)
+    assert abs(x_t.var().item() - (1 - alpha_bar)) < 0.03 * (1 - alpha_bar)
+    assert torch.allclose(schedule.predict_x0(x_t, t, (x_t - math.sqrt(alpha_bar) * x0)
+                                              / math.sqrt(1 - alpha_bar)), x0, atol=1e-5)
+
+
+def test_posterior_is_the_gaussian_product_of_prior_and_likelihood():
+    """q(x_{t-1} | x_t, x_0) is proportional to q(x_t | x_{t-1}) q(x_{t-1} | x_0): precisions
+    add, 1/var = alpha_t / beta_t + 1 / (1 - abar_{t-1}), and the mean is the
+    precision-weighted average."""
+    schedule = ddpm.NoiseSchedule(50, "cosine")
+    x0, x_t = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    for step in (2, 17, 50):
+        t = torch.full((4,), step)
+        i = step - 1
+        alpha, beta = schedule.alphas[i].item(), schedule.betas[i].item()
+        abar_prev = schedule.alphas_cumprod_prev[i].item()
+        precision = alpha / beta + 1 / (1 - abar_prev)
+        mean_expected = (math.sqrt(alpha) / beta * x_t + math.sqrt(abar_prev) / (1 - abar_prev)
+                         * x0) / precision
+        mean, variance = schedule.posterior(x0, x_t, t)
+        assert torch.allclose(mean, mean_expected, atol=1e-6)
+        assert torch.allclose(variance, torch.full_like(variance, 1 / precision), rtol=1e-6)
+
+
+def tiny_diffusion(**changes) -> "ddpm.Diffusion":
+    settings = ddpm.DDPMSettings(**{"timesteps": 20, "width": 16, "steps": 2, "batch_size": 4,
+                                    "sample_every": 1, "sampling_steps": 4, "fid": False,
+                                    "amp": False, **changes})
+    torch.manual_seed(0)
+    return ddpm.Diffusion(settings), settings
+
+
+def test_ddim_with_eta_zero_is_deterministic_and_eta_one_is_not():
+    model, settings = tiny_diffusion()
+    labels = torch.arange(3)
+    first = ddpm.sample_ddim(model, labels, 1.0, torch.Generator().manual_seed(1), 4, 0.0)[0]
+    x_T = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    again = ddpm.sample_ddim(model, labels, 1.0, torch.Generator().manual_seed(1), 4, 0.0)[0]
+    assert torch.equal(first, again)
+    # deterministic means: only x_T is random; a generator with the same first draw
+    # but different later draws gives the same image
+    rng = torch.Generator().manual_seed(1)
+    rng_state = rng.get_state()
+    assert torch.equal(torch.randn(3, 3, 28, 28, generator=rng), x_T)
+    rng.set_state(rng_state)
+    noisy = ddpm.sample_ddim(model, labels, 1.0, rng, 4, 1.0)[0]
+    assert not torch.allclose(noisy, first)
+    assert ddpm.ddim_timesteps(1000, 5) == [1000, 750, 500, 251, 1]
+
+
+def test_ddim_with_all_timesteps_and_eta_one_is_ancestral_sampling():
+    """With S = T and eta = 1, sigma_t^2 = beta~_t and the DDIM mean equals the posterior
+    mean: the two samplers must produce the same images from the same noise."""
+    model, settings = tiny_diffusion(timesteps=8)
+    labels = torch.tensor([1, 7])
+    ddim = ddpm.sample_ddim(model, labels, 0.5, torch.Generator().manual_seed(3), 8, 1.0)[0]
+    ancestral = ddpm.sample_ddpm(model, labels, 0.5, torch.Generator().manual_seed(3))[0]
+    assert torch.allclose(ddim, ancestral, atol=1e-4)
+
+
+def test_guidance_formula_and_zero_guidance_is_the_conditional_prediction():
+    conditional, unconditional = torch.randn(2, 3), torch.randn(2, 3)
+    assert torch.allclose(ddpm.guide(conditional, unconditional, 2.0),
+                          3 * conditional - 2 * unconditional)
+    assert torch.equal(ddpm.guide(conditional, unconditional, 0.0), conditional)
+
+
+def test_timestep_embedding_is_the_transformer_sinusoid():
+    embedding = nets.timestep_embedding(torch.tensor([0, 3]), 8)
+    frequencies = 10000 ** (-torch.arange(4) / 4)
+    assert torch.allclose(embedding[1], torch.cat([torch.sin(3 * frequencies),
+                                                   torch.cos(3 * frequencies)]))
+    assert torch.equal(embedding[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+
+
+def test_ddpm_run_writes_course_images_grid_strip_curve_and_resumes(tmp_path, monkeypatch):
+    digits = toy_domain(16)
+    _, settings = tiny_diffusion(steps=3, width=8, sampling_steps=2)
+    results = ddpm.train(digits, None, settings, tmp_path / "whole", "cpu", seed=2)
+    names = sorted(p.name for p in (tmp_path / "whole" / "images").iterdir())
+    assert len(names) == 1000 and names[0] == "0_001.png" and names[-1] == "9_100.png"
+    assert names.count("3_042.png") == 1
+    for name in ("grid.png", "reverse_process.png", "loss.png", "checkpoint.pt", "results.json"):
+        assert (tmp_path / "whole" / name).is_file(), name
+    assert Image.open(tmp_path / "whole" / "grid.png").size == (10 * 30 + 2, 10 * 30 + 2)
+    assert Image.open(tmp_path / "whole" / "reverse_process.png").size == (6 * 30 + 2, 32)
+    assert results["digit_accuracy"] is None and "no classifier" in \
+        results["digit_accuracy_unavailable"]
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(ddpm, "save_grid_and_strip", interrupt)  # after the step-1 checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            ddpm.train(digits, None, settings, tmp_path / "parts", "cpu", seed=2)
+    monkeypatch.setattr(ddpm, "finish", lambda *args, **kwargs: {})  # skip the 1000 images
+    ddpm.train(digits, None, dataclasses.replace(settings, resume=True), tmp_path / "parts",
+               "cpu", seed=2)
+    whole = util.load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
+    parts = util.load_checkpoint(tmp_path / "parts" / "checkpoint.pt")["model"]
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, parts[name]), name
+
+
+# ============================================================================ vae
+def test_kl_term_matches_torch_distributions_and_a_monte_carlo_estimate():
+    mu, logvar = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    closed = torch.distributions.kl_divergence(q, p).sum(dim=1)
+    assert torch.allclose(vae.kl_divergence(mu, logvar), closed)
+    z = q.sample((200_000,))                                    # (S, 3, 5)
+    monte_carlo = (q.log_prob(z) - p.log_prob(z)).sum(dim=2).mean(dim=0)
+    assert torch.allclose(vae.kl_divergence(mu, logvar), monte_carlo, rtol=0.03, atol=0.02)
+
+
+def test_reparameterisation_passes_gradients_to_mu_and_logvar():
+    mu = torch.zeros(2, 4, requires_grad=True)
+    logvar = torch.zeros(2, 4, requires_grad=True)
+    generator = torch.Generator().manual_seed(0)
+    z = vae.reparameterise(mu, logvar, generator)
+    eps = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(z, eps)  # mu = 0, sigma = 1
+    z.sum().backward()
+    assert torch.equal(mu.grad, torch.ones(2, 4))               # dz/dmu = 1
+    assert torch.allclose(logvar.grad, 0.5 * eps)                # dz/dlogvar = eps sigma / 2
+
+
+def tiny_vae(**changes) -> "vae.VAESettings":
+    return vae.VAESettings(**{"latent_dim": 8, "epochs": 2, "batch_size": 8,
+                              "tsne_points": 16, **changes})
+
+
+def test_a_tiny_vae_run_writes_every_file_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    faces, test = toy_faces(24, 64), toy_faces(16, 64)
+    results = vae.train(faces, test, tiny_vae(), tmp_path / "whole", "cpu", seed=0)
+    for name in ("mse.png", "kl.png", "reconstructions.png", "samples.png",
+                 "interpolation.png", "tsne.png", "checkpoint.pt", "results.json"):
+        assert (tmp_path / "whole" / name).is_file(), name
+    assert results["epochs"] == 2 and results["test_mse"] > 0
+    assert Image.open(tmp_path / "whole" / "interpolation.png").size == (10 * 66 + 2, 68)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(vae, "save_curves", interrupt)  # right after the first checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            vae.train(faces, test, tiny_vae(), tmp_path / "parts", "cpu", seed=0)
+    vae.train(faces, test, tiny_vae(resume=True), tmp_path / "parts", "cpu", seed=0)
+    whole = util.load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
+    parts = util.load_checkpoint(tmp_path / "parts" / "checkpoint.pt")["model"]
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, parts[name]), name
+
+
+def test_kl_warm_up_grows_lambda_linearly():
+    settings = vae.VAESettings(kl_weight=2.0, warmup_epochs=4)
+    assert vae.kl_weight_at(settings, 0, 0.0) == 0.0
+    assert vae.kl_weight_at(settings, 1, 0.5) == 2.0 * 1.5 / 4
+    assert vae.kl_weight_at(settings, 7, 0.0) == 2.0

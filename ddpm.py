@@ -1,0 +1,378 @@
+"""Class-conditional denoising diffusion (DDPM) on 28x28 colour digits, with
+classifier-free guidance and DDIM sampling.
+
+Forward process (Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models"):
+noise is added in T small Gaussian steps with variances beta_1 .. beta_T,
+    q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I),
+which composes in closed form, with alpha_t = 1 - beta_t and alpha_bar_t = prod_{s<=t} alpha_s:
+    q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),
+    x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,  eps ~ N(0, I).
+
+Training: a network eps_theta(x_t, t, c) predicts the noise; the loss is
+    E_{x_0, c, t ~ U{1..T}, eps} || eps - eps_theta(x_t, t, c) ||^2.
+
+Reverse process: given x_t and the predicted x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) /
+sqrt(alpha_bar_t), step to x_{t-1} ~ q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I),
+    mu~_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
+            + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t,
+    beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t.
+DDPM ancestral sampling takes all T steps.
+
+DDIM (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models") reuses the same
+network on S << T timesteps tau_1 < ... < tau_S:
+    x_prev = sqrt(alpha_bar_prev) x_0 + sqrt(1 - alpha_bar_prev - sigma^2) eps + sigma z,
+    sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev);
+eta = 0 is deterministic, eta = 1 is DDPM-like.
+
+Classifier-free guidance (Ho & Salimans 2022): in training the class is replaced by a
+"no class" token with probability 0.1, so one network learns eps(x, t, c) and eps(x, t);
+sampling uses  eps~ = (1 + w) eps(x, t, c) - w eps(x, t),  w >= 0 the guidance strength.
+
+Schedules: `linear` (beta from 1e-4 to 0.02, Ho et al.) or `cosine` (Nichol & Dhariwal
+2021, "Improved DDPM": alpha_bar_t = f(t) / f(0), f(t) = cos^2(((t / T + s) / (1 + s)) pi / 2),
+s = 0.008, beta_t = min(1 - alpha_bar_t / alpha_bar_{t-1}, 0.999)).
+"""
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+import metrics
+import nets
+import plots
+import util
+from util import UserError
+
+CLASSES = 10
+
+
+# ============================================================================ schedule
+class NoiseSchedule:
+    """Every per-timestep constant, as float64 tensors of length T: index i is t = i + 1."""
+
+    def __init__(self, T: int = 1000, kind: str = "linear"):
+        if kind == "linear":
+            betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+        elif kind == "cosine":
+            steps = torch.arange(T + 1, dtype=torch.float64)                 # t = 0 .. T
+            f = torch.cos((steps / T + 0.008) / 1.008 * math.pi / 2) ** 2
+            alpha_bar = f / f[0]
+            betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+        else:
+            raise UserError(f"unknown noise schedule '{kind}': use linear or cosine")
+        self.T, self.kind = T, kind
+        self.betas = betas
+        self.alphas = 1 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)            # alpha_bar_t
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64),
+                                              self.alphas_cumprod[:-1]])  # alpha_bar_{t-1}
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
+        # q(x_{t-1} | x_t, x_0) = N(coef_x0 x_0 + coef_xt x_t, posterior_variance)
+        self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef_x0 = (betas * self.alphas_cumprod_prev.sqrt()
+                                       / (1 - self.alphas_cumprod))
+        self.posterior_mean_coef_xt = ((1 - self.alphas_cumprod_prev) * self.alphas.sqrt()
+                                       / (1 - self.alphas_cumprod))
+
+    @staticmethod
+    def at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """values[t - 1] for a batch of timesteps t (B,), shaped (B, 1, 1, 1) like x."""
+        return values.to(like.device)[t - 1].to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+        return (self.at(self.sqrt_alphas_cumprod, t, x0) * x0
+                + self.at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+
+    def predict_x0(self, x_t, t, eps) -> torch.Tensor:
+        """Invert q_sample: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+        return ((x_t - self.at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps)
+                / self.at(self.sqrt_alphas_cumprod, t, x_t))
+
+    def posterior(self, x0, x_t, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(x_{t-1} | x_t, x_0)."""
+        mean = (self.at(self.posterior_mean_coef_x0, t, x_t) * x0
+                + self.at(self.posterior_mean_coef_xt, t, x_t) * x_t)
+        return mean, self.at(self.posterior_variance, t, x_t)
+
+
+# ============================================================================ settings
+@dataclass
+class DDPMSettings:
+    """Flags of `run.py ddpm`."""
+    data: str = field(default="mnistm", metadata={"help": "labelled digits to learn"})
+    timesteps: int = field(default=1000, metadata={"help": "T"})
+    schedule: str = field(default="linear", metadata={"help": "linear or cosine"})
+    width: int = field(default=64, metadata={"help": "U-Net base channels"})
+    steps: int = field(default=30000, metadata={"help": "training steps"})
+    batch_size: int = field(default=128, metadata={"help": "images per step"})
+    lr: float = field(default=2e-4, metadata={"help": "Adam learning rate (warm-up 500 steps)"})
+    drop_class: float = field(default=0.1, metadata={"help": "P(class -> none) in training"})
+    guidance: float = field(default=2.0, metadata={"help": "classifier-free guidance w"})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA of the weights"})
+    sampler: str = field(default="ddim", metadata={"help": "ddim or ddpm"})
+    sampling_steps: int = field(default=50, metadata={"help": "DDIM steps S"})
+    eta: float = field(default=0.0, metadata={"help": "DDIM eta (0: deterministic)"})
+    amp: bool = field(default=True, metadata={"help": "bfloat16 autocast (CPU and GPU)"})
+    sample_every: int = field(default=1000, metadata={"help": "steps between grids/checkpoints"})
+    classifier: str = field(default="", metadata={
+        "help": "digit-classifier checkpoint that grades the 1000 images (default: "
+                "OUT/classifier/checkpoint.pt, made by 'run.py classifier')"})
+    fid: bool = field(default=True, metadata={"help": "FID against real test digits"})
+    resume: bool = field(default=False, metadata={"help": "continue from checkpoint.pt"})
+
+
+# ============================================================================ model
+class Diffusion(torch.nn.Module):
+    """eps_theta (a U-Net), its EMA copy for sampling, and the schedule."""
+
+    def __init__(self, settings: DDPMSettings):
+        super().__init__()
+        self.network = nets.UNet(width=settings.width, classes=CLASSES)
+        self.ema = copy.deepcopy(self.network).requires_grad_(False)
+        self.schedule = NoiseSchedule(settings.timesteps, settings.schedule)
+        self.settings = settings
+
+    def loss(self, x0: torch.Tensor, labels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """|| eps - eps_theta(x_t, t, c) ||^2 with t ~ U{1..T}, c dropped with p = 0.1."""
+        count, device = len(x0), x0.device
+        t = torch.randint(1, self.schedule.T + 1, (count,), generator=rng).to(device)
+        noise = torch.randn(x0.shape, generator=rng).to(device)
+        dropped = torch.rand(count, generator=rng).to(device) < self.settings.drop_class
+        labels = torch.where(dropped, torch.full_like(labels, CLASSES), labels)
+        with autocast(device, self.settings.amp):
+            predicted = self.network(self.schedule.q_sample(x0, t, noise), t, labels)
+        return F.mse_loss(predicted.float(), noise)
+
+    @torch.no_grad()
+    def update_ema(self, step: int):
+        d = min(self.settings.ema_decay, (1 + step) / (10 + step))  # fast start, then slow
+        for averaged, current in zip(self.ema.parameters(), self.network.parameters()):
+            averaged.lerp_(current, 1 - d)
+
+    @torch.no_grad()
+    def guided_eps(self, x_t, t, labels, w: float) -> torch.Tensor:
+        """eps~ = (1 + w) eps(x, t, c) - w eps(x, t): both in one batch of 2B."""
+        unconditional = torch.full_like(labels, CLASSES)
+        self.ema.eval()  # no dropout when sampling
+        with autocast(x_t.device, self.settings.amp):
+            eps = self.ema(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                           torch.cat([labels, unconditional])).float()
+        return guide(*eps.chunk(2), w)
+
+
+def guide(eps_conditional, eps_unconditional, w: float) -> torch.Tensor:
+    """Classifier-free guidance: (1 + w) eps_c - w eps_u."""
+    return (1 + w) * eps_conditional - w * eps_unconditional
+
+
+def autocast(device, enabled: bool):
+    device_type = torch.device(device).type
+    return torch.autocast(device_type if device_type in ("cpu", "cuda") else "cpu",
+                          dtype=torch.bfloat16, enabled=enabled and device_type in ("cpu", "cuda"))
+
+
+# ============================================================================ samplers
+@torch.no_grad()
+def sample_ddpm(model: Diffusion, labels: torch.Tensor, w: float, rng: torch.Generator,
+                keep_at=()) -> tuple[torch.Tensor, dict]:
+    """Ancestral sampling, t = T .. 1: x_{t-1} = mu~(x_0(x_t, eps~), x_t) + sqrt(beta~_t) z.
+    The predicted x_0 is clipped to [-1, 1] (the data range). Returns x_0 and
+    {t: x_t} for the timesteps in keep_at (for the reverse-process strip)."""
+    device, schedule = labels.device, model.schedule
+    x = torch.randn(len(labels), 3, 28, 28, generator=rng).to(device)
+    kept = {schedule.T: x.clone()} if schedule.T in keep_at else {}
+    for step in range(schedule.T, 0, -1):
+        t = torch.full((len(labels),), step, device=device)
+        eps = model.guided_eps(x, t, labels, w)
+        x0 = schedule.predict_x0(x, t, eps).clamp(-1, 1)
+        mean, variance = schedule.posterior(x0, x, t)
+        noise = torch.randn(x.shape, generator=rng).to(device) if step > 1 else 0.0
+        x = mean + variance.sqrt() * noise
+        if step - 1 in keep_at:
+            kept[step - 1] = x.clone()
+    return x, kept
+
+
+def ddim_timesteps(T: int, steps: int) -> list[int]:
+    """S timesteps from T down to 1, evenly spaced."""
+    return sorted({round(t) for t in torch.linspace(1, T, steps).tolist()}, reverse=True)
+
+
+@torch.no_grad()
+def sample_ddim(model: Diffusion, labels: torch.Tensor, w: float, rng: torch.Generator,
+                steps: int = 50, eta: float = 0.0, keep_at=()) -> tuple[torch.Tensor, dict]:
+    """DDIM on S timesteps; eta = 0 gives a deterministic map from x_T to x_0."""
+    device, schedule = labels.device, model.schedule
+    x = torch.randn(len(labels), 3, 28, 28, generator=rng).to(device)
+    timesteps = ddim_timesteps(schedule.T, steps)
+    kept = {}
+    for index, step in enumerate(timesteps):
+        if step in keep_at:
+            kept[step] = x.clone()
+        t = torch.full((len(labels),), step, device=device)
+        eps = model.guided_eps(x, t, labels, w)
+        x0 = schedule.predict_x0(x, t, eps).clamp(-1, 1)
+        eps = (x - schedule.at(schedule.sqrt_alphas_cumprod, t, x) * x0) \
+            / schedule.at(schedule.sqrt_one_minus_alphas_cumprod, t, x)  # consistent with x0
+        alpha_bar = float(schedule.alphas_cumprod[step - 1])
+        previous = timesteps[index + 1] if index + 1 < len(timesteps) else 0
+        alpha_bar_prev = float(schedule.alphas_cumprod[previous - 1]) if previous else 1.0
+        sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)
+                                * (1 - alpha_bar / alpha_bar_prev))
+        noise = torch.randn(x.shape, generator=rng).to(device) if sigma > 0 else 0.0
+        x = (math.sqrt(alpha_bar_prev) * x0
+             + math.sqrt(max(1 - alpha_bar_prev - sigma ** 2, 0.0)) * eps + sigma * noise)
+    if 0 in keep_at:
+        kept[0] = x.clone()
+    return x, kept
+
+
+def sample(model: Diffusion, labels, settings: DDPMSettings, seed: int, keep_at=()):
+    rng = torch.Generator().manual_seed(seed)
+    if settings.sampler == "ddpm":
+        return sample_ddpm(model, labels, settings.guidance, rng, keep_at)
+    if settings.sampler == "ddim":
+        return sample_ddim(model, labels, settings.guidance, rng, settings.sampling_steps,
+                           settings.eta, keep_at)
+    raise UserError(f"unknown --sampler '{settings.sampler}': use ddim or ddpm")
+
+
+# ============================================================================ outputs
+def course_names(per_digit: int = 100) -> tuple[list[str], torch.Tensor]:
+    """0_001.png .. 9_100.png (the first character is the digit) and their labels."""
+    labels = torch.arange(CLASSES).repeat_interleave(per_digit)
+    names = [f"{d}_{i:03d}.png" for d in range(CLASSES) for i in range(1, per_digit + 1)]
+    return names, labels
+
+
+def generate(model: Diffusion, settings: DDPMSettings, out: Path, seed: int, device,
+             per_digit: int = 100, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The course deliverable: per_digit images of each digit, named by digit, timed."""
+    names, labels = course_names(per_digit)
+    start = time.perf_counter()
+    images = torch.cat([sample(model, labels[i:i + batch_size].to(device), settings,
+                               seed + i)[0].cpu() for i in range(0, len(labels), batch_size)])
+    seconds = time.perf_counter() - start
+    data.save_images(images, out, names)
+    return images, labels, seconds
+
+
+def save_grid_and_strip(model: Diffusion, settings: DDPMSettings, out: Path, seed: int, device):
+    """The 10x10 grid (row d: ten samples of digit d) and the reverse process of the first
+    "0" at six evenly spaced timesteps from T to 0."""
+    labels = torch.arange(CLASSES).repeat_interleave(10).to(device)
+    T = settings.timesteps
+    keep_at = [round(T * k / 5) for k in range(5, -1, -1)]                # T .. 0
+    if settings.sampler == "ddim":  # DDIM visits only its own timesteps: take the nearest
+        visited = ddim_timesteps(T, settings.sampling_steps) + [0]
+        keep_at = [min(visited, key=lambda s: abs(s - k)) for k in keep_at]
+    images, kept = sample(model, labels, settings, seed, keep_at=set(keep_at))
+    data.save_grid(images.cpu(), out / "grid.png", nrow=10)
+    strip = torch.stack([kept[k][0].clamp(-1, 1).cpu() for k in keep_at])
+    data.save_grid(strip, out / "reverse_process.png", nrow=len(keep_at))
+
+
+# ============================================================================ training
+def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPMSettings,
+          out: Path, device, seed: int, cache_dir=data.DEFAULT_CACHE) -> dict:
+    if digits.labels is None:
+        raise UserError(f"{settings.data} has no labels: the conditional DDPM needs them")
+    out = Path(out)
+    util.seed_everything(seed)
+    model = Diffusion(settings).to(device)
+    optimizer = torch.optim.Adam(model.network.parameters(), settings.lr)
+    rng = torch.Generator().manual_seed(seed)
+    history, first_step, seconds = {"step": [], "loss": []}, 0, 0.0
+    checkpoint = out / "checkpoint.pt"
+    if settings.resume and checkpoint.exists():
+        state = util.load_checkpoint(checkpoint, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.set_state(state["rng"])
+        history, first_step, seconds = state["history"], state["step"], state["seconds"]
+        print(f"resumed from {checkpoint} at step {first_step}")
+    digits = digits.to(device)
+    progress = util.Progress(desc="DDPM", total=settings.steps)
+    progress.update(first_step)
+    running, start = 0.0, time.perf_counter()
+    for index in range(first_step, settings.steps):
+        for group in optimizer.param_groups:  # linear warm-up over 500 steps
+            group["lr"] = settings.lr * min(1.0, (index + 1) / 500)
+        batch = torch.randint(len(digits), (settings.batch_size,), generator=rng)
+        batch = batch.to(digits.pixels.device)
+        torch.manual_seed(seed * 100_003 + index)  # dropout: the same after a resume
+        model.network.train()
+        loss = model.loss(digits.images(batch), digits.labels[batch], rng)
+        util.check_finite(loss, index + 1, "DDPM loss")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.update_ema(index)
+        running += loss.item()
+        progress.update(1, loss=loss.item())
+        done = index + 1
+        if done % settings.sample_every == 0 or done == settings.steps:
+            seconds += time.perf_counter() - start
+            history["loss"].append(running / (done - (history["step"][-1] if history["step"]
+                                                      else first_step)))
+            history["step"].append(done)
+            running = 0.0
+            util.save_checkpoint({"model": model.state_dict(), "optimizer":
+                                  optimizer.state_dict(), "rng": rng.get_state(),
+                                  "history": history, "step": done, "seconds": seconds,
+                                  "settings": asdict(settings)}, checkpoint)
+            plots.line_plot({"training loss": history["loss"]}, out / "loss.png",
+                            title="DDPM: epsilon-prediction MSE", xlabel="step",
+                            x=history["step"])
+            save_grid_and_strip(model, settings, out, seed, device)
+            start = time.perf_counter()
+    progress.close()
+    return finish(model, real_test, history, settings, out, seed, seconds, device, cache_dir)
+
+
+def finish(model: Diffusion, real_test, history, settings: DDPMSettings, out: Path,
+           seed: int, seconds: float, device, cache_dir) -> dict:
+    """The 1000 images, their digit accuracy and FID, results.json."""
+    images, labels, sampling_seconds = generate(model, settings, out / "images", seed, device)
+    results = {"steps": history["step"][-1] if history["step"] else 0, "seed": seed,
+               "train_seconds": seconds, "final_loss": history["loss"][-1] if history["loss"]
+               else None, "sampler": settings.sampler, "sampling_steps":
+               settings.sampling_steps if settings.sampler == "ddim" else settings.timesteps,
+               "guidance": settings.guidance, "seconds_for_1000_images": sampling_seconds}
+    results.update(grade(images, labels, settings, out, device))
+    if settings.fid and real_test is not None:
+        results.update(metrics.fid_or_reason(images, real_test.images(slice(0, 10_000)),
+                                             cache_dir, device))
+    util.write_json(results, out / "results.json")
+    return results
+
+
+def grade(images, labels, settings: DDPMSettings, out: Path, device) -> dict:
+    """Digit accuracy by the project's classifier (metrics.py), when one is trained."""
+    path = Path(settings.classifier)
+    if not path.is_file():
+        return {"digit_accuracy": None, "digit_accuracy_unavailable":
+                f"no classifier at {path}: train one with 'run.py classifier' or pass "
+                "--classifier"}
+    classifier = metrics.load_classifier(path, device)
+    predictions = metrics.predict(classifier, data.ImageSet(data.to_uint8(images)),
+                                  device=device)
+    share, correct, total = metrics.accuracy(predictions, labels)
+    return {"digit_accuracy": share, "digit_correct": correct, "digit_total": total}
+
+
+def load(path, device) -> tuple[Diffusion, DDPMSettings]:
+    state = util.load_checkpoint(path, device)
+    if "model" not in state or "settings" not in state:
+        raise UserError(f"{path} is not a DDPM checkpoint: train one with 'run.py ddpm'")
+    settings = DDPMSettings(**state["settings"])
+    model = Diffusion(settings).to(device)
+    model.load_state_dict(state["model"])
+    return model, settings

@@ -1,0 +1,206 @@
+"""A convolutional variational autoencoder on 64x64 faces (Kingma & Welling 2014,
+"Auto-Encoding Variational Bayes").
+
+The encoder gives q(z | x) = N(mu(x), diag sigma^2(x)), the decoder a face x^(z), the prior
+is p(z) = N(0, I). Training maximises the evidence lower bound
+    log p(x) >= E_q[log p(x | z)] - KL(q(z | x) || p(z)),
+which, with a Gaussian decoder, is (up to constants and scale) minimising
+    L = ||x - x^(z)||^2 + lambda * KL,   KL = 1/2 sum_j (mu_j^2 + sigma_j^2 - log sigma_j^2 - 1).
+Both terms are summed over one image (pixels; latent dimensions) and averaged over the
+batch, so lambda = 1 is the negative ELBO of a decoder with variance 1/2.
+
+Sampling z inside the loss is made differentiable by the reparameterisation
+z = mu + sigma * eps, eps ~ N(0, I): the randomness moves into eps and the gradient flows
+to mu and log sigma^2.
+
+What lambda trades off (the 2018 seed report's discussion): a small lambda lets q(z | x)
+be narrow and far from the prior, so reconstructions are sharp but random samples from
+N(0, I) land where the decoder was never trained and look broken; a large lambda pulls
+every q(z | x) onto the prior, samples look like faces but reconstructions blur towards an
+average face, and latent dimensions switch off (posterior collapse). KL warm-up (lambda
+growing from 0 over the first epochs) lets the decoder learn to use z before the KL
+term pushes back.
+"""
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import nets
+import plots
+import tsne
+import util
+from util import UserError
+
+
+@dataclass
+class VAESettings:
+    """Flags of `run.py vae`."""
+    data: str = field(default="celeba", metadata={"help": "celeba or a folder of faces"})
+    latent_dim: int = field(default=512, metadata={"help": "size of z"})
+    kl_weight: float = field(default=1.0, metadata={"help": "lambda in MSE + lambda KL"})
+    warmup_epochs: int = field(default=0, metadata={
+        "help": "epochs over which lambda grows linearly from 0 (KL warm-up)"})
+    epochs: int = field(default=20, metadata={"help": "passes over the training faces"})
+    batch_size: int = field(default=64, metadata={"help": "images per step"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    attribute: str = field(default="Male", metadata={"help": "colours the t-SNE of latents"})
+    tsne_points: int = field(default=2000, metadata={"help": "test faces in the t-SNE (0: none)"})
+    limit: int = field(default=0, metadata={"help": "use only the first N training faces"})
+    resume: bool = field(default=False, metadata={"help": "continue from checkpoint.pt"})
+
+
+# ============================================================================ the loss
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) summed over latent dimensions: (B, d) -> (B,)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(dim=1)
+
+
+def reparameterise(mu: torch.Tensor, logvar: torch.Tensor, generator=None) -> torch.Tensor:
+    """z = mu + sigma * eps, eps ~ N(0, I), sigma = exp(logvar / 2)."""
+    eps = torch.randn(mu.shape, generator=generator).to(mu.device)
+    return mu + (0.5 * logvar).exp() * eps
+
+
+def losses(model: nets.VAE, x: torch.Tensor, generator=None) -> dict:
+    """Per-image squared error and KL, averaged over the batch; also the per-pixel MSE."""
+    mu, logvar = model.encode(x)
+    reconstruction = model.decode(reparameterise(mu, logvar, generator))
+    squared_error = (reconstruction - x).pow(2).flatten(1).sum(dim=1)
+    return {"reconstruction": squared_error.mean(), "kl": kl_divergence(mu, logvar).mean(),
+            "mse": squared_error.mean() / x[0].numel()}
+
+
+def kl_weight_at(settings: VAESettings, epoch: int, fraction: float) -> float:
+    """lambda, grown linearly over the warm-up epochs (fraction: progress in the epoch)."""
+    if settings.warmup_epochs <= 0:
+        return settings.kl_weight
+    return settings.kl_weight * min(1.0, (epoch + fraction) / settings.warmup_epochs)
+
+
+# ============================================================================ training
+def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out: Path,
+          device, seed: int) -> dict:
+    out = Path(out)
+    util.seed_everything(seed)
+    model = nets.VAE(settings.latent_dim).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), settings.lr)
+    history = {"train_mse": [], "train_kl": [], "test_mse": [], "test_kl": []}
+    first_epoch, seconds = 0, 0.0
+    checkpoint = out / "checkpoint.pt"
+    if settings.resume and checkpoint.exists():
+        state = util.load_checkpoint(checkpoint, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, first_epoch, seconds = state["history"], state["epoch"], state["seconds"]
+        print(f"resumed from {checkpoint} after epoch {first_epoch}")
+    faces, test = faces.to(device), test.to(device)
+    steps = len(faces) // settings.batch_size
+    if steps == 0:
+        raise UserError(f"{len(faces)} faces is fewer than one batch of {settings.batch_size}:"
+                        " lower --batch-size")
+    for epoch in range(first_epoch, settings.epochs):
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        model.train()
+        start, sums = time.perf_counter(), {"mse": 0.0, "kl": 0.0}
+        progress = util.Progress(desc=f"epoch {epoch + 1}/{settings.epochs}", total=steps)
+        for step, (images, _) in enumerate(faces.batches(settings.batch_size,
+                                                         generator=generator, drop_last=True)):
+            terms = losses(model, images, generator)
+            weight = kl_weight_at(settings, epoch, step / steps)
+            loss = terms["reconstruction"] + weight * terms["kl"]
+            util.check_finite(loss, step, "VAE loss")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums["mse"] += terms["mse"].item()
+            sums["kl"] += terms["kl"].item()
+            progress.update(1, mse=terms["mse"].item(), kl=terms["kl"].item())
+        progress.close()
+        seconds += time.perf_counter() - start
+        test_terms = evaluate(model, test, seed)
+        history["train_mse"].append(sums["mse"] / steps)
+        history["train_kl"].append(sums["kl"] / steps)
+        history["test_mse"].append(test_terms["mse"])
+        history["test_kl"].append(test_terms["kl"])
+        print(f"epoch {epoch + 1}: train MSE {history['train_mse'][-1]:.4f}, KL "
+              f"{history['train_kl'][-1]:.1f}; test MSE {test_terms['mse']:.4f}, KL "
+              f"{test_terms['kl']:.1f}")
+        util.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "history": history, "epoch": epoch + 1, "seconds": seconds,
+                              "settings": asdict(settings)}, checkpoint)
+        save_curves(history, out, settings)
+    return finish(model, test, history, settings, out, seed, seconds)
+
+
+@torch.no_grad()
+def evaluate(model: nets.VAE, test: data.ImageSet, seed: int, batch_size: int = 500) -> dict:
+    """Test per-pixel MSE and per-image KL (z sampled, from a fixed seed)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    totals = {"mse": 0.0, "kl": 0.0}
+    for images, _ in test.batches(batch_size, shuffle=False):
+        terms = losses(model, images, generator)
+        totals["mse"] += terms["mse"].item() * len(images)
+        totals["kl"] += terms["kl"].item() * len(images)
+    return {name: total / len(test) for name, total in totals.items()}
+
+
+def save_curves(history: dict, out: Path, settings: VAESettings):
+    title = f"VAE, lambda = {settings.kl_weight:g}"
+    plots.line_plot({"train": history["train_mse"], "test": history["test_mse"]},
+                    out / "mse.png", title=f"{title}: reconstruction MSE per pixel",
+                    xlabel="epoch")
+    plots.line_plot({"train": history["train_kl"], "test": history["test_kl"]},
+                    out / "kl.png", title=f"{title}: KL(q(z|x) || N(0, I)) per image",
+                    xlabel="epoch")
+
+
+# ============================================================================ pictures
+@torch.no_grad()
+def finish(model: nets.VAE, test: data.ImageSet, history: dict, settings: VAESettings,
+           out: Path, seed: int, seconds: float) -> dict:
+    """Reconstructions, samples, interpolation, t-SNE of latents, results.json."""
+    model.eval()
+    faces = test.images(torch.arange(min(10, len(test)), device=test.pixels.device))
+    reconstructions = model.decode(model.encode(faces)[0])        # the mean code
+    mse = (reconstructions - faces).pow(2).mean().item()
+    data.save_grid(torch.cat([faces, reconstructions]).cpu(), out / "reconstructions.png",
+                   nrow=len(faces))
+    plots.add_caption(out / "reconstructions.png",
+                      f"test faces (top) and reconstructions (bottom): MSE {mse:.4f}")
+    z = torch.randn(32, settings.latent_dim, generator=torch.Generator().manual_seed(seed))
+    data.save_grid(model.decode(z.to(faces.device)).cpu(), out / "samples.png")
+    save_interpolation(model, faces[0], faces[1], out / "interpolation.png")
+    if settings.tsne_points and test.labels is not None:
+        save_latent_tsne(model, test, settings, out / "tsne.png", seed)
+    results = {"kl_weight": settings.kl_weight, "epochs": len(history["test_mse"]),
+               "test_mse": history["test_mse"][-1], "test_kl": history["test_kl"][-1],
+               "train_seconds": seconds, "seconds_per_epoch": seconds / max(
+                   len(history["test_mse"]), 1), "reconstruction_mse_10_faces": mse,
+               "seed": seed}
+    util.write_json(results, out / "results.json")
+    return results
+
+
+def save_interpolation(model: nets.VAE, first: torch.Tensor, second: torch.Tensor, path,
+                       count: int = 10):
+    """Decode (1 - a) mu(x_1) + a mu(x_2) for a from 0 to 1: one strip."""
+    mu = model.encode(torch.stack([first, second]))[0]
+    amounts = torch.linspace(0, 1, count, device=mu.device)[:, None]
+    data.save_grid(model.decode((1 - amounts) * mu[0] + amounts * mu[1]).cpu(), path,
+                   nrow=count)
+
+
+def save_latent_tsne(model: nets.VAE, test: data.ImageSet, settings: VAESettings, path,
+                     seed: int):
+    chosen = test.subset(torch.arange(min(settings.tsne_points, len(test))))
+    codes = torch.cat([model.encode(images)[0].cpu()
+                       for images, _ in chosen.batches(500, shuffle=False)]).double().numpy()
+    points = tsne.tsne(tsne.pca(codes, min(50, codes.shape[1])), seed=seed)
+    plots.scatter_plot(points, chosen.labels.cpu().numpy(), path,
+                       title=f"t-SNE of test latents (mu), by {settings.attribute}",
+                       names=[f"not {settings.attribute}", settings.attribute])
