@@ -369,10 +369,4 @@ def grade(images, labels, settings: DDPMSettings, out: Path, device) -> dict:
 
 
 def load(path, device) -> tuple[Diffusion, DDPMSettings]:
-    state = util.load_checkpoint(path, device)
-    if "model" not in state or "settings" not in state:
-        raise UserError(f"{path} is not a DDPM checkpoint: train one with 'run.py ddpm'")
-    settings = DDPMSettings(**state["settings"])
-    model = Diffusion(settings).to(device)
-    model.load_state_dict(state["model"])
-    return model, settings
+    return util.load_trained(path, device, DDPMSettings, Diffusion, "model", "ddpm")

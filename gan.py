@@ -353,10 +353,4 @@ def generate(gan: GAN, count: int, settings: GANSettings, seed: int, device,
 
 
 def load(path, device) -> tuple[GAN, GANSettings]:
-    state = util.load_checkpoint(path, device)
-    if "gan" not in state or "settings" not in state:
-        raise UserError(f"{path} is not a GAN checkpoint: train one with 'run.py gan'")
-    settings = GANSettings(**state["settings"])
-    gan = GAN(settings).to(device)
-    gan.load_state_dict(state["gan"])
-    return gan, settings
+    return util.load_trained(path, device, GANSettings, GAN, "gan", "gan")

@@ -221,8 +221,10 @@ def command_ddpm(args) -> None:
         sampling = dataclasses.replace(trained, sampler=settings.sampler,
                                        sampling_steps=settings.sampling_steps,
                                        eta=settings.eta, guidance=settings.guidance)
-        _, _, seconds = ddpm.generate(model, sampling, Path(common.out), common.seed, device)
-        print(f"wrote 1000 images to {common.out} in {seconds:.1f} s ({sampling.sampler}"
+        _, _, seconds = ddpm.generate(model, sampling, Path(common.out), common.seed, device,
+                                      per_digit=args.per_digit)
+        print(f"wrote {10 * args.per_digit} images to {common.out} in {seconds:.1f} s "
+              f"({sampling.sampler}"
               f"{', %d steps' % sampling.sampling_steps if sampling.sampler == 'ddim' else ''})")
         return
     digits = load_data(common, settings.data, "train")
@@ -365,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(sub, ddpm.DDPMSettings)
     sub.add_argument("--generate", action="store_true",
                      help="write the 1000 course images from --ckpt into --out, timed")
+    sub.add_argument("--per-digit", type=int, default=100,
+                     help="images of each digit for --generate (the course wants 100)")
     sub.add_argument("--ckpt", default=None, help="checkpoint for --generate")
 
     sub = command("uda", command_uda, "domain adaptation: source, dann, dann-ent, adda, target")

@@ -381,13 +381,8 @@ def write_predictions(names: list[str], predictions: torch.Tensor, path: Path) -
 
 def load_for_prediction(path, device) -> tuple[nn.Module, UDASettings]:
     """The target encoder and classifier of a checkpoint, ready to predict."""
-    state = util.load_checkpoint(path, device)
-    if "networks" not in state or "settings" not in state:
-        raise UserError(f"{path} is not a domain-adaptation checkpoint: train one with "
-                        "'run.py uda'")
-    settings = UDASettings(**state["settings"])
-    nets_ = Networks(settings.method).to(device)
-    nets_.load_state_dict(state["networks"])
+    nets_, settings = util.load_trained(path, device, UDASettings,
+                                        lambda s: Networks(s.method), "networks", "uda")
     encoder = nets_.target_encoder(adapted=settings.method == "adda")
     return nn.Sequential(encoder, nets_.classifier).eval(), settings
 

@@ -146,6 +146,19 @@ def load_checkpoint(path, device="cpu") -> dict:
                         "it is damaged or not from this project; delete it or pick another")
 
 
+def load_trained(path, device, settings_class, build, key: str, command: str):
+    """(model, settings) from a checkpoint of `run.py command`: the settings dataclass
+    is rebuilt from the checkpoint, the model by build(settings), its weights from key."""
+    state = load_checkpoint(path, device)
+    if key not in state or "settings" not in state:
+        raise UserError(f"{path} is not a '{command}' checkpoint: train one with "
+                        f"'run.py {command}'")
+    settings = settings_class(**state["settings"])
+    model = build(settings).to(device)
+    model.load_state_dict(state[key])
+    return model, settings
+
+
 def write_text(text: str, path) -> Path:
     return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
