@@ -205,13 +205,13 @@ def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
     if gan.attribute_channels:  # ACGAN: D learns the attribute of real and generated faces
         d_loss = d_loss + attribute_loss(real_out, real_attributes) \
             + attribute_loss(fake_out, fake_attributes)
-    step(optimizers["discriminator"], d_loss)
+    util.descend(optimizers["discriminator"], d_loss)
 
     fake_out_for_g = gan.discriminator(augment(fake)).flatten(1)
     g_loss = generator_loss(fake_out_for_g[:, 0], hinge)
     if gan.attribute_channels:  # ... and G must draw the attribute it was asked for
         g_loss = g_loss + attribute_loss(fake_out_for_g, fake_attributes)
-    step(optimizers["generator"], g_loss)
+    util.descend(optimizers["generator"], g_loss)
     return {"loss_d": d_loss, "loss_g": g_loss,
             "D(x)": torch.sigmoid(real_out[:, 0]).mean(),
             "D(G(z))": torch.sigmoid(fake_out[:, 0]).mean()}
@@ -219,12 +219,6 @@ def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
 
 def attribute_loss(outputs: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(outputs[:, 1], attributes.float())
-
-
-def step(optimizer, loss):
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
 
 
 # ============================================================================ training

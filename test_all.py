@@ -1267,6 +1267,11 @@ def test_ddpm_run_writes_course_images_grid_strip_curve_and_resumes(tmp_path, mo
     assert Image.open(tmp_path / "whole" / "reverse_process.png").size == (6 * 30 + 2, 32)
     assert results["digit_accuracy"] is None and "no classifier" in \
         results["digit_accuracy_unavailable"]
+    folder = tmp_path / "deliverable"
+    assert run.main(["ddpm", "--generate", "--ckpt", str(tmp_path / "whole" / "checkpoint.pt"),
+                     "--out", str(folder), "--per-digit", "2"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == [f"{d}_00{i}.png" for d in range(10)
+                                                        for i in (1, 2)]
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt

@@ -152,7 +152,7 @@ class Networks(nn.Module):
 
 def classify_step(nets_: Networks, images, labels, optimizer) -> dict:
     loss = F.cross_entropy(nets_.classifier(nets_.features(images)), labels)
-    update(optimizer, loss)
+    util.descend(optimizer, loss)
     return {"class": loss}
 
 
@@ -173,7 +173,8 @@ def dann_step(nets_: Networks, source, labels, target, optimizer, progress: floa
     losses = {"class": class_loss, "domain": domain_loss}
     if entropy_weight:
         losses["entropy"] = entropy(nets_.classifier(target_features))
-    update(optimizer, class_loss + domain_loss + entropy_weight * losses.get("entropy", 0.0))
+    util.descend(optimizer,
+                 class_loss + domain_loss + entropy_weight * losses.get("entropy", 0.0))
     return losses
 
 
@@ -185,18 +186,12 @@ def adda_step(nets_: Networks, source, target, optimizers) -> dict:
     both = torch.cat([source_features, target_features.detach()])
     is_source = torch.cat([torch.ones(len(source)), torch.zeros(len(target))]).to(source.device)
     domain_loss = F.binary_cross_entropy_with_logits(nets_.domain(both).squeeze(1), is_source)
-    update(optimizers["domain"], domain_loss)
+    util.descend(optimizers["domain"], domain_loss)
     fooled = torch.ones(len(target), device=target.device)
     encoder_loss = F.binary_cross_entropy_with_logits(
         nets_.domain(target_features).squeeze(1), fooled)
-    update(optimizers["target"], encoder_loss)
+    util.descend(optimizers["target"], encoder_loss)
     return {"domain": domain_loss, "encoder": encoder_loss}
-
-
-def update(optimizer, loss):
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
 
 
 # ============================================================================ training

@@ -168,6 +168,13 @@ def write_json(obj, path) -> Path:
     return write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
 
 
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One gradient step on loss: clear old gradients, backpropagate, update."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def check_finite(loss: torch.Tensor, step: int, what: str = "loss"):
     """Stop a diverged run with one clear line (the last checkpoint stays untouched)."""
     if not torch.isfinite(loss).all():

@@ -112,9 +112,7 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
             weight = kl_weight_at(settings, epoch, step / steps)
             loss = terms["reconstruction"] + weight * terms["kl"]
             util.check_finite(loss, step, "VAE loss")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            util.descend(optimizer, loss)
             sums["mse"] += terms["mse"].item()
             sums["kl"] += terms["kl"].item()
             progress.update(1, mse=terms["mse"].item(), kl=terms["kl"].item())
