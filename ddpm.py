@@ -299,8 +299,8 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
         history, first_step, seconds = state["history"], state["step"], state["seconds"]
         print(f"resumed from {checkpoint} at step {first_step}")
     digits = digits.to(device)
-    progress = util.Progress(desc="DDPM", total=settings.steps)
-    progress.update(first_step)
+    progress = util.Progress(desc="DDPM", total=settings.steps,
+                             initial=first_step)
     running, start = 0.0, time.perf_counter()
     for index in range(first_step, settings.steps):
         for group in optimizer.param_groups:  # linear warm-up over 500 steps

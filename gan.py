@@ -263,8 +263,8 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
         print(f"resumed from {checkpoint} at step {first_step}")
     faces = faces.to(device)
     running: dict[str, float] = {}  # sums since the last save
-    progress = util.Progress(desc=f"GAN {settings.variant}", total=settings.steps)
-    progress.update(first_step)
+    progress = util.Progress(desc=f"GAN {settings.variant}", total=settings.steps,
+                             initial=first_step)
     start = time.perf_counter()
     for index in range(first_step, settings.steps):
         batch = torch.randint(len(faces), (settings.batch_size,), generator=rng)

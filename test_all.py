@@ -431,6 +431,16 @@ def test_progress_prints_rate_and_eta_lines_when_not_a_terminal():
     assert "loss=0.5" in lines[-1] and "<" in lines[-1] and "\r" not in stream.getvalue()
 
 
+def test_progress_of_a_resumed_run_rates_only_the_new_steps(monkeypatch):
+    clock = iter([0.0, 10.0, 10.0])  # created at t = 0 s; updated, then drawn at t = 10 s
+    monkeypatch.setattr(util.time, "perf_counter", lambda: next(clock))
+    progress = util.Progress(desc="DDPM", total=100, initial=60, interval=1e9,
+                             stream=io.StringIO())
+    progress.update(20)  # 20 new steps in 10 s: 2 it/s, 20 left, ETA 10 s
+    line = progress.line()
+    assert "80% 80/100" in line and "2.00 it/s" in line and "<00:10" in line, line
+
+
 def test_checkpoint_write_is_atomic_and_damage_is_reported(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     util.save_checkpoint({"step": 1}, path)

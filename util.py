@@ -66,10 +66,12 @@ class Progress:
     On a terminal the line is redrawn in place (carriage return); in a log file (not a tty)
     a plain line is printed every `interval` seconds so logs stay readable. Use it as an
     iterable wrapper, or call `update(n)` by hand (downloads count bytes this way).
-    `stats` given to `update` (e.g. loss=0.31) are shown at the end of the line."""
+    `stats` given to `update` (e.g. loss=0.31) are shown at the end of the line. A resumed
+    run passes `initial` (the steps already done): they count towards the total, not the rate."""
 
     def __init__(self, iterable=None, desc: str = "", total: int | None = None,
-                 unit: str = "it", interval: float | None = None, stream=None):
+                 unit: str = "it", interval: float | None = None, stream=None,
+                 initial: int = 0):
         self.iterable = iterable
         self.total = total if total is not None else (
             len(iterable) if hasattr(iterable, "__len__") else None)
@@ -77,7 +79,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.is_terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.interval = interval if interval is not None else (0.2 if self.is_terminal else 30.0)
-        self.count, self.stats = 0, {}
+        self.count, self.initial, self.stats = initial, initial, {}
         self.start = self.last_shown = time.perf_counter()
 
     def __iter__(self):
@@ -96,7 +98,7 @@ class Progress:
 
     def line(self) -> str:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = self.count / elapsed
+        rate = (self.count - self.initial) / elapsed
         scale, unit = (1 / 2**20, "MB") if self.unit == "B" else (1, self.unit)
         done = f"{self.count * scale:.1f}" if self.unit == "B" else f"{self.count}"
         if self.total:
