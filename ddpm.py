@@ -289,19 +289,19 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
     model = Diffusion(settings).to(device)
     optimizer = torch.optim.Adam(model.network.parameters(), settings.lr)
     rng = torch.Generator().manual_seed(seed)
-    history, first_step, seconds = {"step": [], "loss": []}, 0, 0.0
+    log, first_step = util.StepLog(), 0
     checkpoint = out / "checkpoint.pt"
     if settings.resume and checkpoint.exists():
         state = util.load_checkpoint(checkpoint, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         rng.set_state(state["rng"])
-        history, first_step, seconds = state["history"], state["step"], state["seconds"]
+        log, first_step = util.StepLog(state["history"], state["seconds"]), state["step"]
         print(f"resumed from {checkpoint} at step {first_step}")
     digits = digits.to(device)
     progress = util.Progress(desc="DDPM", total=settings.steps,
                              initial=first_step)
-    running, start = 0.0, time.perf_counter()
+    log.start_clock()
     for index in range(first_step, settings.steps):
         for group in optimizer.param_groups:  # linear warm-up over 500 steps
             group["lr"] = settings.lr * min(1.0, (index + 1) / 500)
@@ -313,35 +313,34 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
         util.check_finite(loss, index + 1, "DDPM loss")
         util.descend(optimizer, loss)
         model.update_ema(index)
-        running += loss.item()
+        log.add({"loss": loss})
         progress.update(1, loss=loss.item())
         done = index + 1
         if done % settings.sample_every == 0 or done == settings.steps:
-            seconds += time.perf_counter() - start
-            history["loss"].append(running / (done - (history["step"][-1] if history["step"]
-                                                      else first_step)))
-            history["step"].append(done)
-            running = 0.0
+            log.commit(done)
             util.save_checkpoint({"model": model.state_dict(), "optimizer":
                                   optimizer.state_dict(), "rng": rng.get_state(),
-                                  "history": history, "step": done, "seconds": seconds,
-                                  "settings": asdict(settings)}, checkpoint)
-            plots.line_plot({"training loss": history["loss"]}, out / "loss.png",
+                                  "history": log.history, "step": done,
+                                  "seconds": log.seconds, "settings": asdict(settings)},
+                                 checkpoint)
+            plots.line_plot({"training loss": log.history["loss"]}, out / "loss.png",
                             title="DDPM: epsilon-prediction MSE", xlabel="step",
-                            x=history["step"])
+                            x=log.history["step"])
             save_grid_and_strip(model, settings, out, seed, device)
-            start = time.perf_counter()
+            log.start_clock()
     progress.close()
-    return finish(model, real_test, history, settings, out, seed, seconds, device, cache_dir)
+    return finish(model, real_test, log.history, settings, out, seed, log.seconds, device,
+                  cache_dir)
 
 
 def finish(model: Diffusion, real_test, history, settings: DDPMSettings, out: Path,
            seed: int, seconds: float, device, cache_dir) -> dict:
     """The 1000 images, their digit accuracy and FID, results.json."""
     images, labels, sampling_seconds = generate(model, settings, out / "images", seed, device)
+    losses = history.get("loss") or [None]
     results = {"steps": history["step"][-1] if history["step"] else 0, "seed": seed,
-               "train_seconds": seconds, "final_loss": history["loss"][-1] if history["loss"]
-               else None, "sampler": settings.sampler, "sampling_steps":
+               "train_seconds": seconds, "final_loss": losses[-1],
+               "sampler": settings.sampler, "sampling_steps":
                settings.sampling_steps if settings.sampler == "ddim" else settings.timesteps,
                "guidance": settings.guidance, "seconds_for_1000_images": sampling_seconds}
     results.update(grade(images, labels, settings, out, device))

@@ -33,7 +33,6 @@ predicts c. Both players also minimise the attribute's cross-entropy, on real im
 It uses variant b's training.
 """
 import copy
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -251,7 +250,7 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
     gan = GAN(settings).to(device)
     optimizers = build_optimizers(gan, settings)
     rng = torch.Generator().manual_seed(seed)  # data order, z, augmentation
-    history, first_step, seconds = {}, 0, 0.0
+    log, first_step = util.StepLog(), 0
     checkpoint = out / "checkpoint.pt"
     if settings.resume and checkpoint.exists():
         state = util.load_checkpoint(checkpoint, device)
@@ -259,13 +258,12 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
         rng.set_state(state["rng"])
-        history, first_step, seconds = state["history"], state["step"], state["seconds"]
+        log, first_step = util.StepLog(state["history"], state["seconds"]), state["step"]
         print(f"resumed from {checkpoint} at step {first_step}")
     faces = faces.to(device)
-    running: dict[str, float] = {}  # sums since the last save
     progress = util.Progress(desc=f"GAN {settings.variant}", total=settings.steps,
                              initial=first_step)
-    start = time.perf_counter()
+    log.start_clock()
     for index in range(first_step, settings.steps):
         batch = torch.randint(len(faces), (settings.batch_size,), generator=rng)
         batch = batch.to(faces.pixels.device)
@@ -276,24 +274,20 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
         gan.update_ema(index, settings.ema_decay)
         for name, value in numbers.items():
             util.check_finite(value, index + 1, f"GAN {name}")
-            running[name] = running.get(name, 0.0) + value.item()
+        log.add(numbers)
         progress.update(1, **{k: round(v.item(), 3) for k, v in numbers.items()})
         done = index + 1
         if done % settings.sample_every == 0 or done == settings.steps:
-            seconds += time.perf_counter() - start
-            start = time.perf_counter()
-            since = done - (history["step"][-1] if history else 0)
-            for name, total in running.items():
-                history.setdefault(name, []).append(total / since)
-            history.setdefault("step", []).append(done)
-            running = {}
+            log.commit(done)
             util.save_checkpoint({"gan": gan.state_dict(), "optimizers": {
                 name: optimizer.state_dict() for name, optimizer in optimizers.items()},
-                "rng": rng.get_state(), "history": history, "step": done,
-                "seconds": seconds, "settings": asdict(settings)}, checkpoint)
-            save_pictures(gan, history, settings, out, seed, device)
+                "rng": rng.get_state(), "history": log.history, "step": done,
+                "seconds": log.seconds, "settings": asdict(settings)}, checkpoint)
+            save_pictures(gan, log.history, settings, out, seed, device)
+            log.start_clock()
     progress.close()
-    return finish(gan, held_out, history, settings, out, seed, seconds, device, cache_dir)
+    return finish(gan, held_out, log.history, settings, out, seed, log.seconds, device,
+                  cache_dir)
 
 
 def save_pictures(gan: GAN, history: dict, settings: GANSettings, out: Path, seed: int,
@@ -323,7 +317,7 @@ def save_attribute_pairs(gan: GAN, settings: GANSettings, path: Path, seed: int,
 
 def finish(gan: GAN, held_out, history: dict, settings: GANSettings, out: Path, seed: int,
            seconds: float, device, cache_dir) -> dict:
-    steps = history["step"][-1] if history else 0
+    steps = history["step"][-1] if history["step"] else 0
     results = {"variant": settings.variant, "steps": steps, "seed": seed,
                "image_size": settings.image_size, "train_seconds": seconds,
                "seconds_per_step": seconds / max(steps, 1),

@@ -441,6 +441,20 @@ def test_progress_of_a_resumed_run_rates_only_the_new_steps(monkeypatch):
     assert "80% 80/100" in line and "2.00 it/s" in line and "<00:10" in line, line
 
 
+def test_step_log_means_between_commits_and_time_without_pauses(monkeypatch):
+    clock = iter([0.0, 4.0, 100.0, 103.0])  # trains 0-4 s, pictures 4-100 s, trains 3 s
+    monkeypatch.setattr(util.time, "perf_counter", lambda: next(clock))
+    log = util.StepLog({"step": [10], "loss": [9.0]}, seconds=50.0)  # resumed at step 10
+    for loss in (1.0, 2.0, 6.0):
+        log.add({"loss": torch.tensor(loss)})
+    log.commit(13)
+    log.start_clock()
+    log.add({"loss": 5.0})
+    log.commit(14)
+    assert log.history == {"step": [10, 13, 14], "loss": [9.0, 3.0, 5.0]}
+    assert log.seconds == 50.0 + 4.0 + 3.0
+
+
 def test_checkpoint_write_is_atomic_and_damage_is_reported(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     util.save_checkpoint({"step": 1}, path)

@@ -177,6 +177,34 @@ def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     optimizer.step()
 
 
+class StepLog:
+    """What a step-based training loop plots and times: each step's numbers are summed, and
+    `commit(step)` appends their means since the previous commit to `history` (with the
+    step) and adds the time since `start_clock` to `seconds`, so the pictures and
+    checkpoints made between a commit and the next `start_clock` are not counted as training.
+    `history` and `seconds` come from the checkpoint when a run resumes."""
+
+    def __init__(self, history: dict | None = None, seconds: float = 0.0):
+        self.history, self.seconds, self.sums = history or {"step": []}, seconds, {}
+        self.start_clock()
+
+    def start_clock(self):
+        self.start = time.perf_counter()
+
+    def add(self, numbers: dict):
+        for name, value in numbers.items():
+            self.sums[name] = self.sums.get(name, 0.0) + torch.as_tensor(value).item()
+
+    def commit(self, step: int):
+        self.seconds += time.perf_counter() - self.start
+        steps = self.history["step"]
+        since = step - (steps[-1] if steps else 0)
+        for name, total in self.sums.items():
+            self.history.setdefault(name, []).append(total / since)
+        steps.append(step)
+        self.sums = {}
+
+
 def check_finite(loss: torch.Tensor, step: int, what: str = "loss"):
     """Stop a diverged run with one clear line (the last checkpoint stays untouched)."""
     if not torch.isfinite(loss).all():
