@@ -1010,6 +1010,50 @@ def test_predictions_csv_has_the_course_header_and_one_row_per_image(tmp_path, c
         images.names[:5]
 
 
+def test_adda_adaptation_freezes_source_nets_and_drops_no_target_features():
+    nets_ = uda.Networks("adda")
+    uda.set_modes(nets_, "adapt")
+    assert not nets_.features.training and not nets_.classifier.training
+    target = nets_.target_features
+    norms = [m for m in target.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.training for m in norms)  # F_t: batch statistics of the target
+    x = torch.randn(8, 3, 28, 28)
+    torch.manual_seed(0)
+    first = target(x)
+    torch.manual_seed(1)
+    assert torch.equal(first, target(x))  # no dropout mask the discriminator could see
+    uda.set_modes(nets_, "pretrain")
+    torch.manual_seed(1)
+    assert not torch.equal(nets_.features(x), nets_.features(x))  # dropout on in training
+
+
+def test_dann_step_reverses_the_domain_gradient_with_the_given_strength():
+    """F's gradient of the DANN step = grad(class loss) - reversal * grad(domain loss)."""
+    generator = torch.Generator().manual_seed(1)
+    source, target = (torch.randn(6, 3, 28, 28, generator=generator) for _ in "st")
+    labels, is_source = torch.arange(6), torch.cat([torch.ones(6), torch.zeros(6)])
+
+    def fresh_nets():
+        torch.manual_seed(0)
+        return uda.Networks("dann").eval()  # eval: both passes see the same network
+
+    def step_gradient(reversal):
+        nets_ = fresh_nets()
+        optimizer = torch.optim.SGD(nets_.parameters(), lr=0.0)
+        uda.dann_step(nets_, source, labels, target, optimizer, reversal)
+        return nets_.features[0].weight.grad
+
+    nets_ = fresh_nets()  # the domain loss's own gradient, by autograd, without the GRL
+    features = torch.cat([nets_.features(source), nets_.features(target)])
+    domain_loss = F.binary_cross_entropy_with_logits(nets_.domain(features).squeeze(1),
+                                                     is_source)
+    domain_gradient, = torch.autograd.grad(domain_loss, nets_.features[0].weight)
+    class_gradient = step_gradient(0.0)
+    assert domain_gradient.abs().max() > 1e-3 * class_gradient.abs().max()
+    assert torch.allclose(step_gradient(0.7), class_gradient - 0.7 * domain_gradient,
+                          atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["dann", "adda"])
 def test_resumed_uda_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, method):
     settings = tiny_uda(src="mnistm", tgt="usps", method=method, epochs=2, tsne_points=0)
