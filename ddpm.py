@@ -181,10 +181,11 @@ def autocast(device, enabled: bool):
 # ============================================================================ samplers
 @torch.no_grad()
 def sample_ddpm(model: Diffusion, labels: torch.Tensor, w: float, rng: torch.Generator,
-                keep_at=()) -> tuple[torch.Tensor, dict]:
+                keep_at=(), on_step=lambda: None) -> tuple[torch.Tensor, dict]:
     """Ancestral sampling, t = T .. 1: x_{t-1} = mu~(x_0(x_t, eps~), x_t) + sqrt(beta~_t) z.
     The predicted x_0 is clipped to [-1, 1] (the data range). Returns x_0 and
-    {t: x_t} for the timesteps in keep_at (for the reverse-process strip)."""
+    {t: x_t} for the timesteps in keep_at (for the reverse-process strip); on_step() is
+    called after each network evaluation (progress display)."""
     device, schedule = labels.device, model.schedule
     x = torch.randn(len(labels), 3, 28, 28, generator=rng).to(device)
     kept = {schedule.T: x.clone()} if schedule.T in keep_at else {}
@@ -195,6 +196,7 @@ def sample_ddpm(model: Diffusion, labels: torch.Tensor, w: float, rng: torch.Gen
         mean, variance = schedule.posterior(x0, x, t)
         noise = torch.randn(x.shape, generator=rng).to(device) if step > 1 else 0.0
         x = mean + variance.sqrt() * noise
+        on_step()
         if step - 1 in keep_at:
             kept[step - 1] = x.clone()
     return x, kept
@@ -207,7 +209,8 @@ def ddim_timesteps(T: int, steps: int) -> list[int]:
 
 @torch.no_grad()
 def sample_ddim(model: Diffusion, labels: torch.Tensor, w: float, rng: torch.Generator,
-                steps: int = 50, eta: float = 0.0, keep_at=()) -> tuple[torch.Tensor, dict]:
+                steps: int = 50, eta: float = 0.0, keep_at=(),
+                on_step=lambda: None) -> tuple[torch.Tensor, dict]:
     """DDIM on S timesteps; eta = 0 gives a deterministic map from x_T to x_0."""
     device, schedule = labels.device, model.schedule
     x = torch.randn(len(labels), 3, 28, 28, generator=rng).to(device)
@@ -229,18 +232,20 @@ def sample_ddim(model: Diffusion, labels: torch.Tensor, w: float, rng: torch.Gen
         noise = torch.randn(x.shape, generator=rng).to(device) if sigma > 0 else 0.0
         x = (math.sqrt(alpha_bar_prev) * x0
              + math.sqrt(max(1 - alpha_bar_prev - sigma ** 2, 0.0)) * eps + sigma * noise)
+        on_step()
     if 0 in keep_at:
         kept[0] = x.clone()
     return x, kept
 
 
-def sample(model: Diffusion, labels, settings: DDPMSettings, seed: int, keep_at=()):
+def sample(model: Diffusion, labels, settings: DDPMSettings, seed: int, keep_at=(),
+           on_step=lambda: None):
     rng = torch.Generator().manual_seed(seed)
     if settings.sampler == "ddpm":
-        return sample_ddpm(model, labels, settings.guidance, rng, keep_at)
+        return sample_ddpm(model, labels, settings.guidance, rng, keep_at, on_step)
     if settings.sampler == "ddim":
         return sample_ddim(model, labels, settings.guidance, rng, settings.sampling_steps,
-                           settings.eta, keep_at)
+                           settings.eta, keep_at, on_step)
     raise UserError(f"unknown --sampler '{settings.sampler}': use ddim or ddpm")
 
 
@@ -256,10 +261,15 @@ def generate(model: Diffusion, settings: DDPMSettings, out: Path, seed: int, dev
              per_digit: int = 100, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The course deliverable: per_digit images of each digit, named by digit, timed."""
     names, labels = course_names(per_digit)
+    starts = range(0, len(labels), batch_size)
+    steps = settings.timesteps if settings.sampler == "ddpm" else \
+        len(ddim_timesteps(settings.timesteps, settings.sampling_steps))
+    progress = util.Progress(desc=f"{settings.sampler} sampling", total=steps * len(starts))
     start = time.perf_counter()
-    images = torch.cat([sample(model, labels[i:i + batch_size].to(device), settings,
-                               seed + i)[0].cpu() for i in range(0, len(labels), batch_size)])
+    images = torch.cat([sample(model, labels[i:i + batch_size].to(device), settings, seed + i,
+                               on_step=progress.update)[0].cpu() for i in starts])
     seconds = time.perf_counter() - start
+    progress.close()
     data.save_images(images, out, names)
     return images, labels, seconds
 

@@ -1322,7 +1322,8 @@ def test_timestep_embedding_is_the_transformer_sinusoid():
     assert torch.equal(embedding[0], torch.tensor([0.0] * 4 + [1.0] * 4))
 
 
-def test_ddpm_run_writes_course_images_grid_strip_curve_and_resumes(tmp_path, monkeypatch):
+def test_ddpm_run_writes_course_images_grid_strip_curve_and_resumes(tmp_path, monkeypatch,
+                                                                    capsys):
     digits = toy_domain(16)
     _, settings = tiny_diffusion(steps=3, width=8, sampling_steps=2)
     results = ddpm.train(digits, None, settings, tmp_path / "whole", "cpu", seed=2)
@@ -1340,6 +1341,8 @@ def test_ddpm_run_writes_course_images_grid_strip_curve_and_resumes(tmp_path, mo
                      "--out", str(folder), "--per-digit", "2"]) == 0
     assert sorted(p.name for p in folder.iterdir()) == [f"{d}_00{i}.png" for d in range(10)
                                                         for i in (1, 2)]
+    steps = len(ddpm.ddim_timesteps(settings.timesteps, 50))  # the flag's default S
+    assert f"ddim sampling: 100% {steps}/{steps}" in capsys.readouterr().err  # one batch
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
