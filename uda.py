@@ -27,9 +27,6 @@ ADDA (Tzeng et al. 2017, "Adversarial Discriminative Domain Adaptation"):
      D:   min BCE(D(F_s(x_s)), 1) + BCE(D(F_t(x_t)), 0)
      F_t: min BCE(D(F_t(x_t)), 1)          (the GAN loss with inverted labels);
 3. classify target images by C(F_t(x)).
-As in any GAN the two players must stay balanced: here D learns ten times slower than F_t
-(measured on MNIST-M -> USPS: at the same rate D's loss fell to 0.14 and F_t ended below
-source-only).
 
 Every method uses the same networks, data order and step count, so the table compares
 methods and nothing else. An epoch is max(|source|, |target|) / batch steps; the smaller
@@ -70,9 +67,7 @@ class UDASettings:
     adapt_epochs: int = field(default=10, metadata={"help": "ADDA adversarial epochs"})
     batch_size: int = field(default=128, metadata={"help": "images per domain per step"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
-    adda_lr: float = field(default=2e-4, metadata={"help": "ADDA target-encoder learning rate"})
-    adda_domain_lr: float = field(default=2e-5, metadata={
-        "help": "ADDA discriminator learning rate (a tenth of the encoder's: as fast, it won)"})
+    adda_lr: float = field(default=2e-4, metadata={"help": "ADDA adversarial learning rate"})
     anneal: bool = field(default=False, metadata={
         "help": "DANN paper's annealing lr / (1 + 10 p)^0.75"})
     grl_max: float = field(default=1.0, metadata={
@@ -216,8 +211,8 @@ def build_optimizers(nets_: Networks, settings: UDASettings) -> dict:
         classifier_params + (list(nets_.domain.parameters())
                              if settings.method.startswith("dann") else []), settings.lr)}
     if settings.method == "adda":  # ADDA's GAN-style optimisers
-        optimizers["domain"] = torch.optim.Adam(nets_.domain.parameters(),
-                                                settings.adda_domain_lr, betas=(0.5, 0.999))
+        optimizers["domain"] = torch.optim.Adam(nets_.domain.parameters(), settings.adda_lr,
+                                                betas=(0.5, 0.999))
         optimizers["target"] = torch.optim.Adam(nets_.target_features.parameters(),
                                                 settings.adda_lr, betas=(0.5, 0.999))
     return optimizers
