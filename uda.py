@@ -228,7 +228,7 @@ def set_modes(nets_: Networks, phase: str):
         nets_.features.eval()
         nets_.classifier.eval()
         for module in nets_.target_features.modules():
-            if isinstance(module, nn.modules.dropout._DropoutNd):
+            if isinstance(module, (nn.Dropout, nn.Dropout2d)):
                 module.eval()
 
 
