@@ -96,11 +96,12 @@ def test_usps_libsvm_values_map_to_bytes_and_labels_shift(tmp_path):
     text = "1 1:-1 256:1\n10 2:0.5\n"
     for name in ("usps.bz2", "usps.t.bz2"):
         (tmp_path / "usps" / name).write_bytes(bz2.compress(text.encode()))
-    ds = data.load("usps", "test", tmp_path, image_size=16, download=False, cache_dir=None)
+    ds = data.load("usps", "test", tmp_path, image_size=22, download=False, cache_dir=None)
     assert ds.labels.tolist() == [0, 9]
-    first = ds.pixels[0, 0]
-    assert first[0, 0] == 0 and first[15, 15] == 255 and first[5, 5] == 128  # (v+1)*127.5
-    assert ds.pixels[1, 0, 0, 1] == round(1.5 * 127.5)
+    first = ds.pixels[0, 0]  # the 16x16 digit sits inside a 3-pixel black border
+    assert first[3, 3] == 0 and first[18, 18] == 255 and first[8, 8] == 128  # (v+1)*127.5
+    assert ds.pixels[1, 0, 3, 4] == round(1.5 * 127.5)
+    assert first[:3].sum() == first[19:].sum() == first[:, :3].sum() == first[:, 19:].sum() == 0
     assert data.load("usps", "test", tmp_path, download=False, cache_dir=None) \
         .pixels.shape == (2, 1, 28, 28)
 
@@ -420,6 +421,18 @@ def test_real_data_sets_have_published_counts_and_look_like_images(name, counts,
             assert torch.bincount(ds.labels, minlength=10).min() > count // 20
 
 
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
+def test_real_usps_digits_are_as_tall_as_mnist_digits(real_cache):
+    """The MNIST framing (data.mnist_framed): at 28x28 both kinds of digit are ~20 pixels
+    tall; USPS resized without the border would be 28."""
+    def mean_height(name):
+        ink = data.load(name, "test", SHARED_DATA, download=False, cache_dir=real_cache) \
+            .images(slice(0, 1000)).mean(dim=1) > 0                   # (1000, 28, 28)
+        return ink.any(dim=2).float().sum(dim=1).mean().item()
+    assert abs(mean_height("usps") - mean_height("mnist")) < 1.5
+    assert 18 < mean_height("mnist") < 22
+
+
 # ============================================================================ util
 def test_progress_prints_rate_and_eta_lines_when_not_a_terminal():
     stream = io.StringIO()
@@ -469,6 +482,20 @@ def test_checkpoint_write_is_atomic_and_damage_is_reported(tmp_path, monkeypatch
     path.write_bytes(b"garbage")
     with pytest.raises(util.UserError, match="damaged"):
         util.load_checkpoint(path)
+
+
+def test_arrays_are_written_atomically_through_a_per_process_temporary(tmp_path, monkeypatch):
+    """Two runs decoding into one cache must not share a temporary file (they did, and
+    one of them crashed renaming the other's)."""
+    temporaries = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda tmp, path: (temporaries.append(Path(tmp).name),
+                                                          real_replace(tmp, path)))
+    arrays = {"pixels": np.arange(6, dtype=np.uint8).reshape(1, 1, 2, 3), "labels": np.ones(1)}
+    path = util.write_arrays(arrays, tmp_path / "cache.npz")
+    with np.load(path) as stored:
+        assert {k: stored[k].tolist() for k in stored} == {k: v.tolist() for k, v in arrays.items()}
+    assert temporaries == [f"cache.npz.{os.getpid()}.tmp"] and os.listdir(tmp_path) == ["cache.npz"]
 
 
 def test_device_choice_and_errors():

@@ -122,13 +122,22 @@ class Progress:
 
 # --------------------------------------------------------------------- atomic files
 def _atomic_write(path: Path, write) -> Path:
-    """Write through `write(tmp_path)` then rename: a crash never leaves half a file."""
+    """Write through `write(tmp_path)` then rename: a crash never leaves half a file, and
+    two processes writing the same file (two runs sharing a cache) never share a temporary."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     write(tmp)
     os.replace(tmp, path)
     return path
+
+
+def write_arrays(arrays: dict, path) -> Path:
+    """np.savez, atomically."""
+    def save(tmp):
+        with open(tmp, "wb") as file:  # a file object: savez would add .npz to a name
+            np.savez(file, **{name: np.asarray(value) for name, value in arrays.items()})
+    return _atomic_write(path, save)
 
 
 def save_checkpoint(state: dict, path) -> Path:
