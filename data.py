@@ -7,6 +7,8 @@ Every data set comes out the same way, whatever its file format:
     ds.labels        # int64 (N,) or None (an unlabelled folder)
 
 Digits default to 28x28, faces to 64x64 (center-cropped to a square, then resized).
+USPS digits get MNIST's framing first (`mnist_framed`), so that digits of every data
+set are about 20 pixels tall at 28x28; a course-layout folder is taken as it is.
 
 | name     | files (under --data-root)                                   | format            |
 |----------|-------------------------------------------------------------|-------------------|
