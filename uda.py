@@ -163,16 +163,17 @@ def dann_step(nets_: Networks, source, labels, target, optimizer, reversal: floa
     """One DANN step on a source batch and a target batch; `reversal` is this step's GRL
     strength lambda, so F descends  L_class - lambda L_domain  while D descends L_domain.
 
-    The domains go through F separately, so batch norm normalises each with its own batch
-    statistics: the first moments of the two domains then match for free and the domain
-    classifier works on what is left. (Measured: MNIST-M -> USPS after 3 epochs, 0.713
-    this way against 0.643 with both domains in one batch.)"""
-    source_features, target_features = nets_.features(source), nets_.features(target)
+    Both domains go through F as one batch, so batch norm normalises them with the
+    statistics of the mixture, which is also what its running statistics hold at test
+    time. (Passing the domains separately matches their first moments for free, but then
+    target features are normalised one way in training and another at test; measured on
+    MNIST-M -> USPS, 6 epochs, seed 0: 0.857 that way, 0.855 this way.)"""
+    both = nets_.features(torch.cat([source, target]))                 # (2B, 800)
+    source_features, target_features = both[:len(source)], both[len(source):]
     class_loss = F.cross_entropy(nets_.classifier(source_features), labels)
-    both = nets.grad_reverse(torch.cat([source_features, target_features]),
-                             reversal)                                  # (2B, 800)
     is_source = torch.cat([torch.ones(len(source)), torch.zeros(len(target))]).to(source.device)
-    domain_loss = F.binary_cross_entropy_with_logits(nets_.domain(both).squeeze(1), is_source)
+    domain_logits = nets_.domain(nets.grad_reverse(both, reversal)).squeeze(1)
+    domain_loss = F.binary_cross_entropy_with_logits(domain_logits, is_source)
     losses = {"class": class_loss, "domain": domain_loss}
     if entropy_weight:
         losses["entropy"] = entropy(nets_.classifier(target_features))
