@@ -1081,19 +1081,19 @@ def test_dann_step_reverses_the_domain_gradient_with_the_given_strength():
                           atol=1e-6)
 
 
-def test_dann_step_normalises_both_domains_as_one_batch():
-    """F's first batch norm takes the statistics of source and target together, as its
-    running statistics do at test time."""
+def test_dann_step_normalises_each_domain_with_its_own_batch_statistics():
+    """Source, then target through F: the running mean of F's first batch norm takes two
+    momentum updates, m = 0.9 (0.1 mean_source) + 0.1 mean_target."""
     torch.manual_seed(0)
     nets_ = uda.Networks("dann")
     source, target = torch.randn(4, 3, 28, 28), torch.randn(4, 3, 28, 28) + 1.0
     with torch.no_grad():
-        conv_out = nets_.features[0](torch.cat([source, target]))          # (8, 64, 24, 24)
+        source_mean, target_mean = (nets_.features[0](x).mean(dim=(0, 2, 3))
+                                    for x in (source, target))
     optimizer = torch.optim.SGD(nets_.parameters(), lr=0.0)
     uda.dann_step(nets_, source, torch.arange(4), target, optimizer, reversal=1.0)
-    batch_norm = nets_.features[1]
-    assert torch.allclose(batch_norm.running_mean, 0.1 * conv_out.mean(dim=(0, 2, 3)),
-                          atol=1e-6)
+    assert torch.allclose(nets_.features[1].running_mean,
+                          0.9 * 0.1 * source_mean + 0.1 * target_mean, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["dann", "adda"])

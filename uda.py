@@ -163,13 +163,14 @@ def dann_step(nets_: Networks, source, labels, target, optimizer, reversal: floa
     """One DANN step on a source batch and a target batch; `reversal` is this step's GRL
     strength lambda, so F descends  L_class - lambda L_domain  while D descends L_domain.
 
-    Both domains go through F as one batch, so batch norm normalises them with the
-    statistics of the mixture, which is also what its running statistics hold at test
-    time. (Passing the domains separately matches their first moments for free, but then
-    target features are normalised one way in training and another at test; measured on
-    MNIST-M -> USPS, 6 epochs, seed 0: 0.857 that way, 0.855 this way.)"""
-    both = nets_.features(torch.cat([source, target]))                 # (2B, 800)
-    source_features, target_features = both[:len(source)], both[len(source):]
+    The domains go through F one after the other, so batch norm normalises each with its
+    own batch statistics. One joint batch would normalise the target the same way in
+    training as at test (running statistics of the mixture), but measured on MNIST-M ->
+    USPS (6 epochs, seed 0) it scored the same, 0.855 against 0.857, and took 1.5 times as
+    long on a CPU (257 s against 168 s for the 6 epochs; one step of batch 2 x 128: 0.18-0.23 s
+    against 0.16 s), probably because the larger activations miss the caches."""
+    source_features, target_features = nets_.features(source), nets_.features(target)
+    both = torch.cat([source_features, target_features])               # (2B, 800)
     class_loss = F.cross_entropy(nets_.classifier(source_features), labels)
     is_source = torch.cat([torch.ones(len(source)), torch.zeros(len(target))]).to(source.device)
     domain_logits = nets_.domain(nets.grad_reverse(both, reversal)).squeeze(1)
