@@ -429,8 +429,8 @@ def test_real_usps_digits_are_as_tall_as_mnist_digits(real_cache):
         ink = data.load(name, "test", SHARED_DATA, download=False, cache_dir=real_cache) \
             .images(slice(0, 1000)).mean(dim=1) > 0                   # (1000, 28, 28)
         return ink.any(dim=2).float().sum(dim=1).mean().item()
-    assert abs(mean_height("usps") - mean_height("mnist")) < 1.5
-    assert 18 < mean_height("mnist") < 22
+    usps, mnist = mean_height("usps"), mean_height("mnist")
+    assert abs(usps - mnist) < 1.5 and 18 < mnist < 22
 
 
 # ============================================================================ util
@@ -479,6 +479,7 @@ def test_checkpoint_write_is_atomic_and_damage_is_reported(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         util.save_checkpoint({"step": 2}, path)
     assert util.load_checkpoint(path)["step"] == 1  # the old checkpoint survived
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # and the half-written temporary is gone
     path.write_bytes(b"garbage")
     with pytest.raises(util.UserError, match="damaged"):
         util.load_checkpoint(path)

@@ -127,8 +127,12 @@ def _atomic_write(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # per-process names would otherwise pile up after crashes
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
