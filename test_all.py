@@ -1118,6 +1118,24 @@ def test_resumed_uda_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, meth
         assert torch.equal(tensor, parts["networks"][name]), name
 
 
+def test_adda_started_from_the_source_only_run_equals_adda_from_scratch(tmp_path):
+    """ADDA's pre-training repeats the source-only run step for step (annealing included),
+    so `--method all` may start ADDA from that run's checkpoint."""
+    settings = tiny_uda(src="mnistm", tgt="usps", epochs=2, anneal=True, tsne_points=0)
+    domains = uda.load_domains(settings, toy_load)
+    uda.train(domains, dataclasses.replace(settings, method="source"), tmp_path / "source", "cpu", 3)
+    adda = dataclasses.replace(settings, method="adda")
+    scratch = uda.train(domains, adda, tmp_path / "scratch", "cpu", 3)
+    reused = uda.train(domains, adda, tmp_path / "reused", "cpu", 3,
+                       source_only=tmp_path / "source" / "checkpoint.pt")
+    assert reused["target_accuracy"] == scratch["target_accuracy"]
+    whole, started = (util.load_checkpoint(tmp_path / name / "checkpoint.pt")
+                      for name in ("scratch", "reused"))
+    assert whole["history"] == started["history"] and started["epoch"] == 3
+    for name, tensor in whole["networks"].items():
+        assert torch.equal(tensor, started["networks"][name]), name
+
+
 # ============================================================================ gan
 @pytest.mark.parametrize("layer", [torch.nn.Linear(20, 7), torch.nn.Conv2d(3, 8, 4),
                                    torch.nn.ConvTranspose2d(8, 5, 4)], ids=lambda m: type(m).__name__)

@@ -236,7 +236,8 @@ def set_modes(nets_: Networks, phase: str):
 
 def run_epoch(nets_: Networks, domains: Domains, optimizers: dict, phase: str,
               settings: UDASettings, epoch: int, total_epochs: int, generator) -> dict:
-    """One epoch of `phase`; returns the mean of each loss."""
+    """Epoch `epoch` of the `total_epochs` of `phase`; returns the mean of each loss. The
+    schedules run over the phase, so ADDA's pre-training is exactly the source-only run."""
     source, target = domains.source_train, domains.target_train
     source_batches, target_batches = paired_indices(len(source), len(target),
                                                     settings.batch_size, generator)
@@ -284,8 +285,11 @@ def embed(encoder: nn.Module, images: data.ImageSet, batch_size: int = 500) -> n
                       images.batches(batch_size, shuffle=False)]).numpy()
 
 
-def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int) -> dict:
-    """Train one method, with a checkpoint per epoch; returns results.json's content."""
+def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
+          source_only: Path | None = None) -> dict:
+    """Train one method, with a checkpoint per epoch; returns results.json's content.
+    ADDA given the checkpoint of a finished source-only run with the same settings and
+    seed starts from it, since its pre-training would repeat that run step for step."""
     out = Path(out)
     if settings.method == "target" and domains.target_train.labels is None:
         raise UserError(f"target {settings.tgt} has no labels, so 'target' (train on the "
@@ -305,6 +309,9 @@ def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int)
             optimizer.load_state_dict(state["optimizers"][name])
         history, first_epoch, seconds = state["history"], state["epoch"], state["seconds"]
         print(f"resumed from {checkpoint} after epoch {first_epoch}")
+    elif settings.method == "adda" and source_only is not None:
+        history, first_epoch, seconds = load_pretrained(nets_, optimizers, source_only, device)
+        print(f"pre-trained F_s and C: the source-only run in {source_only.parent}")
     domains = Domains(*(d.to(device) for d in (domains.source_train, domains.target_train,
                                               domains.source_test, domains.target_test)))
     for epoch in range(first_epoch, len(schedule)):
@@ -314,8 +321,8 @@ def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int)
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         torch.manual_seed(seed * 100_003 + epoch)  # dropout
         start = time.perf_counter()
-        losses = run_epoch(nets_, domains, optimizers, phase, settings, epoch,
-                           len(schedule), generator)
+        losses = run_epoch(nets_, domains, optimizers, phase, settings,
+                           epoch - schedule.index(phase), schedule.count(phase), generator)
         seconds += time.perf_counter() - start
         target_encoder = nets_.target_encoder(adapted=phase == "adapt")
         history["losses"].append(losses)
@@ -334,6 +341,18 @@ def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int)
             "settings": asdict(settings)}, checkpoint)
         save_curves(history, out, settings)
     return finish(nets_, domains, history, settings, out, seed, seconds)
+
+
+def load_pretrained(nets_: Networks, optimizers: dict, path: Path, device) -> tuple:
+    """Copy F, C and their optimiser from a source-only checkpoint into ADDA's networks;
+    returns its (history, epochs, seconds)."""
+    state = util.load_checkpoint(path, device)
+    source_nets = Networks("source")
+    source_nets.load_state_dict(state["networks"])
+    nets_.features.load_state_dict(source_nets.features.state_dict())
+    nets_.classifier.load_state_dict(source_nets.classifier.state_dict())
+    optimizers["main"].load_state_dict(state["optimizers"]["main"])
+    return state["history"], state["epoch"], state["seconds"]
 
 
 def save_curves(history: dict, out: Path, settings: UDASettings):
@@ -410,8 +429,9 @@ def run_methods(settings: UDASettings, methods, load, out: Path, device, seed: i
             print(f"skipping 'target': {settings.tgt} has no labels")
             continue
         print(f"== {TITLES[method]}: {settings.src} -> {settings.tgt}")
+        source_only = out / "source" / "checkpoint.pt" if "source" in rows else None
         rows[method] = train(domains, replace(settings, method=method), out / method,
-                             device, seed)
+                             device, seed, source_only)
     util.write_json(rows, out / "results.json")
     util.write_text(scenario_table(rows, settings.src, settings.tgt), out / "results.md")
     return rows
