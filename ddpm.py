@@ -150,11 +150,8 @@ class Diffusion(torch.nn.Module):
             predicted = self.network(self.schedule.q_sample(x0, t, noise), t, labels)
         return F.mse_loss(predicted.float(), noise)
 
-    @torch.no_grad()
     def update_ema(self, step: int):
-        d = min(self.settings.ema_decay, (1 + step) / (10 + step))  # fast start, then slow
-        for averaged, current in zip(self.ema.parameters(), self.network.parameters()):
-            averaged.lerp_(current, 1 - d)
+        nets.update_ema(self.ema, self.network, step, self.settings.ema_decay)
 
     @torch.no_grad()
     def guided_eps(self, x_t, t, labels, w: float) -> torch.Tensor:

@@ -173,17 +173,9 @@ class GAN(nn.Module):
         images = generator(self.generator_input(z, attributes))
         return images
 
-    @torch.no_grad()
     def update_ema(self, step: int, decay: float):
-        """theta_ema <- d theta_ema + (1 - d) theta, with d = min(decay, (1 + t) / (10 + t))
-        so the average forgets the random initial weights quickly; buffers are copied."""
-        if self.ema is None:
-            return
-        d = min(decay, (1 + step) / (10 + step))
-        for averaged, current in zip(self.ema.parameters(), self.generator.parameters()):
-            averaged.lerp_(current, 1 - d)
-        for averaged, current in zip(self.ema.buffers(), self.generator.buffers()):
-            averaged.copy_(current)
+        if self.ema is not None:
+            nets.update_ema(self.ema, self.generator, step, decay)
 
 
 def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,

@@ -43,6 +43,22 @@ def grad_reverse(x: torch.Tensor, lambd: float = 1.0) -> torch.Tensor:
     return GradientReversal.apply(x, lambd)
 
 
+# ============================================================================ weight averaging
+@torch.no_grad()
+def update_ema(average: nn.Module, model: nn.Module, step: int, decay: float):
+    """theta_avg <- d theta_avg + (1 - d) theta, an exponential moving average of the
+    weights (Polyak averaging), with d = min(decay, (1 + t) / (10 + t)) at step t so that
+    the average forgets the random initial weights quickly. Buffers (batch-norm
+    statistics) are copied. Averaged weights are steadier than the last ones, which
+    matters most for adversarial games (Yazici et al. 2019, "The Unusual Effectiveness
+    of Averaging in GAN Training")."""
+    d = min(decay, (1 + step) / (10 + step))
+    for averaged, current in zip(average.parameters(), model.parameters()):
+        averaged.lerp_(current, 1 - d)
+    for averaged, current in zip(average.buffers(), model.buffers()):
+        averaged.copy_(current)
+
+
 # ============================================================================ spectral norm
 class SpectralNorm:
     """W_SN = W / sigma(W), sigma estimated by power iteration (Miyato et al. 2018,

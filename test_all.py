@@ -1207,16 +1207,20 @@ def test_cutout_zeroes_one_half_side_square_and_augmentations_pass_gradients():
     assert images.grad.abs().sum() > 0
 
 
-def test_ema_update_is_the_moving_average_with_warm_up():
+@pytest.mark.parametrize("step", [5, 100_000])
+def test_ema_update_is_the_moving_average_with_warm_up(step):
     model = gan.GAN(gan.GANSettings(variant="b", image_size=32))
     before = [p.clone() for p in model.ema.parameters()]
     with torch.no_grad():
         for p in model.generator.parameters():
             p.add_(1.0)
-    model.update_ema(step=5, decay=0.999)
-    d = min(0.999, 6 / 15)
+    model.generator.train()(torch.randn(4, 100, 1, 1))  # new batch-norm statistics
+    model.update_ema(step=step, decay=0.999)
+    d = min(0.999, (1 + step) / (10 + step))  # 6 / 15 while warming up
     for old, new, current in zip(before, model.ema.parameters(), model.generator.parameters()):
         assert torch.allclose(new, d * old + (1 - d) * current)
+    for averaged, current in zip(model.ema.buffers(), model.generator.buffers()):
+        assert torch.equal(averaged, current)
 
 
 def toy_faces(count=32, size=32) -> data.ImageSet:
