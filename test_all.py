@@ -1038,6 +1038,28 @@ def test_predictions_csv_has_the_course_header_and_one_row_per_image(tmp_path, c
         images.names[:5]
 
 
+@pytest.mark.parametrize("method", ["dann", "adda"])
+def test_uda_reports_and_predicts_with_the_weight_average(tmp_path, method):
+    settings = tiny_uda(src="mnistm", tgt="usps", method=method, tsne_points=0)
+    domains = uda.load_domains(settings, toy_load)
+    uda.train(domains, settings, tmp_path, "cpu", seed=0)
+    state = util.load_checkpoint(tmp_path / "checkpoint.pt")
+    adapted = method == "adda"
+
+    def predictions(key):
+        nets_ = uda.Networks(method)
+        nets_.load_state_dict(state[key])
+        return metrics.predict(torch.nn.Sequential(nets_.target_encoder(adapted),
+                                                   nets_.classifier), domains.target_test)
+    averaged = predictions("average")
+    assert not torch.equal(averaged, predictions("networks"))  # the last weights differ
+    saved = [int(line.split(",")[1]) for line in
+             (tmp_path / "predictions.csv").read_text().splitlines()[1:]]
+    assert saved == averaged.tolist()
+    model, _ = uda.load_for_prediction(tmp_path / "checkpoint.pt", "cpu")
+    assert torch.equal(metrics.predict(model, domains.target_test), averaged)
+
+
 def test_adda_adaptation_freezes_source_nets_and_drops_no_target_features():
     nets_ = uda.Networks("adda")
     uda.set_modes(nets_, "adapt")
@@ -1114,8 +1136,9 @@ def test_resumed_uda_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, meth
     whole = util.load_checkpoint(tmp_path / "whole" / "checkpoint.pt")
     parts = util.load_checkpoint(tmp_path / "parts" / "checkpoint.pt")
     assert parts["epoch"] == whole["epoch"] == (3 if method == "adda" else 2)
-    for name, tensor in whole["networks"].items():
-        assert torch.equal(tensor, parts["networks"][name]), name
+    for key in ("networks", "average"):
+        for name, tensor in whole[key].items():
+            assert torch.equal(tensor, parts[key][name]), (key, name)
 
 
 def test_adda_started_from_the_source_only_run_equals_adda_from_scratch(tmp_path):
@@ -1132,8 +1155,9 @@ def test_adda_started_from_the_source_only_run_equals_adda_from_scratch(tmp_path
     whole, started = (util.load_checkpoint(tmp_path / name / "checkpoint.pt")
                       for name in ("scratch", "reused"))
     assert whole["history"] == started["history"] and started["epoch"] == 3
-    for name, tensor in whole["networks"].items():
-        assert torch.equal(tensor, started["networks"][name]), name
+    for key in ("networks", "average"):
+        for name, tensor in whole[key].items():
+            assert torch.equal(tensor, started[key][name]), (key, name)
 
 
 # ============================================================================ gan

@@ -29,9 +29,12 @@ ADDA (Tzeng et al. 2017, "Adversarial Discriminative Domain Adaptation"):
 3. classify target images by C(F_t(x)).
 
 Every method uses the same networks, data order and step count, so the table compares
-methods and nothing else. An epoch is max(|source|, |target|) / batch steps; the smaller
+methods and nothing else. Every method is evaluated with an exponential moving average of
+its weights (nets.update_ema): the adversarial methods' last weights swing by a few
+points of target accuracy from one epoch to the next, their average much less. An epoch is max(|source|, |target|) / batch steps; the smaller
 set is cycled.
 """
+import copy
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -74,6 +77,8 @@ class UDASettings:
         "help": "final GRL strength: lambda = grl_max (2 / (1 + exp(-10 p)) - 1)"})
     entropy_weight: float = field(default=0.1, metadata={
         "help": "weight of the target entropy (dann-ent)"})
+    ema_decay: float = field(default=0.99, metadata={
+        "help": "decay of the weight average that is evaluated and saved"})
     limit: int = field(default=0, metadata={"help": "use only the first N images of each split"})
     tsne_points: int = field(default=1000, metadata={
         "help": "test images per domain in the t-SNE plots (0: no plots)"})
@@ -234,8 +239,9 @@ def set_modes(nets_: Networks, phase: str):
                 module.eval()
 
 
-def run_epoch(nets_: Networks, domains: Domains, optimizers: dict, phase: str,
-              settings: UDASettings, epoch: int, total_epochs: int, generator) -> dict:
+def run_epoch(nets_: Networks, average: Networks, domains: Domains, optimizers: dict,
+              phase: str, settings: UDASettings, epoch: int, total_epochs: int,
+              generator) -> dict:
     """Epoch `epoch` of the `total_epochs` of `phase`; returns the mean of each loss. The
     schedules run over the phase, so ADDA's pre-training is exactly the source-only run."""
     source, target = domains.source_train, domains.target_train
@@ -262,6 +268,7 @@ def run_epoch(nets_: Networks, domains: Domains, optimizers: dict, phase: str,
             losses = dann_step(nets_, xs, ys, xt, optimizers["main"],
                                settings.grl_max * grl_lambda(done),
                                settings.entropy_weight if phase == "dann-ent" else 0.0)
+        nets.update_ema(average, nets_, epoch * steps + step, settings.ema_decay)
         for name, loss in losses.items():
             util.check_finite(loss, step, f"{phase} {name} loss")
             sums[name] = sums.get(name, 0.0) + loss.item()
@@ -297,6 +304,7 @@ def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
     util.seed_everything(seed)  # the initial weights
     # channels-last convolutions and pooling: 1.3-1.9 times faster steps on a CPU
     nets_ = Networks(settings.method, classes=10).to(device, memory_format=torch.channels_last)
+    average = copy.deepcopy(nets_).requires_grad_(False)  # evaluated and saved
     optimizers = build_optimizers(nets_, settings)
     schedule = [phase for phase, epochs in phases(settings) for _ in range(epochs)]
     history = {"target_accuracy": [], "source_accuracy": [], "losses": []}
@@ -305,53 +313,62 @@ def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
     if settings.resume and checkpoint.exists():
         state = util.load_checkpoint(checkpoint, device)
         nets_.load_state_dict(state["networks"])
+        average.load_state_dict(state["average"])
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
         history, first_epoch, seconds = state["history"], state["epoch"], state["seconds"]
         print(f"resumed from {checkpoint} after epoch {first_epoch}")
     elif settings.method == "adda" and source_only is not None:
-        history, first_epoch, seconds = load_pretrained(nets_, optimizers, source_only, device)
+        history, first_epoch, seconds = load_pretrained(average, source_only, device)
         print(f"pre-trained F_s and C: the source-only run in {source_only.parent}")
     domains = Domains(*(d.to(device) for d in (domains.source_train, domains.target_train,
                                               domains.source_test, domains.target_test)))
     for epoch in range(first_epoch, len(schedule)):
         phase = schedule[epoch]
         if phase == "adapt" and epoch == settings.epochs:
-            nets_.target_features.load_state_dict(nets_.features.state_dict())  # F_t = F_s
+            start_adaptation(nets_, average)
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         torch.manual_seed(seed * 100_003 + epoch)  # dropout
         start = time.perf_counter()
-        losses = run_epoch(nets_, domains, optimizers, phase, settings,
+        losses = run_epoch(nets_, average, domains, optimizers, phase, settings,
                            epoch - schedule.index(phase), schedule.count(phase), generator)
         seconds += time.perf_counter() - start
-        target_encoder = nets_.target_encoder(adapted=phase == "adapt")
+        target_encoder = average.target_encoder(adapted=phase == "adapt")
         history["losses"].append(losses)
         history["target_accuracy"].append(metrics.accuracy(
-            evaluate(target_encoder, nets_.classifier, domains.target_test),
+            evaluate(target_encoder, average.classifier, domains.target_test),
             domains.target_test.labels)[0] if domains.target_test.labels is not None
             else float("nan"))
         history["source_accuracy"].append(metrics.accuracy(
-            evaluate(nets_.features, nets_.classifier, domains.source_test),
+            evaluate(average.features, average.classifier, domains.source_test),
             domains.source_test.labels)[0])
         print(f"{phase} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in
               losses.items()) + f"; target accuracy {history['target_accuracy'][-1]:.4f}")
-        util.save_checkpoint({"networks": nets_.state_dict(), "optimizers": {
+        util.save_checkpoint({"networks": nets_.state_dict(), "average": average.state_dict(),
+                              "optimizers": {
             name: optimizer.state_dict() for name, optimizer in optimizers.items()},
             "history": history, "epoch": epoch + 1, "seconds": seconds,
             "settings": asdict(settings)}, checkpoint)
         save_curves(history, out, settings)
-    return finish(nets_, domains, history, settings, out, seed, seconds)
+    return finish(average, domains, history, settings, out, seed, seconds)
 
 
-def load_pretrained(nets_: Networks, optimizers: dict, path: Path, device) -> tuple:
-    """Copy F, C and their optimiser from a source-only checkpoint into ADDA's networks;
-    returns its (history, epochs, seconds)."""
+def start_adaptation(nets_: Networks, average: Networks):
+    """ADDA's step 2 starts from the source model the source-only row reports, the
+    average: F_s, C <- their averages, then F_t <- F_s."""
+    nets_.load_state_dict(average.state_dict())
+    nets_.target_features.load_state_dict(nets_.features.state_dict())
+    average.load_state_dict(nets_.state_dict())
+
+
+def load_pretrained(average: Networks, path: Path, device) -> tuple:
+    """Copy the averaged F and C of a source-only checkpoint into ADDA's average, all
+    that its adaptation starts from; returns the run's (history, epochs, seconds)."""
     state = util.load_checkpoint(path, device)
-    source_nets = Networks("source")
-    source_nets.load_state_dict(state["networks"])
-    nets_.features.load_state_dict(source_nets.features.state_dict())
-    nets_.classifier.load_state_dict(source_nets.classifier.state_dict())
-    optimizers["main"].load_state_dict(state["optimizers"]["main"])
+    source_only = Networks("source")
+    source_only.load_state_dict(state["average"])
+    average.features.load_state_dict(source_only.features.state_dict())
+    average.classifier.load_state_dict(source_only.classifier.state_dict())
     return state["history"], state["epoch"], state["seconds"]
 
 
@@ -368,7 +385,8 @@ def save_curves(history: dict, out: Path, settings: UDASettings):
 
 def finish(nets_: Networks, domains: Domains, history: dict, settings: UDASettings,
            out: Path, seed: int, seconds: float) -> dict:
-    """Final accuracy, predictions csv (for named images), t-SNE plots, results.json."""
+    """Final accuracy, predictions csv (for named images), t-SNE plots, results.json, all
+    from nets_ (the weight average)."""
     target_encoder = nets_.target_encoder(adapted=settings.method == "adda")
     predictions = evaluate(target_encoder, nets_.classifier, domains.target_test)
     results = {"method": settings.method, "src": settings.src, "tgt": settings.tgt,
@@ -414,7 +432,7 @@ def write_predictions(names: list[str], predictions: torch.Tensor, path: Path) -
 def load_for_prediction(path, device) -> tuple[nn.Module, UDASettings]:
     """The target encoder and classifier of a checkpoint, ready to predict."""
     nets_, settings = util.load_trained(path, device, UDASettings,
-                                        lambda s: Networks(s.method), "networks", "uda")
+                                        lambda s: Networks(s.method), "average", "uda")
     encoder = nets_.target_encoder(adapted=settings.method == "adda")
     return nn.Sequential(encoder, nets_.classifier).eval(), settings
 
