@@ -333,24 +333,28 @@ def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
         losses = run_epoch(nets_, average, domains, optimizers, phase, settings,
                            epoch - schedule.index(phase), schedule.count(phase), generator)
         seconds += time.perf_counter() - start
-        target_encoder = average.target_encoder(adapted=phase == "adapt")
         history["losses"].append(losses)
-        history["target_accuracy"].append(metrics.accuracy(
-            evaluate(target_encoder, average.classifier, domains.target_test),
-            domains.target_test.labels)[0] if domains.target_test.labels is not None
-            else float("nan"))
-        history["source_accuracy"].append(metrics.accuracy(
-            evaluate(average.features, average.classifier, domains.source_test),
-            domains.source_test.labels)[0])
+        for split, accuracy in split_accuracies(average, domains, phase == "adapt").items():
+            history[f"{split}_accuracy"].append(accuracy)
         print(f"{phase} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in
               losses.items()) + f"; target accuracy {history['target_accuracy'][-1]:.4f}")
-        util.save_checkpoint({"networks": nets_.state_dict(), "average": average.state_dict(),
-                              "optimizers": {
-            name: optimizer.state_dict() for name, optimizer in optimizers.items()},
+        util.save_checkpoint({
+            "networks": nets_.state_dict(), "average": average.state_dict(),
+            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
             "history": history, "epoch": epoch + 1, "seconds": seconds,
             "settings": asdict(settings)}, checkpoint)
         save_curves(history, out, settings)
     return finish(average, domains, history, settings, out, seed, seconds)
+
+
+def split_accuracies(nets_: Networks, domains: Domains, adapted: bool) -> dict:
+    """Accuracy on the target test split (nan when it has no labels) and the source one."""
+    def accuracy(encoder, images):
+        if images.labels is None:
+            return float("nan")
+        return metrics.accuracy(evaluate(encoder, nets_.classifier, images), images.labels)[0]
+    return {"target": accuracy(nets_.target_encoder(adapted), domains.target_test),
+            "source": accuracy(nets_.features, domains.source_test)}
 
 
 def start_adaptation(nets_: Networks, average: Networks):
