@@ -31,8 +31,8 @@ ADDA (Tzeng et al. 2017, "Adversarial Discriminative Domain Adaptation"):
 Every method uses the same networks, data order and step count, so the table compares
 methods and nothing else. Every method is evaluated with an exponential moving average of
 its weights (nets.update_ema): the adversarial methods' last weights swing by a few
-points of target accuracy from one epoch to the next, their average much less. An epoch is max(|source|, |target|) / batch steps; the smaller
-set is cycled.
+points of target accuracy from one epoch to the next, their average much less. An epoch
+is max(|source|, |target|) / batch steps; the smaller set is cycled.
 """
 import copy
 import time
@@ -312,6 +312,9 @@ def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
     checkpoint = out / "checkpoint.pt"
     if settings.resume and checkpoint.exists():
         state = util.load_checkpoint(checkpoint, device)
+        if "average" not in state:
+            raise UserError(f"{checkpoint} was written before weight averaging: start "
+                            "again without --resume, or in another --out folder")
         nets_.load_state_dict(state["networks"])
         average.load_state_dict(state["average"])
         for name, optimizer in optimizers.items():
