@@ -59,6 +59,31 @@ def update_ema(average: nn.Module, model: nn.Module, step: int, decay: float):
         averaged.copy_(current)
 
 
+@torch.no_grad()
+def recompute_batch_norm(model: nn.Module, batches) -> nn.Module:
+    """Set every batch-norm layer's running mean and variance to their averages over
+    `batches` (model inputs), computed with the model's present weights and no dropout.
+
+    The statistics that update_ema copies belong to the last weights and do not fit
+    their average; stochastic weight averaging recomputes them in one pass over training
+    data (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima and Better
+    Generalization"). Momentum None makes the running statistics the plain mean over the
+    batches. Dropout stays off, so the layers are normalised with the statistics of the
+    activations they will see at test time. Returns the model in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    model.eval()
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+        norm.train()
+    for batch in batches:
+        model(batch)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    return model.eval()
+
+
 # ============================================================================ spectral norm
 class SpectralNorm:
     """W_SN = W / sigma(W), sigma estimated by power iteration (Miyato et al. 2018,

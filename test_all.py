@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
@@ -1060,6 +1061,28 @@ def test_uda_reports_and_predicts_with_the_weight_average(tmp_path, method):
     assert torch.equal(metrics.predict(model, domains.target_test), averaged)
 
 
+@pytest.mark.parametrize("method, encoder, domains_seen, frozen", [
+    ("source", "features", ["source"], False),
+    ("dann", "features", ["source", "target"], False),
+    ("adda", "target_features", ["target"], False),
+    ("adda", "features", ["source"], True)])  # F_s: frozen at its pre-trained average
+def test_weight_average_has_batch_norm_statistics_of_its_own_weights(
+        tmp_path, method, encoder, domains_seen, frozen):
+    settings = tiny_uda(src="mnistm", tgt="usps", method=method, tsne_points=0)
+    domains = uda.load_domains(settings, toy_load)
+    uda.train(domains, settings, tmp_path, "cpu", seed=0)
+    state = util.load_checkpoint(tmp_path / "checkpoint.pt")
+    average, last = uda.Networks(method), uda.Networks(method)
+    average.load_state_dict(state["average"])
+    last.load_state_dict(state["networks"])
+    conv, norm = getattr(average, encoder)[:2]
+    images = torch.cat([getattr(domains, f"{name}_train").images() for name in domains_seen])
+    with torch.no_grad():  # the first batch norm's mean: of the averaged convolution's output
+        expected = conv(images).mean(dim=(0, 2, 3))
+    assert torch.allclose(norm.running_mean, expected, atol=1e-5)
+    assert torch.allclose(getattr(last, encoder)[1].running_mean, expected, atol=1e-5) == frozen
+
+
 def test_adda_adaptation_freezes_source_nets_and_drops_no_target_features():
     nets_ = uda.Networks("adda")
     uda.set_modes(nets_, "adapt")
@@ -1245,6 +1268,29 @@ def test_ema_update_is_the_moving_average_with_warm_up(step):
         assert torch.allclose(new, d * old + (1 - d) * current)
     for averaged, current in zip(model.ema.buffers(), model.generator.buffers()):
         assert torch.equal(averaged, current)
+
+
+def test_recompute_batch_norm_equals_torchs_swa_update_bn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 5), nn.BatchNorm1d(5, momentum=0.3))
+    batches = [torch.randn(8, 3, 8, 8) * 3 + 1 for _ in range(5)]
+    reference = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn([(batch,) for batch in batches], reference)
+    nets.recompute_batch_norm(model.train(), batches)
+    assert not model.training and model[5].momentum == 0.3
+    for ours, theirs in zip(model.buffers(), reference.buffers()):
+        assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_recompute_batch_norm_turns_dropout_off():
+    model = nn.Sequential(nn.Dropout(0.5), nn.BatchNorm1d(3))
+    batches = [torch.randn(64, 3) * 2 + 1 for _ in range(4)]
+    nets.recompute_batch_norm(model, batches)
+    # dropout would double the variance; without it the statistics are those of the inputs
+    assert torch.allclose(model[1].running_mean, torch.stack(batches).mean(dim=(0, 1)))
+    assert torch.allclose(model[1].running_var,
+                          torch.stack([b.var(dim=0) for b in batches]).mean(dim=0))
 
 
 def toy_faces(count=32, size=32) -> data.ImageSet:
