@@ -177,7 +177,8 @@ def dann_step(nets_: Networks, source, labels, target, optimizer, reversal: floa
     training as at test (running statistics of the mixture), but measured on MNIST-M ->
     USPS (6 epochs, seed 0) it scored the same, 0.855 against 0.857, and took 1.5 times as
     long on a CPU (257 s against 168 s for the 6 epochs; one step of batch 2 x 128: 0.18-0.23 s
-    against 0.16 s), probably because the larger activations miss the caches."""
+    against 0.16 s; both before the networks went channels-last), probably because the
+    larger activations miss the caches."""
     source_features, target_features = nets_.features(source), nets_.features(target)
     both = torch.cat([source_features, target_features])               # (2B, 800)
     class_loss = F.cross_entropy(nets_.classifier(source_features), labels)
