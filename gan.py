@@ -19,7 +19,9 @@ Variant b changes, each for a reason:
 - two time-scale learning rates, D 4e-4 and G 1e-4 (Heusel et al. 2017, TTUR): D keeps
   up with G with one D step per G step;
 - an exponential moving average of G's weights for sampling (Karras et al. 2018;
-  Yazici et al. 2019): it averages out the oscillation of the adversarial game;
+  Yazici et al. 2019): it averages out the oscillation of the adversarial game. Its
+  batch-norm statistics are recomputed for the averaged weights whenever it is saved
+  (BigGAN's "standing statistics", Brock et al. 2019);
 - differentiable augmentation of every image D sees, real and fake, in both steps
   (Zhao et al. 2020, "DiffAugment"): translation, colour and cutout keep D from
   memorising a small training set (here 8,000 faces on CPU, 162,770 on the full set).
@@ -150,6 +152,7 @@ class GAN(nn.Module):
     def __init__(self, settings: GANSettings):
         super().__init__()
         conditional = settings.variant == "acgan"
+        self.latent_dim = settings.latent_dim
         self.attribute_channels = 2 if conditional else 0  # one-hot c appended to z
         self.generator = nets.dcgan_init_(nets.dcgan_generator(
             settings.latent_dim + self.attribute_channels, image_size=settings.image_size))
@@ -176,6 +179,22 @@ class GAN(nn.Module):
     def update_ema(self, step: int, decay: float):
         if self.ema is not None:
             nets.update_ema(self.ema, self.generator, step, decay)
+
+    def refresh_ema_statistics(self, seed: int, batches: int = 16, batch_size: int = 64):
+        """Batch-norm statistics that fit the averaged G, from random z and attributes
+        (nets.recompute_batch_norm): update_ema copies those of the last G. Measured on
+        the 600-step 64x64 CelebA run of RESULTS.md, 512 samples: red channel mean 0.11
+        and standard deviation 0.53 with the copied statistics, -0.00 and 0.57 with these;
+        the faces have 0.01 and 0.59."""
+        if self.ema is None:
+            return
+        rng = torch.Generator().manual_seed(seed)
+        device = next(self.ema.parameters()).device
+        inputs = [self.generator_input(
+            torch.randn(batch_size, self.latent_dim, generator=rng).to(device),
+            torch.randint(0, 2, (batch_size,), generator=rng).to(device)
+            if self.attribute_channels else None) for _ in range(batches)]
+        nets.recompute_batch_norm(self.ema, inputs)
 
 
 def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
@@ -271,6 +290,7 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
         done = index + 1
         if done % settings.sample_every == 0 or done == settings.steps:
             log.commit(done)
+            gan.refresh_ema_statistics(seed)
             util.save_checkpoint({"gan": gan.state_dict(), "optimizers": {
                 name: optimizer.state_dict() for name, optimizer in optimizers.items()},
                 "rng": rng.get_state(), "history": log.history, "step": done,

@@ -49,9 +49,11 @@ def update_ema(average: nn.Module, model: nn.Module, step: int, decay: float):
     """theta_avg <- d theta_avg + (1 - d) theta, an exponential moving average of the
     weights (Polyak averaging), with d = min(decay, (1 + t) / (10 + t)) at step t so that
     the average forgets the random initial weights quickly. Buffers (batch-norm
-    statistics) are copied. Averaged weights are steadier than the last ones, which
-    matters most for adversarial games (Yazici et al. 2019, "The Unusual Effectiveness
-    of Averaging in GAN Training")."""
+    statistics) are copied; they fit the last weights, not the average, so the callers
+    recompute them (recompute_batch_norm) before the average is evaluated or saved.
+    Averaged weights are steadier than the last ones, which matters most for
+    adversarial games (Yazici et al. 2019, "The Unusual Effectiveness of Averaging in
+    GAN Training")."""
     d = min(decay, (1 + step) / (10 + step))
     for averaged, current in zip(average.parameters(), model.parameters()):
         averaged.lerp_(current, 1 - d)

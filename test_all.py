@@ -1270,6 +1270,24 @@ def test_ema_update_is_the_moving_average_with_warm_up(step):
         assert torch.equal(averaged, current)
 
 
+@pytest.mark.parametrize("variant", ["b", "acgan"])
+def test_ema_generator_gets_batch_norm_statistics_that_fit_its_weights(variant):
+    torch.manual_seed(0)
+    model = gan.GAN(gan.GANSettings(variant=variant, image_size=32))
+    with torch.no_grad():  # an average far from the weights whose statistics it holds
+        for p in model.ema.parameters():
+            p.mul_(1.5).add_(0.2)
+    z = model.generator_input(torch.randn(256, 100),
+                              torch.arange(256) % 2 if variant == "acgan" else None)
+    batch_statistics = model.ema.train()(z)  # what statistics that fit would give
+
+    def gap():
+        return (model.ema.eval()(z) - batch_statistics).abs().mean().item()
+    before = gap()
+    model.refresh_ema_statistics(seed=0)
+    assert gap() < before / 5  # what is left: 1,024 z against 256 estimate the statistics
+
+
 def test_recompute_batch_norm_equals_torchs_swa_update_bn():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
