@@ -117,8 +117,10 @@ def command_fid(args) -> None:
                   for path in args.paths[:1 if args.save_stats else 2]]
     if args.save_stats:
         mu, sigma = statistics[0]
-        np.savez(args.paths[1], mu=mu, sigma=sigma)
-        print(f"saved statistics of {args.paths[0]} to {args.paths[1]}")
+        target = Path(args.paths[1])  # named .npz, as `fid` reads statistics by that suffix
+        target = target if target.suffix == ".npz" else target.with_name(target.name + ".npz")
+        saved = util.write_arrays({"mu": mu, "sigma": sigma}, target)
+        print(f"saved statistics of {args.paths[0]} to {saved}")
     else:
         print(f"FID: {metrics.frechet_distance(*statistics[0], *statistics[1]):.4f}")
 
@@ -155,8 +157,8 @@ def command_tsne(args) -> None:
         results["knn10_accuracy"] = tsne.knn_accuracy(embedding, labels, 10)
     plots.scatter_plot(embedding, labels if labels is not None else np.zeros(len(features)),
                        out / "tsne.png", title=f"t-SNE of {title}")
-    np.savez(out / "embedding.npz", embedding=embedding,
-             **({} if labels is None else {"labels": labels}))
+    util.write_arrays({"embedding": embedding, **({} if labels is None else {"labels": labels})},
+                      out / "embedding.npz")
     util.write_json(results, out / "results.json")
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                    for k, v in results.items()) + f"\n  wrote {out}/tsne.png, embedding.npz")

@@ -677,7 +677,8 @@ def test_fid_command_saves_statistics_and_compares(tmp_path, capsys, monkeypatch
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), np.uint8)) \
             .save(folder / f"{i}.png")
     common = ["--weights", str(weights), "--cache", "", "--device", "cpu"]
-    assert run.main(["fid", str(folder), str(tmp_path / "s.npz"), "--save-stats"] + common) == 0
+    # saved under s.npz, as np.savez names it, which is what `fid` reads back
+    assert run.main(["fid", str(folder), str(tmp_path / "s"), "--save-stats"] + common) == 0
     assert run.main(["fid", str(folder), str(tmp_path / "s.npz")] + common) == 0
     fid = float(capsys.readouterr().out.strip().splitlines()[-1].split(":")[1])
     assert abs(fid) < 1e-6
