@@ -152,7 +152,6 @@ class GAN(nn.Module):
     def __init__(self, settings: GANSettings):
         super().__init__()
         conditional = settings.variant == "acgan"
-        self.latent_dim = settings.latent_dim
         self.attribute_channels = 2 if conditional else 0  # one-hot c appended to z
         self.generator = nets.dcgan_init_(nets.dcgan_generator(
             settings.latent_dim + self.attribute_channels, image_size=settings.image_size))
@@ -180,21 +179,19 @@ class GAN(nn.Module):
         if self.ema is not None:
             nets.update_ema(self.ema, self.generator, step, decay)
 
-    def refresh_ema_statistics(self, seed: int, batches: int = 16, batch_size: int = 64):
-        """Batch-norm statistics that fit the averaged G, from random z and attributes
-        (nets.recompute_batch_norm): update_ema copies those of the last G. Measured on
-        the 600-step 64x64 CelebA run of RESULTS.md, 512 samples: red channel mean 0.11
-        and standard deviation 0.53 with the copied statistics, -0.00 and 0.57 with these;
-        the faces have 0.01 and 0.59."""
+    def refresh_ema_statistics(self, settings: GANSettings, seed: int, count: int = 1024,
+                               batch_size: int = 64):
+        """Batch-norm statistics that fit the averaged G, from `count` fixed z and
+        attributes (nets.recompute_batch_norm): update_ema copies those of the last G.
+        Measured on the 600-step 64x64 CelebA run of RESULTS.md, 512 samples: red channel
+        mean 0.11 and standard deviation 0.53 with the copied statistics, -0.01 and 0.57
+        with these; the faces have 0.01 and 0.59."""
         if self.ema is None:
             return
-        rng = torch.Generator().manual_seed(seed)
         device = next(self.ema.parameters()).device
-        inputs = [self.generator_input(
-            torch.randn(batch_size, self.latent_dim, generator=rng).to(device),
-            torch.randint(0, 2, (batch_size,), generator=rng).to(device)
-            if self.attribute_channels else None) for _ in range(batches)]
-        nets.recompute_batch_norm(self.ema, inputs)
+        nets.recompute_batch_norm(self.ema, [
+            self.generator_input(z, attributes) for z, attributes in
+            noise_batches(settings, count, seed, batch_size, device)])
 
 
 def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
@@ -290,7 +287,8 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
         done = index + 1
         if done % settings.sample_every == 0 or done == settings.steps:
             log.commit(done)
-            gan.refresh_ema_statistics(seed)
+            # z apart from the grid's (seed), the pairs' (seed + 1) and FID's (seed + 2)
+            gan.refresh_ema_statistics(settings, seed + 3)
             util.save_checkpoint({"gan": gan.state_dict(), "optimizers": {
                 name: optimizer.state_dict() for name, optimizer in optimizers.items()},
                 "rng": rng.get_state(), "history": log.history, "step": done,
@@ -346,10 +344,16 @@ def finish(gan: GAN, held_out, history: dict, settings: GANSettings, out: Path, 
 def generate(gan: GAN, count: int, settings: GANSettings, seed: int, device,
              batch_size: int = 250) -> torch.Tensor:
     """count images (count, 3, S, S) in [-1, 1] on the CPU, batched, from a fixed seed."""
+    return torch.cat([gan.sample(z, attributes).cpu() for z, attributes in
+                      noise_batches(settings, count, seed, batch_size, device)])
+
+
+def noise_batches(settings: GANSettings, count: int, seed: int, batch_size: int, device):
+    """fixed_noise(settings, count, seed) in batches on the device: (z, attributes)."""
     z, attributes = fixed_noise(settings, count, seed)
-    return torch.cat([gan.sample(z[i:i + batch_size].to(device), None if attributes is None
-                                 else attributes[i:i + batch_size].to(device)).cpu()
-                      for i in range(0, count, batch_size)])
+    for i in range(0, count, batch_size):
+        yield z[i:i + batch_size].to(device), (None if attributes is None
+                                               else attributes[i:i + batch_size].to(device))
 
 
 def load(path, device) -> tuple[GAN, GANSettings]:
