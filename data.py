@@ -20,8 +20,9 @@ set are about 20 pixels tall at 28x28; a course-layout folder is taken as it is.
 | a folder | DIR/data/*.png + DIR/{train,val,test}.csv, or DIR/*.png      | the course layout |
 
 Decoding is done once: the decoded uint8 arrays go to a cache (`--cache`, default
-~/.cache/dlcv-from-scratch) keyed by the source files' size and time, so the second load
-of 60,000 digits is a single `np.load`. Images stay uint8 in memory (a quarter of the
+$DLCV_CACHE or ~/.cache/dlcv-from-scratch) keyed by the data folder and by the source
+files' resolved paths, sizes and times, so the second load of 60,000 digits is a single
+`np.load` and another copy of a data set never answers for this one. Images stay uint8 in memory (a quarter of the
 float size) and become floats batch by batch in `ImageSet.images`.
 
 Downloads come from the data sets' public addresses, show progress, land in a `.part`
@@ -32,7 +33,9 @@ import csv
 import gzip
 import hashlib
 import io
+import os
 import struct
+import sys
 import tarfile
 import urllib.error
 import urllib.request
@@ -48,10 +51,25 @@ from PIL import Image
 
 from util import Progress, UserError, write_arrays, write_text
 
-DEFAULT_CACHE = Path.home() / ".cache" / "dlcv-from-scratch"
-CACHE_VERSION = 2  # raise it when a reader's output changes (2: USPS in the MNIST framing)
+CACHE_VERSION = 3  # raise it when a reader's output changes (3: 16-bit PNGs scaled right)
 DIGITS = ("mnist", "mnistm", "svhn", "usps")
+SPLITS = {**{name: ("train", "test") for name in DIGITS},
+          "celeba": ("train", "test", "val", "all")}     # a folder: train, test, val
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def default_cache() -> Path:
+    """Where decoded arrays and the FID weights live unless --cache says otherwise:
+    $DLCV_CACHE if set (the tests point it at a temporary folder), else
+    ~/.cache/dlcv-from-scratch. Read at each call, not at import."""
+    return Path(os.environ.get("DLCV_CACHE") or Path.home() / ".cache" / "dlcv-from-scratch")
+
+
+def cache_folder(cache_dir) -> Path | None:
+    """None: the default cache; "" (--cache ""): no cache; else that folder."""
+    if cache_dir is None:
+        return default_cache()
+    return Path(cache_dir).expanduser() if str(cache_dir) else None
 
 
 # ============================================================================ the result
@@ -280,7 +298,7 @@ def _decode(blob_or_path, size: int | None = None, square: bool = False) -> np.n
     """One image file -> uint8 (H, W, C); optionally center-cropped square and resized."""
     source = io.BytesIO(blob_or_path) if isinstance(blob_or_path, bytes) else blob_or_path
     with Image.open(source) as image:
-        image = image.convert("RGB" if image.mode not in ("L", "1") else "L")
+        image = _eight_bit(image)
         if square:
             side = min(image.size)
             left, top = (image.width - side) // 2, (image.height - side) // 2
@@ -290,10 +308,31 @@ def _decode(blob_or_path, size: int | None = None, square: bool = False) -> np.n
         return np.asarray(image).reshape(image.height, image.width, -1)
 
 
-def _decode_all(blobs, desc: str, size=None, square=False) -> np.ndarray:
-    """Decode many files into one uint8 (N, C, H, W) array, with a progress line."""
-    decoded = [_decode(blob, size, square) for blob in Progress(blobs, desc, unit="img")]
-    shapes = {image.shape for image in decoded}
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """8-bit gray ('L') or RGB. Pillow opens 16-bit gray PNGs as 'I;16' (or 'I'), values
+    0..65535, and its convert('L') clips them at 255 instead of scaling: scale by the
+    bit depth, 65535 / 255 = 257."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.rint(wide / 257).clip(0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB" if image.mode not in ("L", "1") else "L")
+
+
+def _decode_all(blobs, desc: str, size=None, square=False, names=None) -> np.ndarray:
+    """Decode many files into one uint8 (N, C, H, W) array, with a progress line.
+    Gray images among colour ones are replicated to three channels; `names` (default:
+    the paths) name a file that cannot be read."""
+    decoded = []
+    for index, blob in enumerate(Progress(blobs, desc, unit="img")):
+        try:
+            decoded.append(_decode(blob, size, square))
+        except (OSError, ValueError, SyntaxError) as error:  # Pillow's errors for bad files
+            name = names[index] if names is not None else blob
+            raise UserError(f"{desc}: {name} is not a readable image ({error}): remove or "
+                            "replace it") from None
+    if len({image.shape[2] for image in decoded}) > 1:
+        decoded = [np.repeat(image, 3 // image.shape[2], axis=2) for image in decoded]
+    shapes = {image.shape[:2] for image in decoded}
     if len(shapes) > 1:
         raise UserError(f"{desc}: images have different sizes {sorted(shapes)[:3]}: give "
                         "--image-size so they can be resized to one")
@@ -393,7 +432,7 @@ def _mnistm(root: Path, split: str, download: bool):
     folder = _first_existing([root / "mnist_m" / "mnist_m", root / "mnist_m"])
     if folder is not None and (folder / f"mnist_m_{part}_labels.txt").exists():
         labels_text = (folder / f"mnist_m_{part}_labels.txt").read_text()
-        names, labels = _parse_name_label(labels_text)
+        names, labels = _parse_name_label(labels_text, folder / f"mnist_m_{part}_labels.txt")
         blobs = [(folder / f"mnist_m_{part}" / n).read_bytes() for n in names]
         return _mnistm_from(names, labels, blobs), [folder / f"mnist_m_{part}_labels.txt"]
     archive = root / "mnist_m" / "mnist_m.tar.gz"
@@ -406,7 +445,11 @@ def _mnistm(root: Path, split: str, download: bool):
             _need(download, "MNIST-M", root / "mnist_m", "mnist_m.tar.gz or " + bundle.name)
             download_file([MNISTM_URL + bundle.name], bundle, MNISTM_FILES[bundle.name])
         safe_extract(bundle, bundle.parent)
-    images, labels = torch.load(tensor_file, weights_only=True)  # (N, 28, 28, 3) uint8
+    try:
+        images, labels = torch.load(tensor_file, weights_only=True)  # (N, 28, 28, 3) uint8
+    except Exception as error:  # truncated, or not the release's (images, labels) pair
+        raise UserError(f"{tensor_file} cannot be read as MNIST-M ({type(error).__name__}): "
+                        "delete it and download it again") from None
     pixels = images.numpy().transpose(0, 3, 1, 2)
     _check_counts("MNIST-M", pixels, labels.numpy(), classes=10)
     return dict(pixels=pixels, labels=labels.numpy().astype(np.int64)), [tensor_file]
@@ -420,7 +463,8 @@ def _mnistm_from_tar(archive: Path, part: str):
             if label_member is None:
                 raise UserError(f"{archive} has no mnist_m_{part}_labels.txt: it is not the "
                                 "original MNIST-M archive")
-            names, labels = _parse_name_label(bundle.extractfile(label_member).read().decode())
+            names, labels = _parse_name_label(bundle.extractfile(label_member).read().decode(),
+                                              f"{archive}:{label_member.name}")
             blobs = [bundle.extractfile(members[f"mnist_m_{part}/{n}"]).read() for n in names]
     except (tarfile.TarError, EOFError, zlib.error, KeyError) as error:
         raise UserError(f"{archive} is truncated or damaged ({error}): delete it and "
@@ -429,14 +473,28 @@ def _mnistm_from_tar(archive: Path, part: str):
 
 
 def _mnistm_from(names, labels, blobs):
-    pixels = _decode_all(blobs, "decode MNIST-M")
+    pixels = _decode_all(blobs, "decode MNIST-M", names=names)
     _check_counts("MNIST-M", pixels, labels, classes=10)
     return dict(pixels=pixels, labels=labels, names=names)
 
 
-def _parse_name_label(text: str) -> tuple[list[str], np.ndarray]:
-    rows = [line.split() for line in text.splitlines() if line.strip()]
-    return [row[0] for row in rows], np.array([int(row[1]) for row in rows], np.int64)
+def _parse_name_label(text: str, source) -> tuple[list[str], np.ndarray]:
+    """Lines `name label` (MNIST-M's labels.txt, CelebA's partition file)."""
+    names, labels = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            row = line.split()
+            names.append(row[0])
+            labels.append(_label(row[1] if len(row) > 1 else "", source, number))
+    return names, np.array(labels, np.int64)
+
+
+def _label(text: str, source, line: int) -> int:
+    """A class label of a text file: a whole number from 0, else an error naming the line."""
+    if not text.strip().isdigit():
+        raise UserError(f"{source}, line {line}: label '{text}' is not a whole number from 0 "
+                        "up: fix or remove that line")
+    return int(text)
 
 
 CELEBA_SPLITS = {"train": (0,), "test": (1, 2), "val": (1,), "all": (0, 1, 2)}
@@ -457,7 +515,8 @@ def _celeba(root: Path, split: str, download: bool, size: int):
                           hint="Google Drive often refuses this; fetch it in a browser "
                                "from the CelebA page")
     attribute_names, attributes = _parse_celeba_attributes(folder / "list_attr_celeba.txt")
-    partition = dict(zip(*_parse_name_label((folder / "list_eval_partition.txt").read_text())))
+    partition_file = folder / "list_eval_partition.txt"
+    partition = dict(zip(*_parse_name_label(partition_file.read_text(), partition_file)))
     wanted = set(CELEBA_SPLITS[split])
     if (folder / "img_align_celeba").is_dir():
         files = {p.name: p for p in (folder / "img_align_celeba").glob("*.jpg")}
@@ -470,7 +529,7 @@ def _celeba(root: Path, split: str, download: bool, size: int):
     if not names:
         raise UserError(f"no CelebA images of split '{split}' found in {source}: check that "
                         "the images and list_eval_partition.txt belong together")
-    pixels = _decode_all(blobs, "decode CelebA", size=size, square=True)
+    pixels = _decode_all(blobs, "decode CelebA", size=size, square=True, names=names)
     table = np.stack([attributes[n] for n in names])
     return (dict(pixels=pixels, names=names, attributes=table,
                  attribute_names=attribute_names),
@@ -508,7 +567,9 @@ def _folder(root: Path, split: str, size: int | None):
     table = _first_existing(root / name for name in csv_name)
     if table is not None:
         with open(table, newline="") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            numbered = [(reader.line_num, row) for row in reader]  # (line in the file, row)
+        rows = [row for _, row in numbered]
         if not rows or "image_name" not in rows[0]:
             raise UserError(f"{table} must start with the header 'image_name,label' (label "
                             "optional)")
@@ -518,7 +579,8 @@ def _folder(root: Path, split: str, size: int | None):
         if missing:
             raise UserError(f"{table} lists {len(missing)} images missing from {image_dir} "
                             f"(first: {missing[0]}): put the images in {image_dir}")
-        labels = (np.array([int(row["label"]) for row in rows], np.int64)
+        labels = (np.array([_label(row["label"] or "", table, number)
+                            for number, row in numbered], np.int64)
                   if rows[0].get("label") not in (None, "") else None)
         paths = [image_dir / n for n in names]
         sources = [table, image_dir]
@@ -554,13 +616,15 @@ READERS = {"mnist": _mnist, "usps": _usps, "svhn": _svhn, "mnistm": _mnistm}
 
 
 def load(name: str, split: str = "train", data_root="data", image_size: int | None = None,
-         attribute: str | None = None, download: bool = True, cache_dir=DEFAULT_CACHE,
+         attribute: str | None = None, download: bool = True, cache_dir=None,
          limit: int | None = None) -> ImageSet:
     """Load a data set by name (mnist, mnistm, svhn, usps, celeba) or folder path.
 
     image_size: digits default 28, faces 64, folders keep their size. attribute: for
     CelebA, the attribute (e.g. 'Smiling') whose 0/1 value becomes the label.
+    cache_dir: None for the default cache, "" for none (see cache_folder).
     limit: keep the first `limit` images (for quick runs)."""
+    check_split(name, split)
     root = Path(data_root).expanduser()
     if name in READERS or name == "celeba":
         if not root.is_dir() and not download:
@@ -569,42 +633,55 @@ def load(name: str, split: str = "train", data_root="data", image_size: int | No
         size = image_size or (28 if name in DIGITS else 64)
         reader = ((lambda: _celeba(root, split, download, size)) if name == "celeba"
                   else (lambda: READERS[name](root, split, download)))
-        label = name
+        where = root
     elif Path(name).expanduser().is_dir():
-        folder = Path(name).expanduser()
+        where = Path(name).expanduser()
         size = image_size
-        label = f"{folder.name}-{_digest(str(folder.resolve()))}"
-        reader = lambda: _folder(folder, split, size)  # noqa: E731
+        reader = lambda: _folder(where, split, size)  # noqa: E731
     else:
         raise UserError(f"unknown data set '{name}': use one of mnist, mnistm, svhn, usps, "
                         "celeba, or the path of an existing image folder")
-    arrays = _cached(lambda: _resized(*reader(), size), label, split, size, cache_dir)
-    images = _as_image_set(arrays, attribute, label)
+    # the cache entry belongs to this copy of the data: another --data-root has its own
+    entry = f"{Path(name).name}-{_digest(str(where.resolve()))}-{split}-{size}"
+    arrays = _cached(lambda: _resized(*reader(), size), entry, cache_folder(cache_dir))
+    images = _as_image_set(arrays, attribute, name)
     return images.subset(torch.arange(min(limit, len(images)))) if limit else images
 
 
-def _cached(reader, label: str, split: str, size, cache_dir) -> dict:
-    """Run `reader` once; afterwards load its arrays from an .npz keyed by the sources."""
-    if not cache_dir:  # None or "" (--cache ""): decode every time
+def check_split(name: str, split: str):
+    splits = SPLITS.get(name, ("train", "test", "val"))
+    if split not in splits:
+        raise UserError(f"unknown split '{split}' for {name}: use {', '.join(splits)}")
+
+
+def _cached(reader, entry: str, cache_dir: Path | None) -> dict:
+    """Run `reader` once; afterwards load its arrays from an .npz keyed by the sources.
+
+    ENTRY.sources names the source files with their sizes and times; the arrays are
+    served only while every one of them is unchanged. A damaged cache file is rebuilt."""
+    if cache_dir is None:
         return reader()[0]
-    cache_dir = Path(cache_dir).expanduser()
-    index = cache_dir / f"{label}-{split}-{size}.sources"
+    index = cache_dir / f"{entry}.sources"
     if index.exists():
         key = index.read_text()
-        cached = _cache_file(cache_dir, label, split, size, key)
+        cached = _cache_file(cache_dir, entry, key)
         if cached.exists() and _sources_key(key) == key:
-            with np.load(cached, allow_pickle=False) as stored:
-                return {k: stored[k] for k in stored.files}
+            try:
+                with np.load(cached, allow_pickle=False) as stored:
+                    return {k: stored[k] for k in stored.files}
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+                print(f"cache file {cached} is damaged ({type(error).__name__}): deleting "
+                      "it and decoding again", file=sys.stderr)
+                cached.unlink()
     arrays, sources = reader()
     key = _sources_signature(sources)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    write_arrays(arrays, _cache_file(cache_dir, label, split, size, key))
+    write_arrays(arrays, _cache_file(cache_dir, entry, key))
     write_text(key, index)
     return arrays
 
 
-def _cache_file(cache_dir: Path, label: str, split: str, size, key: str) -> Path:
-    return cache_dir / f"{label}-{split}-{size}-v{CACHE_VERSION}-{_digest(key)}.npz"
+def _cache_file(cache_dir: Path, entry: str, key: str) -> Path:
+    return cache_dir / f"{entry}-v{CACHE_VERSION}-{_digest(key)}.npz"
 
 
 def _sources_signature(sources) -> str:
@@ -637,19 +714,19 @@ def _resized(arrays: dict, sources: list, size: int | None) -> tuple[dict, list]
     return {**kept, "pixels": pixels.numpy()}, sources
 
 
-def _as_image_set(arrays: dict, attribute: str | None, label: str) -> ImageSet:
+def _as_image_set(arrays: dict, attribute: str | None, name: str) -> ImageSet:
     pixels = torch.from_numpy(np.require(arrays["pixels"], np.uint8, ["C", "W"]))
     names = [str(n) for n in arrays["names"]] if "names" in arrays else None
     labels = torch.from_numpy(np.asarray(arrays["labels"], np.int64)) if "labels" in arrays \
         else None
-    classes = DIGIT_CLASSES if label in DIGITS else []
+    classes = DIGIT_CLASSES if name in DIGITS else []
     attributes, attribute_names = None, []
     if "attributes" in arrays:
         attributes = torch.from_numpy(np.asarray(arrays["attributes"], np.int64))
         attribute_names = [str(n) for n in arrays["attribute_names"]]
     if attribute is not None:
         if attribute not in attribute_names:
-            raise UserError(f"attribute '{attribute}' is not available for {label}: choose "
+            raise UserError(f"attribute '{attribute}' is not available for {name}: choose "
                             f"one of {', '.join(attribute_names) or 'none (no attributes)'}")
         labels = attributes[:, attribute_names.index(attribute)]
         classes = [f"not {attribute}", attribute]

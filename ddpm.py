@@ -108,7 +108,8 @@ class DDPMSettings:
     """Flags of `run.py ddpm`."""
     data: str = field(default="mnistm", metadata={"help": "labelled digits to learn"})
     timesteps: int = field(default=1000, metadata={"help": "T"})
-    schedule: str = field(default="linear", metadata={"help": "linear or cosine"})
+    schedule: str = field(default="linear", metadata={"help": "linear or cosine",
+                                                       "choices": ("linear", "cosine")})
     width: int = field(default=64, metadata={"help": "U-Net base channels"})
     steps: int = field(default=30000, metadata={"help": "training steps"})
     batch_size: int = field(default=128, metadata={"help": "images per step"})
@@ -116,7 +117,8 @@ class DDPMSettings:
     drop_class: float = field(default=0.1, metadata={"help": "P(class -> none) in training"})
     guidance: float = field(default=2.0, metadata={"help": "classifier-free guidance w"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA of the weights"})
-    sampler: str = field(default="ddim", metadata={"help": "ddim or ddpm"})
+    sampler: str = field(default="ddim", metadata={"help": "ddim or ddpm",
+                                                   "choices": ("ddim", "ddpm")})
     sampling_steps: int = field(default=50, metadata={"help": "DDIM steps S"})
     eta: float = field(default=0.0, metadata={"help": "DDIM eta (0: deterministic)"})
     amp: bool = field(default=True, metadata={"help": "bfloat16 autocast (CPU and GPU)"})
@@ -288,7 +290,7 @@ def save_grid_and_strip(model: Diffusion, settings: DDPMSettings, out: Path, see
 
 # ============================================================================ training
 def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPMSettings,
-          out: Path, device, seed: int, cache_dir=data.DEFAULT_CACHE) -> dict:
+          out: Path, device, seed: int, cache_dir=None) -> dict:
     if digits.labels is None:
         raise UserError(f"{settings.data} has no labels: the conditional DDPM needs them")
     out = Path(out)
@@ -299,7 +301,9 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
     log, first_step = util.StepLog(), 0
     checkpoint = out / "checkpoint.pt"
     if settings.resume and checkpoint.exists():
-        state = util.load_checkpoint(checkpoint, device)
+        state = util.resume_state(checkpoint, device, "ddpm", settings, seed, may_change=(
+            "steps", "sample_every", "classifier", "fid", "sampler", "sampling_steps", "eta",
+            "guidance"))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         rng.set_state(state["rng"])
@@ -325,7 +329,8 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
         done = index + 1
         if done % settings.sample_every == 0 or done == settings.steps:
             log.commit(done)
-            util.save_checkpoint({"model": model.state_dict(), "optimizer":
+            util.save_checkpoint({"command": "ddpm", "seed": seed,
+                                  "model": model.state_dict(), "optimizer":
                                   optimizer.state_dict(), "rng": rng.get_state(),
                                   "history": log.history, "step": done,
                                   "seconds": log.seconds, "settings": asdict(settings)},

@@ -55,7 +55,8 @@ VARIANTS = ("a", "b", "acgan")
 @dataclass
 class GANSettings:
     """Flags of `run.py gan`. Variant b and ACGAN use the improved recipe."""
-    variant: str = field(default="b", metadata={"help": "a (DCGAN), b (improved) or acgan"})
+    variant: str = field(default="b", metadata={"help": "a (DCGAN), b (improved) or acgan",
+                                                 "choices": VARIANTS})
     data: str = field(default="celeba", metadata={"help": "celeba or a folder of faces"})
     image_size: int = field(default=64, metadata={"help": "64, or 32 for quick study"})
     steps: int = field(default=20000, metadata={"help": "generator steps"})
@@ -246,7 +247,7 @@ def fixed_noise(settings: GANSettings, count: int, seed: int):
 
 
 def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSettings,
-          out: Path, device, seed: int, cache_dir=data.DEFAULT_CACHE) -> dict:
+          out: Path, device, seed: int, cache_dir=None) -> dict:
     """Train, with sample grid, curves and checkpoint every `sample_every` steps."""
     if settings.variant not in VARIANTS:
         raise UserError(f"unknown --variant '{settings.variant}': use a, b or acgan")
@@ -261,7 +262,8 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
     log, first_step = util.StepLog(), 0
     checkpoint = out / "checkpoint.pt"
     if settings.resume and checkpoint.exists():
-        state = util.load_checkpoint(checkpoint, device)
+        state = util.resume_state(checkpoint, device, "gan", settings, seed,
+                                  may_change=("steps", "sample_every", "fid_images"))
         gan.load_state_dict(state["gan"])
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
@@ -289,7 +291,8 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
             log.commit(done)
             # z apart from the grid's (seed), the pairs' (seed + 1) and FID's (seed + 2)
             gan.refresh_ema_statistics(settings, seed + 3)
-            util.save_checkpoint({"gan": gan.state_dict(), "optimizers": {
+            util.save_checkpoint({"command": "gan", "seed": seed, "gan": gan.state_dict(),
+                                  "optimizers": {
                 name: optimizer.state_dict() for name, optimizer in optimizers.items()},
                 "rng": rng.get_state(), "history": log.history, "step": done,
                 "seconds": log.seconds, "settings": asdict(settings)}, checkpoint)

@@ -18,6 +18,7 @@ Generated digits are graded by a small CNN classifier trained on real digits
 generated for is the "digit accuracy" of the course.
 """
 import hashlib
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -221,9 +222,14 @@ class FIDInception(nn.Module):
         return self.fc(self.forward(images))
 
 
-def fid_weights(cache_dir=data.DEFAULT_CACHE) -> Path:
-    """The pytorch-fid weights file: downloaded once, its SHA-256 prefix checked."""
-    path = Path(cache_dir).expanduser() / Path(FID_WEIGHTS_URL).name
+def fid_weights(cache_dir=None) -> Path:
+    """The pytorch-fid weights file in the cache (data.cache_folder): downloaded once,
+    its SHA-256 prefix checked."""
+    folder = data.cache_folder(cache_dir)
+    if folder is None:
+        raise UserError("FID needs the Inception weights, and --cache '' leaves no place to "
+                        "keep them: pass --weights FILE (run.py fid) or a --cache folder")
+    path = folder / Path(FID_WEIGHTS_URL).name
     if not path.exists():
         data.download_file([FID_WEIGHTS_URL], path, md5=None)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -235,10 +241,18 @@ def fid_weights(cache_dir=data.DEFAULT_CACHE) -> Path:
     return path
 
 
-def load_fid_inception(cache_dir=data.DEFAULT_CACHE, device="cpu") -> FIDInception:
+def load_fid_inception(cache_dir=None, device="cpu", weights=None) -> FIDInception:
+    """The FID network with the weights file `weights`, or the cached/downloaded one."""
+    path = Path(weights) if weights else fid_weights(cache_dir)
+    if not path.is_file():
+        raise UserError(f"FID weights {path} not found: give the pytorch-fid file "
+                        f"{Path(FID_WEIGHTS_URL).name} (--weights FILE)")
     network = FIDInception()
-    state = torch.load(fid_weights(cache_dir), map_location="cpu", weights_only=True)
-    network.load_state_dict(state, strict=True)
+    try:
+        network.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as error:  # garbage, a foreign checkpoint, or another network's weights
+        raise UserError(f"{path} is not the pytorch-fid Inception weights "
+                        f"({type(error).__name__}): use {Path(FID_WEIGHTS_URL).name}") from None
     return network.eval().to(device)
 
 
@@ -286,7 +300,7 @@ def image_statistics(images: torch.Tensor, network: FIDInception, batch_size: in
     return gaussian_statistics(inception_features(network, images, batch_size, device))
 
 
-def fid_or_reason(fake: torch.Tensor, real: torch.Tensor, cache_dir=data.DEFAULT_CACHE,
+def fid_or_reason(fake: torch.Tensor, real: torch.Tensor, cache_dir=None,
                   device="cpu") -> dict:
     """{"fid": FID of two image sets in [-1, 1]}, or, where the Inception weights cannot
     be had (offline), {"fid": None, "fid_unavailable": the reason}: a training run must
@@ -301,19 +315,25 @@ def fid_or_reason(fake: torch.Tensor, real: torch.Tensor, cache_dir=data.DEFAULT
 
 
 def load_statistics(path, network_factory, batch_size=50, device="cpu", image_size=None,
-                    cache_dir=data.DEFAULT_CACHE) -> tuple[np.ndarray, np.ndarray]:
-    """A PATH of `run.py fid`: a saved .npz of mu and sigma, or a folder of images."""
+                    cache_dir=None) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """A PATH of `run.py fid`: a saved .npz of mu and sigma, or a folder of images.
+    Returns mu, sigma and the side of the folder's images (None for an .npz)."""
     path = Path(path)
     if path.suffix == ".npz" and path.is_file():
-        with np.load(path) as stored:
-            if "mu" not in stored or "sigma" not in stored:
-                raise UserError(f"{path} holds no 'mu' and 'sigma': write it with "
-                                "'run.py fid --save-stats FOLDER OUT.npz'")
-            return stored["mu"], stored["sigma"]
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                if "mu" not in stored or "sigma" not in stored:
+                    raise UserError(f"{path} holds no 'mu' and 'sigma': write it with "
+                                    "'run.py fid --save-stats FOLDER OUT.npz'")
+                return stored["mu"], stored["sigma"], None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise UserError(f"{path} cannot be read as an .npz ({type(error).__name__}): "
+                            "write it again with 'run.py fid --save-stats'") from None
     if not path.is_dir():
         raise UserError(f"{path} is neither a folder of images nor a statistics .npz file")
     images = data.load(str(path), "train", image_size=image_size, cache_dir=cache_dir)
-    return image_statistics(images.images(), network_factory(), batch_size, device)
+    return (*image_statistics(images.images(), network_factory(), batch_size, device),
+            images.image_size)
 
 
 # ============================================================================ digit classifier
@@ -377,7 +397,7 @@ def train_classifier(train: "data.ImageSet", test: "data.ImageSet",
     history = {"train_loss": [], "test_accuracy": []}
     first_epoch = 0
     if settings.resume and (out / "checkpoint.pt").exists():
-        state = util.load_checkpoint(out / "checkpoint.pt", device)
+        state = util.resume_state(out / "checkpoint.pt", device, "classifier", settings, seed)
         network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -405,7 +425,8 @@ def train_classifier(train: "data.ImageSet", test: "data.ImageSet",
         history["test_accuracy"].append(test_accuracy)
         print(f"epoch {epoch + 1}: loss {history['train_loss'][-1]:.4f}, "
               f"test accuracy {test_accuracy:.4f}")
-        util.save_checkpoint({"network": network.state_dict(), "optimizer":
+        util.save_checkpoint({"command": "classifier", "seed": seed,
+                              "network": network.state_dict(), "optimizer":
                               optimizer.state_dict(), "schedule": schedule.state_dict(),
                               "history": history, "epoch": epoch + 1,
                               "classes": train.classes, "settings": asdict(settings)},
@@ -422,17 +443,15 @@ def train_classifier(train: "data.ImageSet", test: "data.ImageSet",
 
 
 def load_classifier(path, device="cpu") -> nn.Module:
-    state = util.load_checkpoint(path, device)
-    if "network" not in state or "classes" not in state:
-        raise UserError(f"{path} is not a digit-classifier checkpoint: train one with "
-                        "'run.py classifier'")
+    state = util.checkpoint_of(path, device, "classifier")
     network = nets.digit_classifier(classes=len(state["classes"]))
     network.load_state_dict(state["network"])
     return network.to(device).eval()
 
 
 def label_from_name(name: str) -> int:
-    """The course's naming: the first character of a generated file is its digit."""
-    if not name[:1].isdigit():
-        raise UserError(f"file '{name}' does not start with its digit (e.g. 3_042.png)")
+    """The course's naming: DIGIT_*.png, the digit and an underscore first."""
+    if not (name[:1].isdigit() and name[1:2] == "_"):
+        raise UserError(f"file '{name}' is not named by its digit: name each image "
+                        "DIGIT_*.png, e.g. 3_042.png for a 3")
     return int(name[0])

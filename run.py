@@ -9,13 +9,18 @@ Each model module keeps its settings in one dataclass; `add_flags` turns its fie
 flags (`batch_size` becomes --batch-size) and `settings_from` turns the parsed flags back
 into the dataclass, so a setting is written in exactly one place.
 
-Errors a user can fix (missing data, a bad flag, a damaged file, a diverged loss) end in
-one line on stderr and exit status 2, never in a traceback.
+Errors a user can fix (missing data, a bad flag, a damaged file, a diverged loss, a full
+disk) end in one line on stderr and exit status 2, never in a traceback. Flags are checked
+in one place, `validate`, before any data is loaded.
 """
 import argparse
+import contextlib
 import dataclasses
+import errno
+import math
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +40,8 @@ import vae
 
 # ============================================================================ flags
 def add_flags(parser: argparse.ArgumentParser, settings_class) -> None:
-    """One --flag per dataclass field, typed by its default, help from its comment."""
+    """One --flag per dataclass field, typed by its default, help (and the allowed
+    values, if any) from its metadata."""
     for field in dataclasses.fields(settings_class):
         flag = "--" + field.name.replace("_", "-")
         default = field.default
@@ -45,6 +51,7 @@ def add_flags(parser: argparse.ArgumentParser, settings_class) -> None:
         else:
             kind = type(default) if default is not None else str
             parser.add_argument(flag, type=kind, default=default,
+                                choices=field.metadata.get("choices"),
                                 help=field.metadata.get("help"))
 
 
@@ -58,13 +65,91 @@ class Common:
     """Flags every command shares."""
     data_root: str = dataclasses.field(default="data", metadata={
         "help": "folder holding (or receiving) mnist/, usps/, mnist_m/, svhn/, celeba/"})
-    cache: str = dataclasses.field(default=str(data.DEFAULT_CACHE), metadata={
-        "help": "where decoded arrays are cached"})
+    cache: str = dataclasses.field(default=None, metadata={
+        "help": "folder for decoded arrays and the FID weights (default: $DLCV_CACHE, "
+                "else ~/.cache/dlcv-from-scratch; '' for no cache)"})
     download: bool = dataclasses.field(default=True, metadata={
         "help": "download missing data sets (--no-download to forbid)"})
     out: str = dataclasses.field(default="runs", metadata={"help": "output folder"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "random seed"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "random seed (0 .. 2**32 - 1)"})
+
+
+# ============================================================================ checks
+# Whole-number flags are at least 0 (0 means 'none' or 'all', as each --help says); these
+# must be at least 1. Real flags are finite and at least 0, except those named below.
+POSITIVE_WHOLE = {"epochs", "adapt_epochs", "steps", "batch_size", "image_size", "latent_dim",
+                  "sample_every", "iterations", "timesteps", "width", "sampling_steps",
+                  "per_digit"}
+POSITIVE_REAL = {"lr", "adda_lr", "perplexity"}
+FRACTIONS = {"ema_decay", "drop_class", "eta"}          # in [0, 1]
+SIGNED = {"guidance"}                                    # any finite value
+IMAGE_SIZES = {"gan": (32, 64), "uda": (28,)}            # what the networks can take
+FOLDERS = ("data_root", "out", "cache")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Refuse, in one line each, flag values no command can use; warn about odd ones."""
+    for name, value in vars(args).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            problem = number_problem(name, value)
+            if problem:
+                raise util.UserError(f"--{name.replace('_', '-')} {value}: {problem}")
+    for name in FOLDERS:
+        folder = getattr(args, name, None)
+        if folder and Path(folder).exists() and not Path(folder).is_dir():
+            raise util.UserError(f"--{name.replace('_', '-')} {folder} is a file: give a "
+                                 "folder")
+    sizes = IMAGE_SIZES.get(args.command)
+    if sizes and args.image_size not in sizes:
+        raise util.UserError(f"--image-size {args.image_size}: the {args.command} networks "
+                             f"take {' or '.join(map(str, sizes))} pixels a side")
+    for name in ("folder", "predict"):
+        if getattr(args, name, None) and not Path(getattr(args, name)).is_dir():
+            raise util.UserError(f"--{name} {getattr(args, name)} is not a folder: give the "
+                                 "folder of images")
+    if getattr(args, "csv", None) and Path(args.csv).is_dir():
+        raise util.UserError(f"--csv {args.csv} is a folder: give a file name such as "
+                             "predictions.csv")
+    if getattr(args, "weights", None) and not Path(args.weights).is_file():
+        raise util.UserError(f"--weights {args.weights} not found: give the pytorch-fid "
+                             f"weights file {Path(metrics.FID_WEIGHTS_URL).name}")
+    if args.command == "data":
+        for split in args.splits.split(","):
+            data.check_split(args.name, split)
+    if args.command == "ddpm" and args.sampling_steps > args.timesteps:
+        raise util.UserError(f"--sampling-steps {args.sampling_steps} is more than "
+                             f"--timesteps {args.timesteps}: DDIM visits at most T steps")
+    if args.command == "uda" and args.src == args.tgt and not args.table:
+        print(f"warning: --src and --tgt are both {args.src}: nothing to adapt, every "
+              "method should score like source-only", file=sys.stderr)
+
+
+def number_problem(name: str, value) -> str | None:
+    """What is wrong with a number flag's value, or None."""
+    if isinstance(value, int):
+        low = 1 if name in POSITIVE_WHOLE else 0
+        if value < low:
+            return f"give a whole number of at least {low}"
+        if name == "seed" and value >= 2**32:
+            return "give a seed below 2**32 (NumPy's limit)"
+        return None
+    if not math.isfinite(value):
+        return "give a finite number"
+    if name in POSITIVE_REAL and value <= 0:
+        return "give a number above 0"
+    if name in FRACTIONS and not 0 <= value <= 1:
+        return "give a number from 0 to 1"
+    if name not in SIGNED and value < 0:
+        return "give a number of at least 0"
+    return None
+
+
+def fid_text(results: dict) -> str:
+    """'FID 41.20', or 'FID skipped' with the reason, for the closing line of a run."""
+    if results.get("fid") is None:
+        return "FID skipped (" + results.get("fid_unavailable", "not asked for") + ")"
+    return f"FID {results['fid']:.2f}"
 
 
 def load_data(common: Common, name: str, split: str, **options) -> data.ImageSet:
@@ -73,10 +158,26 @@ def load_data(common: Common, name: str, split: str, **options) -> data.ImageSet
 
 
 # ============================================================================ commands
+def run_folder(args) -> Path | None:
+    """The folder a training command writes its checkpoint and pictures into; main holds
+    its lock for the whole run. None for commands that train nothing."""
+    out = Path(args.out)
+    if args.command == "gan" and not args.generate:
+        return out / f"gan_{args.variant}"
+    if args.command == "ddpm" and not args.generate:
+        return out / "ddpm"
+    if args.command == "uda" and not args.predict:
+        return out / "uda"
+    if args.command == "vae":
+        return out / f"vae_lambda{args.kl_weight:g}"
+    return out / args.command if args.command in ("classifier", "tsne") else None
+
+
+
 def command_data(args) -> None:
     """Load both splits of a data set, print counts per class, save a preview grid."""
     common = settings_from(args, Common)
-    for split in args.splits.split(","):
+    for split in args.splits.split(","):  # each checked by validate
         images = load_data(common, args.name, split, image_size=args.image_size,
                            attribute=args.attribute)
         print(f"{args.name} [{split}]: {data.describe(images)}")
@@ -107,14 +208,17 @@ def command_fid(args) -> None:
     device = util.choose_device(common.device)
 
     def network():
-        weights = args.weights or metrics.fid_weights(common.cache)
-        inception = metrics.FIDInception()
-        inception.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        return inception.eval().to(device)
+        return metrics.load_fid_inception(common.cache, device, args.weights)
 
-    statistics = [metrics.load_statistics(path, network, args.batch_size, device,
-                                          args.image_size, common.cache)
-                  for path in args.paths[:1 if args.save_stats else 2]]
+    loaded = [metrics.load_statistics(path, network, args.batch_size, device,
+                                      args.image_size, common.cache)
+              for path in args.paths[:1 if args.save_stats else 2]]
+    statistics = [(mu, sigma) for mu, sigma, _ in loaded]
+    sizes = {size for _, _, size in loaded if size is not None}
+    if len(sizes) > 1:
+        print(f"warning: the folders hold images of {' and '.join(map(str, sorted(sizes)))} "
+              "pixels a side; Inception sees both at 299, but the resizing itself moves "
+              "FID: pass --image-size to compare at one size", file=sys.stderr)
     if args.save_stats:
         mu, sigma = statistics[0]
         target = Path(args.paths[1])  # named .npz, as `fid` reads statistics by that suffix
@@ -129,12 +233,7 @@ def command_tsne(args) -> None:
     """t-SNE of saved features (.npz) or of a data set's pixels (after PCA to 50 dims)."""
     common = settings_from(args, Common)
     if args.source.endswith(".npz"):
-        with np.load(args.source) as stored:
-            if args.key not in stored:
-                raise util.UserError(f"{args.source} has no array '{args.key}' (it has "
-                                     f"{', '.join(stored.files)}): pass --key NAME")
-            features = stored[args.key].reshape(len(stored[args.key]), -1)
-            labels = stored[args.labels_key] if args.labels_key in stored else None
+        features, labels = saved_features(args.source, args.key, args.labels_key)
         title = Path(args.source).stem
     else:
         images = load_data(common, args.source, args.split)
@@ -143,6 +242,7 @@ def command_tsne(args) -> None:
         title = f"{Path(args.source).name} {args.split}"
     features = features[:args.limit] if args.limit else features
     labels = labels[:len(features)] if labels is not None else None
+    check_tsne_input(features, args.perplexity)
     if features.shape[1] > 50:
         features = tsne.pca(features.astype(np.float64), 50)
     progress = util.Progress(desc="t-SNE", total=args.iterations)
@@ -150,9 +250,10 @@ def command_tsne(args) -> None:
                               args.iterations, return_kl=True,
                               progress=lambda step, kl: progress.update(1, kl=kl))
     progress.close()
-    out = Path(common.out) / "tsne"
-    results = {"points": len(features), "kl": kl,
-               "trustworthiness_k12": tsne.trustworthiness(features, embedding, 12)}
+    out = run_folder(args)
+    k = min(12, tsne.max_trustworthiness_k(len(features)))  # defined for k < N / 2
+    results = {"points": len(features), "kl": kl, "trustworthiness_k": k,
+               "trustworthiness": tsne.trustworthiness(features, embedding, k)}
     if labels is not None:
         results["knn10_accuracy"] = tsne.knn_accuracy(embedding, labels, 10)
     plots.scatter_plot(embedding, labels if labels is not None else np.zeros(len(features)),
@@ -162,6 +263,38 @@ def command_tsne(args) -> None:
     util.write_json(results, out / "results.json")
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                    for k, v in results.items()) + f"\n  wrote {out}/tsne.png, embedding.npz")
+
+
+def saved_features(path: str, key: str, labels_key: str):
+    """(features (N, D), labels (N,) or None) from an .npz, checked."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if key not in stored:
+                raise util.UserError(f"{path} has no array '{key}' (it has "
+                                     f"{', '.join(stored.files)}): pass --key NAME")
+            features = stored[key].reshape(len(stored[key]), -1).astype(np.float64)
+            labels = stored[labels_key] if labels_key in stored else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise util.UserError(f"{path} cannot be read as an .npz of numbers "
+                             f"({type(error).__name__}): save it with numpy.savez") from None
+    if labels is not None and len(labels) != len(features):
+        raise util.UserError(f"{path}: '{labels_key}' has {len(labels)} entries for "
+                             f"{len(features)} rows of '{key}': give one label per row")
+    return features, labels
+
+
+def check_tsne_input(features: np.ndarray, perplexity: float):
+    """t-SNE needs finite features and, for perplexity P, at least 3 P + 1 points: each
+    point's Gaussian must spread over about 3 P neighbours."""
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        raise util.UserError(f"{int(bad.sum())} of {len(features)} feature rows hold NaN or "
+                             f"infinite values (first: row {int(np.argmax(bad))}): remove them")
+    needed = max(4, math.ceil(3 * perplexity + 1))
+    if len(features) < needed:
+        raise util.UserError(f"{len(features)} points are too few for perplexity "
+                             f"{perplexity:g}: t-SNE needs at least {needed}; lower "
+                             "--perplexity or give more points (--limit)")
 
 
 def command_classifier(args) -> None:
@@ -174,10 +307,10 @@ def command_classifier(args) -> None:
     if train.labels is None or test.labels is None:
         raise util.UserError(f"{settings.data} has no labels: the classifier needs labelled "
                              "digits (a csv with image_name,label)")
-    results = metrics.train_classifier(train, test, settings, Path(common.out) / "classifier",
-                                       device, common.seed)
+    out = run_folder(args)
+    results = metrics.train_classifier(train, test, settings, out, device, common.seed)
     print(f"test accuracy {results['test_accuracy']:.4f} ({results['correct']}/"
-          f"{results['total']}); checkpoint {Path(common.out) / 'classifier' / 'checkpoint.pt'}")
+          f"{results['total']}); checkpoint {out / 'checkpoint.pt'}")
 
 
 def command_classify(args) -> None:
@@ -186,7 +319,7 @@ def command_classify(args) -> None:
     device = util.choose_device(common.device)
     checkpoint = args.ckpt or Path(common.out) / "classifier" / "checkpoint.pt"
     network = metrics.load_classifier(checkpoint, device)
-    images = data.load(args.folder, "train", image_size=28, cache_dir=None)
+    images = data.load(args.folder, "train", image_size=28, cache_dir="")
     labels = torch.tensor([metrics.label_from_name(name) for name in images.names])
     predictions = metrics.predict(network, images, device=device)
     share, correct, total = metrics.accuracy(predictions, labels)
@@ -206,7 +339,7 @@ def command_vae(args) -> None:
                       limit=settings.limit or None)
     test = load_data(common, settings.data, "test", image_size=64,
                      attribute=settings.attribute if settings.data == "celeba" else None)
-    out = Path(common.out) / f"vae_lambda{settings.kl_weight:g}"
+    out = run_folder(args)
     results = vae.train(faces, test, settings, out, device, common.seed)
     print(f"test MSE {results['test_mse']:.4f}, KL {results['test_kl']:.1f}; outputs in {out}/")
 
@@ -231,12 +364,13 @@ def command_ddpm(args) -> None:
         return
     digits = load_data(common, settings.data, "train")
     test = load_data(common, settings.data, "test")
-    out = Path(common.out) / "ddpm"
+    out = run_folder(args)
     if not settings.classifier:
         settings.classifier = str(Path(common.out) / "classifier" / "checkpoint.pt")
     results = ddpm.train(digits, test, settings, out, device, common.seed, common.cache)
-    print(f"done: digit accuracy {results.get('digit_accuracy')}, FID {results.get('fid')}; "
-          f"outputs in {out}/")
+    accuracy = results["digit_accuracy"]
+    print(f"done: digit accuracy {'skipped (no classifier)' if accuracy is None else accuracy}"
+          f", {fid_text(results)}; outputs in {out}/")
 
 
 def command_uda(args) -> None:
@@ -246,14 +380,11 @@ def command_uda(args) -> None:
     device = util.choose_device(common.device)
     if args.predict:
         return predict_folder(args, common, device)
-    if settings.method not in uda.METHODS + ("all",):
-        raise util.UserError(f"unknown --method '{settings.method}': use "
-                             f"{', '.join(uda.METHODS)} or all")
     methods = uda.METHODS if settings.method == "all" else (settings.method,)
 
     def load(name, split, image_size):
         return load_data(common, name, split, image_size=image_size)
-    out = Path(common.out) / "uda"
+    out = run_folder(args)
     if args.table:
         table = uda.run_table(settings, methods, load, out, device, common.seed)
         print(uda.full_table(table) + f"wrote {out}/results.md and results.json")
@@ -267,7 +398,7 @@ def predict_folder(args, common: Common, device) -> None:
     if not args.ckpt or not args.csv:
         raise util.UserError("--predict DIR needs --ckpt CHECKPOINT and --csv OUT.csv")
     network, settings = uda.load_for_prediction(args.ckpt, device)
-    images = data.load(args.predict, "test", image_size=settings.image_size, cache_dir=None)
+    images = data.load(args.predict, "test", image_size=settings.image_size, cache_dir="")
     if images.names is None:
         raise util.UserError(f"{args.predict} gives no file names: pass a folder of images")
     predictions = metrics.predict(network, images, device=device)
@@ -287,10 +418,10 @@ def command_gan(args) -> None:
                       attribute=attribute, limit=settings.limit or None)
     held_out = load_data(common, settings.data, "test", image_size=settings.image_size)
     print(f"{len(faces)} training faces, {len(held_out)} held out for FID")
-    out = Path(common.out) / f"gan_{settings.variant}"
+    out = run_folder(args)
     results = gan.train(faces, held_out, settings, out, device, common.seed, common.cache)
     print(f"done: {results['steps']} steps, {results['seconds_per_step']:.3f} s/step, "
-          f"FID {results.get('fid')}; outputs in {out}/")
+          f"{fid_text(results)}; outputs in {out}/")
 
 
 def generate_images(count: int, checkpoint, out: Path, device, seed: int, load, generate):
@@ -305,8 +436,16 @@ def generate_images(count: int, checkpoint, out: Path, device, seed: int, load, 
 
 
 # ============================================================================ parser
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors (unknown flag, 'x' for a number) as one line and exit
+    status 2 like every other error here, instead of a usage block."""
+
+    def error(self, message):
+        raise util.UserError(f"{message} (see 'python {self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="run.py", description="Generative models and domain adaptation from scratch.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -384,17 +523,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        args.function(args)
+        args = build_parser().parse_args(argv)
+        validate(args)
+        folder = run_folder(args)
+        with util.exclusive(folder) if folder else contextlib.nullcontext():
+            args.function(args)
     except util.UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a read-only or full disk, a missing folder, ...
+        print(f"error: {os_error_text(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: checkpoints written so far are kept; continue with --resume",
               file=sys.stderr)
         return 130
     return 0
+
+
+def os_error_text(error: OSError) -> str:
+    where = f" ({error.filename})" if error.filename else ""
+    advice = ("free disk space, or write elsewhere (--out, --cache)"
+              if error.errno == errno.ENOSPC else
+              "choose folders you can write to (--out, --cache, --data-root)"
+              if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else
+              "check the paths given (--out, --cache, --data-root)")
+    return f"{error.strerror or error}{where}: {advice}"
 
 
 if __name__ == "__main__":

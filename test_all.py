@@ -39,6 +39,15 @@ import vae
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own default cache: nothing from the user's ~/.cache or from
+    another test can answer a load."""
+    folder = tmp_path_factory.mktemp("default-cache")
+    monkeypatch.setenv("DLCV_CACHE", str(folder))
+    return folder
+
+
 def one_line_error(capsys, argv) -> str:
     """Run the command line, expect exit 2 and stderr ending in one error line (progress
     lines may come before it, a traceback may not); return that line."""
@@ -97,13 +106,13 @@ def test_usps_libsvm_values_map_to_bytes_and_labels_shift(tmp_path):
     text = "1 1:-1 256:1\n10 2:0.5\n"
     for name in ("usps.bz2", "usps.t.bz2"):
         (tmp_path / "usps" / name).write_bytes(bz2.compress(text.encode()))
-    ds = data.load("usps", "test", tmp_path, image_size=22, download=False, cache_dir=None)
+    ds = data.load("usps", "test", tmp_path, image_size=22, download=False, cache_dir="")
     assert ds.labels.tolist() == [0, 9]
     first = ds.pixels[0, 0]  # the 16x16 digit sits inside a 3-pixel black border
     assert first[3, 3] == 0 and first[18, 18] == 255 and first[8, 8] == 128  # (v+1)*127.5
     assert ds.pixels[1, 0, 3, 4] == round(1.5 * 127.5)
     assert first[:3].sum() == first[19:].sum() == first[:, :3].sum() == first[:, 19:].sum() == 0
-    assert data.load("usps", "test", tmp_path, download=False, cache_dir=None) \
+    assert data.load("usps", "test", tmp_path, download=False, cache_dir="") \
         .pixels.shape == (2, 1, 28, 28)
 
 
@@ -132,7 +141,7 @@ def test_svhn_transposes_images_and_maps_label_10_to_0(tmp_path):
     (tmp_path / "svhn").mkdir()
     for name in ("train_32x32.mat", "test_32x32.mat"):
         (tmp_path / "svhn" / name).write_bytes(base64.b64decode(SCIPY_MAT))
-    ds = data.load("svhn", "train", tmp_path, download=False, cache_dir=None)
+    ds = data.load("svhn", "train", tmp_path, download=False, cache_dir="")
     assert ds.labels.tolist() == [0, 1, 2, 9, 0] and ds.pixels.shape == (5, 3, 28, 28)
     arrays, _ = data._svhn(tmp_path, "train", download=False)
     # (H, W, C, N) -> (N, C, H, W): pixel [n, c, h, w] is X[h, w, c, n]
@@ -172,15 +181,15 @@ def test_mnistm_from_archive_and_from_folder_agree_with_the_pngs(tmp_path):
     (tmp_path / "mnist_m").mkdir()
     images = make_mnistm_tar(tmp_path / "mnist_m" / "mnist_m.tar.gz")
     from_tar = data.load("mnistm", "test", tmp_path, image_size=32, download=False,
-                         cache_dir=None)
+                         cache_dir="")
     assert torch.equal(from_tar.pixels, torch.from_numpy(images).permute(0, 3, 1, 2))
     assert from_tar.labels.tolist() == [0, 3, 6, 9]
     data.safe_extract(tmp_path / "mnist_m" / "mnist_m.tar.gz", tmp_path / "mnist_m")
     (tmp_path / "mnist_m" / "mnist_m.tar.gz").unlink()
     from_folder = data.load("mnistm", "test", tmp_path, image_size=32, download=False,
-                            cache_dir=None)
+                            cache_dir="")
     assert torch.equal(from_folder.pixels, from_tar.pixels)
-    assert data.load("mnistm", "test", tmp_path, download=False, cache_dir=None) \
+    assert data.load("mnistm", "test", tmp_path, download=False, cache_dir="") \
         .pixels.shape == (4, 3, 28, 28)
 
 
@@ -193,7 +202,7 @@ def test_mnistm_release_tensor_archive_loads(tmp_path):
     (tmp_path / "mnist_m").mkdir()
     with tarfile.open(tmp_path / "mnist_m" / "mnist_m_train.pt.tar.gz", "w:gz") as bundle:
         bundle.add(staging / "mnist_m_train.pt", arcname="mnist_m_train.pt")
-    ds = data.load("mnistm", "train", tmp_path, download=False, cache_dir=None)
+    ds = data.load("mnistm", "train", tmp_path, download=False, cache_dir="")
     assert torch.equal(ds.pixels, images.permute(0, 3, 1, 2)) and ds.labels.tolist() == [7, 0, 2]
 
 
@@ -221,13 +230,13 @@ def make_celeba(root: Path, present=("000001.jpg", "000003.jpg", "000004.jpg")):
 def test_celeba_joins_attributes_to_present_images_and_center_crops(tmp_path):
     make_celeba(tmp_path)
     train = data.load("celeba", "train", tmp_path, image_size=16, attribute="Smiling",
-                      download=False, cache_dir=None)
+                      download=False, cache_dir="")
     assert train.names == ["000001.jpg", "000003.jpg"]  # 000002 has no image
     assert train.labels.tolist() == [1, 1] and train.attributes.tolist() == [[0, 1], [0, 1]]
     assert train.pixels.shape == (2, 3, 16, 16) and train.attribute_names == ["Male", "Smiling"]
     # the white band at the top is outside the centered 178x178 square
     assert (train.pixels[0].float() - 40).abs().max() <= 3
-    test = data.load("celeba", "test", tmp_path, image_size=16, download=False, cache_dir=None)
+    test = data.load("celeba", "test", tmp_path, image_size=16, download=False, cache_dir="")
     assert test.names == ["000004.jpg"] and test.labels is None
 
 
@@ -252,9 +261,9 @@ def test_course_csv_layout_labels_names_and_val_as_test(tmp_path):
 
 def test_course_csv_without_labels_and_plain_image_folder(tmp_path):
     make_course_folder(tmp_path / "digits", with_labels=False)
-    ds = data.load(str(tmp_path / "digits"), "train", cache_dir=None)
+    ds = data.load(str(tmp_path / "digits"), "train", cache_dir="")
     assert ds.labels is None and len(ds) == 3
-    faces = data.load(str(tmp_path / "digits" / "data"), "train", image_size=8, cache_dir=None)
+    faces = data.load(str(tmp_path / "digits" / "data"), "train", image_size=8, cache_dir="")
     assert faces.labels is None and faces.pixels.shape == (3, 3, 8, 8)
 
 
@@ -316,7 +325,7 @@ def test_downloaded_usps_is_verified_and_loaded(tmp_path, monkeypatch):
     content = bz2.compress(b"3 1:1\n")
     monkeypatch.setitem(data.USPS_FILES, "usps.bz2", __import__("hashlib").md5(content).hexdigest())
     fake_network(monkeypatch, content)
-    ds = data.load("usps", "train", tmp_path, cache_dir=None)
+    ds = data.load("usps", "train", tmp_path, cache_dir="")
     assert ds.labels.tolist() == [2] and (tmp_path / "usps" / "usps.bz2").exists()
 
 
@@ -941,9 +950,12 @@ def test_classify_command_reads_digits_from_file_names(tmp_path, capsys):
     data.save_images(images.images(), folder, names)
     assert run.main(["classify", "--folder", str(folder), "--out", str(tmp_path)]) == 0
     assert "accuracy 0.8333 (5/6)" in capsys.readouterr().out
-    data.save_images(images.images(slice(0, 1)), folder, ["x_001.png"])
-    line = one_line_error(capsys, ["classify", "--folder", str(folder), "--out", str(tmp_path)])
-    assert "does not start with its digit" in line
+    for wrong in ("x_001.png", "10.png"):  # 10.png was counted as a 1
+        data.save_images(images.images(slice(0, 1)), folder, [wrong])
+        line = one_line_error(capsys, ["classify", "--folder", str(folder), "--out",
+                                       str(tmp_path)])
+        assert f"'{wrong}' is not named by its digit" in line and "3_042.png" in line
+        (folder / wrong).unlink()
 
 
 # ============================================================================ uda

@@ -348,10 +348,14 @@ def tsne(X, perplexity: float = 30.0, seed: int = 0, method: str = "auto",
 def trustworthiness(X, Y, k: int = 5) -> float:
     """Venna & Kaski (2001): 1 - 2 / (n k (2n - 3k - 1)) sum_i sum_{j in U_k(i)} (r(i, j) - k),
     U_k(i) = the map's k nearest neighbours of i that are not among its k nearest in the
-    data, r(i, j) = the rank of j by distance to i in the data (nearest = 1)."""
+    data, r(i, j) = the rank of j by distance to i in the data (nearest = 1).
+    The normalisation makes the worst map score 0 only for k < n / 2; beyond, the
+    score could leave [0, 1], so such k is refused (max_trustworthiness_k gives the largest)."""
     X = np.asarray(X, np.float64).reshape(len(X), -1)
     Y = np.asarray(Y, np.float64)
     n = len(X)
+    if not 1 <= k <= max_trustworthiness_k(n):
+        raise ValueError(f"trustworthiness of {n} points needs 1 <= k < {n / 2:g}, got {k}")
     map_neighbours, _ = nearest_neighbours(Y, k)
     penalty = 0.0
     for start in range(0, n, 1024):                     # ranks in chunks: memory 1024 x N
@@ -364,6 +368,11 @@ def trustworthiness(X, Y, k: int = 5) -> float:
         neighbour_ranks = np.take_along_axis(ranks, map_neighbours[start:start + 1024], 1)
         penalty += np.maximum(neighbour_ranks - k, 0).sum()
     return 1.0 - 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0)) * penalty
+
+
+def max_trustworthiness_k(n: int) -> int:
+    """The largest k < n / 2."""
+    return (n - 1) // 2
 
 
 def knn_accuracy(Y, labels, k: int = 10) -> float:

@@ -66,10 +66,12 @@ STATISTICS_IMAGES = 4096  # per domain, for the batch-norm statistics of the ave
 class UDASettings:
     """Flags of `run.py uda`."""
     method: str = field(default="dann", metadata={
-        "help": "source, dann, dann-ent, adda, target, or all (the whole table row set)"})
+        "help": "source, dann, dann-ent, adda, target, or all (the whole table row set)",
+        "choices": METHODS + ("all",)})
     src: str = field(default="mnistm", metadata={"help": "labelled source digits"})
     tgt: str = field(default="usps", metadata={"help": "unlabelled target digits"})
-    image_size: int = field(default=28, metadata={"help": "every domain is resized to this"})
+    image_size: int = field(default=28, metadata={
+        "help": "every domain is resized to this (the networks take 28)"})
     epochs: int = field(default=10, metadata={"help": "training epochs (ADDA: pre-training)"})
     adapt_epochs: int = field(default=10, metadata={"help": "ADDA adversarial epochs"})
     batch_size: int = field(default=128, metadata={"help": "images per domain per step"})
@@ -123,6 +125,10 @@ def load_domains(settings: UDASettings, load) -> Domains:
                (settings.src, "test"), (settings.tgt, "test"))]
     if settings.limit:
         splits = [s.subset(torch.arange(min(settings.limit, len(s)))) for s in splits]
+    for name, images in ((settings.src, splits[0]), (settings.tgt, splits[1])):
+        if len(images) < 2:  # batch norm needs two images in a batch
+            raise UserError(f"{name} has {len(images)} training image(s): give at least 2 "
+                            "(raise --limit)")
     if splits[0].labels is None:
         raise UserError(f"source {settings.src} has no labels: give a labelled source "
                         "(a data set name, or a folder with train.csv image_name,label)")
@@ -132,7 +138,9 @@ def load_domains(settings: UDASettings, load) -> Domains:
 def paired_indices(source_count: int, target_count: int, batch_size: int,
                    generator: torch.Generator):
     """Per step a source and a target index batch; an epoch covers the larger set once,
-    the smaller one is cycled through fresh permutations."""
+    the smaller one is cycled through fresh permutations. A batch never exceeds the
+    larger set, so a quick run on fewer images than --batch-size has one step."""
+    batch_size = min(batch_size, max(source_count, target_count))
     steps = max(source_count, target_count) // batch_size
     needed = steps * batch_size
 
@@ -316,10 +324,8 @@ def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
     first_epoch, seconds = 0, 0.0
     checkpoint = out / "checkpoint.pt"
     if settings.resume and checkpoint.exists():
-        state = util.load_checkpoint(checkpoint, device)
-        if "average" not in state:
-            raise UserError(f"{checkpoint} was written before weight averaging: start "
-                            "again without --resume, or in another --out folder")
+        state = util.resume_state(checkpoint, device, "uda", settings, seed,
+                                  may_change=("tsne_points",))
         nets_.load_state_dict(state["networks"])
         average.load_state_dict(state["average"])
         for name, optimizer in optimizers.items():
@@ -348,7 +354,7 @@ def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
         print(f"{phase} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in
               losses.items()) + f"; target accuracy {history['target_accuracy'][-1]:.4f}")
         util.save_checkpoint({
-            "networks": nets_.state_dict(), "average": average.state_dict(),
+            "command": "uda", "seed": seed, "networks": nets_.state_dict(), "average": average.state_dict(),
             "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
             "history": history, "epoch": epoch + 1, "seconds": seconds,
             "settings": asdict(settings)}, checkpoint)
@@ -399,7 +405,7 @@ def start_adaptation(nets_: Networks, average: Networks):
 def load_pretrained(average: Networks, path: Path, device) -> tuple:
     """Copy the averaged F and C of a source-only checkpoint into ADDA's average, all
     that its adaptation starts from; returns the run's (history, epochs, seconds)."""
-    state = util.load_checkpoint(path, device)
+    state = util.checkpoint_of(path, device, "uda")
     source_only = Networks("source")
     source_only.load_state_dict(state["average"])
     average.features.load_state_dict(source_only.features.state_dict())

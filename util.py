@@ -9,6 +9,9 @@ and its numbers reproducible. Every training command in this project uses it the
     for step in util.Progress(range(steps), "train"): ...
     util.save_checkpoint(state, out / "checkpoint.pt")       # write-then-rename
 """
+import contextlib
+import dataclasses
+import glob
 import json
 import math
 import os
@@ -123,9 +126,11 @@ class Progress:
 # --------------------------------------------------------------------- atomic files
 def _atomic_write(path: Path, write) -> Path:
     """Write through `write(tmp_path)` then rename: a crash never leaves half a file, and
-    two processes writing the same file (two runs sharing a cache) never share a temporary."""
+    two processes writing the same file (two runs sharing a cache) never share a temporary.
+    Temporaries of this file left by a killed process are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -134,6 +139,51 @@ def _atomic_write(path: Path, write) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _remove_stale_temporaries(path: Path):
+    """NAME.PID.tmp beside NAME whose process has ended (kill -9 during a write)."""
+    for tmp in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 1:-len(".tmp")]
+        if pid.isdigit() and not process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs. On Windows, where signal 0 does not exist,
+    every process counts as alive, so nothing another process may own is touched."""
+    if pid == os.getpid() or os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def exclusive(folder):
+    """Hold FOLDER/.lock (our process id) while a run writes into folder, so two runs
+    never interleave their checkpoints. A lock whose process has ended is taken over."""
+    lock = Path(folder) / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            with open(lock, "x") as handle:
+                handle.write(str(os.getpid()))
+            break
+        except FileExistsError:
+            owner = lock.read_text().strip()
+            if owner.isdigit() and process_alive(int(owner)):
+                raise UserError(f"another run (process {owner}) is writing into {folder}: "
+                                "wait for it to end, or pass another --out") from None
+            lock.unlink(missing_ok=True)  # left by a run that was killed
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def write_arrays(arrays: dict, path) -> Path:
@@ -145,32 +195,89 @@ def write_arrays(arrays: dict, path) -> Path:
 
 
 def save_checkpoint(state: dict, path) -> Path:
-    """torch.save to a temporary file, then an atomic rename over the old checkpoint."""
+    """torch.save to a temporary file, then an atomic rename over the old checkpoint.
+    Weights that are no longer finite are refused: the last good checkpoint stays."""
+    if not all(torch.isfinite(tensor).all() for tensor in _floating_tensors(state)):
+        raise UserError(f"the weights became NaN or infinite (at {_position(state)}): "
+                        f"training diverged, {path} was not overwritten; lower the "
+                        "learning rate, or resume from the last checkpoint")
     return _atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def _floating_tensors(value):
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _floating_tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _floating_tensors(item)
+
+
+def _position(state: dict) -> str:
+    return next((f"{name} {state[name]}" for name in ("step", "epoch") if name in state),
+                "this save")
+
+
 def load_checkpoint(path, device="cpu") -> dict:
+    """A checkpoint of this project: tensors, numbers, strings, lists and dicts only
+    (weights_only=True), so a crafted file cannot run code while it is read."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found: give the path of a .pt file this "
                         "project wrote (--ckpt), or drop --resume to start fresh")
     try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except Exception as error:  # a truncated or foreign file: say so in one line
-        raise UserError(f"checkpoint {path} cannot be read ({type(error).__name__}): "
-                        "it is damaged or not from this project; delete it or pick another")
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # truncated, foreign or unsafe: say so in one line
+        raise UserError(f"{path} cannot be read as a checkpoint of this project "
+                        f"({type(error).__name__}): it is damaged, holds other objects, or "
+                        "is not a checkpoint; delete it or pick another") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a checkpoint of this project: pick another file")
+    return state
+
+
+def checkpoint_of(path, device, command: str) -> dict:
+    """A checkpoint written by `run.py command` (each one records its command)."""
+    state = load_checkpoint(path, device)
+    if state.get("command") != command or "settings" not in state:
+        made_by = f"'run.py {state['command']}'" if "command" in state else "something else"
+        raise UserError(f"{path} was written by {made_by}, not by 'run.py {command}': "
+                        f"give a {command} checkpoint, or train one with 'run.py {command}'")
+    return state
+
+
+def resume_state(path, device, command: str, settings, seed: int, may_change=()) -> dict:
+    """The checkpoint a --resume continues from, if it belongs to this run: same command,
+    seed and settings, apart from `resume` and the fields in may_change (e.g. --steps).
+    A resumed run must be the run it continues, or its figures would mean nothing."""
+    state = checkpoint_of(path, device, command)
+    stored = state["settings"]
+    changed = [f"--seed {state.get('seed')} (now {seed})"] if state.get("seed") != seed else []
+    changed += [f"--{name.replace('_', '-')} {stored.get(name)} (now {value})"
+                for name, value in dataclasses.asdict(settings).items()
+                if name not in ("resume", *may_change) and stored.get(name) != value]
+    if changed:
+        raise UserError(f"{path} was trained with {', '.join(changed)}: resume with the "
+                        "flags it was trained with, or drop --resume (or pass another "
+                        "--out) to start a new run")
+    return state
 
 
 def load_trained(path, device, settings_class, build, key: str, command: str):
     """(model, settings) from a checkpoint of `run.py command`: the settings dataclass
     is rebuilt from the checkpoint, the model by build(settings), its weights from key."""
-    state = load_checkpoint(path, device)
-    if key not in state or "settings" not in state:
-        raise UserError(f"{path} is not a '{command}' checkpoint: train one with "
-                        f"'run.py {command}'")
-    settings = settings_class(**state["settings"])
-    model = build(settings).to(device)
-    model.load_state_dict(state[key])
+    state = checkpoint_of(path, device, command)
+    try:
+        settings = settings_class(**state["settings"])
+        model = build(settings).to(device)
+        model.load_state_dict(state[key])
+    except (TypeError, KeyError, RuntimeError) as error:
+        raise UserError(f"{path} does not fit this version's '{command}' networks "
+                        f"({type(error).__name__}): train it again with 'run.py {command}'"
+                        ) from None
     return model, settings
 
 

@@ -91,7 +91,8 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
     first_epoch, seconds = 0, 0.0
     checkpoint = out / "checkpoint.pt"
     if settings.resume and checkpoint.exists():
-        state = util.load_checkpoint(checkpoint, device)
+        state = util.resume_state(checkpoint, device, "vae", settings, seed,
+                                  may_change=("epochs", "tsne_points", "attribute"))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, first_epoch, seconds = state["history"], state["epoch"], state["seconds"]
@@ -126,7 +127,8 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
         print(f"epoch {epoch + 1}: train MSE {history['train_mse'][-1]:.4f}, KL "
               f"{history['train_kl'][-1]:.1f}; test MSE {test_terms['mse']:.4f}, KL "
               f"{test_terms['kl']:.1f}")
-        util.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        util.save_checkpoint({"command": "vae", "seed": seed, "model": model.state_dict(),
+                              "optimizer": optimizer.state_dict(),
                               "history": history, "epoch": epoch + 1, "seconds": seconds,
                               "settings": asdict(settings)}, checkpoint)
         save_curves(history, out, settings)
