@@ -80,7 +80,7 @@ def bench_fid(args):
           f"{args.images / seconds:.2f} images/s")
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     tsne_parser = commands.add_parser("tsne")
@@ -90,9 +90,14 @@ if __name__ == "__main__":
     tsne_parser.add_argument("--sklearn", action="store_true")
     data_parser = commands.add_parser("data")
     data_parser.add_argument("--data-root", default="data")
-    data_parser.add_argument("--cache", default=str(data.DEFAULT_CACHE))
+    data_parser.add_argument("--cache", default=None,
+                             help="cache folder (default: $DLCV_CACHE or ~/.cache/...)")
     fid_parser = commands.add_parser("fid")
     fid_parser.add_argument("--images", type=int, default=100)
     fid_parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     {"data": bench_data, "tsne": bench_tsne, "fid": bench_fid}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ import base64
 import bz2
 import copy
 import dataclasses
+import errno
 import gzip
 import io
 import math
@@ -369,6 +370,94 @@ def test_second_load_comes_from_cache_until_a_source_changes(tmp_path, monkeypat
         data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "c")
 
 
+def test_cache_belongs_to_the_data_folder_it_was_decoded_from(tmp_path):
+    """Another copy of a data set, or an empty folder, never gets the first one's cached
+    arrays (they did: the cache was keyed by name, split and size alone)."""
+    cache = tmp_path / "cache"
+    images, _ = make_mnist(tmp_path / "first")
+    first = data.load("mnist", "train", tmp_path / "first", download=False, cache_dir=cache)
+    assert np.array_equal(first.pixels[:, 0].numpy(), images)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(util.UserError, match="MNIST not found"):
+        data.load("mnist", "train", tmp_path / "empty", download=False, cache_dir=cache)
+    make_mnist(tmp_path / "second")
+    write_idx(tmp_path / "second" / "mnist" / "train-images-idx3-ubyte.gz",
+              np.zeros_like(images))
+    second = data.load("mnist", "train", tmp_path / "second", download=False, cache_dir=cache)
+    assert second.pixels.max() == 0
+
+
+def test_the_default_cache_is_read_at_call_time_and_empty_means_none(tmp_path, private_cache):
+    assert data.cache_folder(None) == private_cache and data.cache_folder("") is None
+    make_mnist(tmp_path)
+    data.load("mnist", "train", tmp_path, download=False)
+    assert any(name.suffix == ".npz" for name in private_cache.iterdir())
+
+
+def test_a_damaged_cache_file_is_rebuilt_and_said(tmp_path, capsys):
+    images, _ = make_mnist(tmp_path)
+    data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "c")
+    (cached,) = (tmp_path / "c").glob("*.npz")
+    cached.write_bytes(cached.read_bytes()[:100])
+    again = data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "c")
+    assert np.array_equal(again.pixels[:, 0].numpy(), images)
+    assert "is damaged" in capsys.readouterr().err
+    with np.load(cached) as rebuilt:
+        assert rebuilt["pixels"].shape == (6, 1, 28, 28)
+
+
+def test_unknown_split_is_refused_not_served_as_test(tmp_path, capsys):
+    make_mnist(tmp_path)
+    with pytest.raises(util.UserError, match="unknown split 'val' for mnist"):
+        data.load("mnist", "val", tmp_path, download=False, cache_dir="")
+    line = one_line_error(capsys, ["data", "--name", "mnist", "--splits", "train,foo",
+                                   "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "unknown split 'foo'" in line and not (tmp_path / "o").exists()  # before loading
+
+
+# ============================================================================ data: folders
+def test_16_bit_png_is_scaled_by_its_bit_depth(tmp_path):
+    """Pillow's convert('L') clips 16-bit values at 255: 99.6% of a photo turned white."""
+    deep = np.array([[0, 257, 32896, 65535]], np.uint16)            # / 257: 0, 1, 128, 255
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    ds = data.load(str(tmp_path), "train", cache_dir="")
+    assert ds.pixels[0, 0, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_gray_and_colour_images_in_one_folder_are_served_as_colour(tmp_path):
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((8, 8, 3), (10, 20, 30), np.uint8)).save(tmp_path / "b.png")
+    ds = data.load(str(tmp_path), "train", cache_dir="")
+    assert ds.pixels.shape == (2, 3, 8, 8)
+    assert ds.pixels[0].unique().tolist() == [200] and ds.pixels[1, :, 0, 0].tolist() == [10, 20, 30]
+
+
+@pytest.mark.parametrize("content", [b"not an image", b""])
+def test_an_unreadable_image_in_a_folder_is_named(tmp_path, capsys, content):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(content)
+    line = one_line_error(capsys, ["data", "--name", str(tmp_path), "--splits", "train",
+                                   "--cache", "", "--out", str(tmp_path / "o")])
+    assert "b.png is not a readable image" in line
+
+
+def test_a_bad_label_names_its_file_and_line(tmp_path, capsys):
+    make_course_folder(tmp_path / "course")
+    table = tmp_path / "course" / "train.csv"
+    table.write_text(table.read_text().replace("00001.png,5", "00001.png,five"))
+    line = one_line_error(capsys, ["data", "--name", str(tmp_path / "course"), "--cache", "",
+                                   "--out", str(tmp_path / "o")])
+    assert f"{table}, line 3: label 'five'" in line
+    folder = tmp_path / "mnist_m" / "mnist_m"
+    (folder / "mnist_m_train").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "mnist_m_train" / name)
+    (folder / "mnist_m_train_labels.txt").write_text("a.png 3\n\nb.png -1\n")
+    with pytest.raises(util.UserError, match="labels.txt, line 3: label '-1'"):
+        data.load("mnistm", "train", tmp_path, download=False, cache_dir="")
+
+
 # ============================================================================ data: image I/O
 def test_make_grid_places_each_image_at_its_padded_cell():
     images = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 2, 3) + 1
@@ -509,6 +598,66 @@ def test_arrays_are_written_atomically_through_a_per_process_temporary(tmp_path,
     assert temporaries == [f"cache.npz.{os.getpid()}.tmp"] and os.listdir(tmp_path) == ["cache.npz"]
 
 
+class RunsCode:
+    """Unpickling this calls Path.touch(marker): what a crafted checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path, capsys):
+    marker, crafted = tmp_path / "ran", tmp_path / "crafted.pt"
+    torch.save({"command": "gan", "settings": {}, "gan": RunsCode(marker)}, crafted)
+    with pytest.raises(util.UserError, match="cannot be read as a checkpoint"):
+        util.load_checkpoint(crafted)
+    line = one_line_error(capsys, ["gan", "--generate", "2", "--ckpt", str(crafted),
+                                   "--out", str(tmp_path / "o")])
+    assert "cannot be read as a checkpoint" in line and not marker.exists()
+
+
+def test_checkpoint_of_non_finite_weights_is_refused_and_the_last_good_one_kept(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    util.save_checkpoint({"step": 1, "model": {"w": torch.ones(3)}}, path)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(util.UserError, match="NaN or infinite .at step 2"):
+            util.save_checkpoint({"step": 2, "model": {"w": torch.tensor([1.0, bad])},
+                                  "optimizer": [{"m": torch.zeros(1)}]}, path)
+    assert util.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_a_temporary_left_by_a_killed_writer_is_removed_on_the_next_write(tmp_path):
+    import subprocess, sys
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f"checkpoint.pt.{ended}.tmp"
+    writing = tmp_path / f"checkpoint.pt.{os.getppid()}.tmp"   # a live process's
+    other = tmp_path / f"results.json.{ended}.tmp"              # another file's
+    for path in (stale, writing, other):
+        path.write_bytes(b"half")
+    util.save_checkpoint({"step": 1}, tmp_path / "checkpoint.pt")
+    assert not stale.exists() and writing.exists() and other.exists()
+
+
+def test_a_folder_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path, capsys):
+    with util.exclusive(tmp_path):
+        with pytest.raises(util.UserError, match=f"another run .process {os.getpid()}."):
+            with util.exclusive(tmp_path):
+                pass
+    assert not (tmp_path / ".lock").exists()
+    (tmp_path / ".lock").write_text("999999999")  # no such process: a killed run's lock
+    with util.exclusive(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    run_folder = tmp_path / "out" / "gan_b"
+    run_folder.mkdir(parents=True)
+    (run_folder / ".lock").write_text(str(os.getppid()))
+    line = one_line_error(capsys, ["gan", "--data-root", str(tmp_path / "none"),
+                                   "--no-download", "--out", str(tmp_path / "out")])
+    assert "another run" in line and (run_folder / ".lock").exists()
+
+
 def test_device_choice_and_errors():
     assert util.choose_device("cpu").type == "cpu"
     assert util.choose_device("auto").type in ("cpu", "cuda", "mps")
@@ -549,6 +698,156 @@ def test_data_command_prints_counts_and_writes_preview(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "mnist [train]: 6 images" in printed and "0: 1  1: 1" in printed
     assert Image.open(tmp_path / "out" / "data" / "mnist-test-preview.png").size == (6 * 30 + 2, 32)
+
+
+def image_folder(folder: Path, count: int = 3, size: int = 16) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (size, size, 3), np.uint8)) \
+            .save(folder / f"{i}.png")
+    return folder
+
+
+def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
+    """(command line, what its one error line must say): ordinary mistakes."""
+    a_file = tmp / "a_file"
+    a_file.write_text("x")
+    garbage = tmp / "garbage.pth"
+    garbage.write_bytes(b"\x80\x02 not torch")
+    foreign = tmp / "foreign.pth"
+    torch.save({"weight": torch.ones(2)}, foreign)
+    faces = str(image_folder(tmp / "faces"))
+    few, nan, mismatch, broken = (tmp / f"{name}.npz" for name in
+                                  ("few", "nan", "mismatch", "broken"))
+    broken.write_bytes(b"PK\x03\x04 not a zip")
+    np.savez(few, features=np.random.default_rng(0).normal(size=(10, 3)))
+    np.savez(nan, features=np.array([[0.0, 1.0]] * 40 + [[np.nan, 0.0]]))
+    np.savez(mismatch, features=np.zeros((40, 3)), labels=np.zeros(39))
+    return [
+        (["gan", "--steps", "0"], "--steps 0: give a whole number of at least 1"),
+        (["ddpm", "--steps", "-5"], "--steps -5"),
+        (["vae", "--epochs", "0"], "--epochs 0"),
+        (["uda", "--batch-size", "0"], "--batch-size 0"),
+        (["classifier", "--lr", "nan"], "--lr nan: give a finite number"),
+        (["vae", "--lr", "inf"], "--lr inf: give a finite number"),
+        (["uda", "--lr", "-0.1"], "--lr -0.1: give a number above 0"),
+        (["gan", "--image-size", "0"], "--image-size 0"),
+        (["data", "--name", "mnist", "--image-size", "-28"], "--image-size -28"),
+        (["gan", "--image-size", "48"], "the gan networks take 32 or 64"),
+        (["uda", "--image-size", "32"], "the uda networks take 28"),
+        (["gan", "--limit", "-1"], "--limit -1: give a whole number of at least 0"),
+        (["gan", "--generate", "-3"], "--generate -3"),
+        (["ddpm", "--generate", "--per-digit", "0"], "--per-digit 0"),
+        (["gan", "--seed", "-1"], "--seed -1"),
+        (["gan", "--seed", str(2**32)], "below 2**32"),
+        (["ddpm", "--drop-class", "1.5"], "--drop-class 1.5: give a number from 0 to 1"),
+        (["ddpm", "--sampling-steps", "2000"], "more than --timesteps 1000"),
+        (["gan", "--steps", "ten"], "invalid int value: 'ten'"),
+        (["gan", "--variant", "c"], "invalid choice: 'c'"),
+        (["uda", "--method", "mmd"], "invalid choice: 'mmd'"),
+        (["tsne", "mnist", "--perplexity", "0"], "--perplexity 0.0: give a number above 0"),
+        (["data", "--name", "mnist", "--out", str(a_file)], "--out"),
+        (["data", "--name", "mnist", "--cache", str(a_file)], "--cache"),
+        (["data", "--name", "mnist", "--data-root", str(a_file)], "--data-root"),
+        (["data", "--name", faces, "--out", str(a_file / "sub")], "Not a directory"),
+        (["uda", "--predict", faces, "--ckpt", str(foreign), "--csv", faces], "--csv"),
+        (["classify", "--folder", str(a_file)], "is not a folder"),
+        (["fid", faces, faces, "--weights", str(tmp / "missing.pth")], "not found"),
+        (["fid", faces, faces, "--weights", str(garbage)], "not the pytorch-fid Inception"),
+        (["fid", faces, faces, "--weights", str(foreign)], "not the pytorch-fid Inception"),
+        (["gan", "--generate", "2", "--ckpt", str(foreign)], "not by 'run.py gan'"),
+        (["tsne", str(few)], "10 points are too few for perplexity 30"),
+        (["tsne", str(nan)], "1 of 41 feature rows hold NaN"),
+        (["tsne", str(mismatch)], "'labels' has 39 entries for 40 rows"),
+        (["tsne", str(broken)], "cannot be read as an .npz"),
+    ]
+
+
+def test_bad_input_ends_in_one_error_line_and_exit_code_2(tmp_path, capsys):
+    for argv, expected in bad_inputs(tmp_path):
+        capsys.readouterr()
+        line = one_line_error(capsys, argv + (["--out", str(tmp_path / "out")]
+                                              if "--out" not in argv else []))
+        assert expected in line, (argv, line)
+    written = [path for path in (tmp_path / "out").rglob("*") if path.is_file()]
+    assert written == []  # each refused before it wrote anything
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, capsys, monkeypatch):
+    faces = str(image_folder(tmp_path / "faces"))
+    assert run.main(["data", "--name", faces, "--splits", "train", "--cache", "",
+                     "--out", str(tmp_path / "o")]) == 0
+    preview = tmp_path / "o" / "data" / "faces-train-preview.png"
+    before = preview.read_bytes()
+
+    def full(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+    monkeypatch.setattr(os, "replace", full)
+    monkeypatch.setattr(data, "_save_png", lambda image, path: util._atomic_write(
+        path, lambda tmp: Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, "PNG")))
+    line = one_line_error(capsys, ["data", "--name", faces, "--splits", "train",
+                                   "--cache", "", "--out", str(tmp_path / "o")])
+    assert "No space left on device" in line and "free disk space" in line
+    assert preview.read_bytes() == before
+
+
+def test_resume_refuses_another_commands_checkpoint_and_changed_flags(tmp_path):
+    gan.train(toy_faces(), None, tiny_gan(), tmp_path, "cpu", seed=0)
+    with pytest.raises(util.UserError, match=r"--seed 0 \(now 1\)"):
+        gan.train(toy_faces(), None, tiny_gan(resume=True), tmp_path, "cpu", seed=1)
+    with pytest.raises(util.UserError, match=r"--batch-size 4 \(now 8\)"):
+        gan.train(toy_faces(), None, tiny_gan(resume=True, batch_size=8), tmp_path, "cpu", 0)
+    with pytest.raises(util.UserError, match=r"--variant b \(now a\)"):
+        gan.train(toy_faces(), None, tiny_gan(resume=True, variant="a"), tmp_path, "cpu", 0)
+    with pytest.raises(util.UserError, match="written by 'run.py gan', not by 'run.py vae'"):
+        vae.train(toy_faces(8, 64), toy_faces(8, 64), tiny_vae(resume=True), tmp_path,
+                  "cpu", 0)
+    longer = gan.train(toy_faces(), None, tiny_gan(resume=True, steps=3), tmp_path, "cpu", 0)
+    assert longer["steps"] == 3  # --steps may grow: the run continues
+
+
+def test_a_diverged_vae_stops_without_saving_nan_weights(tmp_path):
+    """--lr inf once ended with exit 0 and a checkpoint of NaN tensors."""
+    with pytest.raises(util.UserError, match="NaN or infinite|became nan"):
+        vae.train(toy_faces(8, 64), toy_faces(8, 64), tiny_vae(lr=float("inf"), epochs=1),
+                  tmp_path, "cpu", seed=0)
+    assert not (tmp_path / "checkpoint.pt").exists()
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_warnings_for_adapting_a_domain_to_itself_and_fid_of_other_sizes(tmp_path, capsys):
+    assert run.main(["uda", "--src", "usps", "--tgt", "usps", "--no-download",
+                     "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("warning: --src and --tgt are both usps")
+    assert len(lines) == 2 and lines[1].startswith("error: data folder")
+    weights = tmp_path / "w.pth"
+    torch.manual_seed(0)
+    torch.save(metrics.FIDInception().state_dict(), weights)
+    small, large = image_folder(tmp_path / "small", 2, 8), image_folder(tmp_path / "large", 2, 16)
+    capsys.readouterr()
+    assert run.main(["fid", str(small), str(large), "--weights", str(weights),
+                     "--cache", ""]) == 0
+    assert "warning: the folders hold images of 8 and 16 pixels a side" in capsys.readouterr().err
+
+
+def test_a_run_without_fid_weights_says_fid_skipped(tmp_path, capsys, monkeypatch):
+    fake_network(monkeypatch, None)
+    faces = str(image_folder(tmp_path / "faces", 4, 32))
+    assert run.main(["gan", "--data", faces, "--image-size", "32", "--steps", "1",
+                     "--batch-size", "4", "--sample-every", "1", "--fid-images", "4",
+                     "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "FID skipped (could not download" in out and "None" not in out
+
+
+def test_bench_data_times_a_first_and_a_cached_load(tmp_path, capsys):
+    import bench
+    make_mnist(tmp_path)
+    bench.main(["data", "--data-root", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("mnist train: 6 images, first load")
+    assert any(line.startswith("usps train: skipped (USPS not found") for line in lines)
 
 
 # ============================================================================ nets
@@ -831,6 +1130,21 @@ def test_trustworthiness_matches_its_definition():
     assert np.isclose(tsne.trustworthiness(X, X, 5), 1.0)
 
 
+def test_trustworthiness_refuses_k_of_half_the_points_and_the_command_lowers_k(tmp_path):
+    """With 14 points and k = 12 it used to report 1.0119: the score is only normalised
+    to [0, 1] for k < N / 2."""
+    X, _ = clusters(per_cluster=5)
+    Y = X[:, :2]
+    assert tsne.max_trustworthiness_k(14) == 6 and tsne.max_trustworthiness_k(15) == 7
+    with pytest.raises(ValueError, match="1 <= k < 7"):
+        tsne.trustworthiness(X[:14], Y[:14], 7)
+    np.savez(tmp_path / "f.npz", features=X[:14])
+    assert run.main(["tsne", str(tmp_path / "f.npz"), "--perplexity", "4",
+                     "--iterations", "300", "--out", str(tmp_path)]) == 0
+    results = __import__("json").loads((tmp_path / "tsne" / "results.json").read_text())
+    assert results["trustworthiness_k"] == 6 and 0 <= results["trustworthiness"] <= 1
+
+
 def test_knn_accuracy_on_two_groups():
     Y = np.column_stack([[0.0, 1, 2, 3, 100, 101, 102, 103], np.zeros(8)])
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 0])
@@ -1022,6 +1336,16 @@ def test_every_method_writes_every_promised_file(tmp_path):
         assert rows[method]["total"] == 40 and 0 <= rows[method]["correct"] <= 40
     table = (tmp_path / "results.md").read_text()
     assert "| ADDA | " in table and f"({rows['adda']['correct']}/40)" in table
+
+
+def test_a_quick_run_on_fewer_images_than_a_batch_works(tmp_path):
+    """uda --limit 100 with --batch-size 128 crashed in torch.cat (no full batch)."""
+    settings = tiny_uda(src="mnistm", tgt="usps", batch_size=64, limit=12, tsne_points=0)
+    rows = uda.run_methods(settings, ("dann",), toy_load, tmp_path, "cpu", seed=0)
+    assert rows["dann"]["total"] == 12
+    source, target = uda.paired_indices(12, 5, 64, torch.Generator().manual_seed(0))
+    assert source.shape == target.shape == (1, 12)
+    assert sorted(source[0].tolist()) == list(range(12)) and set(target[0].tolist()) == set(range(5))
 
 
 def test_table_reports_a_scenario_with_missing_data_and_runs_the_rest(tmp_path):
