@@ -291,29 +291,19 @@ def save_grid_and_strip(model: Diffusion, settings: DDPMSettings, out: Path, see
 # ============================================================================ training
 def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPMSettings,
           out: Path, device, seed: int, cache_dir=None) -> dict:
+    """Adam with a linear warm-up over 500 steps, an EMA of the weights for sampling;
+    grid, reverse process, loss curve and checkpoint every `sample_every` steps
+    (util.train_loop runs the loop); then the 1000 images, their grades, results.json."""
     if digits.labels is None:
         raise UserError(f"{settings.data} has no labels: the conditional DDPM needs them")
     out = Path(out)
     util.seed_everything(seed)
     model = Diffusion(settings).to(device)
     optimizer = torch.optim.Adam(model.network.parameters(), settings.lr)
-    rng = torch.Generator().manual_seed(seed)
-    log, first_step = util.StepLog(), 0
-    checkpoint = out / "checkpoint.pt"
-    if settings.resume and checkpoint.exists():
-        state = util.resume_state(checkpoint, device, "ddpm", settings, seed, may_change=(
-            "steps", "sample_every", "classifier", "fid", "sampler", "sampling_steps", "eta",
-            "guidance"))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        rng.set_state(state["rng"])
-        log, first_step = util.StepLog(state["history"], state["seconds"]), state["step"]
-        print(f"resumed from {checkpoint} at step {first_step}")
+    rng = torch.Generator().manual_seed(seed)  # data order, t, noise, dropped classes
     digits = digits.to(device)
-    progress = util.Progress(desc="DDPM", total=settings.steps,
-                             initial=first_step)
-    log.start_clock()
-    for index in range(first_step, settings.steps):
+
+    def step(index: int) -> dict:
         for group in optimizer.param_groups:  # linear warm-up over 500 steps
             group["lr"] = settings.lr * min(1.0, (index + 1) / 500)
         batch = torch.randint(len(digits), (settings.batch_size,), generator=rng)
@@ -321,26 +311,23 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
         torch.manual_seed(seed * 100_003 + index)  # dropout: the same after a resume
         model.network.train()
         loss = model.loss(digits.images(batch), digits.labels[batch], rng)
-        util.check_finite(loss, index + 1, "DDPM loss")
-        util.descend(optimizer, loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
         model.update_ema(index)
-        log.add({"loss": loss})
-        progress.update(1, loss=loss.item())
-        done = index + 1
-        if done % settings.sample_every == 0 or done == settings.steps:
-            log.commit(done)
-            util.save_checkpoint({"command": "ddpm", "seed": seed,
-                                  "model": model.state_dict(), "optimizer":
-                                  optimizer.state_dict(), "rng": rng.get_state(),
-                                  "history": log.history, "step": done,
-                                  "seconds": log.seconds, "settings": asdict(settings)},
-                                 checkpoint)
-            plots.line_plot({"training loss": log.history["loss"]}, out / "loss.png",
-                            title="DDPM: epsilon-prediction MSE", xlabel="step",
-                            x=log.history["step"])
-            save_grid_and_strip(model, settings, out, seed, device)
-            log.start_clock()
-    progress.close()
+        return {"loss": loss}
+
+    def draw(history: dict):
+        plots.line_plot({"training loss": history["loss"]}, out / "loss.png",
+                        title="DDPM: epsilon-prediction MSE", xlabel="step",
+                        x=history["step"])
+        save_grid_and_strip(model, settings, out, seed, device)
+
+    log = util.train_loop(
+        step, settings.steps, settings.sample_every, out, "ddpm", settings, seed, device,
+        parts={"model": model, "optimizer": optimizer, "rng": rng}, desc="DDPM",
+        may_change=("steps", "sample_every", "classifier", "fid", "sampler",
+                    "sampling_steps", "eta", "guidance"), draw=draw)
     return finish(model, real_test, log.history, settings, out, seed, log.seconds, device,
                   cache_dir)
 

@@ -207,19 +207,25 @@ def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
         else (lambda x: x)
     hinge = settings.improved
 
+    # D step: real up, fake down; fake.detach() keeps this step's gradient out of G
     real_out = gan.discriminator(augment(real)).flatten(1)               # (B, 1 or 2)
     fake_out = gan.discriminator(augment(fake.detach())).flatten(1)
     d_loss = discriminator_loss(real_out[:, 0], fake_out[:, 0], hinge)
     if gan.attribute_channels:  # ACGAN: D learns the attribute of real and generated faces
         d_loss = d_loss + attribute_loss(real_out, real_attributes) \
             + attribute_loss(fake_out, fake_attributes)
-    util.descend(optimizers["discriminator"], d_loss)
+    optimizers["discriminator"].zero_grad(set_to_none=True)
+    d_loss.backward()
+    optimizers["discriminator"].step()
 
+    # G step: the same fakes, scored by the updated D; only G's optimizer steps
     fake_out_for_g = gan.discriminator(augment(fake)).flatten(1)
     g_loss = generator_loss(fake_out_for_g[:, 0], hinge)
     if gan.attribute_channels:  # ... and G must draw the attribute it was asked for
         g_loss = g_loss + attribute_loss(fake_out_for_g, fake_attributes)
-    util.descend(optimizers["generator"], g_loss)
+    optimizers["generator"].zero_grad(set_to_none=True)
+    g_loss.backward()
+    optimizers["generator"].step()
     return {"loss_d": d_loss, "loss_g": g_loss,
             "D(x)": torch.sigmoid(real_out[:, 0]).mean(),
             "D(G(z))": torch.sigmoid(fake_out[:, 0]).mean()}
@@ -248,33 +254,20 @@ def fixed_noise(settings: GANSettings, count: int, seed: int):
 
 def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSettings,
           out: Path, device, seed: int, cache_dir=None) -> dict:
-    """Train, with sample grid, curves and checkpoint every `sample_every` steps."""
+    """Train, with sample grid, curves and checkpoint every `sample_every` steps
+    (util.train_loop runs the loop); then FID and results.json."""
     if settings.variant not in VARIANTS:
         raise UserError(f"unknown --variant '{settings.variant}': use a, b or acgan")
     if settings.variant == "acgan" and faces.labels is None:
         raise UserError(f"ACGAN needs the attribute '{settings.attribute}' as labels: "
                         "use CelebA (with its list_attr_celeba.txt)")
-    out = Path(out)
     util.seed_everything(seed)
     gan = GAN(settings).to(device)
     optimizers = build_optimizers(gan, settings)
     rng = torch.Generator().manual_seed(seed)  # data order, z, augmentation
-    log, first_step = util.StepLog(), 0
-    checkpoint = out / "checkpoint.pt"
-    if settings.resume and checkpoint.exists():
-        state = util.resume_state(checkpoint, device, "gan", settings, seed,
-                                  may_change=("steps", "sample_every", "fid_images"))
-        gan.load_state_dict(state["gan"])
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
-        rng.set_state(state["rng"])
-        log, first_step = util.StepLog(state["history"], state["seconds"]), state["step"]
-        print(f"resumed from {checkpoint} at step {first_step}")
     faces = faces.to(device)
-    progress = util.Progress(desc=f"GAN {settings.variant}", total=settings.steps,
-                             initial=first_step)
-    log.start_clock()
-    for index in range(first_step, settings.steps):
+
+    def step(index: int) -> dict:
         batch = torch.randint(len(faces), (settings.batch_size,), generator=rng)
         batch = batch.to(faces.pixels.device)
         real_attributes = faces.labels[batch] if settings.variant == "acgan" else None
@@ -282,24 +275,17 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
         numbers = train_step(gan, optimizers, faces.images(batch), real_attributes,
                              settings, rng)
         gan.update_ema(index, settings.ema_decay)
-        for name, value in numbers.items():
-            util.check_finite(value, index + 1, f"GAN {name}")
-        log.add(numbers)
-        progress.update(1, **{k: round(v.item(), 3) for k, v in numbers.items()})
-        done = index + 1
-        if done % settings.sample_every == 0 or done == settings.steps:
-            log.commit(done)
-            # z apart from the grid's (seed), the pairs' (seed + 1) and FID's (seed + 2)
-            gan.refresh_ema_statistics(settings, seed + 3)
-            util.save_checkpoint({"command": "gan", "seed": seed, "gan": gan.state_dict(),
-                                  "optimizers": {
-                name: optimizer.state_dict() for name, optimizer in optimizers.items()},
-                "rng": rng.get_state(), "history": log.history, "step": done,
-                "seconds": log.seconds, "settings": asdict(settings)}, checkpoint)
-            save_pictures(gan, log.history, settings, out, seed, device)
-            log.start_clock()
-    progress.close()
-    return finish(gan, held_out, log.history, settings, out, seed, log.seconds, device,
+        return numbers
+
+    log = util.train_loop(
+        step, settings.steps, settings.sample_every, out, "gan", settings, seed, device,
+        parts={"gan": gan, "rng": rng, **{f"{name}_optimizer": optimizer
+                                          for name, optimizer in optimizers.items()}},
+        may_change=("steps", "sample_every", "fid_images"), desc=f"GAN {settings.variant}",
+        # z apart from the grid's (seed), the pairs' (seed + 1) and FID's (seed + 2)
+        evaluate=lambda history: gan.refresh_ema_statistics(settings, seed + 3),
+        draw=lambda history: save_pictures(gan, history, settings, Path(out), seed, device))
+    return finish(gan, held_out, log.history, settings, Path(out), seed, log.seconds, device,
                   cache_dir)
 
 

@@ -394,47 +394,40 @@ def train_classifier(train: "data.ImageSet", test: "data.ImageSet",
     steps_per_epoch = -(-len(train) // settings.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr,
                                                    total_steps=settings.epochs * steps_per_epoch)
-    history = {"train_loss": [], "test_accuracy": []}
-    first_epoch = 0
-    if settings.resume and (out / "checkpoint.pt").exists():
-        state = util.resume_state(out / "checkpoint.pt", device, "classifier", settings, seed)
-        network.load_state_dict(state["network"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        history, first_epoch = state["history"], state["epoch"]
-        print(f"resumed from {out / 'checkpoint.pt'} after epoch {first_epoch}")
     train_on_device = train.to(device)
-    for epoch in range(first_epoch, settings.epochs):
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        torch.manual_seed(seed * 100_003 + epoch)  # dropout
+    epoch = {}  # this epoch's random stream and batches
+
+    def step(index: int) -> dict:
+        if index % steps_per_epoch == 0:
+            epoch_seed = seed * 100_003 + index // steps_per_epoch
+            epoch["rng"] = torch.Generator().manual_seed(epoch_seed)
+            torch.manual_seed(epoch_seed)  # dropout
+            epoch["batches"] = train_on_device.batches(settings.batch_size,
+                                                       generator=epoch["rng"])
+        images, labels = next(epoch["batches"])
         network.train()
-        progress = util.Progress(desc=f"epoch {epoch + 1}/{settings.epochs}",
-                                 total=steps_per_epoch)
-        losses = []
-        for images, labels in train_on_device.batches(settings.batch_size, generator=generator):
-            images = random_shift(images, settings.shift, generator)
-            loss = F.cross_entropy(network(images), labels, label_smoothing=0.1)
-            util.check_finite(loss, len(losses), "classifier loss")
-            util.descend(optimizer, loss)
-            schedule.step()
-            losses.append(loss.item())
-            progress.update(1, loss=loss.item())
-        progress.close()
-        test_accuracy = accuracy(predict(network, test, device=device), test.labels)[0]
-        history["train_loss"].append(float(np.mean(losses)))
-        history["test_accuracy"].append(test_accuracy)
-        print(f"epoch {epoch + 1}: loss {history['train_loss'][-1]:.4f}, "
-              f"test accuracy {test_accuracy:.4f}")
-        util.save_checkpoint({"command": "classifier", "seed": seed,
-                              "network": network.state_dict(), "optimizer":
-                              optimizer.state_dict(), "schedule": schedule.state_dict(),
-                              "history": history, "epoch": epoch + 1,
-                              "classes": train.classes, "settings": asdict(settings)},
-                             out / "checkpoint.pt")
+        images = random_shift(images, settings.shift, epoch["rng"])
+        loss = F.cross_entropy(network(images), labels, label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        return {"train_loss": loss}
+
+    def evaluate(history: dict):
+        history.setdefault("test_accuracy", []).append(
+            accuracy(predict(network, test, device=device), test.labels)[0])
+
+    def draw(history: dict):
         plots.line_plot({"train loss": history["train_loss"]}, out / "loss.png",
                         title="digit classifier: training loss", xlabel="epoch")
         plots.line_plot({"test accuracy": history["test_accuracy"]}, out / "accuracy.png",
                         title="digit classifier: test accuracy", xlabel="epoch")
+
+    util.train_loop(step, settings.epochs * steps_per_epoch, steps_per_epoch, out,
+                    "classifier", settings, seed, device, desc="classifier",
+                    parts={"network": network, "optimizer": optimizer, "schedule": schedule},
+                    record={"classes": train.classes}, evaluate=evaluate, draw=draw)
     _, correct, total = accuracy(predict(network, test, device=device), test.labels)
     results = {"data": settings.data, "test_accuracy": correct / total, "correct": correct,
                "total": total, "epochs": settings.epochs, "seed": seed}

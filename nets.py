@@ -192,49 +192,90 @@ def domain_classifier(features: int = 800, hidden: int = 100, layers: int = 1,
 def dcgan_generator(latent_dim: int = 100, width: int = 64, channels: int = 3,
                     image_size: int = 64) -> nn.Sequential:
     """z (B, latent_dim, 1, 1) -> image (B, channels, S, S) in [-1, 1], S = 64 or 32.
-    At 64: 100 -> 4x4x512 -> 8x8x256 -> 16x16x128 -> 32x32x64 -> 64x64x3."""
-    widths = [width * 2 ** k for k in reversed(range(_stages(image_size)))]  # 512 .. 64
 
-    def up(c_in, c_out, stride, padding):
-        return [nn.ConvTranspose2d(c_in, c_out, 4, stride, padding, bias=False),
-                nn.BatchNorm2d(c_out), nn.ReLU(True)]
-    layers = up(latent_dim, widths[0], 1, 0)                  # (B, 512, 4, 4)
-    for c_in, c_out in zip(widths, widths[1:]):
-        layers += up(c_in, c_out, 2, 1)                       # doubles the side
-    return nn.Sequential(*layers, nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1, bias=False),
-                         nn.Tanh())
+    The first transposed convolution (stride 1, no padding) turns the 1x1 z into 4x4; each
+    later one (4x4, stride 2, padding 1) doubles the side and halves the channels. No batch
+    norm on the output layer (DCGAN paper). The 32x32 net is the 64x64 one without its
+    widest stage. Shapes are for width 64 and 3 channels."""
+    if image_size == 64:
+        return nn.Sequential(
+            nn.ConvTranspose2d(latent_dim, 8 * width, 4, 1, 0, bias=False),  # (B, 512, 4, 4)
+            nn.BatchNorm2d(8 * width),                                       # (B, 512, 4, 4)
+            nn.ReLU(True),                                                   # (B, 512, 4, 4)
+            nn.ConvTranspose2d(8 * width, 4 * width, 4, 2, 1, bias=False),   # (B, 256, 8, 8)
+            nn.BatchNorm2d(4 * width),                                       # (B, 256, 8, 8)
+            nn.ReLU(True),                                                   # (B, 256, 8, 8)
+            nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1, bias=False),   # (B, 128, 16, 16)
+            nn.BatchNorm2d(2 * width),                                       # (B, 128, 16, 16)
+            nn.ReLU(True),                                                   # (B, 128, 16, 16)
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1, bias=False),       # (B, 64, 32, 32)
+            nn.BatchNorm2d(width),                                           # (B, 64, 32, 32)
+            nn.ReLU(True),                                                   # (B, 64, 32, 32)
+            nn.ConvTranspose2d(width, channels, 4, 2, 1, bias=False),        # (B, 3, 64, 64)
+            nn.Tanh())                                                       # (B, 3, 64, 64)
+    if image_size == 32:
+        return nn.Sequential(
+            nn.ConvTranspose2d(latent_dim, 4 * width, 4, 1, 0, bias=False),  # (B, 256, 4, 4)
+            nn.BatchNorm2d(4 * width),                                       # (B, 256, 4, 4)
+            nn.ReLU(True),                                                   # (B, 256, 4, 4)
+            nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1, bias=False),   # (B, 128, 8, 8)
+            nn.BatchNorm2d(2 * width),                                       # (B, 128, 8, 8)
+            nn.ReLU(True),                                                   # (B, 128, 8, 8)
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1, bias=False),       # (B, 64, 16, 16)
+            nn.BatchNorm2d(width),                                           # (B, 64, 16, 16)
+            nn.ReLU(True),                                                   # (B, 64, 16, 16)
+            nn.ConvTranspose2d(width, channels, 4, 2, 1, bias=False),        # (B, 3, 32, 32)
+            nn.Tanh())                                                       # (B, 3, 32, 32)
+    raise ValueError(f"the DCGAN nets make 32x32 or 64x64 images, not {image_size}")
 
 
 def dcgan_discriminator(width: int = 64, channels: int = 3, image_size: int = 64,
-                        outputs: int = 1, spectral: bool = False,
-                        slope: float = 0.2) -> nn.Sequential:
-    """image (B, channels, S, S) -> logits (B, outputs, 1, 1); at 64:
-    3 -> 32x32x64 -> 16x16x128 -> 8x8x256 -> 4x4x512 -> 1.
+                        outputs: int = 1, spectral: bool = False) -> nn.Sequential:
+    """image (B, channels, S, S) -> logits (B, outputs, 1, 1), S = 64 or 32.
 
-    It ends in logits, not a sigmoid: the loss applies the sigmoid inside
-    `binary_cross_entropy_with_logits`, which is stable where a separate sigmoid saturates.
-    outputs = 2 gives ACGAN's two heads on one body (real/fake, attribute).
-    spectral: spectral norm on every convolution instead of batch norm (variant b)."""
-    widths = [width * 2 ** k for k in range(_stages(image_size))]  # 64 .. 512
+    Each 4x4 convolution of stride 2 (padding 1) halves the side and doubles the channels;
+    the last (stride 1, no padding) turns 4x4 into 1x1. LeakyReLU(0.2) throughout, no batch
+    norm on the input layer (DCGAN paper). It ends in logits, not a sigmoid: the loss
+    applies the sigmoid inside `binary_cross_entropy_with_logits`, which is stable where a
+    separate sigmoid saturates. outputs = 2 gives ACGAN's two heads on one body
+    (real/fake, attribute). Shapes are for width 64.
+
+    spectral (variant b): spectral norm on every convolution and no batch norm. The
+    convolutions then have biases; batch norm would cancel them, so variant a has none."""
 
     def conv(c_in, c_out, stride, padding):
         layer = nn.Conv2d(c_in, c_out, 4, stride, padding, bias=spectral)
         return spectral_norm(layer) if spectral else layer
 
-    def down(c_in, c_out, norm):
-        return [conv(c_in, c_out, 2, 1), *([nn.BatchNorm2d(c_out)] if norm else []),
-                nn.LeakyReLU(slope, True)]
-    layers = down(channels, widths[0], norm=False)            # (B, 64, S/2, S/2)
-    for c_in, c_out in zip(widths, widths[1:]):
-        layers += down(c_in, c_out, norm=not spectral)        # halves the side
-    return nn.Sequential(*layers, conv(widths[-1], outputs, 1, 0))  # 4x4 -> (B, outputs, 1, 1)
+    def batch_norm(c):  # variant a only: in b, spectral norm takes its place
+        return [] if spectral else [nn.BatchNorm2d(c)]
 
-
-def _stages(image_size: int) -> int:
-    """Feature-map sizes between 4x4 and the image: 4 at 64x64, 3 at 32x32."""
-    if image_size not in (32, 64):
-        raise ValueError(f"the DCGAN nets make 32x32 or 64x64 images, not {image_size}")
-    return 4 if image_size == 64 else 3
+    if image_size == 64:
+        return nn.Sequential(
+            conv(channels, width, 2, 1),                     # (B, 64, 32, 32)
+            nn.LeakyReLU(0.2, True),                         # (B, 64, 32, 32)
+            conv(width, 2 * width, 2, 1),                    # (B, 128, 16, 16)
+            *batch_norm(2 * width),                          # (B, 128, 16, 16)
+            nn.LeakyReLU(0.2, True),                         # (B, 128, 16, 16)
+            conv(2 * width, 4 * width, 2, 1),                # (B, 256, 8, 8)
+            *batch_norm(4 * width),                          # (B, 256, 8, 8)
+            nn.LeakyReLU(0.2, True),                         # (B, 256, 8, 8)
+            conv(4 * width, 8 * width, 2, 1),                # (B, 512, 4, 4)
+            *batch_norm(8 * width),                          # (B, 512, 4, 4)
+            nn.LeakyReLU(0.2, True),                         # (B, 512, 4, 4)
+            conv(8 * width, outputs, 1, 0))                  # (B, outputs, 1, 1)
+    if image_size == 32:
+        return nn.Sequential(
+            conv(channels, width, 2, 1),                     # (B, 64, 16, 16)
+            nn.LeakyReLU(0.2, True),                         # (B, 64, 16, 16)
+            conv(width, 2 * width, 2, 1),                    # (B, 128, 8, 8)
+            *batch_norm(2 * width),                          # (B, 128, 8, 8)
+            nn.LeakyReLU(0.2, True),                         # (B, 128, 8, 8)
+            conv(2 * width, 4 * width, 2, 1),                # (B, 256, 4, 4)
+            *batch_norm(4 * width),                          # (B, 256, 4, 4)
+            nn.LeakyReLU(0.2, True),                         # (B, 256, 4, 4)
+            conv(4 * width, outputs, 1, 0))                  # (B, outputs, 1, 1)
+    raise ValueError(f"the DCGAN nets take 32x32 or 64x64 images, not {image_size}")
 
 
 def dcgan_init_(module: nn.Module) -> nn.Module:
@@ -389,8 +430,14 @@ class UNet(nn.Module):
 
 
 # ============================================================================ summary
-def summary(model: nn.Module, input_size: tuple, device="cpu") -> str:
-    """torchsummary's table for one input of shape input_size (without the batch axis)."""
+def summary(model: nn.Module, input_size: tuple, device="cpu", extra_inputs=(),
+            forward=None) -> str:
+    """torchsummary's table for one input of shape input_size (without the batch axis).
+
+    extra_inputs: the forward's further arguments, each without the batch axis (the
+    U-Net's timestep and class, torch.tensor(0) each); they are repeated over the batch.
+    forward: what to call instead of model, e.g. vae.encode; the table then holds the
+    layers that it runs."""
     rows, hooks = [], []
     leaves = [m for m in model.modules() if not list(m.children())]
 
@@ -406,7 +453,9 @@ def summary(model: nn.Module, input_size: tuple, device="cpu") -> str:
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(2, *input_size, device=device))
+            inputs = [torch.zeros(2, *input_size, device=device)]
+            inputs += [value.to(device).expand(2, *value.shape) for value in extra_inputs]
+            (forward or model)(*inputs)
     finally:
         for hook in hooks:
             hook.remove()

@@ -186,20 +186,49 @@ def command_data(args) -> None:
         print(f"  preview: {preview}")
 
 
-def architectures(name: str, variant: str):
-    """(title, network, input size) triples that `summary` can show."""
-    if name == "gan" and variant in gan.VARIANTS:
-        model = gan.GAN(gan.GANSettings(variant=variant))
-        return [("generator", model.generator, (model.generator[0].in_channels, 1, 1)),
-                ("discriminator", model.discriminator, (3, 64, 64))]
-    raise util.UserError(f"no architecture '{name}' variant '{variant}': try "
-                         "'summary gan --variant a' (or b, acgan)")
+def architectures(name: str, variant: str | None = None):
+    """(title, network, input size, further nets.summary arguments) for each network of a
+    model, built with the defaults of its training command, so the sizes are those it
+    trains. variant: the GAN's (default that of 'run.py gan'); other models have none."""
+    names = ("gan", "vae", "ddpm", "uda", "classifier")
+    if name not in names:
+        raise util.UserError(f"no architecture '{name}': give {', '.join(names)}")
+    if name != "gan" and variant is not None:
+        raise util.UserError(f"{name} has no variants: --variant is for gan "
+                             f"({', '.join(gan.VARIANTS)})")
+    if name == "gan":
+        settings = gan.GANSettings(**({} if variant is None else {"variant": variant}))
+        if settings.variant not in gan.VARIANTS:
+            raise util.UserError(f"no gan variant '{settings.variant}': give "
+                                 f"{', '.join(gan.VARIANTS)}")
+        model, side = gan.GAN(settings), settings.image_size
+        title = f"gan variant {settings.variant}"
+        return [(f"{title}: generator", model.generator,
+                 (model.generator[0].in_channels, 1, 1), {}),   # z, and ACGAN's attribute
+                (f"{title}: discriminator", model.discriminator, (3, side, side), {})]
+    if name == "vae":
+        model = nets.VAE(vae.VAESettings().latent_dim)
+        return [("vae: encoder", model, (3, 64, 64), {"forward": model.encode}),
+                ("vae: decoder", model, (model.from_latent.in_features,),
+                 {"forward": model.decode})]
+    if name == "ddpm":
+        unet = nets.UNet(width=ddpm.DDPMSettings().width, classes=ddpm.CLASSES)
+        return [("ddpm: U-Net eps_theta(x_t, t, c)", unet, (3, 28, 28),
+                 {"extra_inputs": (torch.tensor(1), torch.tensor(0))})]  # t = 1, c = 0
+    if name == "uda":
+        side = uda.UDASettings().image_size
+        return [("uda: feature extractor", nets.digit_features(), (3, side, side), {}),
+                ("uda: label classifier", nets.label_classifier(), (800,), {}),
+                ("uda: DANN domain classifier", nets.domain_classifier(), (800,), {}),
+                ("uda: ADDA discriminator",
+                 nets.domain_classifier(hidden=500, layers=2, batch_norm=False), (800,), {})]
+    return [("classifier: digit classifier", nets.digit_classifier(), (3, 28, 28), {})]
 
 
 def command_summary(args) -> None:
-    for title, network, input_size in architectures(args.name, args.variant):
-        print(f"{args.name} variant {args.variant}: {title}")
-        print(nets.summary(network, input_size))
+    for title, network, input_size, options in architectures(args.name, args.variant):
+        print(title)
+        print(nets.summary(network, input_size, **options))
 
 
 def command_fid(args) -> None:
@@ -465,8 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--attribute", default=None, help="CelebA attribute used as label")
 
     sub = command("summary", command_summary, "print a network's layers and parameters")
-    sub.add_argument("name", help="which model, e.g. gan")
-    sub.add_argument("--variant", default="a", help="model variant")
+    sub.add_argument("name", help="gan, vae, ddpm, uda or classifier")
+    sub.add_argument("--variant", default=None,
+                     help="gan only: a, b or acgan; if not given, that of 'run.py gan' "
+                          f"({gan.GANSettings().variant})")
 
     sub = command("fid", command_fid, "Frechet Inception Distance of two folders or .npz")
     sub.add_argument("paths", nargs=2, help="image folders or statistics files (.npz)")

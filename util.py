@@ -1,13 +1,17 @@
 """What every command shares: the error users see, device choice, seeding, a progress
-line, atomic files (checkpoints, results.json) and the loss history of a run.
+line, atomic files (checkpoints, results.json), the loss history of a run, and the one
+training loop that owns all of it.
 
 None of this is deep learning; it is the plumbing that makes a long run safe to interrupt
-and its numbers reproducible. Every training command in this project uses it the same way:
+and its numbers reproducible. A method file writes its step and hands it to `train_loop`:
 
-    device = util.choose_device(args.device)
-    util.seed_everything(args.seed)
-    for step in util.Progress(range(steps), "train"): ...
-    util.save_checkpoint(state, out / "checkpoint.pt")       # write-then-rename
+    def step(index):                        # one optimisation step, the method's own code
+        loss = ...
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+        return {"loss": loss}
+    log = util.train_loop(step, steps, every, out, "ddpm", settings, seed, device,
+                          parts={"model": model, "optimizer": optimizer},
+                          draw=lambda history: ...)   # curves and sample grids
 """
 import contextlib
 import dataclasses
@@ -46,12 +50,11 @@ def choose_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch (all devices); returns a CPU generator for data order."""
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices): the initial weights follow from it."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 # --------------------------------------------------------------------- progress line
@@ -117,6 +120,11 @@ class Progress:
 
     def _show(self, end: str):
         self.stream.write(self.line() + end)
+        self.stream.flush()
+
+    def note(self, text: str):
+        """A line of its own between updates (a redrawn line is ended first)."""
+        self.stream.write(("\n" if self.is_terminal else "") + text + "\n")
         self.stream.flush()
 
     def close(self):
@@ -290,13 +298,6 @@ def write_json(obj, path) -> Path:
     return write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
 
 
-def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    """One gradient step on loss: clear old gradients, backpropagate, update."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
 class StepLog:
     """What a step-based training loop plots and times: each step's numbers are summed, and
     `commit(step)` appends their means since the previous commit to `history` (with the
@@ -313,7 +314,7 @@ class StepLog:
 
     def add(self, numbers: dict):
         for name, value in numbers.items():
-            self.sums[name] = self.sums.get(name, 0.0) + torch.as_tensor(value).item()
+            self.sums[name] = self.sums.get(name, 0.0) + value
 
     def commit(self, step: int):
         self.seconds += time.perf_counter() - self.start
@@ -325,8 +326,75 @@ class StepLog:
         self.sums = {}
 
 
-def check_finite(loss: torch.Tensor, step: int, what: str = "loss"):
+def check_finite(value: float, step: int, what: str = "loss"):
     """Stop a diverged run with one clear line (the last checkpoint stays untouched)."""
-    if not torch.isfinite(loss).all():
-        raise UserError(f"{what} became {loss.item()} at step {step}: training diverged; "
+    if not math.isfinite(value):
+        raise UserError(f"{what} became {value} at step {step}: training diverged; "
                         "lower the learning rate or resume from the last checkpoint")
+
+
+# --------------------------------------------------------------------- the training loop
+def train_loop(step, steps: int, every: int, out, command: str, settings, seed: int, device,
+               parts: dict, may_change=(), desc: str = "", evaluate=None, draw=None,
+               record=None) -> StepLog:
+    """Run step(index) for index = 0 .. steps - 1 with everything around it, written once:
+
+    - resume: with settings.resume and OUT/checkpoint.pt present, every part, the history
+      and the step counter come back from the checkpoint (resume_state checks that it is
+      this run's), and the loop continues where it stopped;
+    - a progress line, and a stop with one clear line when a number the step returned is
+      NaN or infinite (training diverged);
+    - every `every` steps and at the end: the step log commits the means since the last
+      commit, evaluate(history) adds its numbers (test metrics; it may also refresh an
+      average's batch-norm statistics), the checkpoint is written atomically (weights
+      that are not finite are refused), draw(history) draws the curves and grids.
+
+    step(index) -> {name: number} is one optimisation step, the method's own code.
+    parts: name -> what the checkpoint holds (modules, optimizers, schedulers: anything
+    with state_dict / load_state_dict; a torch.Generator by its state). record: more
+    entries for the checkpoint (e.g. class names). Returns the log (history, training
+    seconds without evaluation and pictures)."""
+    checkpoint = Path(out) / "checkpoint.pt"
+    log, first = StepLog(), 0
+    if settings.resume and checkpoint.exists():
+        state = resume_state(checkpoint, device, command, settings, seed, may_change)
+        for name, part in parts.items():
+            _restore(part, state[name])
+        log, first = StepLog(state["history"], state["seconds"]), state["step"]
+        print(f"resumed from {checkpoint} at step {first}")
+    progress = Progress(desc=desc or command, total=steps, initial=first)
+    log.start_clock()
+    for index in range(first, steps):
+        numbers = {name: torch.as_tensor(value).item() for name, value in step(index).items()}
+        for name, value in numbers.items():
+            check_finite(value, index + 1, f"{desc or command} {name}")
+        log.add(numbers)
+        progress.update(1, **{name: round(value, 4) for name, value in numbers.items()})
+        done = index + 1
+        if done % every == 0 or done == steps:
+            log.commit(done)
+            if evaluate is not None:
+                evaluate(log.history)
+            save_checkpoint({"command": command, "seed": seed,
+                             "settings": dataclasses.asdict(settings), "step": done,
+                             "history": log.history, "seconds": log.seconds, **(record or {}),
+                             **{name: _saved(part) for name, part in parts.items()}}, checkpoint)
+            if draw is not None:
+                draw(log.history)
+            progress.note(f"{desc or command} {done}/{steps}: " + ", ".join(
+                f"{name} {values[-1]:.4g}" for name, values in log.history.items()
+                if name != "step" and values))
+            log.start_clock()
+    progress.close()
+    return log
+
+
+def _saved(part):
+    return part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
+
+
+def _restore(part, state):
+    if isinstance(part, torch.Generator):
+        part.set_state(state)
+    else:
+        part.load_state_dict(state)

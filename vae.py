@@ -21,8 +21,7 @@ average face, and latent dimensions switch off (posterior collapse). KL warm-up 
 growing from 0 over the first epochs) lets the decoder learn to use z before the KL
 term pushes back.
 """
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -83,60 +82,50 @@ def kl_weight_at(settings: VAESettings, epoch: int, fraction: float) -> float:
 # ============================================================================ training
 def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out: Path,
           device, seed: int) -> dict:
+    """Adam on L = ||x - x^||^2 + lambda KL; test MSE and KL, curves and a checkpoint after
+    every epoch (util.train_loop runs the loop); then the pictures and results.json."""
     out = Path(out)
     util.seed_everything(seed)
     model = nets.VAE(settings.latent_dim).to(device)
     optimizer = torch.optim.Adam(model.parameters(), settings.lr)
-    history = {"train_mse": [], "train_kl": [], "test_mse": [], "test_kl": []}
-    first_epoch, seconds = 0, 0.0
-    checkpoint = out / "checkpoint.pt"
-    if settings.resume and checkpoint.exists():
-        state = util.resume_state(checkpoint, device, "vae", settings, seed,
-                                  may_change=("epochs", "tsne_points", "attribute"))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, first_epoch, seconds = state["history"], state["epoch"], state["seconds"]
-        print(f"resumed from {checkpoint} after epoch {first_epoch}")
     faces, test = faces.to(device), test.to(device)
-    steps = len(faces) // settings.batch_size
-    if steps == 0:
+    steps_per_epoch = len(faces) // settings.batch_size
+    if steps_per_epoch == 0:
         raise UserError(f"{len(faces)} faces is fewer than one batch of {settings.batch_size}:"
                         " lower --batch-size")
-    for epoch in range(first_epoch, settings.epochs):
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    epoch = {}  # this epoch's random stream (data order, eps) and its batches
+
+    def step(index: int) -> dict:
+        number, position = divmod(index, steps_per_epoch)
+        if position == 0:  # each epoch seeded by (seed, epoch): a resume repeats it exactly
+            epoch["rng"] = torch.Generator().manual_seed(seed * 100_003 + number)
+            epoch["batches"] = faces.batches(settings.batch_size, generator=epoch["rng"],
+                                             drop_last=True)
+        images, _ = next(epoch["batches"])
         model.train()
-        start, sums = time.perf_counter(), {"mse": 0.0, "kl": 0.0}
-        progress = util.Progress(desc=f"epoch {epoch + 1}/{settings.epochs}", total=steps)
-        for step, (images, _) in enumerate(faces.batches(settings.batch_size,
-                                                         generator=generator, drop_last=True)):
-            terms = losses(model, images, generator)
-            weight = kl_weight_at(settings, epoch, step / steps)
-            loss = terms["reconstruction"] + weight * terms["kl"]
-            util.check_finite(loss, step, "VAE loss")
-            util.descend(optimizer, loss)
-            sums["mse"] += terms["mse"].item()
-            sums["kl"] += terms["kl"].item()
-            progress.update(1, mse=terms["mse"].item(), kl=terms["kl"].item())
-        progress.close()
-        seconds += time.perf_counter() - start
-        test_terms = evaluate(model, test, seed)
-        history["train_mse"].append(sums["mse"] / steps)
-        history["train_kl"].append(sums["kl"] / steps)
-        history["test_mse"].append(test_terms["mse"])
-        history["test_kl"].append(test_terms["kl"])
-        print(f"epoch {epoch + 1}: train MSE {history['train_mse'][-1]:.4f}, KL "
-              f"{history['train_kl'][-1]:.1f}; test MSE {test_terms['mse']:.4f}, KL "
-              f"{test_terms['kl']:.1f}")
-        util.save_checkpoint({"command": "vae", "seed": seed, "model": model.state_dict(),
-                              "optimizer": optimizer.state_dict(),
-                              "history": history, "epoch": epoch + 1, "seconds": seconds,
-                              "settings": asdict(settings)}, checkpoint)
-        save_curves(history, out, settings)
-    return finish(model, test, history, settings, out, seed, seconds)
+        terms = losses(model, images, epoch["rng"])
+        loss = terms["reconstruction"] + kl_weight_at(settings, number,
+                                                      position / steps_per_epoch) * terms["kl"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"train_mse": terms["mse"], "train_kl": terms["kl"]}
+
+    def evaluate(history: dict):
+        for name, value in evaluate_test(model, test, seed).items():
+            history.setdefault(f"test_{name}", []).append(value)
+
+    log = util.train_loop(
+        step, settings.epochs * steps_per_epoch, steps_per_epoch, out, "vae", settings, seed,
+        device, parts={"model": model, "optimizer": optimizer}, desc="VAE",
+        may_change=("epochs", "tsne_points", "attribute"), evaluate=evaluate,
+        draw=lambda history: save_curves(history, out, settings))
+    return finish(model, test, log.history, settings, out, seed, log.seconds)
 
 
 @torch.no_grad()
-def evaluate(model: nets.VAE, test: data.ImageSet, seed: int, batch_size: int = 500) -> dict:
+def evaluate_test(model: nets.VAE, test: data.ImageSet, seed: int,
+                  batch_size: int = 500) -> dict:
     """Test per-pixel MSE and per-image KL (z sampled, from a fixed seed)."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
