@@ -77,10 +77,8 @@ class UDASettings:
     batch_size: int = field(default=128, metadata={"help": "images per domain per step"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     adda_lr: float = field(default=2e-4, metadata={"help": "ADDA adversarial learning rate"})
-    anneal: bool = field(default=False, metadata={
-        "help": "DANN paper's annealing lr / (1 + 10 p)^0.75"})
-    grl_max: float = field(default=1.0, metadata={
-        "help": "final GRL strength: lambda = grl_max (2 / (1 + exp(-10 p)) - 1)"})
+    anneal: bool = field(default=True, metadata={
+        "help": "DANN paper's annealing lr / (1 + 10 p)^0.75 (--no-anneal: a constant lr)"})
     entropy_weight: float = field(default=0.1, metadata={
         "help": "weight of the target entropy (dann-ent)"})
     ema_decay: float = field(default=0.99, metadata={
@@ -163,15 +161,17 @@ class Networks(nn.Module):
         self.domain = (nets.domain_classifier(hidden=500, layers=2, batch_norm=False) if adda
                        else nets.domain_classifier())
         self.target_features = nets.digit_features() if adda else None
-        self.method = method
 
     def target_encoder(self, adapted: bool) -> nn.Module:
         return self.target_features if adapted else self.features
 
 
 def classify_step(nets_: Networks, images, labels, optimizer) -> dict:
+    """Source-only (or target-only): CE(C(F(x)), y)."""
     loss = F.cross_entropy(nets_.classifier(nets_.features(images)), labels)
-    util.descend(optimizer, loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
     return {"class": loss}
 
 
@@ -196,8 +196,9 @@ def dann_step(nets_: Networks, source, labels, target, optimizer, reversal: floa
     losses = {"class": class_loss, "domain": domain_loss}
     if entropy_weight:
         losses["entropy"] = entropy(nets_.classifier(target_features))
-    util.descend(optimizer,
-                 class_loss + domain_loss + entropy_weight * losses.get("entropy", 0.0))
+    optimizer.zero_grad(set_to_none=True)
+    (class_loss + domain_loss + entropy_weight * losses.get("entropy", 0.0)).backward()
+    optimizer.step()  # F, C and D in one step: the reversal already flipped F's share
     return losses
 
 
@@ -209,33 +210,151 @@ def adda_step(nets_: Networks, source, target, optimizers) -> dict:
     both = torch.cat([source_features, target_features.detach()])
     is_source = torch.cat([torch.ones(len(source)), torch.zeros(len(target))]).to(source.device)
     domain_loss = F.binary_cross_entropy_with_logits(nets_.domain(both).squeeze(1), is_source)
-    util.descend(optimizers["domain"], domain_loss)
+    optimizers["domain"].zero_grad(set_to_none=True)
+    domain_loss.backward()
+    optimizers["domain"].step()
+    # F_t: make D say "source" for target features (the GAN loss with inverted labels)
     fooled = torch.ones(len(target), device=target.device)
     encoder_loss = F.binary_cross_entropy_with_logits(
         nets_.domain(target_features).squeeze(1), fooled)
-    util.descend(optimizers["target"], encoder_loss)
+    optimizers["target"].zero_grad(set_to_none=True)
+    encoder_loss.backward()
+    optimizers["target"].step()
     return {"domain": domain_loss, "encoder": encoder_loss}
 
 
 # ============================================================================ training
-def phases(settings: UDASettings) -> list[tuple[str, int]]:
-    """(phase, epochs): ADDA pre-trains on the source, then adapts; the others train once."""
+def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
+          source_only: Path | None = None) -> dict:
+    """Train one method, with a checkpoint per epoch; returns results.json's content.
+    ADDA has two phases of its own (adda); the others are one supervised or DANN run."""
     if settings.method == "adda":
-        return [("pretrain", settings.epochs), ("adapt", settings.adapt_epochs)]
-    return [(settings.method, settings.epochs)]
+        return adda(domains, settings, out, device, seed, source_only)
+    if settings.method == "target" and domains.target_train.labels is None:
+        raise UserError(f"target {settings.tgt} has no labels, so 'target' (train on the "
+                        "target) cannot run: give a labelled target or another --method")
+    out, domains = Path(out), domains_on(domains, device)
+    util.seed_everything(seed)  # the initial weights
+    nets_ = networks_on(settings.method, device)
+    dann = settings.method.startswith("dann")
+    # D learns in the same step as F and C: the reversal layer makes F ascend its loss
+    optimizer = torch.optim.Adam([*nets_.features.parameters(), *nets_.classifier.parameters(),
+                                  *(nets_.domain.parameters() if dann else [])], settings.lr)
+    source, target = domains.source_train, domains.target_train
+
+    def step(source_index, target_index, progress: float) -> dict:
+        if settings.anneal:
+            for group in optimizer.param_groups:
+                group["lr"] = annealed_lr(settings.lr, progress)
+        xs, ys = source.images(source_index), source.labels[source_index]
+        xt = target.images(target_index)
+        if settings.method == "source":
+            return classify_step(nets_, xs, ys, optimizer)
+        if settings.method == "target":
+            return classify_step(nets_, xt, target.labels[target_index], optimizer)
+        return dann_step(nets_, xs, ys, xt, optimizer, grl_lambda(progress),
+                         settings.entropy_weight if settings.method == "dann-ent" else 0.0)
+
+    average, log = fit(nets_, {"optimizer": optimizer}, step, domains, settings.method,
+                       settings.epochs, settings, out, device, seed)
+    return finish(average, domains, log.history, settings, out, seed, log.seconds)
 
 
-def build_optimizers(nets_: Networks, settings: UDASettings) -> dict:
-    classifier_params = [*nets_.features.parameters(), *nets_.classifier.parameters()]
-    optimizers = {"main": torch.optim.Adam(
-        classifier_params + (list(nets_.domain.parameters())
-                             if settings.method.startswith("dann") else []), settings.lr)}
-    if settings.method == "adda":  # ADDA's GAN-style optimisers
-        optimizers["domain"] = torch.optim.Adam(nets_.domain.parameters(), settings.adda_lr,
-                                                betas=(0.5, 0.999))
-        optimizers["target"] = torch.optim.Adam(nets_.target_features.parameters(),
-                                                settings.adda_lr, betas=(0.5, 0.999))
-    return optimizers
+def adda(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
+         pretrained: Path | None = None) -> dict:
+    """ADDA (Tzeng et al. 2017) in its two phases.
+
+    1. Pre-train F_s and C on the labelled source: this is exactly the source-only run,
+       so it is that run (in OUT/pretrain), or the checkpoint of a finished one.
+    2. F_t starts as a copy of F_s; F_s and C are frozen; then D and F_t alternate
+       (adda_step) for adapt_epochs epochs, and target images are classified by C(F_t(x))."""
+    out, domains = Path(out), domains_on(domains, device)
+    # phase 1
+    source_settings = replace(settings, method="source")
+    if pretrained is None:
+        pretrained = out / "pretrain" / "checkpoint.pt"
+        train(domains, replace(source_settings, tsne_points=0), pretrained.parent, device,
+              seed)
+    pre = util.resume_state(pretrained, device, "uda", replace(source_settings, resume=False),
+                            seed, may_change=("adapt_epochs", "adda_lr", "entropy_weight",
+                                              "tsne_points"))
+    # phase 2
+    util.seed_everything(seed)  # D and F_t start as they would have in one run
+    nets_ = networks_on("adda", device)
+    source_only = Networks("source")
+    source_only.load_state_dict(pre["average"])
+    nets_.features.load_state_dict(source_only.features.state_dict())     # F_s, averaged
+    nets_.classifier.load_state_dict(source_only.classifier.state_dict())  # C, averaged
+    nets_.target_features.load_state_dict(nets_.features.state_dict())     # F_t <- F_s
+    nets_.features.requires_grad_(False)
+    nets_.classifier.requires_grad_(False)
+    optimizers = {"domain": torch.optim.Adam(nets_.domain.parameters(), settings.adda_lr,
+                                             betas=(0.5, 0.999)),
+                  "target": torch.optim.Adam(nets_.target_features.parameters(),
+                                             settings.adda_lr, betas=(0.5, 0.999))}
+    source, target = domains.source_train, domains.target_train
+
+    def step(source_index, target_index, progress: float) -> dict:
+        return adda_step(nets_, source.images(source_index), target.images(target_index),
+                         optimizers)
+
+    average, log = fit(nets_, optimizers, step, domains, "adapt", settings.adapt_epochs,
+                       settings, out, device, seed, first_epoch=settings.epochs)
+    results = finish(average, domains, log.history, settings, out, seed, log.seconds)
+    results["pretrain_seconds"] = pre["seconds"]
+    util.write_json(results, out / "results.json")
+    return results
+
+
+# ============================================================================ running it
+def domains_on(domains: Domains, device) -> Domains:
+    return Domains(*(d.to(device) for d in (domains.source_train, domains.target_train,
+                                           domains.source_test, domains.target_test)))
+
+
+def networks_on(method: str, device) -> Networks:
+    # channels-last convolutions and pooling: 1.3-1.9 times faster steps on a CPU
+    return Networks(method).to(device, memory_format=torch.channels_last)
+
+
+def fit(nets_: Networks, optimizers: dict, step, domains: Domains, phase: str, epochs: int,
+        settings: UDASettings, out: Path, device, seed: int, first_epoch: int = 0):
+    """Run step(source_index, target_index, progress) over `epochs` epochs of paired
+    source and target batches, keeping a weight average of nets_ (evaluated and saved),
+    with per-epoch statistics, accuracies, curves and checkpoint (util.train_loop).
+    progress p in [0, 1) drives the schedules over the phase. Epoch e draws its batches
+    and dropout from seed and first_epoch + e (ADDA's adaptation continues the epoch
+    count of its pre-training). Returns (average, log)."""
+    average = copy.deepcopy(nets_).requires_grad_(False)
+    source, target = domains.source_train, domains.target_train
+    batch_size = min(settings.batch_size, max(len(source), len(target)))
+    steps_per_epoch = max(len(source), len(target)) // batch_size
+    epoch = {}
+
+    def one_step(index: int) -> dict:
+        number, position = divmod(index, steps_per_epoch)
+        if position == 0:
+            epoch_seed = seed * 100_003 + first_epoch + number
+            torch.manual_seed(epoch_seed)  # dropout
+            epoch["batches"] = paired_indices(len(source), len(target), settings.batch_size,
+                                              torch.Generator().manual_seed(epoch_seed))
+            set_modes(nets_, phase)
+        losses = step(epoch["batches"][0][position], epoch["batches"][1][position],
+                      index / (epochs * steps_per_epoch))
+        nets.update_ema(average, nets_, index, settings.ema_decay)
+        return losses
+
+    def evaluate(history: dict):
+        refresh_statistics(average, domains, phase, settings.batch_size)
+        for split, accuracy in split_accuracies(average, domains, phase == "adapt").items():
+            history.setdefault(f"{split}_accuracy", []).append(accuracy)
+
+    log = util.train_loop(
+        one_step, epochs * steps_per_epoch, steps_per_epoch, out, "uda", settings, seed,
+        device, parts={"networks": nets_, "average": average, **optimizers},
+        may_change=("tsne_points",), desc=phase, evaluate=evaluate,
+        draw=lambda history: save_curves(history, out, settings))
+    return average, log
 
 
 def set_modes(nets_: Networks, phase: str):
@@ -250,44 +369,6 @@ def set_modes(nets_: Networks, phase: str):
         for module in nets_.target_features.modules():
             if isinstance(module, (nn.Dropout, nn.Dropout2d)):
                 module.eval()
-
-
-def run_epoch(nets_: Networks, average: Networks, domains: Domains, optimizers: dict,
-              phase: str, settings: UDASettings, epoch: int, total_epochs: int,
-              generator) -> dict:
-    """Epoch `epoch` of the `total_epochs` of `phase`; returns the mean of each loss. The
-    schedules run over the phase, so ADDA's pre-training is exactly the source-only run."""
-    source, target = domains.source_train, domains.target_train
-    source_batches, target_batches = paired_indices(len(source), len(target),
-                                                    settings.batch_size, generator)
-    steps = len(source_batches)
-    set_modes(nets_, phase)
-    sums: dict[str, float] = {}
-    progress = util.Progress(desc=f"{phase} epoch {epoch + 1}/{total_epochs}", total=steps)
-    for step, (source_index, target_index) in enumerate(zip(source_batches, target_batches)):
-        done = (epoch * steps + step) / (total_epochs * steps)  # p in [0, 1)
-        if settings.anneal:
-            for group in optimizers["main"].param_groups:
-                group["lr"] = annealed_lr(settings.lr, done)
-        xs, ys = source.images(source_index), source.labels[source_index]
-        xt = target.images(target_index)
-        if phase in ("source", "pretrain"):
-            losses = classify_step(nets_, xs, ys, optimizers["main"])
-        elif phase == "target":
-            losses = classify_step(nets_, xt, target.labels[target_index], optimizers["main"])
-        elif phase == "adapt":
-            losses = adda_step(nets_, xs, xt, optimizers)
-        else:
-            losses = dann_step(nets_, xs, ys, xt, optimizers["main"],
-                               settings.grl_max * grl_lambda(done),
-                               settings.entropy_weight if phase == "dann-ent" else 0.0)
-        nets.update_ema(average, nets_, epoch * steps + step, settings.ema_decay)
-        for name, loss in losses.items():
-            util.check_finite(loss, step, f"{phase} {name} loss")
-            sums[name] = sums.get(name, 0.0) + loss.item()
-        progress.update(1, **{name: loss.item() for name, loss in losses.items()})
-    progress.close()
-    return {name: total / steps for name, total in sums.items()}
 
 
 @torch.no_grad()
@@ -305,68 +386,11 @@ def embed(encoder: nn.Module, images: data.ImageSet, batch_size: int = 500) -> n
                       images.batches(batch_size, shuffle=False)]).numpy()
 
 
-def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
-          source_only: Path | None = None) -> dict:
-    """Train one method, with a checkpoint per epoch; returns results.json's content.
-    ADDA given the checkpoint of a finished source-only run with the same settings and
-    seed starts from it, since its pre-training would repeat that run step for step."""
-    out = Path(out)
-    if settings.method == "target" and domains.target_train.labels is None:
-        raise UserError(f"target {settings.tgt} has no labels, so 'target' (train on the "
-                        "target) cannot run: give a labelled target or another --method")
-    util.seed_everything(seed)  # the initial weights
-    # channels-last convolutions and pooling: 1.3-1.9 times faster steps on a CPU
-    nets_ = Networks(settings.method, classes=10).to(device, memory_format=torch.channels_last)
-    average = copy.deepcopy(nets_).requires_grad_(False)  # evaluated and saved
-    optimizers = build_optimizers(nets_, settings)
-    schedule = [phase for phase, epochs in phases(settings) for _ in range(epochs)]
-    history = {"target_accuracy": [], "source_accuracy": [], "losses": []}
-    first_epoch, seconds = 0, 0.0
-    checkpoint = out / "checkpoint.pt"
-    if settings.resume and checkpoint.exists():
-        state = util.resume_state(checkpoint, device, "uda", settings, seed,
-                                  may_change=("tsne_points",))
-        nets_.load_state_dict(state["networks"])
-        average.load_state_dict(state["average"])
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
-        history, first_epoch, seconds = state["history"], state["epoch"], state["seconds"]
-        print(f"resumed from {checkpoint} after epoch {first_epoch}")
-    elif settings.method == "adda" and source_only is not None:
-        history, first_epoch, seconds = load_pretrained(average, source_only, device)
-        print(f"pre-trained F_s and C: the source-only run in {source_only.parent}")
-    domains = Domains(*(d.to(device) for d in (domains.source_train, domains.target_train,
-                                              domains.source_test, domains.target_test)))
-    for epoch in range(first_epoch, len(schedule)):
-        phase = schedule[epoch]
-        if phase == "adapt" and epoch == settings.epochs:
-            start_adaptation(nets_, average)
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        torch.manual_seed(seed * 100_003 + epoch)  # dropout
-        start = time.perf_counter()
-        losses = run_epoch(nets_, average, domains, optimizers, phase, settings,
-                           epoch - schedule.index(phase), schedule.count(phase), generator)
-        seconds += time.perf_counter() - start
-        history["losses"].append(losses)
-        refresh_statistics(average, domains, phase, settings.batch_size)
-        for split, accuracy in split_accuracies(average, domains, phase == "adapt").items():
-            history[f"{split}_accuracy"].append(accuracy)
-        print(f"{phase} epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in
-              losses.items()) + f"; target accuracy {history['target_accuracy'][-1]:.4f}")
-        util.save_checkpoint({
-            "command": "uda", "seed": seed, "networks": nets_.state_dict(), "average": average.state_dict(),
-            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-            "history": history, "epoch": epoch + 1, "seconds": seconds,
-            "settings": asdict(settings)}, checkpoint)
-        save_curves(history, out, settings)
-    return finish(average, domains, history, settings, out, seed, seconds)
-
-
 def refresh_statistics(average: Networks, domains: Domains, phase: str, batch_size: int):
     """Batch-norm statistics that fit the averaged weights (nets.recompute_batch_norm),
     from the first STATISTICS_IMAGES train images of each domain the phase learns from,
-    in batches of one domain as in training: the source for source-only and ADDA's
-    pre-training, the target for target-only, both for DANN, and the target through F_t
+    in batches of one domain as in training: the source for source-only (and so ADDA's
+    pre-training), the target for target-only, both for DANN, and the target through F_t
     alone for ADDA's adaptation (F_s and C are frozen). Measured on USPS -> MNIST-M DANN:
     0.467 with the copied statistics of the last weights, 0.553 with these."""
     def batches(images):  # full batches only: batch norm fails on a batch of one
@@ -377,8 +401,7 @@ def refresh_statistics(average: Networks, domains: Domains, phase: str, batch_si
     if phase == "adapt":
         nets.recompute_batch_norm(average.target_features, batches(domains.target_train))
         return
-    learns_from = {"source": [domains.source_train], "pretrain": [domains.source_train],
-                   "target": [domains.target_train]}.get(
+    learns_from = {"source": [domains.source_train], "target": [domains.target_train]}.get(
         phase, [domains.source_train, domains.target_train])
     nets.recompute_batch_norm(nn.Sequential(average.features, average.classifier),
                               [batch for images in learns_from for batch in batches(images)])
@@ -394,30 +417,11 @@ def split_accuracies(nets_: Networks, domains: Domains, adapted: bool) -> dict:
             "source": accuracy(nets_.features, domains.source_test)}
 
 
-def start_adaptation(nets_: Networks, average: Networks):
-    """ADDA's step 2 starts from the source model the source-only row reports, the
-    average: F_s, C <- their averages, then F_t <- F_s."""
-    nets_.load_state_dict(average.state_dict())
-    nets_.target_features.load_state_dict(nets_.features.state_dict())
-    average.load_state_dict(nets_.state_dict())
-
-
-def load_pretrained(average: Networks, path: Path, device) -> tuple:
-    """Copy the averaged F and C of a source-only checkpoint into ADDA's average, all
-    that its adaptation starts from; returns the run's (history, epochs, seconds)."""
-    state = util.checkpoint_of(path, device, "uda")
-    source_only = Networks("source")
-    source_only.load_state_dict(state["average"])
-    average.features.load_state_dict(source_only.features.state_dict())
-    average.classifier.load_state_dict(source_only.classifier.state_dict())
-    return state["history"], state["epoch"], state["seconds"]
-
-
 def save_curves(history: dict, out: Path, settings: UDASettings):
     title = f"{TITLES[settings.method]}: {settings.src} -> {settings.tgt}"
-    names = sorted({name for losses in history["losses"] for name in losses})
-    plots.line_plot({name: [losses.get(name, float("nan")) for losses in history["losses"]]
-                     for name in names}, out / "loss.png", title=f"{title}, losses",
+    losses = {name: values for name, values in history.items()
+              if name != "step" and not name.endswith("_accuracy")}
+    plots.line_plot(losses, out / "loss.png", title=f"{title}, mean loss per epoch",
                     xlabel="epoch")
     plots.line_plot({f"target test ({settings.tgt})": history["target_accuracy"],
                      f"source test ({settings.src})": history["source_accuracy"]},
@@ -427,11 +431,11 @@ def save_curves(history: dict, out: Path, settings: UDASettings):
 def finish(nets_: Networks, domains: Domains, history: dict, settings: UDASettings,
            out: Path, seed: int, seconds: float) -> dict:
     """Final accuracy, predictions csv (for named images), t-SNE plots, results.json, all
-    from nets_ (the weight average)."""
+    from nets_ (the weight average). ADDA's epochs are those of its adaptation."""
     target_encoder = nets_.target_encoder(adapted=settings.method == "adda")
     predictions = evaluate(target_encoder, nets_.classifier, domains.target_test)
     results = {"method": settings.method, "src": settings.src, "tgt": settings.tgt,
-               "seed": seed, "epochs": len(history["losses"]), "train_seconds": seconds,
+               "seed": seed, "epochs": len(history["step"]), "train_seconds": seconds,
                "source_test_accuracy": history["source_accuracy"][-1]}
     if domains.target_test.labels is not None:
         share, correct, total = metrics.accuracy(predictions, domains.target_test.labels)
