@@ -144,13 +144,15 @@ class Diffusion(torch.nn.Module):
     def loss(self, x0: torch.Tensor, labels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         """|| eps - eps_theta(x_t, t, c) ||^2 with t ~ U{1..T}, c dropped with p = 0.1."""
         count, device = len(x0), x0.device
-        t = torch.randint(1, self.schedule.T + 1, (count,), generator=rng).to(device)
-        noise = torch.randn(x0.shape, generator=rng).to(device)
+        t = torch.randint(1, self.schedule.T + 1, (count,), generator=rng).to(device)  # 1..T
+        noise = torch.randn(x0.shape, generator=rng).to(device)                         # eps
+        # classifier-free guidance: with probability drop_class, c becomes "no class"
         dropped = torch.rand(count, generator=rng).to(device) < self.settings.drop_class
         labels = torch.where(dropped, torch.full_like(labels, CLASSES), labels)
         with autocast(device, self.settings.amp):
+            # eps_theta(x_t, t, c), x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
             predicted = self.network(self.schedule.q_sample(x0, t, noise), t, labels)
-        return F.mse_loss(predicted.float(), noise)
+        return F.mse_loss(predicted.float(), noise)  # the target is the noise, not x_0
 
     def update_ema(self, step: int):
         nets.update_ema(self.ema, self.network, step, self.settings.ema_decay)
@@ -158,12 +160,13 @@ class Diffusion(torch.nn.Module):
     @torch.no_grad()
     def guided_eps(self, x_t, t, labels, w: float) -> torch.Tensor:
         """eps~ = (1 + w) eps(x, t, c) - w eps(x, t): both in one batch of 2B."""
-        unconditional = torch.full_like(labels, CLASSES)
+        unconditional = torch.full_like(labels, CLASSES)   # the "no class" token
         self.ema.eval()  # no dropout when sampling
-        with autocast(x_t.device, self.settings.amp):
+        with autocast(x_t.device, self.settings.amp):      # first half c, second half none
             eps = self.ema(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                           torch.cat([labels, unconditional])).float()
-        return guide(*eps.chunk(2), w)
+                           torch.cat([labels, unconditional])).float()   # (2B, 3, H, W)
+        eps_conditional, eps_unconditional = eps.chunk(2)
+        return guide(eps_conditional, eps_unconditional, w)
 
 
 def guide(eps_conditional, eps_unconditional, w: float) -> torch.Tensor:
@@ -186,13 +189,16 @@ def sample_ddpm(model: Diffusion, labels: torch.Tensor, w: float, rng: torch.Gen
     {t: x_t} for the timesteps in keep_at (for the reverse-process strip); on_step() is
     called after each network evaluation (progress display)."""
     device, schedule = labels.device, model.schedule
-    x = torch.randn(len(labels), 3, 28, 28, generator=rng).to(device)
+    x = torch.randn(len(labels), 3, 28, 28, generator=rng).to(device)    # x_T ~ N(0, I)
     kept = {schedule.T: x.clone()} if schedule.T in keep_at else {}
     for step in range(schedule.T, 0, -1):
         t = torch.full((len(labels),), step, device=device)
-        eps = model.guided_eps(x, t, labels, w)
+        eps = model.guided_eps(x, t, labels, w)                          # eps~(x_t, t, c)
+        # x_0 = (x_t - sqrt(1 - alpha_bar_t) eps~) / sqrt(alpha_bar_t), clipped to the data
         x0 = schedule.predict_x0(x, t, eps).clamp(-1, 1)
+        # q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I)
         mean, variance = schedule.posterior(x0, x, t)
+        # x_{t-1} = mu~_t + sqrt(beta~_t) z, z ~ N(0, I); no noise on the last step (t = 1)
         noise = torch.randn(x.shape, generator=rng).to(device) if step > 1 else 0.0
         x = mean + variance.sqrt() * noise
         on_step()
@@ -212,23 +218,28 @@ def sample_ddim(model: Diffusion, labels: torch.Tensor, w: float, rng: torch.Gen
                 on_step=lambda: None) -> tuple[torch.Tensor, dict]:
     """DDIM on S timesteps; eta = 0 gives a deterministic map from x_T to x_0."""
     device, schedule = labels.device, model.schedule
-    x = torch.randn(len(labels), 3, 28, 28, generator=rng).to(device)
-    timesteps = ddim_timesteps(schedule.T, steps)
+    x = torch.randn(len(labels), 3, 28, 28, generator=rng).to(device)    # x_T ~ N(0, I)
+    timesteps = ddim_timesteps(schedule.T, steps)                        # tau_S > ... > tau_1
     kept = {}
     for index, step in enumerate(timesteps):
         if step in keep_at:
             kept[step] = x.clone()
         t = torch.full((len(labels),), step, device=device)
         eps = model.guided_eps(x, t, labels, w)
+        # x_0 = (x_t - sqrt(1 - alpha_bar_t) eps~) / sqrt(alpha_bar_t), clipped to the data
         x0 = schedule.predict_x0(x, t, eps).clamp(-1, 1)
+        # the noise that the clipped x_0 implies: eps = (x_t - sqrt(alpha_bar_t) x_0) /
+        # sqrt(1 - alpha_bar_t), so that x_0 and eps describe the same x_t
         eps = (x - schedule.at(schedule.sqrt_alphas_cumprod, t, x) * x0) \
-            / schedule.at(schedule.sqrt_one_minus_alphas_cumprod, t, x)  # consistent with x0
+            / schedule.at(schedule.sqrt_one_minus_alphas_cumprod, t, x)
         alpha_bar = float(schedule.alphas_cumprod[step - 1])
-        previous = timesteps[index + 1] if index + 1 < len(timesteps) else 0
+        previous = timesteps[index + 1] if index + 1 < len(timesteps) else 0   # t = 0 last
         alpha_bar_prev = float(schedule.alphas_cumprod[previous - 1]) if previous else 1.0
+        # sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)
         sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)
                                 * (1 - alpha_bar / alpha_bar_prev))
         noise = torch.randn(x.shape, generator=rng).to(device) if sigma > 0 else 0.0
+        # x_prev = sqrt(alpha_bar_prev) x_0 + sqrt(1 - alpha_bar_prev - sigma^2) eps + sigma z
         x = (math.sqrt(alpha_bar_prev) * x0
              + math.sqrt(max(1 - alpha_bar_prev - sigma ** 2, 0.0)) * eps + sigma * noise)
         on_step()
@@ -250,7 +261,7 @@ def sample(model: Diffusion, labels, settings: DDPMSettings, seed: int, keep_at=
 
 # ============================================================================ outputs
 def course_names(per_digit: int = 100) -> tuple[list[str], torch.Tensor]:
-    """0_001.png .. 9_100.png (the first character is the digit) and their labels."""
+    """The homework's file names 0_001.png .. 9_100.png (digit first) and their labels."""
     labels = torch.arange(CLASSES).repeat_interleave(per_digit)
     names = [f"{d}_{i:03d}.png" for d in range(CLASSES) for i in range(1, per_digit + 1)]
     return names, labels
@@ -258,7 +269,7 @@ def course_names(per_digit: int = 100) -> tuple[list[str], torch.Tensor]:
 
 def generate(model: Diffusion, settings: DDPMSettings, out: Path, seed: int, device,
              per_digit: int = 100, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The course deliverable: per_digit images of each digit, named by digit, timed."""
+    """The homework's deliverable: per_digit images of each digit, named by digit, timed."""
     names, labels = course_names(per_digit)
     starts = range(0, len(labels), batch_size)
     steps = settings.timesteps if settings.sampler == "ddpm" else \

@@ -25,8 +25,7 @@ Variant b changes, each for a reason:
 - differentiable augmentation of every image D sees, real and fake, in both steps
   (Zhao et al. 2020, "DiffAugment"): translation, colour and cutout keep D from
   memorising a small training set (here 8,000 faces on CPU, 162,770 on the full set).
-These are the literature's choices; FID could not be measured to rank them on the
-development machines here (no GPU, no FID weights), see RESULTS.md.
+These are the literature's choices; RESULTS.md holds what this project has measured.
 
 ACGAN (Odena et al. 2017, "Conditional Image Synthesis with Auxiliary Classifier GANs"):
 G gets z and a binary attribute c (default Smiling); D has a second output that
@@ -183,10 +182,8 @@ class GAN(nn.Module):
     def refresh_ema_statistics(self, settings: GANSettings, seed: int, count: int = 1024,
                                batch_size: int = 64):
         """Batch-norm statistics that fit the averaged G, from `count` fixed z and
-        attributes (nets.recompute_batch_norm): update_ema copies those of the last G.
-        Measured on the 600-step 64x64 CelebA run of RESULTS.md, 512 samples: red channel
-        mean 0.11 and standard deviation 0.53 with the copied statistics, -0.01 and 0.57
-        with these; the faces have 0.01 and 0.59."""
+        attributes (nets.recompute_batch_norm): update_ema copies those of the last G,
+        which gave the averaged G's faces a red cast (RESULTS.md)."""
         if self.ema is None:
             return
         device = next(self.ema.parameters()).device

@@ -15,7 +15,7 @@ classifier has 1,008 classes. Batch norm uses eps = 0.001 throughout.
 
 Generated digits are graded by a small CNN classifier trained on real digits
 (`train_classifier`): the share of generated images it reads as the digit they were
-generated for is the "digit accuracy" of the course.
+generated for is the "digit accuracy" that the DLCV homework grades.
 """
 import hashlib
 import zipfile
@@ -443,7 +443,7 @@ def load_classifier(path, device="cpu") -> nn.Module:
 
 
 def label_from_name(name: str) -> int:
-    """The course's naming: DIGIT_*.png, the digit and an underscore first."""
+    """The homework's naming of generated digits: DIGIT_*.png, digit and underscore first."""
     if not (name[:1].isdigit() and name[1:2] == "_"):
         raise UserError(f"file '{name}' is not named by its digit: name each image "
                         "DIGIT_*.png, e.g. 3_042.png for a 3")

@@ -3,7 +3,7 @@
 Both share one `Figure`: a white canvas with a framed plotting area, "nice" axis ticks
 (steps of 1, 2, 2.5 or 5 times a power of ten, like matplotlib's default locator), a title,
 axis labels and a legend. Colours are matplotlib's ten 'tab10' colours, so plots look
-like the ones in papers and course reports.
+like the ones in papers and reports.
 """
 import math
 from pathlib import Path

@@ -108,11 +108,13 @@ def sparse_affinities(X: np.ndarray, perplexity: float):
 def exact_gradient(Y: np.ndarray, P: np.ndarray, exaggeration: float = 1.0,
                    with_kl: bool = True):
     """dC/dY and KL(P || Q) with dense P (multiplied by `exaggeration`), O(N^2)."""
-    kernel = 1.0 / (1.0 + squared_distances(Y, Y))       # (1 + ||y_i - y_j||^2)^-1
+    kernel = 1.0 / (1.0 + squared_distances(Y, Y))       # (1 + ||y_i - y_j||^2)^-1, (N, N)
     np.fill_diagonal(kernel, 0.0)
-    Q = np.maximum(kernel / kernel.sum(), MACHINE_EPSILON)
+    Q = np.maximum(kernel / kernel.sum(), MACHINE_EPSILON)   # q_ij = K_ij / sum_{k != l} K_kl
     weights = (exaggeration * P - Q) * kernel
+    # dC/dy_i = 4 sum_j (p_ij - q_ij) K_ij (y_i - y_j)  (van der Maaten & Hinton 2008, eq. 5)
     gradient = 4.0 * (weights.sum(axis=1)[:, None] * Y - weights @ Y)
+    # KL(P || Q) = sum_ij p_ij log(p_ij / q_ij)
     kl = float(np.sum(P * np.log(np.maximum(P, MACHINE_EPSILON) / Q))) if with_kl else np.nan
     return gradient, kl
 
@@ -307,6 +309,7 @@ def optimise(Y: np.ndarray, gradient, iterations: int, learning_rate: float,
         kl = step_kl if report else kl
         same_sign = update * grad > 0.0       # still heading downhill: trust less, shrink
         gains = np.where(same_sign, gains * 0.8, gains + 0.2).clip(min=0.01)
+        # Y(t) = Y(t-1) + eta g * (-dC/dY) + alpha(t) (Y(t-1) - Y(t-2)), alpha 0.5 then 0.8
         update = (0.5 if early else 0.8) * update - learning_rate * gains * grad
         Y = Y + update
         if progress is not None:

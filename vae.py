@@ -13,7 +13,7 @@ Sampling z inside the loss is made differentiable by the reparameterisation
 z = mu + sigma * eps, eps ~ N(0, I): the randomness moves into eps and the gradient flows
 to mu and log sigma^2.
 
-What lambda trades off (the 2018 seed report's discussion): a small lambda lets q(z | x)
+What lambda trades off: a small lambda lets q(z | x)
 be narrow and far from the prior, so reconstructions are sharp but random samples from
 N(0, I) land where the decoder was never trained and look broken; a large lambda pulls
 every q(z | x) onto the prior, samples look like faces but reconstructions blur towards an
@@ -65,9 +65,9 @@ def reparameterise(mu: torch.Tensor, logvar: torch.Tensor, generator=None) -> to
 
 def losses(model: nets.VAE, x: torch.Tensor, generator=None) -> dict:
     """Per-image squared error and KL, averaged over the batch; also the per-pixel MSE."""
-    mu, logvar = model.encode(x)
-    reconstruction = model.decode(reparameterise(mu, logvar, generator))
-    squared_error = (reconstruction - x).pow(2).flatten(1).sum(dim=1)
+    mu, logvar = model.encode(x)                                   # q(z | x), (B, d) each
+    reconstruction = model.decode(reparameterise(mu, logvar, generator))   # x^(z), z ~ q
+    squared_error = (reconstruction - x).pow(2).flatten(1).sum(dim=1)      # ||x - x^||^2, (B,)
     return {"reconstruction": squared_error.mean(), "kl": kl_divergence(mu, logvar).mean(),
             "mse": squared_error.mean() / x[0].numel()}
 
