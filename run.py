@@ -375,7 +375,7 @@ def command_vae(args) -> None:
 
 def command_ddpm(args) -> None:
     """Train the conditional DDPM on digits, or (--generate --ckpt C) write the 1000
-    course images 0_001.png .. 9_100.png into --out."""
+    homework images 0_001.png .. 9_100.png into --out."""
     common, settings = settings_from(args, Common), settings_from(args, ddpm.DDPMSettings)
     device = util.choose_device(common.device)
     if args.generate:
@@ -403,8 +403,8 @@ def command_ddpm(args) -> None:
 
 
 def command_uda(args) -> None:
-    """Domain adaptation: one method, all methods of a scenario, the course's table, or
-    predictions of a trained checkpoint for a folder (the course's csv)."""
+    """Domain adaptation: one method, all methods of a scenario, the table of the four
+    homework scenarios, or predictions of a trained checkpoint for a folder (as a csv)."""
     common, settings = settings_from(args, Common), settings_from(args, uda.UDASettings)
     device = util.choose_device(common.device)
     if args.predict:
@@ -454,7 +454,7 @@ def command_gan(args) -> None:
 
 
 def generate_images(count: int, checkpoint, out: Path, device, seed: int, load, generate):
-    """The course deliverable: `count` PNGs from a checkpoint, fixed seed, batched."""
+    """`count` PNGs from a checkpoint (the homework's deliverable), fixed seed, batched."""
     if not checkpoint:
         raise util.UserError("--generate needs --ckpt CHECKPOINT (e.g. runs/gan_b/checkpoint.pt)")
     model, settings = load(checkpoint, device)
@@ -538,15 +538,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("ddpm", command_ddpm, "conditional diffusion on digits (DDPM / DDIM)")
     add_flags(sub, ddpm.DDPMSettings)
     sub.add_argument("--generate", action="store_true",
-                     help="write the 1000 course images from --ckpt into --out, timed")
+                     help="write the 1000 homework images from --ckpt into --out, timed")
     sub.add_argument("--per-digit", type=int, default=100,
-                     help="images of each digit for --generate (the course wants 100)")
+                     help="images of each digit for --generate (the homework asks for 100)")
     sub.add_argument("--ckpt", default=None, help="checkpoint for --generate")
 
     sub = command("uda", command_uda, "domain adaptation: source, dann, dann-ent, adda, target")
     add_flags(sub, uda.UDASettings)
     sub.add_argument("--table", action="store_true",
-                     help="run the course's four scenarios and write results.md")
+                     help="run the homework's four scenarios and write results.md")
     sub.add_argument("--predict", default=None, help="folder of images to label (with --ckpt)")
     sub.add_argument("--ckpt", default=None, help="checkpoint for --predict")
     sub.add_argument("--csv", default=None, help="predictions file for --predict")
