@@ -286,7 +286,7 @@ def generate(model: Diffusion, settings: DDPMSettings, out: Path, seed: int, dev
 
 def save_grid_and_strip(model: Diffusion, settings: DDPMSettings, out: Path, seed: int, device):
     """The 10x10 grid (row d: ten samples of digit d) and the reverse process of the first
-    "0" at six evenly spaced timesteps from T to 0."""
+    "0" at six evenly spaced timesteps from T to 0, each labelled with its t."""
     labels = torch.arange(CLASSES).repeat_interleave(10).to(device)
     T = settings.timesteps
     keep_at = [round(T * k / 5) for k in range(5, -1, -1)]                # T .. 0
@@ -294,9 +294,18 @@ def save_grid_and_strip(model: Diffusion, settings: DDPMSettings, out: Path, see
         visited = ddim_timesteps(T, settings.sampling_steps) + [0]
         keep_at = [min(visited, key=lambda s: abs(s - k)) for k in keep_at]
     images, kept = sample(model, labels, settings, seed, keep_at=set(keep_at))
+    sampler = (f"DDIM, {settings.sampling_steps} steps" if settings.sampler == "ddim"
+               else f"DDPM, {T} steps")
     data.save_grid(images.cpu(), out / "grid.png", nrow=10)
+    plots.label_grid(out / "grid.png", images.shape[-1], rows=[str(d) for d in range(CLASSES)],
+                     title=f"DDPM samples by digit ({sampler}, w = {settings.guidance:g})")
+    scale = 3  # 28-pixel digits are too small to carry a "t = 1000" label
     strip = torch.stack([kept[k][0].clamp(-1, 1).cpu() for k in keep_at])
-    data.save_grid(strip, out / "reverse_process.png", nrow=len(keep_at))
+    data.save_grid(F.interpolate(strip, scale_factor=scale), out / "reverse_process.png",
+                   nrow=len(keep_at))
+    plots.label_grid(out / "reverse_process.png", scale * strip.shape[-1],
+                     columns=[f"t = {k}" for k in keep_at],
+                     title=f"reverse process of a 0, x_t from t = T to 0 ({sampler})")
 
 
 # ============================================================================ training

@@ -292,6 +292,10 @@ def save_pictures(gan: GAN, history: dict, settings: GANSettings, out: Path, see
     data.save_grid(gan.sample(z.to(device), None if attributes is None
                               else attributes.to(device)).cpu(), out / "samples.png")
     title = f"GAN variant {settings.variant}"
+    plots.label_grid(out / "samples.png", settings.image_size, title=(
+        f"{title}, step {history['step'][-1]}: fixed z"
+        + (f", {settings.attribute} 0 and 1 in turn" if attributes is not None else "")
+        + (" (EMA generator)" if gan.ema is not None else "")))
     plots.line_plot({"D loss": history["loss_d"], "G loss": history["loss_g"]},
                     out / "loss.png", title=f"{title}: losses", xlabel="step",
                     x=history["step"])
@@ -309,6 +313,10 @@ def save_attribute_pairs(gan: GAN, settings: GANSettings, path: Path, seed: int,
     z = z.to(device).repeat(2, 1)
     attributes = torch.arange(2, device=device).repeat_interleave(10)
     data.save_grid(gan.sample(z, attributes).cpu(), path, nrow=10)
+    plots.label_grid(path, settings.image_size,
+                     rows=[f"{settings.attribute} = 0", f"{settings.attribute} = 1"],
+                     title=f"ACGAN: each column one z, drawn with {settings.attribute} "
+                           "0 and 1")
 
 
 def finish(gan: GAN, held_out, history: dict, settings: GANSettings, out: Path, seed: int,

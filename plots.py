@@ -141,13 +141,27 @@ def scatter_plot(points, labels, path, title="", names=None, radius: float = 2.0
     return figure.save(path)
 
 
-def add_caption(path, text: str) -> Path:
-    """Put one line of text above an image file (e.g. the MSE over reconstructions)."""
+def label_grid(path, cell: int, rows=(), columns=(), title: str = "",
+               padding: int = 2) -> Path:
+    """Label an image grid in place (data.save_grid's layout: square cells of `cell`
+    pixels with `padding` around each): `rows` beside each row, `columns` above each
+    column, `title` on top."""
     image = Image.open(path).convert("RGB")
     font = _font(12)
-    canvas = Image.new("RGB", (max(image.width, int(font.getlength(text)) + 8),
-                               image.height + 20), "white")
-    canvas.paste(image, (0, 20))
-    ImageDraw.Draw(canvas).text((4, 3), text, fill="black", font=font)
+    left = max((int(font.getlength(text)) for text in rows), default=-8) + 8
+    top = (20 if title else 0) + (18 if columns else 0)
+    canvas = Image.new("RGB", (max(image.width + left, int(font.getlength(title)) + 8),
+                               image.height + top), "white")
+    canvas.paste(image, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 3), title, fill="black", font=font)
+    centre = padding + cell / 2            # of the first cell; the others follow each step
+    for index, text in enumerate(columns):
+        draw.text((left + centre + index * (cell + padding), top - 3), text, fill="black",
+                  font=font, anchor="mb")
+    for index, text in enumerate(rows):
+        draw.text((left - 4, top + centre + index * (cell + padding)), text, fill="black",
+                  font=font, anchor="rm")
     canvas.save(path)
     return Path(path)

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import errno
 import math
+import os
 import sys
 import time
 import zipfile
@@ -563,6 +564,9 @@ def main(argv=None) -> int:
     except util.UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`run.py summary gan | head`): done
+        sys.stdout = open(os.devnull, "w")  # so that the final flush cannot fail again
+        return 0
     except OSError as error:  # a read-only or full disk, a missing folder, ...
         print(f"error: {os_error_text(error)}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ import gzip
 import io
 import math
 import os
+import re
 import struct
 import tarfile
 import urllib.error
@@ -874,6 +875,183 @@ def test_summary_rows_match_the_network():
     assert "Non-trainable params: 819,200" in nets.summary(frozen, (100, 1, 1))
 
 
+# ============================================================================ nets: DCGAN
+def saved_layout(rows) -> dict:
+    """{state_dict key: shape} of an nn.Sequential given as (index, kind, c_in, c_out) rows:
+    the layout that checkpoints saved by the earlier, looped DCGAN builders hold."""
+    layout = {}
+    for index, kind, c_in, c_out in rows:
+        if kind == "up":           # ConvTranspose2d: weight (in, out, kh, kw)
+            layout[f"{index}.weight"] = (c_in, c_out, 4, 4)
+        elif kind == "conv":       # Conv2d without bias: weight (out, in, kh, kw)
+            layout[f"{index}.weight"] = (c_out, c_in, 4, 4)
+        elif kind == "spectral":   # W_orig, a bias, u (out,) and v (in * 4 * 4,)
+            layout.update({f"{index}.bias": (c_out,), f"{index}.weight_orig": (c_out, c_in, 4, 4),
+                           f"{index}.weight_u": (c_out,), f"{index}.weight_v": (c_in * 16,)})
+        else:                      # BatchNorm2d
+            layout.update({f"{index}.{name}": (c_out,) for name in
+                           ("weight", "bias", "running_mean", "running_var")})
+            layout[f"{index}.num_batches_tracked"] = ()
+    return layout
+
+
+def generator_rows(latent: int, image_size: int) -> list:
+    """ConvTranspose2d, BatchNorm2d, ReLU per stage (index 3 k, 3 k + 1), output conv last."""
+    widths = [512, 256, 128, 64] if image_size == 64 else [256, 128, 64]
+    channels = [latent] + widths
+    rows = []
+    for k, (c_in, c_out) in enumerate(zip(channels, channels[1:])):
+        rows += [(3 * k, "up", c_in, c_out), (3 * k + 1, "norm", c_out, c_out)]
+    return rows + [(3 * len(widths), "up", widths[-1], 3)]
+
+
+def discriminator_rows(image_size: int, spectral: bool, outputs: int) -> list:
+    widths = [64, 128, 256, 512] if image_size == 64 else [64, 128, 256]
+    if spectral:  # conv, LeakyReLU per stage
+        channels = [3] + widths + [outputs]
+        return [(2 * k, "spectral", c_in, c_out)
+                for k, (c_in, c_out) in enumerate(zip(channels, channels[1:]))]
+    rows, index = [(0, "conv", 3, 64)], 2  # no batch norm on the input layer
+    for c_in, c_out in zip(widths, widths[1:]):
+        rows += [(index, "conv", c_in, c_out), (index + 1, "norm", c_out, c_out)]
+        index += 3
+    return rows + [(index, "conv", widths[-1], outputs)]
+
+
+def dcgan_pair(image_size: int, variant: str):
+    """G and D as gan.GAN builds them for a variant."""
+    acgan = variant == "acgan"
+    generator = nets.dcgan_generator(100 + 2 * acgan, image_size=image_size)
+    discriminator = nets.dcgan_discriminator(image_size=image_size, outputs=2 if acgan else 1,
+                                             spectral=variant in ("b", "acgan"))
+    return generator, discriminator
+
+
+@pytest.mark.parametrize("image_size", [64, 32])
+@pytest.mark.parametrize("variant", ["a", "b", "acgan"])
+def test_written_out_dcgan_keeps_the_saved_state_dict_layout(image_size, variant):
+    generator, discriminator = dcgan_pair(image_size, variant)
+    acgan = variant == "acgan"
+    for network, rows in ((generator, generator_rows(100 + 2 * acgan, image_size)),
+                          (discriminator, discriminator_rows(image_size, variant != "a",
+                                                             2 if acgan else 1))):
+        layout = {key: tuple(value.shape) for key, value in network.state_dict().items()}
+        assert layout == saved_layout(rows)
+
+
+@pytest.mark.parametrize("image_size", [64, 32])
+@pytest.mark.parametrize("variant", ["a", "b", "acgan"])
+def test_dcgan_maps_z_to_an_image_and_an_image_to_logits(image_size, variant):
+    generator, discriminator = dcgan_pair(image_size, variant)
+    z = torch.randn(2, generator[0].in_channels, 1, 1)
+    images = generator(z)
+    assert images.shape == (2, 3, image_size, image_size) and images.abs().max() <= 1
+    assert discriminator(images).shape == (2, 2 if variant == "acgan" else 1, 1, 1)
+    slopes = {m.negative_slope for m in discriminator.modules() if isinstance(m, nn.LeakyReLU)}
+    assert slopes == {0.2}
+    has_batch_norm = any(isinstance(m, nn.BatchNorm2d) for m in discriminator.modules())
+    assert has_batch_norm == (variant == "a")
+
+
+def test_dcgan_parameter_counts_by_hand():
+    # G, 64x64: transposed convs 100*512*16 + 512*256*16 + 256*128*16 + 128*64*16 + 64*3*16
+    # = 3,574,784, batch norm 2 (512 + 256 + 128 + 64) = 1,920: 3,576,704.
+    # At 32x32 the widest stage goes: 100*256*16 + 256*128*16 + 128*64*16 + 64*3*16
+    # + 2 (256 + 128 + 64) = 1,068,928.
+    # D, variant a: convs 3*64*16 + 64*128*16 + 128*256*16 + 256*512*16 + 512*16 = 2,763,776,
+    # batch norm 2 (128 + 256 + 512) = 1,792: 2,765,568. Variant b: no batch norm, a bias on
+    # each conv (64 + 128 + 256 + 512 + 1 = 961): 2,764,737.
+    def count(network):
+        return sum(p.numel() for p in network.parameters())
+    assert count(nets.dcgan_generator()) == 3_576_704
+    assert count(nets.dcgan_generator(image_size=32)) == 1_068_928
+    assert count(nets.dcgan_discriminator()) == 2_765_568
+    assert count(nets.dcgan_discriminator(spectral=True)) == 2_764_737
+
+
+@pytest.mark.parametrize("build", [nets.dcgan_generator, nets.dcgan_discriminator])
+def test_dcgan_refuses_sizes_it_has_no_layers_for(build):
+    with pytest.raises(ValueError, match="32x32 or 64x64"):
+        build(image_size=48)
+
+
+# ============================================================================ nets: summary
+def test_summary_forward_shows_only_the_layers_it_runs():
+    model = nets.VAE(latent_dim=8)
+    table = nets.summary(model, (3, 64, 64), forward=model.encode)
+    encoder_leaves = len([m for m in model.encoder.modules() if not list(m.children())])
+    rows = [line for line in table.splitlines() if re.match(r"\s+\w+-\d+ ", line)]
+    assert len(rows) == encoder_leaves + 2            # ... then to_mu and to_logvar
+    assert rows[-1].split()[1:3] == ["[-1,", "8]"]    # log sigma^2 (B, 8)
+    halves = model.encoder, model.to_mu, model.to_logvar
+    assert f"Total params: {sum(p.numel() for m in halves for p in m.parameters()):,}" in table
+
+
+def test_summary_repeats_extra_inputs_over_the_batch():
+    unet = nets.UNet(width=16, classes=10)
+    table = nets.summary(unet, (3, 28, 28), extra_inputs=(torch.tensor(7), torch.tensor(3)))
+    assert re.search(r"Embedding-\d+ +\[-1, 64\]", table)  # one class per image: (B, 4 * 16)
+    assert f"Total params: {sum(p.numel() for p in unet.parameters()):,}" in table
+
+
+# ============================================================================ run.py summary
+# Parameters per printed table, hand-computed where the sum is short:
+# - vae encoder: convs 3*32*16 + 32*64*16 + 64*128*16 + 128*256*16 = 689,664, batch norm
+#   2 (32 + 64 + 128 + 256) = 960, mu and log sigma^2 2 (4096*512 + 512) = 4,195,328.
+#   decoder: 512*4096 + 4096 = 2,101,248, transposed convs 256*128*16 + 128*64*16
+#   + 64*32*16 + 32*3*16 + 3 = 689,667, batch norm 2 (128 + 64 + 32) = 448.
+# - uda features: 3*64*25 + 64 + BN 128 + 64*50*25 + 50 + BN 100 = 85,142;
+#   label classifier: 800*100 + 100 + BN 200 + 100*100 + 100 + BN 200 + 100*10 + 10 = 91,610;
+#   DANN domain classifier: 800*100 + 100 + BN 200 + 100 + 1 = 80,401;
+#   ADDA discriminator: 800*500 + 500 + 500*500 + 500 + 500 + 1 = 651,501.
+# - classifier: 3*32*9 + 64 + 32*32*9 + 64 + 32*64*9 + 128 + 64*64*9 + 128
+#   + 3136*256 + 256 + 256*10 + 10 = 871,402.
+# - ACGAN: z has 2 more channels (+ 2*512*16 in G), D 2 outputs (+ 512*16 + 1).
+# - ddpm: the default U-Net (width 64, 10 classes + the 'no class' token), as summed by torch.
+SUMMARY_TOTALS = [
+    ("gan", "a", [3_576_704, 2_765_568]),
+    ("gan", "b", [3_576_704, 2_764_737]),
+    ("gan", "acgan", [3_593_088, 2_772_930]),
+    ("vae", None, [4_885_952, 2_791_363]),
+    ("ddpm", None, [3_946_435]),
+    ("uda", None, [85_142, 91_610, 80_401, 651_501]),
+    ("classifier", None, [871_402]),
+]
+
+
+@pytest.mark.parametrize("name, variant, totals", SUMMARY_TOTALS)
+def test_every_summary_prints_its_networks_parameters(name, variant, totals, capsys):
+    assert run.main(["summary", name] + (["--variant", variant] if variant else [])) == 0
+    out = capsys.readouterr().out
+    printed = [int(n.replace(",", "")) for n in re.findall(r"^Total params: ([\d,]+)$", out,
+                                                           flags=re.M)]
+    assert printed == totals
+    # each table's total is its network's parameters; the VAE's two halves add up to it
+    tables = run.architectures(name, variant)
+    assert [title for title, *_ in tables] == [line for line in out.splitlines()
+                                               if line.startswith(name)]
+    by_network = {}
+    for (_, network, _, _), total in zip(tables, printed):
+        by_network.setdefault(id(network), [network, 0])[1] += total
+    for network, total in by_network.values():
+        assert total == sum(p.numel() for p in network.parameters())
+
+
+def test_summary_of_gan_shows_the_variant_that_run_py_gan_trains(capsys):
+    assert run.main(["summary", "gan"]) == 0
+    default = gan.GANSettings().variant
+    assert capsys.readouterr().out.splitlines()[0] == f"gan variant {default}: generator"
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["summary", "gpt"], "gan, vae, ddpm, uda, classifier"),
+    (["summary", "gan", "--variant", "c"], "a, b, acgan"),
+    (["summary", "vae", "--variant", "a"], "--variant is for gan"),
+])
+def test_unknown_architecture_names_the_choices(argv, names, capsys):
+    assert names in one_line_error(capsys, argv)
+
+
 # ============================================================================ metrics: FID
 REFERENCE = Path(__file__).resolve().parent.parent / "shared" / "reference" \
     / "fid_inception_seed0.npz"
@@ -1158,6 +1336,23 @@ def test_nice_ticks_are_round_steps_covering_the_range():
     assert plots.nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert plots.nice_ticks(-3, 47) == [0, 10, 20, 30, 40]
     assert plots.nice_ticks(5, 5) == [4.6, 4.8, 5.0, 5.2, 5.4]  # a point: widened by 1
+
+
+def test_grid_labels_sit_beside_their_rows_and_above_their_columns(tmp_path):
+    cell, padding = 20, 2
+    data.save_grid(torch.ones(6, 3, cell, cell), tmp_path / "g.png", nrow=3)  # white cells
+    plots.label_grid(tmp_path / "g.png", cell, rows=["first", "second"],
+                     columns=["a", "b", "c"], title="a title")
+    ink = np.asarray(Image.open(tmp_path / "g.png").convert("L")) < 128
+    left = ink.shape[1] - (3 * (cell + padding) + padding)  # the label column's width
+    top = ink.shape[0] - (2 * (cell + padding) + padding)   # title and column labels
+    assert top == 38 and ink[:18].any()                      # the title line
+    for column in range(3):  # some ink above each column's centre
+        centre = left + padding + column * (cell + padding) + cell // 2
+        assert ink[20:top, centre - 4:centre + 4].any(), column
+    for row in range(2):     # some ink left of each row, level with it
+        middle = top + padding + row * (cell + padding) + cell // 2
+        assert ink[middle - 4:middle + 4, :left].any(), row
 
 
 def test_line_plot_draws_each_series_in_its_colour(tmp_path):
@@ -1666,8 +1861,8 @@ def test_a_tiny_gan_run_writes_grid_curves_checkpoint_and_results(tmp_path, vari
     names = ["samples.png", "loss.png", "d_outputs.png", "checkpoint.pt", "results.json"]
     for name in names + (["pairs.png"] if variant == "acgan" else []):
         assert (tmp_path / name).is_file(), name
-    grid = Image.open(tmp_path / "samples.png")
-    assert grid.size == (8 * 34 + 2, 4 * 34 + 2)  # 32 samples, 8 per row, padding 2
+    grid = Image.open(tmp_path / "samples.png")  # 32 samples, 8 per row, padding 2
+    assert grid.size[1] == 20 + 4 * 34 + 2 and grid.size[0] >= 8 * 34 + 2  # under a title
 
 
 def test_resumed_gan_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
@@ -1822,8 +2017,10 @@ def test_ddpm_run_writes_course_images_grid_strip_curve_and_resumes(tmp_path, mo
     assert names.count("3_042.png") == 1
     for name in ("grid.png", "reverse_process.png", "loss.png", "checkpoint.pt", "results.json"):
         assert (tmp_path / "whole" / name).is_file(), name
-    assert Image.open(tmp_path / "whole" / "grid.png").size == (10 * 30 + 2, 10 * 30 + 2)
-    assert Image.open(tmp_path / "whole" / "reverse_process.png").size == (6 * 30 + 2, 32)
+    grid = Image.open(tmp_path / "whole" / "grid.png")   # title above, digits on the left
+    assert grid.size[1] == 20 + 10 * 30 + 2 and grid.size[0] > 10 * 30 + 2
+    strip = Image.open(tmp_path / "whole" / "reverse_process.png")  # x3, title and t labels
+    assert strip.size[1] == 20 + 18 + 3 * 28 + 4 and strip.size[0] >= 6 * (3 * 28 + 2) + 2
     assert results["digit_accuracy"] is None and "no classifier" in \
         results["digit_accuracy_unavailable"]
     folder = tmp_path / "deliverable"

@@ -158,8 +158,10 @@ def finish(model: nets.VAE, test: data.ImageSet, history: dict, settings: VAESet
     mse = (reconstructions - faces).pow(2).mean().item()
     data.save_grid(torch.cat([faces, reconstructions]).cpu(), out / "reconstructions.png",
                    nrow=len(faces))
-    plots.add_caption(out / "reconstructions.png",
-                      f"test faces (top) and reconstructions (bottom): MSE {mse:.4f}")
+    plots.label_grid(out / "reconstructions.png", faces.shape[-1],
+                     rows=["test face", "reconstruction"],
+                     title=f"VAE, lambda = {settings.kl_weight:g}: reconstructions from "
+                           f"the mean code, MSE {mse:.4f}")
     z = torch.randn(32, settings.latent_dim, generator=torch.Generator().manual_seed(seed))
     data.save_grid(model.decode(z.to(faces.device)).cpu(), out / "samples.png")
     save_interpolation(model, faces[0], faces[1], out / "interpolation.png")
