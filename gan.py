@@ -51,6 +51,10 @@ from util import UserError
 VARIANTS = ("a", "b", "acgan")
 
 
+# Named settings (run.py --preset NAME): the configurations RESULTS.md measured.
+PRESETS = {"cpu": {"batch_size": 64, "steps": 600, "sample_every": 200}}  # 10 min, 2 cores
+
+
 @dataclass
 class GANSettings:
     """Flags of `run.py gan`. Variant b and ACGAN use the improved recipe."""

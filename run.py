@@ -40,9 +40,16 @@ import vae
 
 
 # ============================================================================ flags
-def add_flags(parser: argparse.ArgumentParser, settings_class) -> None:
+def add_flags(parser: argparse.ArgumentParser, settings_class, presets=None) -> None:
     """One --flag per dataclass field, typed by its default, help (and the allowed
-    values, if any) from its metadata."""
+    values, if any) from its metadata; --preset NAME when the module names settings."""
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), help="named settings, "
+                            "flags given beside it win: " + "; ".join(
+                                f"{name}: " + " ".join(f"--{key.replace('_', '-')} {value}"
+                                                       for key, value in values.items())
+                                for name, values in presets.items()))
+        parser.set_defaults(presets=presets)
     for field in dataclasses.fields(settings_class):
         flag = "--" + field.name.replace("_", "-")
         default = field.default
@@ -528,16 +535,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--ckpt", default=None, help="default: OUT/classifier/checkpoint.pt")
 
     sub = command("gan", command_gan, "GANs on faces: --variant a (DCGAN), b, acgan")
-    add_flags(sub, gan.GANSettings)
+    add_flags(sub, gan.GANSettings, gan.PRESETS)
     sub.add_argument("--generate", type=int, default=0,
                      help="write this many images from --ckpt into --out, then stop")
     sub.add_argument("--ckpt", default=None, help="checkpoint for --generate")
 
     sub = command("vae", command_vae, "variational autoencoder on faces")
-    add_flags(sub, vae.VAESettings)
+    add_flags(sub, vae.VAESettings, vae.PRESETS)
 
     sub = command("ddpm", command_ddpm, "conditional diffusion on digits (DDPM / DDIM)")
-    add_flags(sub, ddpm.DDPMSettings)
+    add_flags(sub, ddpm.DDPMSettings, ddpm.PRESETS)
     sub.add_argument("--generate", action="store_true",
                      help="write the 1000 homework images from --ckpt into --out, timed")
     sub.add_argument("--per-digit", type=int, default=100,
@@ -551,12 +558,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--predict", default=None, help="folder of images to label (with --ckpt)")
     sub.add_argument("--ckpt", default=None, help="checkpoint for --predict")
     sub.add_argument("--csv", default=None, help="predictions file for --predict")
+    parser.command_parsers = commands.choices  # name -> sub-parser, for --preset
     return parser
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """The flags; with --preset NAME, the preset's values are the defaults that flags given
+    beside it override."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "preset", None):
+        parser.command_parsers[args.command].set_defaults(**args.presets[args.preset])
+        args = parser.parse_args(argv)
+    return args
 
 
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = parse(argv)
         validate(args)
         folder = run_folder(args)
         with util.exclusive(folder) if folder else contextlib.nullcontext():
