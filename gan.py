@@ -1,4 +1,5 @@
-"""GANs on 64x64 faces: DCGAN (variant a), an improved GAN (variant b) and ACGAN.
+"""GANs on 64x64 faces: DCGAN (variant a), an improved GAN (variant b), ACGAN, WGAN-GP and
+DCGAN with the well-known tricks (hacks).
 
 A generator G maps noise z ~ N(0, I) to an image; a discriminator D scores images. They
 play (Goodfellow et al. 2014, "Generative Adversarial Nets")
@@ -32,6 +33,41 @@ G gets z and a binary attribute c (default Smiling); D has a second output that
 predicts c. Both players also minimise the attribute's cross-entropy, on real images
 (D) and on generated ones (D and G), so G learns to draw the attribute it is given.
 It uses variant b's training.
+
+WGAN-GP (Gulrajani et al. 2017, "Improved Training of Wasserstein GANs"): D is a critic
+whose score is no probability. By the Kantorovich-Rubinstein duality the Wasserstein
+distance between the real and generated distributions is
+    W(P_r, P_g) = max over 1-Lipschitz D of  E_x[D(x)] - E_x~[D(x~)],   x~ = G(z),
+and instead of clipping the critic's weights (Arjovsky et al. 2017, WGAN) its gradient
+norm is pushed toward 1 on lines between real and generated images:
+    L_D = E[D(x~)] - E[D(x)] + lambda E[(||grad_xhat D(xhat)||_2 - 1)^2],
+    xhat = eps x + (1 - eps) x~,  eps ~ U[0, 1] per sample,  lambda = 10,
+    L_G = -E[D(G(z))].
+The penalty is per sample, so the critic has no batch norm (with it, a sample's score
+would depend on its batch). Algorithm 1: n_critic = 5 critic steps, each on its own real
+batch and z, per G step; Adam lr 1e-4, betas (0, 0.9) for both. The curve to watch is
+the critic's estimate E[D(x)] - E[D(x~)] of W, which the paper finds to follow sample
+quality.
+
+Variant hacks: variant a (its networks, BCE, Adam 2e-4, beta1 0.5) with the well-known
+tricks for D, each a setting:
+- one-sided label smoothing (Salimans et al. 2016, "Improved Techniques for Training
+  GANs"): D's target for real images is 0.9, not 1, which keeps D from growing
+  over-confident; fakes stay 0, because a fake target beta > 0 would make D's optimum
+  (0.9 p_data + beta p_model) / (p_data + p_model), and samples where there is no data
+  would get no push toward it;
+- noisy labels: real targets drawn from U[0.9 - 0.1, 0.9] (Chintala et al. 2016, "How to
+  train a GAN", github.com/soumith/ganhacks);
+- flipped labels: 5% of D's targets swapped, a real given a fake's 0, a fake a real's
+  target (same source);
+- instance noise (Sonderby et al. 2017, "Amortised MAP Inference for Image
+  Super-resolution"; Arjovsky & Bottou 2017): x + sigma_t n, n ~ N(0, I), on every image
+  D sees, with sigma_t = sigma_0 (1 - t / T) falling linearly to 0. The noise makes the
+  real and generated distributions overlap, so D cannot separate them perfectly and its
+  gradient stays informative while they are far apart;
+- dropout 0.3 in D after each LeakyReLU (ganhacks).
+D's loss is the BCE against these targets t, -t log sigmoid(l) - (1 - t) log(1 - sigmoid(l));
+G keeps the non-saturating loss with target 1.
 """
 import copy
 from dataclasses import asdict, dataclass, field
@@ -48,7 +84,7 @@ import plots
 import util
 from util import UserError
 
-VARIANTS = ("a", "b", "acgan")
+VARIANTS = ("a", "b", "acgan", "wgan-gp", "hacks")
 
 
 # Named settings (run.py --preset NAME): the configurations RESULTS.md measured.
@@ -58,8 +94,9 @@ PRESETS = {"cpu": {"batch_size": 64, "steps": 600, "sample_every": 200}}  # 10 m
 @dataclass
 class GANSettings:
     """Flags of `run.py gan`. Variant b and ACGAN use the improved recipe."""
-    variant: str = field(default="b", metadata={"help": "a (DCGAN), b (improved) or acgan",
-                                                 "choices": VARIANTS})
+    variant: str = field(default="b", metadata={
+        "help": "a (DCGAN), b (improved), acgan, wgan-gp or hacks (DCGAN with tricks)",
+        "choices": VARIANTS})
     data: str = field(default="celeba", metadata={"help": "celeba or a folder of faces"})
     image_size: int = field(default=64, metadata={"help": "64, or 32 for quick study"})
     steps: int = field(default=20000, metadata={"help": "generator steps"})
@@ -69,6 +106,23 @@ class GANSettings:
     ema_decay: float = field(default=0.999, metadata={"help": "generator EMA (b, acgan)"})
     augment: str = field(default="translation,color,cutout", metadata={
         "help": "DiffAugment policy for b and acgan ('' for none)"})
+    n_critic: int = field(default=5, metadata={
+        "help": "wgan-gp: critic steps per generator step (Gulrajani et al. 2017, Alg. 1)"})
+    gp_weight: float = field(default=10.0, metadata={
+        "help": "wgan-gp: lambda, the weight of the gradient penalty (Gulrajani et al. 2017)"})
+    real_label: float = field(default=0.9, metadata={
+        "help": "hacks: D's target for real images, one-sided label smoothing (Salimans et "
+                "al. 2016, 'Improved Techniques for Training GANs'); fakes stay 0"})
+    label_noise: float = field(default=0.1, metadata={
+        "help": "hacks: real targets drawn from U[real-label - label-noise, real-label] "
+                "(noisy labels, ganhacks: Chintala et al. 2016)"})
+    label_flip: float = field(default=0.05, metadata={
+        "help": "hacks: share of D's targets swapped between real and fake (ganhacks)"})
+    instance_noise: float = field(default=0.1, metadata={
+        "help": "hacks: std of the Gaussian noise on every image D sees at step 0, falling "
+                "linearly to 0 (Sonderby et al. 2017; Arjovsky & Bottou 2017)"})
+    dropout: float = field(default=0.3, metadata={
+        "help": "hacks: dropout rate in D after each LeakyReLU (ganhacks)"})
     sample_every: int = field(default=500, metadata={
         "help": "steps between sample grids, curves and checkpoints"})
     fid_images: int = field(default=2000, metadata={
@@ -82,17 +136,59 @@ class GANSettings:
 
 
 # ============================================================================ losses
-def discriminator_loss(real_logits, fake_logits, hinge: bool) -> torch.Tensor:
+def discriminator_loss(real_logits, fake_logits, hinge: bool, targets=None) -> torch.Tensor:
     """hinge: E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]; else BCE with targets 1 and 0,
-    -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z)))) = softplus(-D(x)) + softplus(D(G(z)))."""
+    -log sigmoid(D(x)) - log(1 - sigmoid(D(G(z)))) = softplus(-D(x)) + softplus(D(G(z))).
+    targets (hacks): (real targets (B,), fake targets (B,)) in place of 1 and 0, each image
+    t's BCE -t log sigmoid(D) - (1 - t) log(1 - sigmoid(D))."""
     if hinge:
         return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    if targets is not None:
+        real_targets, fake_targets = targets
+        return (F.binary_cross_entropy_with_logits(real_logits, real_targets)
+                + F.binary_cross_entropy_with_logits(fake_logits, fake_targets))
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
 def generator_loss(fake_logits, hinge: bool) -> torch.Tensor:
     """hinge: -E[D(G(z))]; else the non-saturating -log sigmoid(D(G(z)))."""
     return -fake_logits.mean() if hinge else F.softplus(-fake_logits).mean()
+
+
+def gradient_penalty(critic, real, fake, rng: torch.Generator) -> torch.Tensor:
+    """WGAN-GP's E[(||grad_xhat D(xhat)||_2 - 1)^2], xhat = eps x + (1 - eps) x~, one
+    eps ~ U[0, 1] per sample: the critic's 1-Lipschitz constraint, asked softly on lines
+    between real and generated samples. create_graph=True makes the gradient itself
+    differentiable, so the penalty's gradient reaches the critic's weights."""
+    shape = (len(real),) + (1,) * (real.dim() - 1)                           # (B, 1, 1, 1)
+    eps = torch.rand(shape, generator=rng).to(real.device)
+    x_hat = (eps * real + (1 - eps) * fake).detach().requires_grad_(True)
+    # a sample's score depends on that sample alone (no batch norm), so the gradient of
+    # the sum holds each sample's own gradient grad_xhat D(xhat)
+    gradients, = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    norms = gradients.flatten(1).norm(dim=1)                                  # (B,)
+    return ((norms - 1) ** 2).mean()
+
+
+def discriminator_targets(count: int, settings: GANSettings, rng: torch.Generator,
+                          device) -> tuple[torch.Tensor, torch.Tensor]:
+    """hacks: D's targets for `count` real and `count` fake images, each (count,).
+    Real: t ~ U[real_label - label_noise, real_label] (one-sided smoothing, noisy labels);
+    fake: 0; then each target swapped with probability label_flip, a real getting a fake's
+    0 and a fake a real's target."""
+    drawn = settings.real_label - settings.label_noise * torch.rand(2, count, generator=rng)
+    flipped = torch.rand(2, count, generator=rng) < settings.label_flip      # (2, B)
+    real_targets = torch.where(flipped[0], 0.0, drawn[0])
+    fake_targets = torch.where(flipped[1], drawn[1], 0.0)
+    return real_targets.to(device), fake_targets.to(device)
+
+
+def instance_noise_std(step: int, settings: GANSettings) -> float:
+    """hacks: sigma_t = sigma_0 (1 - t / T), from --instance-noise at step 0 to 0 at the
+    end of training; 0 in the other variants."""
+    if settings.variant != "hacks":
+        return 0.0
+    return settings.instance_noise * (1 - step / settings.steps)
 
 
 # ============================================================================ DiffAugment
@@ -151,7 +247,7 @@ AUGMENTATIONS = {"color": _color, "translation": _translation, "cutout": _cutout
 
 # ============================================================================ networks
 class GAN(nn.Module):
-    """G, D and (improved variants) the EMA copy of G used for sampling."""
+    """G, D (WGAN-GP: the critic) and (improved variants) the EMA copy of G for sampling."""
 
     def __init__(self, settings: GANSettings):
         super().__init__()
@@ -159,9 +255,11 @@ class GAN(nn.Module):
         self.attribute_channels = 2 if conditional else 0  # one-hot c appended to z
         self.generator = nets.dcgan_init_(nets.dcgan_generator(
             settings.latent_dim + self.attribute_channels, image_size=settings.image_size))
+        norm = "spectral" if settings.improved else \
+            "none" if settings.variant == "wgan-gp" else "batch"
         self.discriminator = nets.dcgan_init_(nets.dcgan_discriminator(
-            image_size=settings.image_size, outputs=2 if conditional else 1,
-            spectral=settings.improved))
+            image_size=settings.image_size, outputs=2 if conditional else 1, norm=norm,
+            dropout=settings.dropout if settings.variant == "hacks" else 0.0))
         self.ema = copy.deepcopy(self.generator).requires_grad_(False) if settings.improved \
             else None
 
@@ -197,21 +295,31 @@ class GAN(nn.Module):
 
 
 def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
-               settings: GANSettings, rng: torch.Generator) -> dict:
-    """One D step and one G step on a batch of real images; returns the numbers to plot."""
+               settings: GANSettings, rng: torch.Generator, noise_std: float = 0.0) -> dict:
+    """One D step and one G step on a batch of real images (a, b, acgan, hacks); returns
+    the numbers to plot. noise_std: hacks' instance noise sigma_t at this step."""
     count, device = len(real), real.device
     z = torch.randn(count, settings.latent_dim, generator=rng).to(device)
     fake_attributes = (torch.randint(0, 2, (count,), generator=rng).to(device)
                        if gan.attribute_channels else None)
     fake = gan.generator(gan.generator_input(z, fake_attributes))
-    augment = (lambda x: diff_augment(x, settings.augment, rng)) if settings.improved \
-        else (lambda x: x)
     hinge = settings.improved
+
+    def augment(images):  # what D sees: DiffAugment (b, acgan), instance noise (hacks)
+        if settings.improved:
+            return diff_augment(images, settings.augment, rng)
+        if settings.variant == "hacks":  # x + sigma_t n, n ~ N(0, I)
+            return images + noise_std * torch.randn(images.shape, generator=rng).to(device)
+        return images
 
     # D step: real up, fake down; fake.detach() keeps this step's gradient out of G
     real_out = gan.discriminator(augment(real)).flatten(1)               # (B, 1 or 2)
     fake_out = gan.discriminator(augment(fake.detach())).flatten(1)
-    d_loss = discriminator_loss(real_out[:, 0], fake_out[:, 0], hinge)
+    if settings.variant == "hacks":  # smoothed, noisy, sometimes swapped targets
+        targets = discriminator_targets(count, settings, rng, device)
+        d_loss = discriminator_loss(real_out[:, 0], fake_out[:, 0], hinge, targets=targets)
+    else:
+        d_loss = discriminator_loss(real_out[:, 0], fake_out[:, 0], hinge)
     if gan.attribute_channels:  # ACGAN: D learns the attribute of real and generated faces
         d_loss = d_loss + attribute_loss(real_out, real_attributes) \
             + attribute_loss(fake_out, fake_attributes)
@@ -236,13 +344,49 @@ def attribute_loss(outputs: torch.Tensor, attributes: torch.Tensor) -> torch.Ten
     return F.binary_cross_entropy_with_logits(outputs[:, 1], attributes.float())
 
 
+def wgan_gp_step(gan: GAN, optimizers: dict, real_batch, settings: GANSettings,
+                 rng: torch.Generator) -> dict:
+    """Gulrajani et al. 2017, Algorithm 1: n_critic critic steps, each on its own real
+    batch (real_batch() -> (images, None)) and z, then one G step; returns the last critic
+    step's numbers and G's loss."""
+    for _ in range(settings.n_critic):
+        real, _ = real_batch()
+        z = torch.randn(len(real), settings.latent_dim, generator=rng).to(real.device)
+        with torch.no_grad():  # G is fixed while the critic learns
+            fake = gan.generator(gan.generator_input(z, None))              # x~ (B, 3, S, S)
+        real_scores = gan.discriminator(real).flatten()                      # D(x) (B,)
+        fake_scores = gan.discriminator(fake).flatten()                      # D(x~) (B,)
+        wasserstein = real_scores.mean() - fake_scores.mean()  # E[D(x)] - E[D(x~)]
+        penalty = gradient_penalty(gan.discriminator, real, fake, rng)
+        # L_D = E[D(x~)] - E[D(x)] + lambda E[(||grad_xhat D(xhat)||_2 - 1)^2]
+        d_loss = -wasserstein + settings.gp_weight * penalty
+        optimizers["discriminator"].zero_grad(set_to_none=True)
+        d_loss.backward()
+        optimizers["discriminator"].step()
+
+    # G step on its own z: L_G = -E[D(G(z))]; only G's optimizer steps
+    z = torch.randn(len(real), settings.latent_dim, generator=rng).to(real.device)
+    g_loss = -gan.discriminator(gan.generator(gan.generator_input(z, None))).mean()
+    optimizers["generator"].zero_grad(set_to_none=True)
+    g_loss.backward()
+    optimizers["generator"].step()
+    return {"loss_d": d_loss, "loss_g": g_loss, "wasserstein": wasserstein,
+            "penalty": penalty}
+
+
 # ============================================================================ training
+# Adam per variant: G's lr, D's lr, betas. DCGAN (a, hacks): 2e-4 for both, beta1 0.5;
+# improved (b, acgan): TTUR, D 4e-4 and G 1e-4; WGAN-GP: Algorithm 1's 1e-4, betas (0, 0.9).
+ADAM = {"a": (2e-4, 2e-4, (0.5, 0.999)), "hacks": (2e-4, 2e-4, (0.5, 0.999)),
+        "b": (1e-4, 4e-4, (0.5, 0.999)), "acgan": (1e-4, 4e-4, (0.5, 0.999)),
+        "wgan-gp": (1e-4, 1e-4, (0.0, 0.9))}
+
+
 def build_optimizers(gan: GAN, settings: GANSettings) -> dict:
-    """DCGAN: Adam 2e-4 for both; improved: TTUR, D 4e-4 and G 1e-4. beta1 0.5."""
-    lr_g, lr_d = (1e-4, 4e-4) if settings.improved else (2e-4, 2e-4)
-    return {"generator": torch.optim.Adam(gan.generator.parameters(), lr_g, betas=(0.5, 0.999)),
+    lr_g, lr_d, betas = ADAM[settings.variant]
+    return {"generator": torch.optim.Adam(gan.generator.parameters(), lr_g, betas=betas),
             "discriminator": torch.optim.Adam(gan.discriminator.parameters(), lr_d,
-                                              betas=(0.5, 0.999))}
+                                              betas=betas)}
 
 
 def fixed_noise(settings: GANSettings, count: int, seed: int):
@@ -258,23 +402,38 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
     """Train, with sample grid, curves and checkpoint every `sample_every` steps
     (util.train_loop runs the loop); then FID and results.json."""
     if settings.variant not in VARIANTS:
-        raise UserError(f"unknown --variant '{settings.variant}': use a, b or acgan")
+        raise UserError(f"unknown --variant '{settings.variant}': use {', '.join(VARIANTS)}")
     if settings.variant == "acgan" and faces.labels is None:
         raise UserError(f"ACGAN needs the attribute '{settings.attribute}' as labels: "
                         "use CelebA (with its list_attr_celeba.txt)")
+    if settings.n_critic < 1:
+        raise UserError(f"--n-critic {settings.n_critic}: give at least 1")
+    if not 0 <= settings.real_label - settings.label_noise <= settings.real_label <= 1:
+        raise UserError(f"--real-label {settings.real_label} with --label-noise "
+                        f"{settings.label_noise}: the real targets must lie in [0, 1]")
+    if settings.label_flip > 1 or settings.dropout >= 1:
+        raise UserError(f"--label-flip {settings.label_flip}, --dropout {settings.dropout}: "
+                        "give a share from 0 to 1 and a rate below 1")
     util.seed_everything(seed)
     gan = GAN(settings).to(device)
     optimizers = build_optimizers(gan, settings)
     rng = torch.Generator().manual_seed(seed)  # data order, z, augmentation
     faces = faces.to(device)
 
-    def step(index: int) -> dict:
+    def real_batch():
+        """batch_size faces drawn with replacement, and (ACGAN) their attributes."""
         batch = torch.randint(len(faces), (settings.batch_size,), generator=rng)
         batch = batch.to(faces.pixels.device)
-        real_attributes = faces.labels[batch] if settings.variant == "acgan" else None
+        return faces.images(batch), (faces.labels[batch] if settings.variant == "acgan"
+                                     else None)
+
+    def step(index: int) -> dict:
         gan.train()
-        numbers = train_step(gan, optimizers, faces.images(batch), real_attributes,
-                             settings, rng)
+        if settings.variant == "wgan-gp":
+            numbers = wgan_gp_step(gan, optimizers, real_batch, settings, rng)
+        else:
+            numbers = train_step(gan, optimizers, *real_batch(), settings, rng,
+                                 noise_std=instance_noise_std(index, settings))
         gan.update_ema(index, settings.ema_decay)
         return numbers
 
@@ -300,12 +459,19 @@ def save_pictures(gan: GAN, history: dict, settings: GANSettings, out: Path, see
         f"{title}, step {history['step'][-1]}: fixed z"
         + (f", {settings.attribute} 0 and 1 in turn" if attributes is not None else "")
         + (" (EMA generator)" if gan.ema is not None else "")))
-    plots.line_plot({"D loss": history["loss_d"], "G loss": history["loss_g"]},
-                    out / "loss.png", title=f"{title}: losses", xlabel="step",
+    losses = {"D loss": history["loss_d"], "G loss": history["loss_g"]}
+    if settings.variant == "wgan-gp":  # the part of D's loss that asks for gradient norm 1
+        losses["gradient penalty"] = history["penalty"]
+    plots.line_plot(losses, out / "loss.png", title=f"{title}: losses", xlabel="step",
                     x=history["step"])
-    plots.line_plot({"D(x)": history["D(x)"], "D(G(z))": history["D(G(z))"]},
-                    out / "d_outputs.png", title=f"{title}: sigmoid of D's score",
-                    xlabel="step", x=history["step"])
+    if settings.variant == "wgan-gp":  # a critic's score is no probability: plot its W
+        plots.line_plot({"E[D(x)] - E[D(G(z))]": history["wasserstein"]},
+                        out / "d_outputs.png", title=f"{title}: the critic's Wasserstein "
+                        "estimate", xlabel="step", x=history["step"])
+    else:
+        plots.line_plot({"D(x)": history["D(x)"], "D(G(z))": history["D(G(z))"]},
+                        out / "d_outputs.png", title=f"{title}: sigmoid of D's score",
+                        xlabel="step", x=history["step"])
     if settings.variant == "acgan":
         save_attribute_pairs(gan, settings, out / "pairs.png", seed, device)
 

@@ -12,6 +12,8 @@ Architectures:
   z (100) -> 4x4x512 -> 8x8x256 -> 16x16x128 -> 32x32x64 -> 64x64x3 by 4x4 transposed
   convolutions of stride 2, batch norm + ReLU, Tanh out; the discriminator mirrors it with
   strided convolutions and LeakyReLU(0.2). No biases (batch norm makes them redundant).
+  The GAN variants choose the discriminator's normalisation (batch, spectral or none)
+  and its dropout.
 
 `summary(model, input_size)` prints what torchsummary prints: every leaf layer with its
 output shape and parameter count, then totals and memory estimates.
@@ -230,7 +232,8 @@ def dcgan_generator(latent_dim: int = 100, width: int = 64, channels: int = 3,
 
 
 def dcgan_discriminator(width: int = 64, channels: int = 3, image_size: int = 64,
-                        outputs: int = 1, spectral: bool = False) -> nn.Sequential:
+                        outputs: int = 1, norm: str = "batch",
+                        dropout: float = 0.0) -> nn.Sequential:
     """image (B, channels, S, S) -> logits (B, outputs, 1, 1), S = 64 or 32.
 
     Each 4x4 convolution of stride 2 (padding 1) halves the side and doubles the channels;
@@ -240,40 +243,57 @@ def dcgan_discriminator(width: int = 64, channels: int = 3, image_size: int = 64
     separate sigmoid saturates. outputs = 2 gives ACGAN's two heads on one body
     (real/fake, attribute). Shapes are for width 64.
 
-    spectral (variant b): spectral norm on every convolution and no batch norm. The
-    convolutions then have biases; batch norm would cancel them, so variant a has none."""
+    norm: "batch" (variant a, hacks), "spectral" (variant b, ACGAN: spectral norm on every
+    convolution and no batch norm) or "none" (the WGAN-GP
+    critic: its gradient penalty is per sample, and batch norm would make each score
+    depend on the whole batch). Without batch norm the convolutions have biases; batch
+    norm would cancel them, so variant a has none. dropout > 0 (hacks) adds
+    Dropout(dropout) after each LeakyReLU; at 0 no layer is added, so the state_dict
+    keys stay those of the nets without it."""
+    if norm not in ("batch", "spectral", "none"):
+        raise ValueError(f"norm is batch, spectral or none, not {norm}")
 
     def conv(c_in, c_out, stride, padding):
-        layer = nn.Conv2d(c_in, c_out, 4, stride, padding, bias=spectral)
-        return spectral_norm(layer) if spectral else layer
+        layer = nn.Conv2d(c_in, c_out, 4, stride, padding, bias=norm != "batch")
+        return spectral_norm(layer) if norm == "spectral" else layer
 
-    def batch_norm(c):  # variant a only: in b, spectral norm takes its place
-        return [] if spectral else [nn.BatchNorm2d(c)]
+    def batch_norm(c):  # variant a and hacks only: spectral norm or nothing takes its place
+        return [nn.BatchNorm2d(c)] if norm == "batch" else []
+
+    def drop():
+        return [nn.Dropout(dropout)] if dropout > 0 else []
 
     if image_size == 64:
         return nn.Sequential(
             conv(channels, width, 2, 1),                     # (B, 64, 32, 32)
             nn.LeakyReLU(0.2, True),                         # (B, 64, 32, 32)
+            *drop(),                                         # (B, 64, 32, 32)
             conv(width, 2 * width, 2, 1),                    # (B, 128, 16, 16)
             *batch_norm(2 * width),                          # (B, 128, 16, 16)
             nn.LeakyReLU(0.2, True),                         # (B, 128, 16, 16)
+            *drop(),                                         # (B, 128, 16, 16)
             conv(2 * width, 4 * width, 2, 1),                # (B, 256, 8, 8)
             *batch_norm(4 * width),                          # (B, 256, 8, 8)
             nn.LeakyReLU(0.2, True),                         # (B, 256, 8, 8)
+            *drop(),                                         # (B, 256, 8, 8)
             conv(4 * width, 8 * width, 2, 1),                # (B, 512, 4, 4)
             *batch_norm(8 * width),                          # (B, 512, 4, 4)
             nn.LeakyReLU(0.2, True),                         # (B, 512, 4, 4)
+            *drop(),                                         # (B, 512, 4, 4)
             conv(8 * width, outputs, 1, 0))                  # (B, outputs, 1, 1)
     if image_size == 32:
         return nn.Sequential(
             conv(channels, width, 2, 1),                     # (B, 64, 16, 16)
             nn.LeakyReLU(0.2, True),                         # (B, 64, 16, 16)
+            *drop(),                                         # (B, 64, 16, 16)
             conv(width, 2 * width, 2, 1),                    # (B, 128, 8, 8)
             *batch_norm(2 * width),                          # (B, 128, 8, 8)
             nn.LeakyReLU(0.2, True),                         # (B, 128, 8, 8)
+            *drop(),                                         # (B, 128, 8, 8)
             conv(2 * width, 4 * width, 2, 1),                # (B, 256, 4, 4)
             *batch_norm(4 * width),                          # (B, 256, 4, 4)
             nn.LeakyReLU(0.2, True),                         # (B, 256, 4, 4)
+            *drop(),                                         # (B, 256, 4, 4)
             conv(4 * width, outputs, 1, 0))                  # (B, outputs, 1, 1)
     raise ValueError(f"the DCGAN nets take 32x32 or 64x64 images, not {image_size}")
 

@@ -88,9 +88,10 @@ class Common:
 # must be at least 1. Real flags are finite and at least 0, except those named below.
 POSITIVE_WHOLE = {"epochs", "adapt_epochs", "steps", "batch_size", "image_size", "latent_dim",
                   "sample_every", "iterations", "timesteps", "width", "sampling_steps",
-                  "per_digit"}
+                  "per_digit", "n_critic"}
 POSITIVE_REAL = {"lr", "adda_lr", "perplexity"}
-FRACTIONS = {"ema_decay", "drop_class", "eta"}          # in [0, 1]
+FRACTIONS = {"ema_decay", "drop_class", "eta", "real_label", "label_noise",  # in [0, 1]
+             "label_flip", "dropout"}
 SIGNED = {"guidance"}                                    # any finite value
 IMAGE_SIZES = {"gan": (32, 64), "uda": (28,)}            # what the networks can take
 FOLDERS = ("data_root", "out", "cache")
@@ -504,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("summary", command_summary, "print a network's layers and parameters")
     sub.add_argument("name", help="gan, vae, ddpm, uda or classifier")
     sub.add_argument("--variant", default=None,
-                     help="gan only: a, b or acgan; if not given, that of 'run.py gan' "
+                     help=f"gan only: {', '.join(gan.VARIANTS)}; if not given, that of 'run.py gan' "
                           f"({gan.GANSettings().variant})")
 
     sub = command("fid", command_fid, "Frechet Inception Distance of two folders or .npz")
@@ -534,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--folder", required=True, help="images named DIGIT_*.png")
     sub.add_argument("--ckpt", default=None, help="default: OUT/classifier/checkpoint.pt")
 
-    sub = command("gan", command_gan, "GANs on faces: --variant a (DCGAN), b, acgan")
+    sub = command("gan", command_gan,
+                  "GANs on faces: --variant a (DCGAN), b, acgan, wgan-gp, hacks")
     add_flags(sub, gan.GANSettings, gan.PRESETS)
     sub.add_argument("--generate", type=int, default=0,
                      help="write this many images from --ckpt into --out, then stop")

@@ -4,10 +4,12 @@ own layers), or a closed form. Run: python -m pytest -q test_all.py
 """
 import base64
 import bz2
+import contextlib
 import copy
 import dataclasses
 import errno
 import gzip
+import inspect
 import io
 import math
 import os
@@ -25,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                   register_optimizer_step_pre_hook)
 
 import data
 import ddpm
@@ -934,7 +938,7 @@ def dcgan_pair(image_size: int, variant: str):
     acgan = variant == "acgan"
     generator = nets.dcgan_generator(100 + 2 * acgan, image_size=image_size)
     discriminator = nets.dcgan_discriminator(image_size=image_size, outputs=2 if acgan else 1,
-                                             spectral=variant in ("b", "acgan"))
+                                             norm="spectral" if variant in ("b", "acgan") else "batch")
     return generator, discriminator
 
 
@@ -977,7 +981,7 @@ def test_dcgan_parameter_counts_by_hand():
     assert count(nets.dcgan_generator()) == 3_576_704
     assert count(nets.dcgan_generator(image_size=32)) == 1_068_928
     assert count(nets.dcgan_discriminator()) == 2_765_568
-    assert count(nets.dcgan_discriminator(spectral=True)) == 2_764_737
+    assert count(nets.dcgan_discriminator(norm="spectral")) == 2_764_737
 
 
 @pytest.mark.parametrize("build", [nets.dcgan_generator, nets.dcgan_discriminator])
@@ -2113,3 +2117,1271 @@ def test_kl_warm_up_grows_lambda_linearly():
     assert vae.kl_weight_at(settings, 0, 0.0) == 0.0
     assert vae.kl_weight_at(settings, 1, 0.5) == 2.0 * 1.5 / 4
     assert vae.kl_weight_at(settings, 7, 0.0) == 2.0
+
+
+# ============================================================================ training steps
+# Which images and labels each loss sees, which parameters each optimiser moves and by
+# which gradient, which networks stay frozen. Stub networks small enough for a hand-written
+# reference (tiny Linear layers, no batch norm or dropout), optimisers whose every step is
+# recorded, and the reference gradient by autograd of the loss as the paper writes it.
+def recording_sgd(params, lr: float) -> torch.optim.SGD:
+    """Plain SGD (no momentum: the step is exactly -lr * grad) that keeps, at each step,
+    a copy of the gradient of every parameter it holds (zeros where there is none)."""
+    params = list(params)
+    optimizer = torch.optim.SGD(params, lr=lr)
+    optimizer.seen = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: opt.seen.append(
+        [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]))
+    return optimizer
+
+
+def gradients(loss, params) -> list[torch.Tensor]:
+    """d loss / d p for each p (zeros where the loss does not depend on p)."""
+    params = list(params)
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def assert_all_close(actual, expected, atol=1e-6, what=""):
+    assert len(actual) == len(expected), what
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        assert torch.allclose(a, e, atol=atol, rtol=1e-5), (what, index, (a - e).abs().max())
+
+
+def parameters_of(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+class Recorder(nn.Module):
+    """Wraps a network; keeps a copy of every input and output."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.inputs, self.outputs = inner, [], []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        out = self.inner(x)
+        self.outputs.append(out.detach().clone())
+        return out
+
+
+@contextlib.contextmanager
+def optimiser_hooks(before=None, after=None):
+    """Call before(optimizer) and after(optimizer) around every optimiser step taken inside
+    the with block (torch's global hooks: the training loops build their own optimisers)."""
+    handles = [register(lambda optimizer, args, kwargs, call=call: call(optimizer))
+               for register, call in ((register_optimizer_step_pre_hook, before),
+                                      (register_optimizer_step_post_hook, after))
+               if call is not None]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def held(optimizer) -> set:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def ids(*modules) -> set:
+    return {id(p) for module in modules for p in module.parameters()}
+
+
+def moving_average(initial, snapshots, decay):
+    """nets.update_ema applied after step k = 0, 1, ...: d = min(decay, (1 + k) / (10 + k))."""
+    average = [p.clone() for p in initial]
+    for k, current in enumerate(snapshots):
+        d = min(decay, (1 + k) / (10 + k))
+        average = [d * a + (1 - d) * c for a, c in zip(average, current)]
+    return average
+
+
+def domain_of(images: torch.Tensor) -> str:
+    """toy_domain: the source (mnistm) is dark with a bright band, the target inverted."""
+    means = images.mean(dim=(1, 2, 3))
+    assert bool((means < 0).all()) or bool((means > 0).all()), "a batch mixes domains"
+    return "source" if means[0] < 0 else "target"
+
+
+def labels_fit(images: torch.Tensor, labels: torch.Tensor) -> bool:
+    """toy_domain draws class k as a band at row 2k + 4 (bright, or dark when inverted)."""
+    rows = images.mean(dim=(1, 3))                                        # (B, 28)
+    band = torch.where(images.mean(dim=(1, 2, 3))[:, None] < 0, rows, -rows).argmax(dim=1)
+    return torch.equal(band, 2 * labels.cpu() + 4)
+
+
+# ============================================================================ gan
+SIDE, LATENT = 8, 4  # the stub networks' image side and z size
+
+
+def stub_players(model: "gan.GAN", side: int = SIDE) -> "gan.GAN":
+    """Make G and D one Linear layer each (no batch norm: a reference can score images in
+    any grouping), wrapped to record what they are given."""
+    outputs = 2 if model.attribute_channels else 1
+    torch.manual_seed(0)
+    model.generator = Recorder(nn.Sequential(
+        nn.Flatten(), nn.Linear(LATENT + model.attribute_channels, 3 * side * side), nn.Tanh(),
+        nn.Unflatten(1, (3, side, side))))                                # (B, 3, S, S)
+    model.discriminator = Recorder(nn.Sequential(
+        nn.Flatten(), nn.Linear(3 * side * side, outputs), nn.Unflatten(1, (outputs, 1, 1))))
+    with torch.no_grad():  # scores on both sides of +-1, where the hinge bends
+        model.discriminator.inner[1].weight.mul_(6)
+    return model
+
+
+def stub_gan(variant: str) -> tuple["gan.GAN", "gan.GANSettings"]:
+    settings = tiny_gan(variant=variant, latent_dim=LATENT)
+    return stub_players(gan.GAN(settings)), settings
+
+
+def stub_augment(images, policy, generator):
+    """A deterministic, differentiable stand-in for DiffAugment: mirror and dim."""
+    return images.flip(3) * 0.5 + 0.25
+
+
+def real_batch(count=6):
+    generator = torch.Generator().manual_seed(7)
+    return torch.rand(count, 3, SIDE, SIDE, generator=generator) * 2 - 1
+
+
+@pytest.mark.parametrize("variant", ["a", "b", "acgan"])
+def test_gan_step_descends_d_loss_on_real_and_detached_fake_then_g_loss_against_updated_d(
+        monkeypatch, variant):
+    """Against a reference written from the papers: D descends (hinge for b and ACGAN,
+    BCE for a) real up and fake down, plus ACGAN's attribute loss of real and fake; G then
+    descends its loss (plus ACGAN's attribute loss of the fake) scored by the updated D;
+    b and ACGAN augment every image D sees. Catches: hinge switched, augmentation skipped
+    anywhere (or added to a), an attribute term dropped or given the wrong attributes, the
+    D step moving G (fake not detached) or the G step moving D, the G step scored by the
+    old D."""
+    monkeypatch.setattr(gan, "diff_augment", stub_augment)
+    model, settings = stub_gan(variant)
+    G, D = model.generator, model.discriminator
+    G0, D0 = copy.deepcopy(G.inner), copy.deepcopy(D.inner)
+    lr_g, lr_d = 0.05, 0.2
+    optimizers = {"generator": recording_sgd(G.parameters(), lr_g),
+                  "discriminator": recording_sgd(D.parameters(), lr_d)}
+    real = real_batch()
+    real_attributes = torch.tensor([1, 1, 1, 0, 0, 0]) if variant == "acgan" else None
+    numbers = gan.train_step(model, optimizers, real, real_attributes, settings,
+                             torch.Generator().manual_seed(3))
+
+    improved, acgan = variant != "a", variant == "acgan"
+    augment = (lambda x: stub_augment(x, "", None)) if improved else (lambda x: x)
+    generator_input = G.inputs[0]                                          # (B, L [+ 2], 1, 1)
+    fake_attributes = generator_input.flatten(1)[:, LATENT:].argmax(1) if acgan else None
+    if acgan:
+        assert not torch.equal(fake_attributes, real_attributes)  # the test can tell them apart
+
+    def d_loss(real_out, fake_out):
+        r, f = real_out.flatten(1), fake_out.flatten(1)
+        loss = (F.relu(1 - r[:, 0]).mean() + F.relu(1 + f[:, 0]).mean() if improved else
+                -F.logsigmoid(r[:, 0]).mean() - F.logsigmoid(-f[:, 0]).mean())
+        if acgan:
+            loss = loss + F.binary_cross_entropy_with_logits(r[:, 1], real_attributes.float()) \
+                + F.binary_cross_entropy_with_logits(f[:, 1], fake_attributes.float())
+        return loss
+
+    def g_loss(fake_out):
+        f = fake_out.flatten(1)
+        loss = -f[:, 0].mean() if improved else -F.logsigmoid(f[:, 0]).mean()
+        if acgan:
+            loss = loss + F.binary_cross_entropy_with_logits(f[:, 1], fake_attributes.float())
+        return loss
+
+    fake = G0(generator_input)
+    assert torch.allclose(fake, G.outputs[0])
+    d_reference = d_loss(D0(augment(real)), D0(augment(fake.detach())))
+    d_gradient = gradients(d_reference, D0.parameters())
+    D1 = copy.deepcopy(D0)
+    with torch.no_grad():
+        for p, g in zip(D1.parameters(), d_gradient):
+            p.sub_(lr_d * g)
+    g_reference = g_loss(D1(augment(fake)))
+    g_gradient = gradients(g_reference, G0.parameters())
+
+    assert len(optimizers["discriminator"].seen) == len(optimizers["generator"].seen) == 1
+    assert_all_close(optimizers["discriminator"].seen[0], d_gradient, what="D's gradient")
+    assert_all_close(optimizers["generator"].seen[0], g_gradient, what="G's gradient")
+    assert_all_close(list(D.parameters()), list(D1.parameters()), what="D after the step")
+    assert_all_close(list(G.parameters()),
+                     [p - lr_g * g for p, g in zip(G0.parameters(), g_gradient)],
+                     what="G after the step")
+    assert math.isclose(float(numbers["loss_d"].detach()), d_reference.item(), rel_tol=1e-5)
+    assert math.isclose(float(numbers["loss_g"].detach()), g_reference.item(), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["a", "b", "acgan"])
+def test_improved_gans_augment_every_image_d_sees_and_dcgan_none(variant):
+    """With the real DiffAugment: in b and ACGAN none of the 3B images D scores (real and
+    fake in its step, fake in G's) is a raw real or generated image; in a every one is."""
+    model, settings = stub_gan(variant)
+    optimizers = {"generator": recording_sgd(model.generator.parameters(), 0.0),
+                  "discriminator": recording_sgd(model.discriminator.parameters(), 0.0)}
+    real = real_batch()
+    attributes = torch.tensor([1, 0, 1, 0, 1, 0]) if variant == "acgan" else None
+    gan.train_step(model, optimizers, real, attributes, settings, torch.Generator().manual_seed(1))
+    fake = torch.cat(model.generator.outputs)
+    seen = torch.cat(model.discriminator.inputs)                          # (3B, 3, S, S)
+    assert len(seen) == 3 * len(real)
+
+    def count_raw(images, among):
+        return sum(any(torch.equal(image, other) for other in among) for image in images)
+    if variant == "a":
+        assert count_raw(seen, torch.cat([real, fake])) == 3 * len(real)
+        assert count_raw(real, seen) == len(real) and count_raw(fake, seen) == len(fake)
+    else:
+        assert count_raw(seen, torch.cat([real, fake])) == 0
+
+
+def test_color_augmentation_is_diffaugments_brightness_saturation_and_contrast():
+    """Zhao et al.'s rand_brightness x + (r - 0.5), rand_saturation (x - gray) 2r + gray,
+    rand_contrast (x - mean) (r + 0.5) + mean, each r uniform per image, in that order."""
+    images = torch.rand(3, 3, 5, 5) * 2 - 1
+    draws = torch.Generator().manual_seed(6)
+    brightness, saturation, contrast = (torch.rand(3, 1, 1, 1, generator=draws)
+                                        for _ in range(3))
+    x = images + (brightness - 0.5)
+    gray = x.mean(dim=1, keepdim=True)
+    x = (x - gray) * (saturation * 2) + gray
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * (contrast + 0.5) + mean
+    assert torch.allclose(gan.diff_augment(images, "color", torch.Generator().manual_seed(6)),
+                          x, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["a", "b", "acgan"])
+def test_gan_optimisers_are_dcgans_adam_or_ttur_each_over_its_own_player(variant):
+    """a: Adam 2e-4 for both; b and ACGAN: TTUR, G 1e-4 and D 4e-4; betas (0.5, 0.999)."""
+    settings = tiny_gan(variant=variant)
+    model = gan.GAN(settings)
+    optimizers = gan.build_optimizers(model, settings)
+    lr_g, lr_d = (2e-4, 2e-4) if variant == "a" else (1e-4, 4e-4)
+    for name, network, lr in (("generator", model.generator, lr_g),
+                              ("discriminator", model.discriminator, lr_d)):
+        optimizer = optimizers[name]
+        assert isinstance(optimizer, torch.optim.Adam), name
+        assert held(optimizer) == ids(network), name
+        for group in optimizer.param_groups:
+            assert group["lr"] == lr and tuple(group["betas"]) == (0.5, 0.999), name
+
+
+def test_gan_training_steps_on_dataset_faces_with_their_attributes_and_averages_g(
+        tmp_path, monkeypatch):
+    """Each train_step gets faces of the data set with their own attribute labels, and
+    after each step the EMA generator moves toward G: ema <- d ema + (1 - d) G,
+    d = min(decay, (1 + k) / (10 + k)) at step k."""
+    faces = toy_faces(16, 32)
+    steps, real_step, models, batches, after = 3, gan.train_step, [], [], []
+
+    class SmallGAN(gan.GAN):  # G and D of one Linear layer: fast
+        def __init__(self, settings):
+            super().__init__(settings)
+            stub_players(self, side=32)
+            self.ema = copy.deepcopy(self.generator).requires_grad_(False)
+            self.initial = parameters_of(self.generator)
+            models.append(self)
+    monkeypatch.setattr(gan, "GAN", SmallGAN)
+
+    def recording(*args, **kwargs):
+        arguments = inspect.signature(real_step).bind(*args, **kwargs).arguments
+        batches.append((arguments["real"].clone(), arguments["real_attributes"].clone()))
+        numbers = real_step(*args, **kwargs)
+        after.append(parameters_of(arguments["gan"].generator))
+        return numbers
+    monkeypatch.setattr(gan, "train_step", recording)
+    gan.train(faces, None, tiny_gan(variant="acgan", steps=steps, sample_every=steps,
+                                    latent_dim=LATENT, ema_decay=0.5), tmp_path, "cpu", 0)
+    dataset = faces.images()
+    assert len(models) == 1 and len(batches) == steps
+    for real, attributes in batches:
+        index = [next(i for i, face in enumerate(dataset) if torch.equal(face, image))
+                 for image in real]
+        assert torch.equal(attributes, faces.labels[index])
+    assert_all_close(list(models[0].ema.parameters()),
+                     moving_average(models[0].initial, after, 0.5), what="EMA of G")
+
+
+# ============================================================================ nets: spectral norm
+@pytest.mark.parametrize("layer", [nn.Linear(6, 4), nn.Conv2d(2, 3, 3),
+                                   nn.ConvTranspose2d(3, 2, 3)], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("training", [True, False])
+def test_spectral_norm_gradient_flows_through_sigma_as_torchs_does(layer, training):
+    """d/dW of f(W / sigma(W)) includes the term through sigma = u^T W v; a sigma computed
+    from a detached W gives another gradient, which this test tells apart."""
+    torch.manual_seed(0)
+    ours = nets.spectral_norm(copy.deepcopy(layer)).train(training)
+    theirs = torch.nn.utils.spectral_norm(copy.deepcopy(layer)).train(training)
+    with torch.no_grad():
+        ours.weight_u.copy_(theirs.weight_u)
+        ours.weight_v.copy_(theirs.weight_v)
+    x = torch.randn(2, 6) if isinstance(layer, nn.Linear) else torch.randn(2, layer.in_channels,
+                                                                           5, 5)
+    cotangent = torch.randn_like(copy.deepcopy(theirs)(x))
+    (theirs(x) * cotangent).sum().backward()
+    (ours(x) * cotangent).sum().backward()
+    assert torch.allclose(ours.weight_orig.grad, theirs.weight_orig.grad, atol=1e-6)
+    # the gradient with sigma held constant, (dL/dW_sn) / sigma, differs: the test can fail
+    w_sn = theirs.weight.detach().requires_grad_(True)
+    sigma = (theirs.weight_orig.detach().flatten() @ w_sn.detach().flatten()) / \
+        w_sn.detach().flatten().pow(2).sum()
+    out = (F.linear(x, w_sn, theirs.bias) if isinstance(layer, nn.Linear) else
+           F.conv2d(x, w_sn, theirs.bias) if isinstance(layer, nn.Conv2d) else
+           F.conv_transpose2d(x, w_sn, theirs.bias))
+    (out * cotangent).sum().backward()
+    assert not torch.allclose(w_sn.grad / sigma, theirs.weight_orig.grad, atol=1e-4)
+
+
+# ============================================================================ ddpm
+class PredictsX0(nn.Module):
+    """eps_theta that claims x_0 = 0.05 c (c = 10, the null class: 0.5) whatever x_t:
+    eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t), with abar_t = alphas_cumprod[t - 1]."""
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.alphas_cumprod = schedule.alphas_cumprod
+
+    def forward(self, x, t, labels):
+        abar = self.alphas_cumprod[t - 1].to(x.dtype).view(-1, 1, 1, 1)
+        x0 = 0.05 * labels.to(x.dtype).view(-1, 1, 1, 1)
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+def stubbed_diffusion(timesteps=10):
+    model, _ = tiny_diffusion(timesteps=timesteps)
+    model.network = PredictsX0(model.schedule)
+    model.ema = PredictsX0(model.schedule)
+    return model
+
+
+def guided_x0(labels, w):
+    """The x_0 of guided eps: eps is affine in the claimed x_0, so guidance mixes the x_0s:
+    (1 + w) 0.05 c - w 0.05 * 10."""
+    return ((1 + w) * 0.05 * labels.float() - w * 0.5).view(-1, 1, 1, 1)
+
+
+def test_training_loss_regresses_the_noise_at_t_from_1_to_T_and_drops_classes_to_the_null():
+    """The network sees x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps for t in {1..T}, the
+    label replaced by the null class CLASSES with probability drop_class; the loss is the
+    MSE between its output and eps. Catches: x0 as the target, t from {0..T-1}, dropout
+    inverted (p = 1 - drop_class), a null token other than CLASSES."""
+    T = 5
+    model, _ = tiny_diffusion(timesteps=T, drop_class=0.25)
+    calls = []
+
+    class Records(nn.Module):
+        def forward(self, x_t, t, labels):
+            calls.append((x_t.detach().clone(), t.clone(), labels.clone()))
+            return 0.5 * x_t + 0.1
+    model.network = Records()
+    count = 4000
+    x0 = torch.rand(count, 1, 2, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    labels = torch.arange(count) % 10
+    loss = model.loss(x0, labels, torch.Generator().manual_seed(0))
+    x_t, t, seen = (torch.cat(parts) for parts in zip(*calls))
+    assert len(x_t) == count
+    assert set(t.tolist()) == set(range(1, T + 1))
+    dropped = seen == ddpm.CLASSES
+    assert ddpm.CLASSES == 10 and 0.2 < dropped.float().mean() < 0.3
+    assert torch.equal(seen[~dropped], labels[~dropped])
+    abar = model.schedule.alphas_cumprod[t - 1].float().view(-1, 1, 1, 1)
+    eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+    assert abs(eps.mean()) < 0.05 and abs(eps.std() - 1) < 0.05  # x_t is q_sample at t
+    assert torch.isclose(loss, F.mse_loss(0.5 * x_t + 0.1, eps), rtol=1e-4)
+
+
+def test_guided_eps_is_one_plus_w_conditional_minus_w_unconditional_of_the_ema_network():
+    """eps~ = (1 + w) eps(x, t, c) - w eps(x, t, CLASSES), both from the EMA copy (the raw
+    network, here one that answers 0, must not be used for sampling)."""
+    model, _ = tiny_diffusion()
+
+    class Stub(nn.Module):  # eps(x, t, c) = 0.1 x + 0.01 t + c
+        def forward(self, x, t, labels):
+            return 0.1 * x + (0.01 * t + labels).float().view(-1, 1, 1, 1)
+
+    class Zero(nn.Module):
+        def forward(self, x, t, labels):
+            return torch.zeros_like(x)
+    model.network, model.ema = Zero(), Stub()
+    x, t, labels = torch.randn(3, 3, 4, 4), torch.tensor([1, 5, 9]), torch.tensor([0, 3, 7])
+    w = 2.0
+    expected = 0.1 * x + (0.01 * t + (1 + w) * labels - w * ddpm.CLASSES).float().view(-1, 1, 1, 1)
+    assert torch.allclose(model.guided_eps(x, t, labels, w), expected, atol=1e-5)
+
+
+def test_noise_schedule_alpha_bar_prev_is_the_product_up_to_t_minus_1():
+    schedule = ddpm.NoiseSchedule(12, "cosine")
+    assert torch.allclose(schedule.alphas_cumprod, torch.cumprod(1 - schedule.betas, 0))
+    assert schedule.alphas_cumprod_prev[0] == 1.0
+    assert torch.equal(schedule.alphas_cumprod_prev[1:], schedule.alphas_cumprod[:-1])
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_steps_from_each_visited_timestep_to_the_next_with_its_alpha_bar(eta):
+    """x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z, with
+    abar_prev that of the next visited timestep (1 after the last), eps and x0 of the
+    guided prediction; z the generator's draws after x_T."""
+    model = stubbed_diffusion(10)
+    labels, w = torch.tensor([1, 7]), 2.0
+    timesteps = ddpm.ddim_timesteps(10, 4)
+    assert timesteps == [10, 7, 4, 1]
+    x, kept = ddpm.sample_ddim(model, labels, w, torch.Generator().manual_seed(5), 4, eta,
+                               keep_at=set(timesteps) | {0})
+    draws = torch.Generator().manual_seed(5)
+    assert torch.equal(kept[10], torch.randn(2, 3, 28, 28, generator=draws))
+    abar = model.schedule.alphas_cumprod.tolist()
+    x0 = guided_x0(labels, w)
+    for step, previous in zip(timesteps, timesteps[1:] + [0]):
+        a, a_prev = abar[step - 1], abar[previous - 1] if previous else 1.0
+        eps = (kept[step] - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        noise = torch.randn(2, 3, 28, 28, generator=draws) if sigma > 0 else 0.0
+        expected = (math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps
+                    + sigma * noise)
+        assert torch.allclose(kept[previous], expected, atol=1e-5), (step, previous)
+    assert torch.allclose(x, x0.expand_as(x), atol=1e-5)
+
+
+def test_ancestral_sampling_steps_through_the_posterior_of_the_guided_x0():
+    """x_{t-1} = mu~(x0, x_t) + sqrt(beta~_t) z for t = T .. 1, no noise at t = 1, with
+    abar_{t-1} = alphas_cumprod[t - 2] (1 at t = 1), written out by hand."""
+    T = 10
+    model = stubbed_diffusion(T)
+    labels, w = torch.tensor([2, 9]), 1.5
+    x, kept = ddpm.sample_ddpm(model, labels, w, torch.Generator().manual_seed(4),
+                               keep_at=set(range(T + 1)))
+    draws = torch.Generator().manual_seed(4)
+    assert torch.equal(kept[T], torch.randn(2, 3, 28, 28, generator=draws))
+    abar, betas = model.schedule.alphas_cumprod.tolist(), model.schedule.betas.tolist()
+    x0 = guided_x0(labels, w)
+    for t in range(T, 0, -1):
+        a, a_prev, beta = abar[t - 1], abar[t - 2] if t > 1 else 1.0, betas[t - 1]
+        mean = (math.sqrt(a_prev) * beta / (1 - a) * x0
+                + math.sqrt(1 - beta) * (1 - a_prev) / (1 - a) * kept[t])
+        variance = (1 - a_prev) / (1 - a) * beta
+        noise = torch.randn(2, 3, 28, 28, generator=draws) if t > 1 else 0.0
+        assert torch.allclose(kept[t - 1], mean + math.sqrt(variance) * noise, atol=1e-5), t
+    assert torch.allclose(x, x0.expand_as(x), atol=1e-5)
+
+
+class TinyEps(nn.Module):
+    """A stand-in for the U-Net: eps(x, t, c) = a x + b_c + t / 1000, c in 0 .. CLASSES."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+        self.shift = nn.Embedding(ddpm.CLASSES + 1, 3)
+
+    def forward(self, x, t, labels):
+        return self.scale * x + self.shift(labels)[:, :, None, None] \
+            + t.float().view(-1, 1, 1, 1) / 1000
+
+
+def test_ddpm_training_warms_up_the_lr_descends_the_networks_loss_and_averages_it(
+        tmp_path, monkeypatch):
+    """Step k: Adam over the network alone at lr * min(1, (k + 1) / 500), the gradient of
+    that step's loss on a batch of digits with their labels; then the EMA used for
+    sampling moves toward the network (d = min(decay, (1 + k) / (10 + k)))."""
+    monkeypatch.setattr(nets, "UNet", TinyEps)
+    monkeypatch.setattr(ddpm, "finish", lambda *args, **kwargs: {})  # no 1000 images
+    models = []
+
+    class Recording(ddpm.Diffusion):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.initial, self.losses, self.after = parameters_of(self.network), [], []
+            models.append(self)
+
+        def loss(self, x0, labels, rng):
+            assert self.network.training and labels_fit(x0, labels)
+            loss = super().loss(x0, labels, rng)
+            self.losses.append(gradients(loss, self.network.parameters()))
+            return loss
+    monkeypatch.setattr(ddpm, "Diffusion", Recording)
+    settings = ddpm.DDPMSettings(timesteps=20, steps=3, batch_size=4, sample_every=3,
+                                 sampling_steps=2, lr=1e-2, ema_decay=0.5, fid=False,
+                                 amp=False)
+    steps = []
+
+    def before(optimizer):
+        model = models[0]
+        k = len(steps)
+        assert held(optimizer) == ids(model.network)
+        assert all(math.isclose(group["lr"], 1e-2 * (k + 1) / 500)
+                   for group in optimizer.param_groups)
+        assert_all_close([p.grad for p in model.network.parameters()], model.losses[k],
+                         what=f"step {k}")
+        steps.append(k)
+    with optimiser_hooks(before, lambda optimizer: models[0].after.append(
+            parameters_of(models[0].network))):
+        ddpm.train(toy_domain(16), None, settings, tmp_path, "cpu", seed=0)
+    model = models[0]
+    assert steps == [0, 1, 2] and len(model.losses) == 3
+    assert_all_close(list(model.ema.parameters()),
+                     moving_average(model.initial, model.after, 0.5), what="EMA")
+
+
+# ============================================================================ uda
+def stub_uda_networks(method: str) -> "uda.Networks":
+    """Networks with one-Linear F, C and D (no batch norm, no dropout) on 4x4 images."""
+    nets_ = uda.Networks(method)
+    torch.manual_seed(0)
+    nets_.features = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 6), nn.Tanh())
+    nets_.classifier = nn.Linear(6, 10)
+    nets_.domain = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
+    if method == "adda":
+        nets_.target_features = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 6), nn.Tanh())
+    return nets_
+
+
+def two_domains(count=6):
+    generator = torch.Generator().manual_seed(2)
+    source = torch.randn(count, 3, 4, 4, generator=generator)
+    target = torch.randn(count, 3, 4, 4, generator=generator) * 0.5 + 1.0
+    labels = torch.randint(0, 10, (count,), generator=generator)
+    return source, labels, target
+
+
+def own_entropy(logits):
+    p = logits.softmax(dim=1)
+    return -(p * p.log()).sum(dim=1).mean()
+
+
+def test_classify_step_descends_the_cross_entropy_of_the_images_and_labels_given():
+    nets_ = stub_uda_networks("source")
+    source, labels, _ = two_domains()
+    params = [*nets_.features.parameters(), *nets_.classifier.parameters()]
+    optimizer = recording_sgd(params, 0.0)
+    uda.classify_step(nets_, source, labels, optimizer)
+    loss = F.cross_entropy(nets_.classifier(nets_.features(source)), labels)
+    assert len(optimizer.seen) == 1
+    assert_all_close(optimizer.seen[0], gradients(loss, params))
+
+
+@pytest.mark.parametrize("entropy_weight", [0.0, 0.5])
+def test_dann_step_gradients_are_class_minus_lambda_domain_plus_weighted_target_entropy(
+        entropy_weight):
+    """F gets d/dF [CE(C(F(x_s)), y_s) - lambda L_dom + w H(C(F(x_t)))], C the class and
+    entropy terms, D d/dD L_dom with L_dom = BCE(D(F(x)), 1 for source, 0 for target) over
+    both batches. Catches: the class loss on target images, the entropy on source logits
+    or unweighted, the reversal strength not applied, the domain labels swapped."""
+    nets_ = stub_uda_networks("dann")
+    source, labels, target = two_domains()
+    reversal = 0.37
+    F_, C, D = nets_.features, nets_.classifier, nets_.domain
+    optimizer = recording_sgd([*F_.parameters(), *C.parameters(), *D.parameters()], 0.0)
+    uda.dann_step(nets_, source, labels, target, optimizer, reversal, entropy_weight)
+
+    source_features, target_features = F_(source), F_(target)
+    class_loss = F.cross_entropy(C(source_features), labels)
+    domain_loss = F.binary_cross_entropy_with_logits(
+        D(torch.cat([source_features, target_features])).squeeze(1),
+        torch.cat([torch.ones(6), torch.zeros(6)]))
+    entropy = own_entropy(C(target_features))
+
+    def grad(loss, module):
+        return gradients(loss, module.parameters())
+    expected_F = [c - reversal * d + entropy_weight * e for c, d, e in
+                  zip(grad(class_loss, F_), grad(domain_loss, F_), grad(entropy, F_))]
+    expected_C = [c + entropy_weight * e for c, e in zip(grad(class_loss, C), grad(entropy, C))]
+    assert len(optimizer.seen) == 1
+    assert_all_close(optimizer.seen[0], expected_F + expected_C + grad(domain_loss, D))
+
+
+def test_adda_step_trains_d_on_source_1_target_0_then_f_t_toward_1_against_the_new_d():
+    """D descends BCE(D(F_s(x_s)), 1) + BCE(D(F_t(x_t)), 0) (one mean over both batches);
+    then F_t alone descends BCE(D(F_t(x_t)), 1) scored by the updated D; F_s and C do not
+    move. Catches swapped domain labels, F_t trained toward 0, F_s or C stepped, D stepped
+    twice."""
+    nets_ = stub_uda_networks("adda")
+    source, _, target = two_domains()
+    Fs, Ft, D, C = nets_.features, nets_.target_features, nets_.domain, nets_.classifier
+    Ft0, D0 = copy.deepcopy(Ft), copy.deepcopy(D)
+    frozen = parameters_of(Fs) + parameters_of(C)
+    lr_d, lr_t = 0.5, 0.3
+    optimizers = {"main": recording_sgd([*Fs.parameters(), *C.parameters()], 0.3),
+                  "domain": recording_sgd(D.parameters(), lr_d),
+                  "target": recording_sgd(Ft.parameters(), lr_t)}
+    losses = uda.adda_step(nets_, source, target, optimizers)
+
+    domain_loss = F.binary_cross_entropy_with_logits(
+        D0(torch.cat([Fs(source), Ft0(target)])).squeeze(1),
+        torch.cat([torch.ones(6), torch.zeros(6)]))
+    d_gradient = gradients(domain_loss, D0.parameters())
+    D1 = copy.deepcopy(D0)
+    with torch.no_grad():
+        for p, g in zip(D1.parameters(), d_gradient):
+            p.sub_(lr_d * g)
+    encoder_loss = F.binary_cross_entropy_with_logits(D1(Ft0(target)).squeeze(1), torch.ones(6))
+    t_gradient = gradients(encoder_loss, Ft0.parameters())
+
+    assert optimizers["main"].seen == [] and len(optimizers["domain"].seen) == 1
+    assert len(optimizers["target"].seen) == 1
+    assert_all_close(optimizers["domain"].seen[0], d_gradient, what="D's gradient")
+    assert_all_close(optimizers["target"].seen[0], t_gradient, what="F_t's gradient")
+    assert_all_close(list(D.parameters()), list(D1.parameters()), what="D after the step")
+    assert_all_close(list(Ft.parameters()), [p - lr_t * g for p, g in
+                                             zip(Ft0.parameters(), t_gradient)], what="F_t")
+    assert_all_close(parameters_of(Fs) + parameters_of(C), frozen, atol=0, what="frozen")
+    assert math.isclose(float(losses["domain"].detach()), domain_loss.item(), rel_tol=1e-5)
+    assert math.isclose(float(losses["encoder"].detach()), encoder_loss.item(), rel_tol=1e-5)
+
+
+def small_uda_networks(monkeypatch):
+    """uda.Networks with F = Linear + batch norm on the flattened 28x28 image, C and D one
+    Linear each: fast, and F's batch-norm statistics still show whether it was frozen."""
+    real_networks = uda.Networks
+
+    def small(method, *args, **kwargs):
+        nets_ = real_networks(method, *args, **kwargs)
+        torch.manual_seed(0)
+        nets_.features = nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 8),
+                                       nn.BatchNorm1d(8), nn.ReLU())
+        nets_.classifier, nets_.domain = nn.Linear(8, 10), nn.Linear(8, 1)
+        if nets_.target_features is not None:
+            nets_.target_features = copy.deepcopy(nets_.features)
+            with torch.no_grad():
+                nets_.target_features[1].weight.add_(0.1)  # F_t starts unlike F_s
+        return nets_
+    monkeypatch.setattr(uda, "Networks", small)
+
+
+def record_steps(monkeypatch) -> list:
+    """Wrap uda's three step functions: each call appends (name, its arguments by name,
+    with "lrs": the optimisers' learning rates, "after": the weights of the encoder (F, or
+    F_t in adda_step) and C after the step, and "before": theirs before the first call of
+    that step); the first adda_step also keeps copies of F_s, C and F_t as they start."""
+    calls = []
+    for name in ("classify_step", "dann_step", "adda_step"):
+        real = getattr(uda, name)
+
+        def recording(*args, _real=real, _name=name, **kwargs):
+            bound = inspect.signature(_real).bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            if _name == "adda_step" and not any(n == "adda_step" for n, _ in calls):
+                arguments["start"] = {part: copy.deepcopy(getattr(arguments["nets_"], part)
+                                                          .state_dict())
+                                      for part in ("features", "classifier", "target_features")}
+            nets_ = arguments["nets_"]
+            model = nn.Sequential(nets_.target_features if _name == "adda_step"
+                                  else nets_.features, nets_.classifier)
+            if not any(n == _name for n, _ in calls):
+                arguments["before"] = parameters_of(model)
+            arguments["lrs"] = [group["lr"] for optimizer in (
+                [arguments["optimizer"]] if "optimizer" in arguments else
+                arguments["optimizers"].values()) for group in optimizer.param_groups]
+            calls.append((_name, arguments))
+            losses = _real(*args, **kwargs)
+            arguments["after"] = parameters_of(model)
+            return losses
+        monkeypatch.setattr(uda, name, recording)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["source", "target", "dann", "dann-ent", "adda"])
+def test_each_uda_method_steps_on_the_domains_labels_and_strengths_it_names(
+        tmp_path, monkeypatch, method):
+    """Source-only and ADDA's pre-training classify source images with their labels,
+    target-only target images with theirs, with one optimiser over F and C; DANN gets
+    source images and labels and target images, lambda = 2 / (1 + exp(-10 p)) - 1 at
+    p = step / steps, the entropy weight only as DANN + entropy, one optimiser over F, C
+    and D; ADDA adapts on source and target batches, D and F_t each with its own Adam
+    (adda_lr, betas (0.5, 0.999)) and F_s and C in neither."""
+    small_uda_networks(monkeypatch)
+    calls = record_steps(monkeypatch)
+    settings = tiny_uda(src="mnistm", tgt="usps", method=method, limit=16, epochs=2,
+                        entropy_weight=0.3, adda_lr=7e-4, tsne_points=0)
+    uda.train(uda.load_domains(settings, toy_load), settings, tmp_path, "cpu", seed=0)
+    steps = 2 * 2  # 16 images a domain, batches of 8, 2 epochs
+    names = [name for name, _ in calls]
+    if method == "adda":
+        assert names == ["classify_step"] * steps + ["adda_step"] * (steps // 2)
+    else:
+        assert names == [{"source": "classify_step", "target": "classify_step"}.get(
+            method, "dann_step")] * steps
+    for index, (name, arguments) in enumerate(calls):
+        nets_ = arguments["nets_"]
+        if name == "classify_step":
+            assert domain_of(arguments["images"]) == ("target" if method == "target"
+                                                      else "source")
+            assert labels_fit(arguments["images"], arguments["labels"])
+            assert held(arguments["optimizer"]) == ids(nets_.features, nets_.classifier)
+        elif name == "dann_step":
+            assert domain_of(arguments["source"]) == "source"
+            assert domain_of(arguments["target"]) == "target"
+            assert labels_fit(arguments["source"], arguments["labels"])
+            assert math.isclose(arguments["reversal"], math.tanh(5 * index / steps),
+                                abs_tol=1e-12)  # 2 / (1 + e^-10p) - 1 = tanh(5p)
+            assert arguments["entropy_weight"] == (0.3 if method == "dann-ent" else 0.0)
+            assert held(arguments["optimizer"]) == ids(nets_.features, nets_.classifier,
+                                                        nets_.domain)
+        else:
+            assert domain_of(arguments["source"]) == "source"
+            assert domain_of(arguments["target"]) == "target"
+            optimizers = arguments["optimizers"]
+            assert held(optimizers["domain"]) == ids(nets_.domain)
+            assert held(optimizers["target"]) == ids(nets_.target_features)
+            frozen = ids(nets_.features, nets_.classifier)
+            assert not any(held(optimizer) & frozen for optimizer in optimizers.values())
+            for part in ("domain", "target"):
+                for group in optimizers[part].param_groups:
+                    assert group["lr"] == 7e-4 and tuple(group["betas"]) == (0.5, 0.999)
+        if name != "adda_step":  # DANN's annealing, lr / (1 + 10 p)^0.75, for every method
+            p = index / steps
+            assert all(math.isclose(lr, settings.lr / (1 + 10 * p) ** 0.75, rel_tol=1e-9)
+                       for lr in arguments["lrs"])
+    # what is evaluated and saved: the moving average of the encoder and C over the steps
+    # of the (last) phase, for ADDA its adaptation
+    last = [arguments for name, arguments in calls if name == calls[-1][0]]
+    averaged, _ = uda.load_for_prediction(tmp_path / "checkpoint.pt", "cpu")
+    assert_all_close(list(averaged.parameters()), moving_average(
+        last[0]["before"], [arguments["after"] for arguments in last], settings.ema_decay),
+        what="weight average")
+
+
+def test_adda_adapts_f_t_from_a_copy_of_the_pretrained_f_s_while_f_s_and_c_stay_frozen(
+        tmp_path, monkeypatch):
+    """At the first adversarial step F_t equals F_s, and F_s and C are the averaged weights
+    the source-only run reports; F_s and C are frozen (they require no gradient, and after
+    adaptation their weights and batch-norm statistics are unchanged); F_t has moved."""
+    small_uda_networks(monkeypatch)
+    settings = tiny_uda(src="mnistm", tgt="usps", limit=16, epochs=1, adapt_epochs=1,
+                        tsne_points=0)
+    domains = uda.load_domains(settings, toy_load)
+    uda.train(domains, dataclasses.replace(settings, method="source"), tmp_path / "source",
+              "cpu", seed=0)
+    source_model, _ = uda.load_for_prediction(tmp_path / "source" / "checkpoint.pt", "cpu")
+    calls = record_steps(monkeypatch)
+    uda.train(domains, dataclasses.replace(settings, method="adda"), tmp_path / "adda",
+              "cpu", seed=0, source_only=tmp_path / "source" / "checkpoint.pt")
+    adversarial = [arguments for name, arguments in calls if name == "adda_step"]
+    assert adversarial
+    start, nets_ = adversarial[0]["start"], adversarial[0]["nets_"]
+
+    def same(first: dict, second: dict, atol=0.0):
+        assert first.keys() == second.keys()
+        return all(torch.allclose(first[k].float(), second[k].float(), atol=atol)
+                   for k in first)
+    assert same(start["target_features"], start["features"])
+    assert same(start["features"], source_model[0].state_dict(), atol=1e-6)
+    assert same(start["classifier"], source_model[1].state_dict(), atol=1e-6)
+    assert not any(p.requires_grad for p in [*nets_.features.parameters(),
+                                             *nets_.classifier.parameters()])
+    assert same(nets_.features.state_dict(), start["features"])
+    assert same(nets_.classifier.state_dict(), start["classifier"])
+    assert not same(nets_.target_features.state_dict(), start["target_features"])
+
+
+# ============================================================================ vae
+class StubVAE(nn.Module):
+    """encode: a Linear map to (mu, logvar); decode: a Linear map back to the image."""
+
+    def __init__(self, latent_dim=3, side=8):
+        super().__init__()
+        self.to_code = nn.Sequential(nn.Flatten(), nn.Linear(3 * side * side, 2 * latent_dim))
+        self.from_code = nn.Sequential(nn.Linear(latent_dim, 3 * side * side), nn.Tanh(),
+                                       nn.Unflatten(1, (3, side, side)))
+        self.codes = []
+
+    def encode(self, x):
+        return self.to_code(x).chunk(2, dim=1)
+
+    def decode(self, z):
+        self.codes.append(z.detach().clone())
+        return self.from_code(z)
+
+
+def test_vae_losses_sum_the_squared_error_over_each_image_and_average_over_the_batch():
+    """reconstruction = mean over images of sum over pixels of (x^ - x)^2, KL the closed
+    form summed over dimensions and averaged, mse = reconstruction / pixels per image; the
+    decoder gets z = mu + exp(logvar / 2) eps with eps the generator's first draw."""
+    torch.manual_seed(0)
+    model = StubVAE()
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    terms = vae.losses(model, x, torch.Generator().manual_seed(3))
+    mu, logvar = model.encode(x)
+    eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(3))
+    z = mu + (0.5 * logvar).exp() * eps
+    assert torch.allclose(model.codes[0], z, atol=1e-6)
+    squared = (model.from_code(z) - x).pow(2)
+    assert torch.isclose(terms["reconstruction"], squared.sum(dim=(1, 2, 3)).mean(), rtol=1e-5)
+    assert torch.isclose(terms["mse"], squared.mean(), rtol=1e-5)
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(dim=1).mean()
+    assert torch.isclose(terms["kl"], kl, rtol=1e-5)
+
+
+def test_reparameterised_samples_have_mean_mu_and_standard_deviation_exp_half_logvar():
+    count = 40_000
+    mu = torch.tensor([1.5, -2.0]).expand(count, 2)
+    logvar = torch.tensor([0.25, 4.0]).log().expand(count, 2)             # sigma 0.5 and 2
+    z = vae.reparameterise(mu, logvar, torch.Generator().manual_seed(0))
+    assert torch.allclose(z.mean(dim=0), torch.tensor([1.5, -2.0]), atol=0.05)
+    assert torch.allclose(z.std(dim=0), torch.tensor([0.5, 2.0]), rtol=0.03)
+
+
+def test_vae_training_descends_reconstruction_plus_the_warmed_up_lambda_times_kl(
+        tmp_path, monkeypatch):
+    """Each optimiser step's gradient is d/dtheta [reconstruction + lambda KL] of that
+    step's losses, lambda = kl_weight * min(1, (epoch + step / steps) / warmup_epochs).
+    Catches lambda not applied (or not warmed up), and the per-pixel MSE as the loss."""
+    torch.manual_seed(0)
+    model = StubVAE(side=16)
+    monkeypatch.setattr(nets, "VAE", lambda *args, **kwargs: model)
+    pending, checked = [], []
+    real_losses = vae.losses
+
+    def losses(network, x, generator=None):
+        terms = real_losses(network, x, generator)
+        if torch.is_grad_enabled() and network.training:
+            params = list(model.parameters())
+            pending.append((gradients(terms["reconstruction"], params),
+                            gradients(terms["kl"], params)))
+        return terms
+    monkeypatch.setattr(vae, "losses", losses)
+    weights = [0.0, 0.125, 0.25, 0.375]  # kl_weight 0.5, warm-up 2 epochs of 2 steps
+
+    def check(optimizer):
+        assert len(pending) == 1
+        reconstruction, kl = pending.pop()
+        weight = weights[len(checked)]
+        assert_all_close([p.grad for p in model.parameters()],
+                         [r + weight * k for r, k in zip(reconstruction, kl)], atol=1e-5,
+                         what=f"step {len(checked)}")
+        checked.append(weight)
+    with optimiser_hooks(before=check):
+        vae.train(toy_faces(16, 16), toy_faces(8, 16), vae.VAESettings(
+            latent_dim=3, epochs=2, batch_size=8, kl_weight=0.5, warmup_epochs=2,
+            tsne_points=0), tmp_path, "cpu", seed=0)
+    assert checked == weights and not pending
+
+
+# ============================================================================ tsne
+def test_tsne_exaggerates_p_for_the_first_iterations_with_momentum_half_then_0_8():
+    """gradient(Y, exaggeration, with_kl) gets EARLY_EXAGGERATION (12) for iterations
+    0 .. EXAGGERATION_ITERATIONS - 1 (250) and 1 after. Momentum: where the gradient is 0
+    the update is momentum times the last one, 0.5 up to iteration 249 and 0.8 from 250."""
+    assert tsne.EARLY_EXAGGERATION == 12.0 and tsne.EXAGGERATION_ITERATIONS == 250
+    kicks = {0, 248}  # a unit gradient at these iterations, zero elsewhere
+    exaggerations, positions = [], []
+
+    def gradient(Y, exaggeration, with_kl):
+        positions.append(Y.copy())
+        exaggerations.append(exaggeration)
+        return (np.ones_like(Y) if len(exaggerations) - 1 in kicks else np.zeros_like(Y)), 0.0
+    Y, _ = tsne.optimise(np.zeros((4, 2)), gradient, 253, 1.0)
+    assert exaggerations == [12.0] * 250 + [1.0] * 3
+    positions.append(Y)
+    updates = np.diff(np.array(positions)[:, 0, 0])                  # update of iteration k
+    assert np.isclose(updates[1] / updates[0], 0.5)                  # early
+    assert np.isclose(updates[249] / updates[248], 0.5)              # still early at 249
+    assert np.isclose(updates[250] / updates[249], 0.8)              # late from 250
+    assert np.isclose(updates[252] / updates[251], 0.8)
+
+
+@pytest.mark.parametrize("method", ["exact", "interpolated"])
+def test_exaggeration_multiplies_the_attraction_and_not_the_repulsion(method):
+    """With P exaggerated by a, dC/dY = 4 sum_j (a p_ij - q_ij) K_ij (y_i - y_j): the
+    gradient of a sum p_ij (-log K_ij) + log Z, by autograd."""
+    X = np.random.default_rng(4).normal(size=(150, 5))
+    P = tsne.exact_affinities(X, 20.0)
+    Y = np.random.default_rng(5).normal(size=(150, 2))
+    y, p = torch.tensor(Y, requires_grad=True), torch.tensor(P)
+    kernel = 1 / (1 + ((y[:, None] - y[None]) ** 2).sum(-1))
+    off = ~torch.eye(150, dtype=torch.bool)
+    (12.0 * (-p[off] * kernel[off].log()).sum() + kernel[off].sum().log()).backward()
+    if method == "exact":
+        gradient, _ = tsne.exact_gradient(Y, P, 12.0)
+        assert np.allclose(gradient, y.grad.numpy(), atol=1e-10)
+    else:
+        rows, cols = np.nonzero(P)
+        gradient, _ = tsne.InterpolatedGradient(rows, cols, P[rows, cols])(Y, 12.0)
+        assert np.linalg.norm(gradient - y.grad.numpy()) / np.linalg.norm(y.grad.numpy()) < 0.01
+
+
+def test_tsne_update_is_momentum_minus_learning_rate_times_gain_times_gradient():
+    """Jacobs' gains: a coordinate's gain shrinks (x 0.8) while its gradient keeps the sign
+    of its last update, grows (+ 0.2) otherwise (also on the first step), never below 0.01;
+    update = momentum * update - learning_rate * gain * gradient; Y += update."""
+    rng = np.random.default_rng(0)
+    grads = rng.normal(size=(6, 5, 2))
+    calls = []
+
+    def gradient(Y, exaggeration, with_kl):
+        calls.append(Y.copy())
+        return grads[len(calls) - 1], 0.0
+    Y0 = rng.normal(size=(5, 2))
+    Y, _ = tsne.optimise(Y0.copy(), gradient, 6, 3.0)
+    expected, update, gains = Y0.copy(), np.zeros_like(Y0), np.ones_like(Y0)
+    for g in grads:
+        gains = np.where(update * g > 0, gains * 0.8, gains + 0.2).clip(min=0.01)
+        update = 0.5 * update - 3.0 * gains * g
+        expected = expected + update
+    assert np.allclose(Y, expected, atol=1e-12)
+
+
+# ============================================================================ metrics: classifier
+def test_classifier_step_descends_label_smoothed_cross_entropy_of_shifted_digits_one_cycle(
+        tmp_path, monkeypatch):
+    """The digit evaluator's step: AdamW with the settings' weight decay, the one-cycle
+    learning rate, the gradient of CE with label smoothing 0.1 of the network on randomly
+    shifted images (none is a raw training image) and their own labels (toy_digits: dark 0,
+    bright 1)."""
+    networks = []
+
+    def tiny_classifier(classes=10, **kwargs):
+        torch.manual_seed(0)
+        networks.append(Recorder(nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, classes))))
+        return networks[-1]
+    monkeypatch.setattr(nets, "digit_classifier", tiny_classifier)
+    train = toy_digits(32)
+    settings = metrics.ClassifierSettings(epochs=2, batch_size=8, lr=0.01, weight_decay=0.02)
+    reference = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], 0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(reference, 0.01, total_steps=2 * 4)
+    one_cycle = []  # torch's one-cycle learning rates for 2 epochs of 4 steps
+    for _ in range(2 * 4):
+        one_cycle.append(reference.param_groups[0]["lr"])
+        reference.step()
+        schedule.step()
+    raw = train.images()
+    checked = []
+
+    def before(optimizer):
+        network = networks[0]
+        images = network.inputs[-1]
+        assert isinstance(optimizer, torch.optim.AdamW) and held(optimizer) == ids(network)
+        for group in optimizer.param_groups:
+            assert math.isclose(group["lr"], one_cycle[len(checked)], rel_tol=1e-9)
+            assert group["weight_decay"] == 0.02
+        assert not any(torch.equal(image, other) for image in images for other in raw)
+        labels = (images.mean(dim=(1, 2, 3)) > 0).long()
+        loss = F.cross_entropy(network.inner(images), labels, label_smoothing=0.1)
+        assert_all_close([p.grad for p in network.parameters()],
+                         gradients(loss, network.inner.parameters()), what=len(checked))
+        checked.append(len(images))
+    with optimiser_hooks(before):
+        metrics.train_classifier(train, toy_digits(8, seed=1), settings, tmp_path, "cpu", 0)
+    assert checked == [8] * 8
+
+
+class Seen(nn.Module):
+    """Wraps a discriminator: keeps every batch it is shown and every score it gives."""
+
+    def __init__(self, discriminator):
+        super().__init__()
+        self.discriminator, self.inputs, self.outputs = discriminator, [], []
+
+    def forward(self, images):
+        self.inputs.append(images.detach().clone())
+        scores = self.discriminator(images)
+        self.outputs.append(scores.detach().clone())
+        return scores
+
+
+# ============================================================================ gan: WGAN-GP
+def test_gradient_penalty_of_a_linear_critic_is_norm_of_w_minus_1_squared():
+    # D(x) = <w, x> has gradient w everywhere, so the penalty is (||w|| - 1)^2 whatever
+    # the samples, and its gradient in w is 2 (||w|| - 1) w / ||w||
+    critic = nn.Linear(12, 1, bias=False)
+    with torch.no_grad():
+        critic.weight.mul_(3.0)
+    w = critic.weight.detach().flatten()
+    penalty = gan.gradient_penalty(critic, torch.randn(5, 12), torch.randn(5, 12),
+                                   torch.Generator().manual_seed(0))
+    assert torch.isclose(penalty, (w.norm() - 1) ** 2, rtol=1e-5)
+    penalty.backward()  # needs create_graph=True: the penalty is a function of w
+    assert torch.allclose(critic.weight.grad.flatten(), 2 * (w.norm() - 1) * w / w.norm(),
+                          atol=1e-6)
+
+
+def test_gradient_penalty_is_taken_per_sample_at_eps_x_plus_1_minus_eps_fake():
+    # D(x) = ||x||^2 / 2 has gradient x: the penalty is the mean of (||xhat_i|| - 1)^2,
+    # xhat_i = eps_i x_i + (1 - eps_i) x~_i, one eps_i ~ U[0, 1] per sample from rng
+    real, fake = torch.randn(6, 4), torch.randn(6, 4) * 3
+    penalty = gan.gradient_penalty(lambda x: 0.5 * (x ** 2).sum(dim=1), real, fake,
+                                   torch.Generator().manual_seed(5))
+    eps = torch.rand(6, 1, generator=torch.Generator().manual_seed(5))
+    x_hat = eps * real + (1 - eps) * fake
+    assert torch.isclose(penalty, ((x_hat.norm(dim=1) - 1) ** 2).mean(), rtol=1e-5)
+
+
+def test_wgan_gp_critic_has_no_batch_norm_and_scores_each_image_alone():
+    critic = gan.GAN(tiny_gan(variant="wgan-gp")).discriminator.train()
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.Dropout)) for m in critic.modules())
+    convs = [m for m in critic.modules() if isinstance(m, nn.Conv2d)]
+    assert all(conv.bias is not None for conv in convs)  # nothing cancels the biases
+    images = torch.randn(5, 3, 32, 32)
+    # the penalty's per-sample gradients need this: a score does not depend on the batch
+    assert torch.allclose(critic(images)[:2], critic(images[:2]), atol=1e-6)
+
+
+def test_dcgan_discriminator_norm_choices_and_the_spectral_flag_agree():
+    def layout(network):
+        return {key: tuple(value.shape) for key, value in network.state_dict().items()}
+    assert layout(nets.dcgan_discriminator(norm="spectral")) == \
+        layout(nets.dcgan_discriminator(norm="spectral"))
+    assert layout(nets.dcgan_discriminator(norm="batch")) == layout(nets.dcgan_discriminator())
+    # norm "none": variant b's convolutions with biases, without u and v
+    assert layout(nets.dcgan_discriminator(norm="none")) == {
+        key.replace("weight_orig", "weight"): shape
+        for key, shape in layout(nets.dcgan_discriminator(norm="spectral")).items()
+        if not key.endswith(("weight_u", "weight_v"))}
+    with pytest.raises(ValueError, match="batch, spectral or none"):
+        nets.dcgan_discriminator(norm="layer")
+
+
+def linear_critic_gan(settings):
+    """gan.GAN with its critic replaced by D(x) = <w, x>, whose every number is known."""
+    model = gan.GAN(settings)
+    model.discriminator = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 1, bias=False))
+    with torch.no_grad():
+        model.discriminator[1].weight.normal_(0, 0.05)  # ||w|| about 2.8
+    return model
+
+
+def test_one_critic_step_descends_the_wgan_gp_loss_and_g_ascends_the_critic():
+    settings = tiny_gan(variant="wgan-gp", n_critic=1)
+    model = linear_critic_gan(settings).train()
+    fakes = []
+    model.generator.register_forward_hook(lambda module, inputs, output: fakes.append(output))
+    real = toy_faces().images(slice(0, 4))
+    w = model.discriminator[1].weight.detach().flatten().clone()
+    optimizers = {"discriminator": torch.optim.SGD(model.discriminator.parameters(), lr=0.1),
+                  "generator": torch.optim.SGD(model.generator.parameters(), lr=0.0)}
+    numbers = gan.wgan_gp_step(model, optimizers, lambda: (real, None), settings,
+                               torch.Generator().manual_seed(0))
+    real_mean, fake_mean = real.flatten(1).mean(0), fakes[0].detach().flatten(1).mean(0)
+    # E[D(x)] - E[D(x~)] = <w, E[x] - E[x~]>; the penalty (||w|| - 1)^2;
+    # L_D = E[D(x~)] - E[D(x)] + 10 (||w|| - 1)^2
+    wasserstein, penalty = w @ (real_mean - fake_mean), (w.norm() - 1) ** 2
+    assert torch.isclose(numbers["wasserstein"], wasserstein, atol=1e-5)
+    assert torch.isclose(numbers["penalty"], penalty, rtol=1e-5)
+    assert torch.isclose(numbers["loss_d"], -wasserstein + 10 * penalty, rtol=1e-5)
+    # one SGD step on L_D: grad_w = E[x~] - E[x] + 10 * 2 (||w|| - 1) w / ||w||
+    gradient = fake_mean - real_mean + 20 * (w.norm() - 1) * w / w.norm()
+    w_after = model.discriminator[1].weight.detach().flatten()
+    assert torch.allclose(w_after, w - 0.1 * gradient, atol=1e-6)
+    # G's loss -E[D(G(z))], scored by the updated critic, on new z
+    assert torch.isclose(numbers["loss_g"], -(w_after @ fakes[1].detach().flatten(1).mean(0)),
+                         atol=1e-5)
+    assert not torch.equal(fakes[0], fakes[1])
+
+
+def test_wgan_gp_step_takes_n_critic_steps_each_on_its_own_batch_and_z():
+    settings = tiny_gan(variant="wgan-gp", n_critic=3)
+    model = gan.GAN(settings).train()
+    optimizers = gan.build_optimizers(model, settings)
+    steps = {name: 0 for name in optimizers}
+    for name, optimizer in optimizers.items():
+        def counted(*args, name=name, step=optimizer.step, **kwargs):
+            steps[name] += 1
+            return step(*args, **kwargs)
+        optimizer.step = counted
+    noise = []
+    model.generator.register_forward_hook(lambda module, inputs, output:
+                                          noise.append(inputs[0].flatten(1)))
+    faces, batches = toy_faces(), []
+
+    def real_batch():
+        batches.append(faces.images(slice(4 * len(batches), 4 * len(batches) + 4)))
+        return batches[-1], None
+    gan.wgan_gp_step(model, optimizers, real_batch, settings, torch.Generator().manual_seed(0))
+    assert steps == {"discriminator": 3, "generator": 1} and len(batches) == 3
+    assert len(noise) == 4 and len({tuple(z[0].tolist()) for z in noise}) == 4  # 3 + G's
+
+
+def test_wgan_gp_and_hacks_use_their_papers_adam_settings():
+    for variant, lr, betas in (("wgan-gp", 1e-4, (0.0, 0.9)), ("hacks", 2e-4, (0.5, 0.999))):
+        settings = tiny_gan(variant=variant)
+        optimizers = gan.build_optimizers(gan.GAN(settings), settings)
+        for optimizer in optimizers.values():
+            assert isinstance(optimizer, torch.optim.Adam)
+            assert (optimizer.defaults["lr"], optimizer.defaults["betas"]) == (lr, betas)
+
+
+@pytest.mark.parametrize("variant", ["wgan-gp", "hacks"])
+def test_a_tiny_run_of_the_new_variants_writes_curves_that_fit_them(tmp_path, monkeypatch,
+                                                                    variant):
+    drawn, line_plot = {}, plots.line_plot
+
+    def recorded(series, path, title="", **options):
+        drawn[Path(path).name] = (sorted(series), title)
+        return line_plot(series, path, title=title, **options)
+    monkeypatch.setattr(plots, "line_plot", recorded)
+    results = gan.train(toy_faces(), None, tiny_gan(variant=variant, n_critic=2), tmp_path,
+                        "cpu", 0)
+    assert results["steps"] == 2
+    for name in ["samples.png", "loss.png", "d_outputs.png", "checkpoint.pt", "results.json"]:
+        assert (tmp_path / name).is_file(), name
+    if variant == "wgan-gp":  # the critic's score is no probability: no sigmoid of it
+        assert drawn["d_outputs.png"] == (
+            ["E[D(x)] - E[D(G(z))]"], "GAN variant wgan-gp: the critic's Wasserstein estimate")
+        assert drawn["loss.png"][0] == ["D loss", "G loss", "gradient penalty"]
+        assert {"final_wasserstein", "final_penalty"} <= set(results)
+    else:
+        assert drawn["d_outputs.png"] == (["D(G(z))", "D(x)"],
+                                          "GAN variant hacks: sigmoid of D's score")
+    folder = tmp_path / "faces"  # the checkpoint loads back into the variant's networks
+    assert run.main(["gan", "--generate", "3", "--ckpt", str(tmp_path / "checkpoint.pt"),
+                     "--out", str(folder)]) == 0
+    assert len(list(folder.iterdir())) == 3
+
+
+# Hand-counted: G as in variant a (3,576,704). The WGAN-GP critic is variant b's D without
+# spectral norm: convs 2,763,776 + a bias on each (64 + 128 + 256 + 512 + 1) = 2,764,737.
+# hacks' D is variant a's (2,765,568) with a Dropout after each of its 4 LeakyReLUs.
+@pytest.mark.parametrize("variant, totals, dropouts", [
+    ("wgan-gp", [3_576_704, 2_764_737], 0), ("hacks", [3_576_704, 2_765_568], 4)])
+def test_summary_prints_the_new_variants(variant, totals, dropouts, capsys):
+    assert run.main(["summary", "gan", "--variant", variant]) == 0
+    out = capsys.readouterr().out
+    assert [int(n.replace(",", "")) for n in re.findall(r"^Total params: ([\d,]+)$", out,
+                                                        flags=re.M)] == totals
+    discriminator_table = out.split(f"gan variant {variant}: discriminator")[1]
+    assert len(re.findall(r"Dropout-\d+", discriminator_table)) == dropouts
+    assert ("BatchNorm2d" in discriminator_table) == (variant == "hacks")
+
+
+def test_gan_flags_take_the_new_variants_and_their_settings():
+    args = run.build_parser().parse_args(
+        ["gan", "--variant", "wgan-gp", "--n-critic", "3", "--gp-weight", "5",
+         "--real-label", "0.8", "--label-flip", "0.1", "--instance-noise", "0.2"])
+    settings = run.settings_from(args, gan.GANSettings)
+    assert (settings.variant, settings.n_critic, settings.gp_weight, settings.real_label,
+            settings.label_flip, settings.instance_noise) == ("wgan-gp", 3, 5.0, 0.8, 0.1, 0.2)
+    assert run.build_parser().parse_args(["gan", "--variant", "hacks"]).variant == "hacks"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"n_critic": 0}, "--n-critic 0"), ({"real_label": 1.2}, "--real-label 1.2"),
+    ({"label_noise": 0.95}, "--label-noise 0.95"), ({"label_flip": 1.5}, "--label-flip"),
+    ({"dropout": 1.0}, "--dropout")])
+def test_gan_refuses_recipe_settings_out_of_range(changes, message, tmp_path):
+    with pytest.raises(util.UserError, match=re.escape(message)):
+        gan.train(toy_faces(), None, tiny_gan(**changes), tmp_path, "cpu", 0)
+
+
+# ============================================================================ gan: hacks
+def hacks_step(monkeypatch=None, noise_std=0.0, seed=0, **changes):
+    """One gan.train_step of variant hacks on 8 toy faces, D wrapped in Seen; with
+    monkeypatch, also the targets D's loss was given. -> (D, real images, numbers, targets)"""
+    settings = tiny_gan(variant="hacks", batch_size=8, **changes)
+    torch.manual_seed(seed)
+    model = gan.GAN(settings).train()
+    model.discriminator = Seen(model.discriminator)
+    given = []
+    if monkeypatch is not None:
+        loss = gan.discriminator_loss
+
+        def recorded(real_logits, fake_logits, hinge, targets=None):
+            given.append(targets)
+            return loss(real_logits, fake_logits, hinge, targets=targets)
+        monkeypatch.setattr(gan, "discriminator_loss", recorded)
+    real = toy_faces().images(slice(0, 8))
+    numbers = gan.train_step(model, gan.build_optimizers(model, settings), real, None,
+                             settings, torch.Generator().manual_seed(seed), noise_std=noise_std)
+    return model.discriminator, real, numbers, given
+
+
+def test_bce_against_soft_targets_matches_its_formula():
+    real, fake = torch.randn(6), torch.randn(6)
+    ones, zeros = torch.ones(6), torch.zeros(6)
+    assert torch.isclose(gan.discriminator_loss(real, fake, False, targets=(ones, zeros)),
+                         gan.discriminator_loss(real, fake, False))
+    t = torch.full((6,), 0.9)  # -t log sigmoid(l) - (1 - t) log(1 - sigmoid(l)), fakes t = 0
+    by_hand = (-(t * torch.sigmoid(real).log() + (1 - t) * (1 - torch.sigmoid(real)).log())
+               - (1 - torch.sigmoid(fake)).log()).mean()
+    assert torch.isclose(gan.discriminator_loss(real, fake, False, targets=(t, zeros)), by_hand)
+
+
+def test_hacks_trains_d_toward_smoothed_noisy_real_targets_and_zero_for_fakes(monkeypatch):
+    _, _, _, targets = hacks_step(monkeypatch, label_flip=0.0)
+    (real_targets, fake_targets), = targets
+    assert real_targets.shape == fake_targets.shape == (8,)
+    assert ((real_targets >= 0.9 - 0.1) & (real_targets <= 0.9)).all()  # smoothed ...
+    assert real_targets.std() > 0.01                                     # ... and noisy
+    assert torch.equal(fake_targets, torch.zeros(8))                    # one-sided
+
+
+def test_hacks_flips_the_share_of_targets_it_is_given(monkeypatch):
+    _, _, _, targets = hacks_step(monkeypatch, label_flip=1.0)  # every target swapped
+    (real_targets, fake_targets), = targets
+    assert torch.equal(real_targets, torch.zeros(8))
+    assert ((fake_targets >= 0.8) & (fake_targets <= 0.9)).all()
+    settings = tiny_gan(variant="hacks", label_flip=0.05)
+    real_targets, fake_targets = gan.discriminator_targets(
+        20_000, settings, torch.Generator().manual_seed(0), "cpu")
+    # 5% of each; the binomial's standard deviation is 0.0015, so 0.01 is 6 of them
+    assert abs((real_targets == 0).float().mean() - 0.05) < 0.01
+    assert abs((fake_targets > 0).float().mean() - 0.05) < 0.01
+    kept = real_targets[real_targets > 0]  # U[0.8, 0.9]: mean 0.85, spanning the interval
+    assert kept.min() >= 0.8 and kept.max() <= 0.9 and abs(kept.mean() - 0.85) < 0.002
+    assert kept.min() < 0.801 and kept.max() > 0.899
+
+
+def test_hacks_generator_keeps_the_non_saturating_loss_with_target_1():
+    seen, _, numbers, _ = hacks_step()
+    g_scores = seen.outputs[2].flatten()  # D's scores of the fakes in G's step
+    assert torch.isclose(numbers["loss_g"],
+                         F.binary_cross_entropy_with_logits(g_scores, torch.ones(8)))
+
+
+def test_instance_noise_falls_linearly_from_its_setting_to_zero(tmp_path, monkeypatch):
+    settings = tiny_gan(variant="hacks", steps=10, instance_noise=0.2)
+    assert [gan.instance_noise_std(t, settings) for t in (0, 5, 10)] == [0.2, 0.1, 0.0]
+    assert gan.instance_noise_std(0, tiny_gan(variant="a")) == 0.0
+    given, step = [], gan.train_step
+
+    def recorded(*args, noise_std, **kwargs):
+        given.append(noise_std)
+        return step(*args, noise_std=noise_std, **kwargs)
+    monkeypatch.setattr(gan, "train_step", recorded)
+    gan.train(toy_faces(), None, tiny_gan(variant="hacks", steps=2, sample_every=2,
+                                          instance_noise=0.2), tmp_path, "cpu", 0)
+    assert given == [0.2, 0.1]  # sigma_0 (1 - t / T) at t = 0 and t = T - 1 = 1
+
+
+def test_every_image_hacks_d_sees_carries_the_instance_noise():
+    # the same step with noise_std 0 and 0.5 draws the same n: D sees x + 0.5 n instead of x
+    clean, real, _, _ = hacks_step(noise_std=0.0)
+    noisy, _, _, _ = hacks_step(noise_std=0.5)
+    assert torch.equal(clean.inputs[0], real)
+    assert len(noisy.inputs) == 3  # real and fake in D's step, fake in G's step
+    for with_noise, without in zip(noisy.inputs, clean.inputs):
+        noise = with_noise - without
+        assert abs(noise.std() - 0.5) < 0.02 and abs(noise.mean()) < 0.02
+    assert not torch.equal(noisy.inputs[1] - clean.inputs[1], noisy.inputs[2] - clean.inputs[2])
+
+
+def test_other_variants_see_no_instance_noise():
+    settings = tiny_gan(variant="a", batch_size=4)
+    torch.manual_seed(0)
+    model = gan.GAN(settings).train()
+    model.discriminator = Seen(model.discriminator)
+    real = toy_faces().images(slice(0, 4))
+    gan.train_step(model, gan.build_optimizers(model, settings), real, None, settings,
+                   torch.Generator().manual_seed(0), noise_std=0.5)
+    assert torch.equal(model.discriminator.inputs[0], real)
+
+
+@pytest.mark.parametrize("image_size, dropouts", [(32, 3), (64, 4)])
+def test_dropout_sits_after_each_leaky_relu_of_hacks_d_only_and_acts_in_training(image_size,
+                                                                                 dropouts):
+    for variant in gan.VARIANTS:
+        layers = list(gan.GAN(tiny_gan(variant=variant, image_size=image_size))
+                      .discriminator)
+        found = [(i, m.p) for i, m in enumerate(layers) if isinstance(m, nn.Dropout)]
+        if variant != "hacks":
+            assert found == [], variant
+            continue
+        assert [p for _, p in found] == [0.3] * dropouts
+        assert all(isinstance(layers[i - 1], nn.LeakyReLU) for i, _ in found)
+        assert len(found) == sum(isinstance(m, nn.LeakyReLU) for m in layers)
+    discriminator = gan.GAN(tiny_gan(variant="hacks", image_size=image_size)).discriminator
+    images = torch.randn(4, 3, image_size, image_size)
+    discriminator.eval()
+    assert torch.equal(discriminator(images), discriminator(images))
+    discriminator.train()
+    assert not torch.equal(discriminator(images), discriminator(images))
