@@ -88,7 +88,7 @@ VARIANTS = ("a", "b", "acgan", "wgan-gp", "hacks")
 
 
 # Named settings (run.py --preset NAME): the configurations RESULTS.md measured.
-PRESETS = {"cpu": {"batch_size": 64, "steps": 600, "sample_every": 200}}  # 10 min, 2 cores
+PRESETS = {"cpu": {"batch_size": 64, "steps": 600, "sample_every": 200}}  # 10-18 min, 2 cores
 
 
 @dataclass
