@@ -35,7 +35,7 @@ from util import UserError
 
 
 # Named settings (run.py --preset NAME): the configurations RESULTS.md measured.
-PRESETS = {"cpu": {"epochs": 3}}  # 26 s an epoch on 8,000 faces, 2 cores
+PRESETS = {"cpu": {"epochs": 3}}  # 26-43 s an epoch on 8,000 faces, 2 cores
 
 
 @dataclass
