@@ -406,14 +406,6 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
     if settings.variant == "acgan" and faces.labels is None:
         raise UserError(f"ACGAN needs the attribute '{settings.attribute}' as labels: "
                         "use CelebA (with its list_attr_celeba.txt)")
-    if settings.n_critic < 1:
-        raise UserError(f"--n-critic {settings.n_critic}: give at least 1")
-    if not 0 <= settings.real_label - settings.label_noise <= settings.real_label <= 1:
-        raise UserError(f"--real-label {settings.real_label} with --label-noise "
-                        f"{settings.label_noise}: the real targets must lie in [0, 1]")
-    if settings.label_flip > 1 or settings.dropout >= 1:
-        raise UserError(f"--label-flip {settings.label_flip}, --dropout {settings.dropout}: "
-                        "give a share from 0 to 1 and a rate below 1")
     util.seed_everything(seed)
     gan = GAN(settings).to(device)
     optimizers = build_optimizers(gan, settings)

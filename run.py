@@ -126,6 +126,11 @@ def validate(args: argparse.Namespace) -> None:
     if args.command == "data":
         for split in args.splits.split(","):
             data.check_split(args.name, split)
+    if args.command == "gan" and args.real_label - args.label_noise < 0:
+        raise util.UserError(f"--label-noise {args.label_noise} with --real-label "
+                             f"{args.real_label}: the real targets must lie in [0, 1]")
+    if args.command == "gan" and args.dropout == 1:
+        raise util.UserError("--dropout 1.0: give a rate below 1 (1 drops every feature)")
     if args.command == "ddpm" and args.sampling_steps > args.timesteps:
         raise util.UserError(f"--sampling-steps {args.sampling_steps} is more than "
                              f"--timesteps {args.timesteps}: DDIM visits at most T steps")
@@ -180,7 +185,6 @@ def run_folder(args) -> Path | None:
     if args.command == "vae":
         return out / f"vae_lambda{args.kl_weight:g}"
     return out / args.command if args.command in ("classifier", "tsne") else None
-
 
 
 def command_data(args) -> None:

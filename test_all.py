@@ -3066,20 +3066,6 @@ def test_classifier_step_descends_label_smoothed_cross_entropy_of_shifted_digits
     assert checked == [8] * 8
 
 
-class Seen(nn.Module):
-    """Wraps a discriminator: keeps every batch it is shown and every score it gives."""
-
-    def __init__(self, discriminator):
-        super().__init__()
-        self.discriminator, self.inputs, self.outputs = discriminator, [], []
-
-    def forward(self, images):
-        self.inputs.append(images.detach().clone())
-        scores = self.discriminator(images)
-        self.outputs.append(scores.detach().clone())
-        return scores
-
-
 # ============================================================================ gan: WGAN-GP
 def test_gradient_penalty_of_a_linear_critic_is_norm_of_w_minus_1_squared():
     # D(x) = <w, x> has gradient w everywhere, so the penalty is (||w|| - 1)^2 whatever
@@ -3258,19 +3244,21 @@ def test_gan_flags_take_the_new_variants_and_their_settings():
     ({"n_critic": 0}, "--n-critic 0"), ({"real_label": 1.2}, "--real-label 1.2"),
     ({"label_noise": 0.95}, "--label-noise 0.95"), ({"label_flip": 1.5}, "--label-flip"),
     ({"dropout": 1.0}, "--dropout")])
-def test_gan_refuses_recipe_settings_out_of_range(changes, message, tmp_path):
-    with pytest.raises(util.UserError, match=re.escape(message)):
-        gan.train(toy_faces(), None, tiny_gan(**changes), tmp_path, "cpu", 0)
+def test_gan_refuses_recipe_settings_out_of_range(changes, message, tmp_path, capsys):
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in changes.items()]
+    line = one_line_error(capsys, ["gan", "--data-root", str(tmp_path / "none"),
+                                   "--out", str(tmp_path / "out")] + flags)
+    assert message in line  # refused by run.validate, before any data is read
 
 
 # ============================================================================ gan: hacks
 def hacks_step(monkeypatch=None, noise_std=0.0, seed=0, **changes):
-    """One gan.train_step of variant hacks on 8 toy faces, D wrapped in Seen; with
+    """One gan.train_step of variant hacks on 8 toy faces, D wrapped in a Recorder; with
     monkeypatch, also the targets D's loss was given. -> (D, real images, numbers, targets)"""
     settings = tiny_gan(variant="hacks", batch_size=8, **changes)
     torch.manual_seed(seed)
     model = gan.GAN(settings).train()
-    model.discriminator = Seen(model.discriminator)
+    model.discriminator = Recorder(model.discriminator)
     given = []
     if monkeypatch is not None:
         loss = gan.discriminator_loss
@@ -3359,7 +3347,7 @@ def test_other_variants_see_no_instance_noise():
     settings = tiny_gan(variant="a", batch_size=4)
     torch.manual_seed(0)
     model = gan.GAN(settings).train()
-    model.discriminator = Seen(model.discriminator)
+    model.discriminator = Recorder(model.discriminator)
     real = toy_faces().images(slice(0, 4))
     gan.train_step(model, gan.build_optimizers(model, settings), real, None, settings,
                    torch.Generator().manual_seed(0), noise_std=0.5)
