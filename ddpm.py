@@ -333,7 +333,7 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
             group["lr"] = settings.lr * min(1.0, (index + 1) / 500)
         batch = torch.randint(len(digits), (settings.batch_size,), generator=rng)
         batch = batch.to(digits.pixels.device)
-        torch.manual_seed(seed * 100_003 + index)  # dropout: the same after a resume
+        torch.manual_seed(util.stream_seed(seed, index))  # dropout: the same after a resume
         model.network.train()
         loss = model.loss(digits.images(batch), digits.labels[batch], rng)
         optimizer.zero_grad(set_to_none=True)

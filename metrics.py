@@ -399,7 +399,7 @@ def train_classifier(train: "data.ImageSet", test: "data.ImageSet",
 
     def step(index: int) -> dict:
         if index % steps_per_epoch == 0:
-            epoch_seed = seed * 100_003 + index // steps_per_epoch
+            epoch_seed = util.stream_seed(seed, index // steps_per_epoch)
             epoch["rng"] = torch.Generator().manual_seed(epoch_seed)
             torch.manual_seed(epoch_seed)  # dropout
             epoch["batches"] = train_on_device.batches(settings.batch_size,

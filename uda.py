@@ -133,13 +133,18 @@ def load_domains(settings: UDASettings, load) -> Domains:
     return Domains(*splits)
 
 
+def epoch_shape(source_count: int, target_count: int, batch_size: int) -> tuple[int, int]:
+    """(steps, batch size) of an epoch: the larger set once over. A batch never exceeds
+    the larger set, so a quick run on fewer images than --batch-size has one step."""
+    batch_size = min(batch_size, max(source_count, target_count))
+    return max(source_count, target_count) // batch_size, batch_size
+
+
 def paired_indices(source_count: int, target_count: int, batch_size: int,
                    generator: torch.Generator):
     """Per step a source and a target index batch; an epoch covers the larger set once,
-    the smaller one is cycled through fresh permutations. A batch never exceeds the
-    larger set, so a quick run on fewer images than --batch-size has one step."""
-    batch_size = min(batch_size, max(source_count, target_count))
-    steps = max(source_count, target_count) // batch_size
+    the smaller one is cycled through fresh permutations."""
+    steps, batch_size = epoch_shape(source_count, target_count, batch_size)
     needed = steps * batch_size
 
     def cycled(count):
@@ -276,7 +281,7 @@ def adda(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
         pretrained = out / "pretrain" / "checkpoint.pt"
         train(domains, replace(source_settings, tsne_points=0), pretrained.parent, device,
               seed)
-    pre = util.resume_state(pretrained, device, "uda", replace(source_settings, resume=False),
+    pre = util.resume_state(pretrained, device, "uda", source_settings,
                             seed, may_change=("adapt_epochs", "adda_lr", "entropy_weight",
                                               "tsne_points"))
     # phase 2
@@ -328,14 +333,13 @@ def fit(nets_: Networks, optimizers: dict, step, domains: Domains, phase: str, e
     count of its pre-training). Returns (average, log)."""
     average = copy.deepcopy(nets_).requires_grad_(False)
     source, target = domains.source_train, domains.target_train
-    batch_size = min(settings.batch_size, max(len(source), len(target)))
-    steps_per_epoch = max(len(source), len(target)) // batch_size
+    steps_per_epoch, _ = epoch_shape(len(source), len(target), settings.batch_size)
     epoch = {}
 
     def one_step(index: int) -> dict:
         number, position = divmod(index, steps_per_epoch)
         if position == 0:
-            epoch_seed = seed * 100_003 + first_epoch + number
+            epoch_seed = util.stream_seed(seed, first_epoch + number)
             torch.manual_seed(epoch_seed)  # dropout
             epoch["batches"] = paired_indices(len(source), len(target), settings.batch_size,
                                               torch.Generator().manual_seed(epoch_seed))

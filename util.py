@@ -50,6 +50,12 @@ def choose_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def stream_seed(seed: int, index: int) -> int:
+    """The seed of a run's epoch or step number `index`: each epoch (or step) draws from a
+    stream of its own, so a run resumed at its start draws exactly what it would have."""
+    return seed * 100_003 + index
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices): the initial weights follow from it."""
     random.seed(seed)
@@ -354,7 +360,7 @@ def train_loop(step, steps: int, every: int, out, command: str, settings, seed: 
     with state_dict / load_state_dict; a torch.Generator by its state). record: more
     entries for the checkpoint (e.g. class names). Returns the log (history, training
     seconds without evaluation and pictures)."""
-    checkpoint = Path(out) / "checkpoint.pt"
+    checkpoint, desc = Path(out) / "checkpoint.pt", desc or command
     log, first = StepLog(), 0
     if settings.resume and checkpoint.exists():
         state = resume_state(checkpoint, device, command, settings, seed, may_change)
@@ -362,12 +368,12 @@ def train_loop(step, steps: int, every: int, out, command: str, settings, seed: 
             _restore(part, state[name])
         log, first = StepLog(state["history"], state["seconds"]), state["step"]
         print(f"resumed from {checkpoint} at step {first}")
-    progress = Progress(desc=desc or command, total=steps, initial=first)
+    progress = Progress(desc=desc, total=steps, initial=first)
     log.start_clock()
     for index in range(first, steps):
         numbers = {name: torch.as_tensor(value).item() for name, value in step(index).items()}
         for name, value in numbers.items():
-            check_finite(value, index + 1, f"{desc or command} {name}")
+            check_finite(value, index + 1, f"{desc} {name}")
         log.add(numbers)
         progress.update(1, **{name: round(value, 4) for name, value in numbers.items()})
         done = index + 1
@@ -381,7 +387,7 @@ def train_loop(step, steps: int, every: int, out, command: str, settings, seed: 
                              **{name: _saved(part) for name, part in parts.items()}}, checkpoint)
             if draw is not None:
                 draw(log.history)
-            progress.note(f"{desc or command} {done}/{steps}: " + ", ".join(
+            progress.note(f"{desc} {done}/{steps}: " + ", ".join(
                 f"{name} {values[-1]:.4g}" for name, values in log.history.items()
                 if name != "step" and values))
             log.start_clock()

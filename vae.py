@@ -102,7 +102,7 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
     def step(index: int) -> dict:
         number, position = divmod(index, steps_per_epoch)
         if position == 0:  # each epoch seeded by (seed, epoch): a resume repeats it exactly
-            epoch["rng"] = torch.Generator().manual_seed(seed * 100_003 + number)
+            epoch["rng"] = torch.Generator().manual_seed(util.stream_seed(seed, number))
             epoch["batches"] = faces.batches(settings.batch_size, generator=epoch["rng"],
                                              drop_last=True)
         images, _ = next(epoch["batches"])
