@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from util import Progress, UserError, write_arrays, write_text
+from util import Progress, UserError, read_arrays, write_arrays, write_text
 
 CACHE_VERSION = 3  # raise it when a reader's output changes (3: 16-bit PNGs scaled right)
 DIGITS = ("mnist", "mnistm", "svhn", "usps")
@@ -667,11 +667,10 @@ def _cached(reader, entry: str, cache_dir: Path | None) -> dict:
         cached = _cache_file(cache_dir, entry, key)
         if cached.exists() and _sources_key(key) == key:
             try:
-                with np.load(cached, allow_pickle=False) as stored:
-                    return {k: stored[k] for k in stored.files}
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-                print(f"cache file {cached} is damaged ({type(error).__name__}): deleting "
-                      "it and decoding again", file=sys.stderr)
+                return read_arrays(cached, "it is decoded again")
+            except UserError as error:
+                print(f"cache file {cached} is damaged ({error}): deleting it and decoding "
+                      "again", file=sys.stderr)
                 cached.unlink()
     arrays, sources = reader()
     key = _sources_signature(sources)

@@ -18,7 +18,6 @@ Generated digits are graded by a small CNN classifier trained on real digits
 generated for is the "digit accuracy" that the DLCV homework grades.
 """
 import hashlib
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -320,15 +319,11 @@ def load_statistics(path, network_factory, batch_size=50, device="cpu", image_si
     Returns mu, sigma and the side of the folder's images (None for an .npz)."""
     path = Path(path)
     if path.suffix == ".npz" and path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as stored:
-                if "mu" not in stored or "sigma" not in stored:
-                    raise UserError(f"{path} holds no 'mu' and 'sigma': write it with "
-                                    "'run.py fid --save-stats FOLDER OUT.npz'")
-                return stored["mu"], stored["sigma"], None
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-            raise UserError(f"{path} cannot be read as an .npz ({type(error).__name__}): "
-                            "write it again with 'run.py fid --save-stats'") from None
+        stored = util.read_arrays(path, "write it again with 'run.py fid --save-stats'")
+        if "mu" not in stored or "sigma" not in stored:
+            raise UserError(f"{path} holds no 'mu' and 'sigma': write it with "
+                            "'run.py fid --save-stats FOLDER OUT.npz'")
+        return stored["mu"], stored["sigma"], None
     if not path.is_dir():
         raise UserError(f"{path} is neither a folder of images nor a statistics .npz file")
     images = data.load(str(path), "train", image_size=image_size, cache_dir=cache_dir)

@@ -21,7 +21,6 @@ import math
 import os
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -309,16 +308,12 @@ def command_tsne(args) -> None:
 
 def saved_features(path: str, key: str, labels_key: str):
     """(features (N, D), labels (N,) or None) from an .npz, checked."""
-    try:
-        with np.load(path, allow_pickle=False) as stored:
-            if key not in stored:
-                raise util.UserError(f"{path} has no array '{key}' (it has "
-                                     f"{', '.join(stored.files)}): pass --key NAME")
-            features = stored[key].reshape(len(stored[key]), -1).astype(np.float64)
-            labels = stored[labels_key] if labels_key in stored else None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise util.UserError(f"{path} cannot be read as an .npz of numbers "
-                             f"({type(error).__name__}): save it with numpy.savez") from None
+    stored = util.read_arrays(path, "save it with numpy.savez")
+    if key not in stored:
+        raise util.UserError(f"{path} has no array '{key}' (it has {', '.join(stored)}): "
+                             "pass --key NAME")
+    features = stored[key].reshape(len(stored[key]), -1).astype(np.float64)
+    labels = stored.get(labels_key)
     if labels is not None and len(labels) != len(features):
         raise util.UserError(f"{path}: '{labels_key}' has {len(labels)} entries for "
                              f"{len(features)} rows of '{key}': give one label per row")

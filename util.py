@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,17 @@ def write_arrays(arrays: dict, path) -> Path:
         with open(tmp, "wb") as file:  # a file object: savez would add .npz to a name
             np.savez(file, **{name: np.asarray(value) for name, value in arrays.items()})
     return _atomic_write(path, save)
+
+
+def read_arrays(path, remedy: str) -> dict:
+    """The arrays of an .npz (write_arrays' files) by name, without unpickling; a missing,
+    truncated or foreign file ends in one line that says `remedy`."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return {name: stored[name] for name in stored.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise UserError(f"{path} cannot be read as an .npz of numbers "
+                        f"({type(error).__name__}): {remedy}") from None
 
 
 def save_checkpoint(state: dict, path) -> Path:
