@@ -2,14 +2,17 @@
 
     python bench.py data --data-root DIR [--cache DIR]
     python bench.py tsne --data-root DIR [--sizes 2000,5000] [--sklearn]
-    python bench.py fid [--images 100] [--threads 2]
+    python bench.py fid [--images 100] [--threads 2] [--batch-size 50] [--device cpu]
+                         [--weights FILE]
 
 `data`: seconds to load each data set found under DIR, first (decode, or from an existing
 cache) and second time (from the cache).
 `tsne`: MNIST test digits projected to 50 PCA dimensions, embedded by tsne.tsne; time,
 KL and trustworthiness at k = 12. With --sklearn (scikit-learn installed separately, it is
 not a dependency) the same input goes through sklearn.manifold.TSNE's defaults.
-`fid`: images per second of FIDInception feature extraction on 64x64 inputs.
+`fid`: images per second of FID feature extraction on 64x64 inputs: ours, and pytorch-fid's
+network when `pytorch_fid` can be imported (random weights unless --weights: the speed is
+the same).
 """
 import argparse
 import time
@@ -69,15 +72,30 @@ def bench_data(args):
 
 
 def bench_fid(args):
+    """Ours as FID runs it, and pytorch-fid's InceptionV3 where it can be imported, on the
+    same images, batch size and threads, one after the other."""
     torch.set_num_threads(args.threads)
-    network = metrics.FIDInception().eval()
+    device = torch.device(args.device)
     images = torch.rand(args.images, 3, 64, 64) * 2 - 1
-    metrics.inception_features(network, images[:2], batch_size=2)  # warm-up
-    start = time.perf_counter()
-    metrics.inception_features(network, images, batch_size=50)
-    seconds = time.perf_counter() - start
-    print(f"FID features, {args.images} images 64x64, {args.threads} threads: "
-          f"{args.images / seconds:.2f} images/s")
+    networks = {"ours": metrics.load_fid_inception(device=device, weights=args.weights)
+                if args.weights else metrics.for_inference(metrics.FIDInception(), device)}
+    try:
+        import pytorch_fid.inception as reference
+        # its FID network, the same weights, no download
+        reference.load_state_dict_from_url = lambda *a, **k: (
+            torch.load(args.weights, weights_only=True) if args.weights
+            else metrics.FIDInception().state_dict())
+        pytorch_fid = reference.InceptionV3([3]).eval().to(device)
+        networks["pytorch-fid"] = lambda x: pytorch_fid(x)[0].flatten(1)
+    except Exception as error:  # not installed, or its torchvision does not fit this torch
+        print(f"pytorch-fid not timed: {type(error).__name__}: {error}")
+    for name, network in networks.items():
+        metrics.inception_features(network, images[:2], batch_size=2, device=device)  # warm-up
+        start = time.perf_counter()
+        metrics.inception_features(network, images, batch_size=args.batch_size, device=device)
+        seconds = time.perf_counter() - start
+        print(f"{name}: FID features of {args.images} images 64x64, batch {args.batch_size}, "
+              f"{args.threads} threads, {device}: {args.images / seconds:.2f} images/s")
 
 
 def main(argv=None):
@@ -95,6 +113,9 @@ def main(argv=None):
     fid_parser = commands.add_parser("fid")
     fid_parser.add_argument("--images", type=int, default=100)
     fid_parser.add_argument("--threads", type=int, default=2)
+    fid_parser.add_argument("--batch-size", type=int, default=50)
+    fid_parser.add_argument("--weights", default=None, help="the FID weights (default: random)")
+    fid_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     {"data": bench_data, "tsne": bench_tsne, "fid": bench_fid}[args.command](args)
 

@@ -131,7 +131,9 @@ class DDPMSettings:
     classifier: str = field(default="", metadata={
         "help": "digit-classifier checkpoint that grades the 1000 images (default: "
                 "OUT/classifier/checkpoint.pt, made by 'run.py classifier')"})
-    fid: bool = field(default=True, metadata={"help": "FID against real test digits"})
+    fid_images: int = field(default=1000, metadata={
+        "help": "digits (all classes in turn) for the FID against the test split at each "
+                "--sample-every checkpoint, and the final 1000 digits' FID (0: no FID)"})
     resume: bool = field(default=False, metadata={"help": "continue from checkpoint.pt"})
 
 
@@ -276,17 +278,24 @@ def generate(model: Diffusion, settings: DDPMSettings, out: Path, seed: int, dev
              per_digit: int = 100, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The homework's deliverable: per_digit images of each digit, named by digit, timed."""
     names, labels = course_names(per_digit)
-    starts = range(0, len(labels), batch_size)
+    batches = math.ceil(len(labels) / batch_size)
     steps = settings.timesteps if settings.sampler == "ddpm" else \
         len(ddim_timesteps(settings.timesteps, settings.sampling_steps))
-    progress = util.Progress(desc=f"{settings.sampler} sampling", total=steps * len(starts))
+    progress = util.Progress(desc=f"{settings.sampler} sampling", total=steps * batches)
     start = time.perf_counter()
-    images = torch.cat([sample(model, labels[i:i + batch_size].to(device), settings, seed + i,
-                               on_step=progress.update)[0].cpu() for i in starts])
+    images = sample_batched(model, labels, settings, seed, device, batch_size, progress.update)
     seconds = time.perf_counter() - start
     progress.close()
     data.save_images(images, out, names)
     return images, labels, seconds
+
+
+def sample_batched(model: Diffusion, labels, settings: DDPMSettings, seed: int, device,
+                   batch_size: int = 500, on_step=lambda: None) -> torch.Tensor:
+    """Images of the given labels on the CPU, batch_size at a time (batch i from seed + i)."""
+    return torch.cat([sample(model, labels[i:i + batch_size].to(device), settings, seed + i,
+                             on_step=on_step)[0].cpu()
+                      for i in range(0, len(labels), batch_size)])
 
 
 def save_grid_and_strip(model: Diffusion, settings: DDPMSettings, out: Path, seed: int, device):
@@ -315,9 +324,9 @@ def save_grid_and_strip(model: Diffusion, settings: DDPMSettings, out: Path, see
 
 # ============================================================================ training
 def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPMSettings,
-          out: Path, device, seed: int, cache_dir=None) -> dict:
+          out: Path, device, seed: int, cache_dir=None, weights=None) -> dict:
     """Adam with a linear warm-up over 500 steps, an EMA of the weights for sampling;
-    grid, reverse process, loss curve and checkpoint every `sample_every` steps
+    FID, grid, reverse process, loss curve and checkpoint every `sample_every` steps
     (util.train_loop runs the loop); then the 1000 images, their grades, results.json."""
     if digits.labels is None:
         raise UserError(f"{settings.data} has no labels: the conditional DDPM needs them")
@@ -327,6 +336,8 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
     optimizer = torch.optim.Adam(model.network.parameters(), settings.lr)
     rng = torch.Generator().manual_seed(seed)  # data order, t, noise, dropped classes
     digits = digits.to(device)
+    fid, no_fid = metrics.fid_tracker(real_test, settings.fid_images, settings.sample_every,
+                                      device, cache_dir, weights)
 
     def step(index: int) -> dict:
         for group in optimizer.param_groups:  # linear warm-up over 500 steps
@@ -347,19 +358,26 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
                         title="DDPM: epsilon-prediction MSE", xlabel="step",
                         x=history["step"])
         save_grid_and_strip(model, settings, out, seed, device)
+        if fid:
+            fid.draw(history, out / "fid.png", "DDPM")
+
+    def evaluate(history: dict):
+        if fid:  # digits 0..9 in turn, from a seed apart from the final 1000's (seed)
+            labels = torch.arange(settings.fid_images) % CLASSES
+            fid.add(history, history["step"][-1],
+                    sample_batched(model, labels, settings, seed + 1, device))
 
     log = util.train_loop(
         step, settings.steps, settings.sample_every, out, "ddpm", settings, seed, device,
         parts={"model": model, "optimizer": optimizer, "rng": rng}, desc="DDPM",
-        may_change=("steps", "sample_every", "classifier", "fid", "sampler",
-                    "sampling_steps", "eta", "guidance"), draw=draw)
-    return finish(model, real_test, log.history, settings, out, seed, log.seconds, device,
-                  cache_dir)
+        may_change=("steps", "sample_every", "classifier", "sampler", "sampling_steps",
+                    "eta", "guidance"), evaluate=evaluate, draw=draw)
+    return finish(model, log.history, settings, out, seed, log.seconds, device, fid, no_fid)
 
 
-def finish(model: Diffusion, real_test, history, settings: DDPMSettings, out: Path,
-           seed: int, seconds: float, device, cache_dir) -> dict:
-    """The 1000 images, their digit accuracy and FID, results.json."""
+def finish(model: Diffusion, history, settings: DDPMSettings, out: Path, seed: int,
+           seconds: float, device, fid, no_fid: dict) -> dict:
+    """The 1000 images, their digit accuracy and FID (beside the curve's), results.json."""
     images, labels, sampling_seconds = generate(model, settings, out / "images", seed, device)
     losses = history.get("loss") or [None]
     results = {"steps": history["step"][-1] if history["step"] else 0, "seed": seed,
@@ -368,9 +386,8 @@ def finish(model: Diffusion, real_test, history, settings: DDPMSettings, out: Pa
                settings.sampling_steps if settings.sampler == "ddim" else settings.timesteps,
                "guidance": settings.guidance, "seconds_for_1000_images": sampling_seconds}
     results.update(grade(images, labels, settings, out, device))
-    if settings.fid and real_test is not None:
-        results.update(metrics.fid_or_reason(images, real_test.images(slice(0, 10_000)),
-                                             cache_dir, device))
+    results.update({**fid.results(history), "fid": fid.score(images),
+                    "fid_images": len(images)} if fid else no_fid)
     util.write_json(results, out / "results.json")
     return results
 

@@ -125,8 +125,9 @@ class GANSettings:
         "help": "hacks: dropout rate in D after each LeakyReLU (ganhacks)"})
     sample_every: int = field(default=500, metadata={
         "help": "steps between sample grids, curves and checkpoints"})
-    fid_images: int = field(default=2000, metadata={
-        "help": "generated and held-out images for the final FID (0: skip)"})
+    fid_images: int = field(default=1000, metadata={
+        "help": "generated images for the FID against every held-out face, at each "
+                "--sample-every checkpoint (0: no FID; 10000 on a GPU: --preset gpu)"})
     limit: int = field(default=0, metadata={"help": "use only the first N training faces"})
     resume: bool = field(default=False, metadata={"help": "continue from checkpoint.pt"})
 
@@ -398,9 +399,10 @@ def fixed_noise(settings: GANSettings, count: int, seed: int):
 
 
 def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSettings,
-          out: Path, device, seed: int, cache_dir=None) -> dict:
-    """Train, with sample grid, curves and checkpoint every `sample_every` steps
-    (util.train_loop runs the loop); then FID and results.json."""
+          out: Path, device, seed: int, cache_dir=None, weights=None) -> dict:
+    """Train, with FID, sample grid, curves and checkpoint every `sample_every` steps
+    (util.train_loop runs the loop; the lowest FID's weights also go to best.pt); then
+    results.json. weights: the FID Inception weights file (default: the cache's)."""
     if settings.variant not in VARIANTS:
         raise UserError(f"unknown --variant '{settings.variant}': use {', '.join(VARIANTS)}")
     if settings.variant == "acgan" and faces.labels is None:
@@ -411,6 +413,8 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
     optimizers = build_optimizers(gan, settings)
     rng = torch.Generator().manual_seed(seed)  # data order, z, augmentation
     faces = faces.to(device)
+    fid, no_fid = metrics.fid_tracker(held_out, settings.fid_images, settings.sample_every,
+                                      device, cache_dir, weights)
 
     def real_batch():
         """batch_size faces drawn with replacement, and (ACGAN) their attributes."""
@@ -429,20 +433,26 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
         gan.update_ema(index, settings.ema_decay)
         return numbers
 
+    def evaluate(history: dict):
+        # z apart from the grid's (seed), the pairs' (seed + 1) and FID's (seed + 2)
+        gan.refresh_ema_statistics(settings, seed + 3)
+        if fid:  # the same fid_images z every time, so the curve compares like with like
+            fid.add(history, history["step"][-1],
+                    generate(gan, settings.fid_images, settings, seed + 2, device))
+
     log = util.train_loop(
         step, settings.steps, settings.sample_every, out, "gan", settings, seed, device,
         parts={"gan": gan, "rng": rng, **{f"{name}_optimizer": optimizer
                                           for name, optimizer in optimizers.items()}},
-        may_change=("steps", "sample_every", "fid_images"), desc=f"GAN {settings.variant}",
-        # z apart from the grid's (seed), the pairs' (seed + 1) and FID's (seed + 2)
-        evaluate=lambda history: gan.refresh_ema_statistics(settings, seed + 3),
-        draw=lambda history: save_pictures(gan, history, settings, Path(out), seed, device))
-    return finish(gan, held_out, log.history, settings, Path(out), seed, log.seconds, device,
-                  cache_dir)
+        may_change=("steps", "sample_every"), desc=f"GAN {settings.variant}",
+        evaluate=evaluate, draw=lambda history: save_pictures(gan, history, settings,
+                                                              Path(out), seed, fid, device))
+    return finish(log.history, settings, Path(out), seed, log.seconds,
+                  fid.results(log.history) if fid else no_fid)
 
 
 def save_pictures(gan: GAN, history: dict, settings: GANSettings, out: Path, seed: int,
-                  device):
+                  fid, device):
     z, attributes = fixed_noise(settings, 32, seed)
     data.save_grid(gan.sample(z.to(device), None if attributes is None
                               else attributes.to(device)).cpu(), out / "samples.png")
@@ -466,6 +476,8 @@ def save_pictures(gan: GAN, history: dict, settings: GANSettings, out: Path, see
                         xlabel="step", x=history["step"])
     if settings.variant == "acgan":
         save_attribute_pairs(gan, settings, out / "pairs.png", seed, device)
+    if fid:
+        fid.draw(history, out / "fid.png", title)
 
 
 def save_attribute_pairs(gan: GAN, settings: GANSettings, path: Path, seed: int, device):
@@ -481,17 +493,14 @@ def save_attribute_pairs(gan: GAN, settings: GANSettings, path: Path, seed: int,
                            "0 and 1")
 
 
-def finish(gan: GAN, held_out, history: dict, settings: GANSettings, out: Path, seed: int,
-           seconds: float, device, cache_dir) -> dict:
+def finish(history: dict, settings: GANSettings, out: Path, seed: int, seconds: float,
+           fid_results: dict) -> dict:
     steps = history["step"][-1] if history["step"] else 0
     results = {"variant": settings.variant, "steps": steps, "seed": seed,
                "image_size": settings.image_size, "train_seconds": seconds,
                "seconds_per_step": seconds / max(steps, 1),
-               **{f"final_{k}": v[-1] for k, v in history.items() if k != "step"}}
-    if settings.fid_images and held_out is not None:
-        fake = generate(gan, settings.fid_images, settings, seed + 2, device)
-        real = held_out.images(slice(0, settings.fid_images))
-        results.update(metrics.fid_or_reason(fake, real, cache_dir, device))
+               **{f"final_{k}": v[-1] for k, v in history.items()
+                  if k not in ("step", "fid", "fid_step")}, **fid_results}
     util.write_json(results, out / "results.json")
     return results
 

@@ -18,6 +18,8 @@ Generated digits are graded by a small CNN classifier trained on real digits
 generated for is the "digit accuracy" that the DLCV homework grades.
 """
 import hashlib
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -201,7 +203,7 @@ class FIDInception(nn.Module):
 
     def blocks(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
-        x = 2 * x - 1                                                      # (N, 3, 299, 299)
+        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)      # (N, 3, 299, 299)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         block0 = F.max_pool2d(x, 3, stride=2)                              # (N, 64, 73, 73)
         block1 = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(block0)), 3, stride=2)
@@ -252,18 +254,27 @@ def load_fid_inception(cache_dir=None, device="cpu", weights=None) -> FIDIncepti
     except Exception as error:  # garbage, a foreign checkpoint, or another network's weights
         raise UserError(f"{path} is not the pytorch-fid Inception weights "
                         f"({type(error).__name__}): use {Path(FID_WEIGHTS_URL).name}") from None
-    return network.eval().to(device)
+    network.weights_file = path
+    return for_inference(network, device)
+
+
+def for_inference(network: FIDInception, device) -> FIDInception:
+    """Evaluation mode, on the device, channels-last: the convolutions' fastest layout on
+    CPUs and on tensor cores (1.5 times the speed of NCHW on the 2-core CPU)."""
+    return network.eval().to(device, memory_format=torch.channels_last)
 
 
 # ============================================================================ FID
-@torch.no_grad()
+@torch.inference_mode()
 def inception_features(network: FIDInception, images: torch.Tensor, batch_size: int = 50,
                        device="cpu") -> np.ndarray:
-    """(N, 3, H, W) images in [-1, 1] (the project's convention) -> (N, 2048) float64."""
+    """(N, 3, H, W) images in [-1, 1] (the project's convention) -> (N, 2048) float64.
+    Always float32: under bfloat16 autocast features (mean 0.19) moved by up to 0.1."""
     features = []
     for start in Progress(range(0, len(images), batch_size), "inception features"):
         batch = images[start:start + batch_size].to(device, torch.float32)
-        features.append(network((batch + 1) / 2).double().cpu())
+        batch = ((batch + 1) / 2).contiguous(memory_format=torch.channels_last)
+        features.append(network(batch).double().cpu())
     return torch.cat(features).numpy()
 
 
@@ -299,18 +310,98 @@ def image_statistics(images: torch.Tensor, network: FIDInception, batch_size: in
     return gaussian_statistics(inception_features(network, images, batch_size, device))
 
 
-def fid_or_reason(fake: torch.Tensor, real: torch.Tensor, cache_dir=None,
-                  device="cpu") -> dict:
-    """{"fid": FID of two image sets in [-1, 1]}, or, where the Inception weights cannot
-    be had (offline), {"fid": None, "fid_unavailable": the reason}: a training run must
-    still finish and save its results."""
+class FIDTracker:
+    """FID while a model trains: at chosen steps, FID of `count` generated images against
+    the held-out images, into the run's history (history["fid"], history["fid_step"]).
+
+    The held-out side never changes, so its statistics are computed once and kept in the
+    cache, keyed by the images' pixels and the weights file: a second run pays nothing
+    for them. Each evaluation then costs `count` forward passes of Inception."""
+
+    def __init__(self, real: "data.ImageSet", count: int, every: int, device,
+                 cache_dir=None, weights=None):
+        self.network = load_fid_inception(cache_dir, device, weights)
+        self.count, self.every, self.device = count, every, device
+        self.weights = weights_label(self.network.weights_file)
+        self.real = real_statistics(real, self.network, cache_dir, device)
+        self.seconds = 0.0  # spent on the generated side's features: the run's FID overhead
+
+    def due(self, step: int, last: int) -> bool:
+        return step % self.every == 0 or step == last
+
+    def score(self, fake: torch.Tensor) -> float:
+        """FID of fake images in [-1, 1] against the held-out images."""
+        start = time.perf_counter()
+        fid = frechet_distance(*image_statistics(fake, self.network, device=self.device),
+                               *self.real[:2])
+        self.seconds += time.perf_counter() - start
+        return fid
+
+    def add(self, history: dict, step: int, fake: torch.Tensor) -> float:
+        """FID of `fake` (count images) into the history at `step`."""
+        fid = self.score(fake)
+        history.setdefault("fid", []).append(fid)
+        history.setdefault("fid_step", []).append(step)
+        return fid
+
+    def draw(self, history: dict, path, title: str):
+        plots.line_plot({f"FID, {self.count} samples": history["fid"]}, path,
+                        title=f"{title}: FID against {self.real_count} held-out images",
+                        xlabel="step", x=history["fid_step"])
+
+    def results(self, history: dict) -> dict:
+        """The final and the best FID of the curve, for results.json."""
+        if not history.get("fid"):
+            return {"fid": None, "fid_unavailable": "no FID evaluation was due"}
+        best = int(np.argmin(history["fid"]))
+        return {"fid": history["fid"][-1], "best_fid": history["fid"][best],
+                "best_fid_step": history["fid_step"][best], "fid_images": self.count,
+                "fid_real_images": self.real_count, "fid_weights": self.weights,
+                "fid_seconds": self.seconds,
+                "fid_curve": {"images": self.count, "step": history["fid_step"],
+                              "fid": history["fid"]}}
+
+    @property
+    def real_count(self) -> int:
+        return self.real[2]
+
+
+def fid_tracker(real, count: int, every: int, device, cache_dir=None, weights=None):
+    """(tracker, None), or (None, {"fid": None, "fid_unavailable": reason}) when there is
+    nothing to measure against or the weights cannot be had (offline, no --weights): the
+    run still trains and saves its results."""
+    if not count or real is None:
+        return None, {"fid": None, "fid_unavailable": "not asked for"}
     try:
-        network = load_fid_inception(cache_dir, device)
+        return FIDTracker(real, count, every, device, cache_dir, weights), None
     except UserError as error:
-        return {"fid": None, "fid_unavailable": str(error)}
-    return {"fid": frechet_distance(*image_statistics(fake, network, device=device),
-                                    *image_statistics(real, network, device=device)),
-            "fid_images": [len(fake), len(real)]}
+        if weights:  # a file the user named must work
+            raise
+        return None, {"fid": None, "fid_unavailable": str(error)}
+
+
+def weights_label(path: Path) -> str:
+    """'name (sha256 1234abcd)': which weights file produced a figure."""
+    return f"{Path(path).name} (sha256 {hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]})"
+
+
+def real_statistics(real: "data.ImageSet", network: FIDInception, cache_dir, device):
+    """(mu, sigma, N) of the held-out images, from the cache when it has them."""
+    key = hashlib.sha256(real.pixels.cpu().numpy().tobytes())
+    key.update(weights_label(network.weights_file).encode())
+    folder = data.cache_folder(cache_dir)
+    path = folder / f"fid_real_{key.hexdigest()[:16]}.npz" if folder else None
+    if path is not None and path.exists():
+        try:
+            stored = util.read_arrays(path, "it is computed again")
+            return stored["mu"], stored["sigma"], int(stored["count"])
+        except UserError as error:
+            print(f"cache file {path} is damaged ({error}): deleting it", file=sys.stderr)
+            path.unlink()
+    mu, sigma = image_statistics(real.images(), network, device=device)
+    if path is not None:
+        util.write_arrays({"mu": mu, "sigma": sigma, "count": len(real)}, path)
+    return mu, sigma, len(real)
 
 
 def load_statistics(path, network_factory, batch_size=50, device="cpu", image_size=None,

@@ -62,6 +62,12 @@ def add_flags(parser: argparse.ArgumentParser, settings_class, presets=None) -> 
                                 help=field.metadata.get("help"))
 
 
+def add_weights_flag(parser):
+    parser.add_argument("--weights", default=None, help="the FID's Inception weights file "
+                        f"(default: {Path(metrics.FID_WEIGHTS_URL).name} in --cache, "
+                        "downloaded once)")
+
+
 def settings_from(args: argparse.Namespace, settings_class):
     return settings_class(**{f.name: getattr(args, f.name)
                              for f in dataclasses.fields(settings_class)})
@@ -122,6 +128,9 @@ def validate(args: argparse.Namespace) -> None:
     if getattr(args, "weights", None) and not Path(args.weights).is_file():
         raise util.UserError(f"--weights {args.weights} not found: give the pytorch-fid "
                              f"weights file {Path(metrics.FID_WEIGHTS_URL).name}")
+    if getattr(args, "fid_images", 0) == 1:
+        raise util.UserError("--fid-images 1: FID fits a covariance, give at least 2 "
+                             "(or 0 for no FID)")
     if args.command == "data":
         for split in args.splits.split(","):
             data.check_split(args.name, split)
@@ -377,7 +386,8 @@ def command_vae(args) -> None:
     test = load_data(common, settings.data, "test", image_size=64,
                      attribute=settings.attribute if settings.data == "celeba" else None)
     out = run_folder(args)
-    results = vae.train(faces, test, settings, out, device, common.seed)
+    results = vae.train(faces, test, settings, out, device, common.seed, common.cache,
+                        args.weights)
     print(f"test MSE {results['test_mse']:.4f}, KL {results['test_kl']:.1f}; outputs in {out}/")
 
 
@@ -404,7 +414,8 @@ def command_ddpm(args) -> None:
     out = run_folder(args)
     if not settings.classifier:
         settings.classifier = str(Path(common.out) / "classifier" / "checkpoint.pt")
-    results = ddpm.train(digits, test, settings, out, device, common.seed, common.cache)
+    results = ddpm.train(digits, test, settings, out, device, common.seed, common.cache,
+                         args.weights)
     accuracy = results["digit_accuracy"]
     print(f"done: digit accuracy {'skipped (no classifier)' if accuracy is None else accuracy}"
           f", {fid_text(results)}; outputs in {out}/")
@@ -456,7 +467,8 @@ def command_gan(args) -> None:
     held_out = load_data(common, settings.data, "test", image_size=settings.image_size)
     print(f"{len(faces)} training faces, {len(held_out)} held out for FID")
     out = run_folder(args)
-    results = gan.train(faces, held_out, settings, out, device, common.seed, common.cache)
+    results = gan.train(faces, held_out, settings, out, device, common.seed, common.cache,
+                        args.weights)
     print(f"done: {results['steps']} steps, {results['seconds_per_step']:.3f} s/step, "
           f"{fid_text(results)}; outputs in {out}/")
 
@@ -514,8 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--batch-size", type=int, default=50)
     sub.add_argument("--image-size", type=int, default=None,
                      help="resize folder images to this side first (if sizes differ)")
-    sub.add_argument("--weights", default=None,
-                     help="pytorch-fid weights file (default: download once into --cache)")
+    add_weights_flag(sub)
 
     sub = command("tsne", command_tsne, "t-SNE plot of features (.npz) or of a data set")
     sub.add_argument("source", help="an .npz of features, or a data set name / folder")
@@ -537,15 +548,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("gan", command_gan,
                   "GANs on faces: --variant a (DCGAN), b, acgan, wgan-gp, hacks")
     add_flags(sub, gan.GANSettings, gan.PRESETS)
+    add_weights_flag(sub)
     sub.add_argument("--generate", type=int, default=0,
                      help="write this many images from --ckpt into --out, then stop")
     sub.add_argument("--ckpt", default=None, help="checkpoint for --generate")
 
     sub = command("vae", command_vae, "variational autoencoder on faces")
     add_flags(sub, vae.VAESettings, vae.PRESETS)
+    add_weights_flag(sub)
 
     sub = command("ddpm", command_ddpm, "conditional diffusion on digits (DDPM / DDIM)")
     add_flags(sub, ddpm.DDPMSettings, ddpm.PRESETS)
+    add_weights_flag(sub)
     sub.add_argument("--generate", action="store_true",
                      help="write the 1000 homework images from --ckpt into --out, timed")
     sub.add_argument("--per-digit", type=int, default=100,

@@ -11,6 +11,7 @@ import errno
 import gzip
 import inspect
 import io
+import json
 import math
 import os
 import re
@@ -51,6 +52,10 @@ def private_cache(tmp_path_factory, monkeypatch):
     another test can answer a load."""
     folder = tmp_path_factory.mktemp("default-cache")
     monkeypatch.setenv("DLCV_CACHE", str(folder))
+
+    def no_network(url, path):  # and no download: a test that tried one fails offline too
+        raise urllib.error.URLError(f"tests do not download ({url})")
+    monkeypatch.setattr(data, "_stream_to", no_network)
     return folder
 
 
@@ -760,6 +765,9 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["fid", faces, faces, "--weights", str(tmp / "missing.pth")], "not found"),
         (["fid", faces, faces, "--weights", str(garbage)], "not the pytorch-fid Inception"),
         (["fid", faces, faces, "--weights", str(foreign)], "not the pytorch-fid Inception"),
+        (["gan", "--data", faces, "--image-size", "32", "--weights", str(garbage)],
+         "not the pytorch-fid Inception"),
+        (["vae", "--fid-images", "1"], "--fid-images 1: FID fits a covariance"),
         (["gan", "--generate", "2", "--ckpt", str(foreign)], "not by 'run.py gan'"),
         (["tsne", str(few)], "10 points are too few for perplexity 30"),
         (["tsne", str(nan)], "1 of 41 feature rows hold NaN"),
@@ -1183,6 +1191,132 @@ def test_fid_command_saves_statistics_and_compares(tmp_path, capsys, monkeypatch
     assert run.main(["fid", str(folder), str(tmp_path / "s.npz")] + common) == 0
     fid = float(capsys.readouterr().out.strip().splitlines()[-1].split(":")[1])
     assert abs(fid) < 1e-6
+
+
+# ------------------------------------------------- FID while training (metrics.FIDTracker)
+class PooledFeatures(nn.Module):
+    """A cheap stand-in for Inception in the tracker tests (Inception itself is checked
+    against pytorch-fid above): 4x4 average pools of the [0, 1] input, 48 features."""
+
+    def forward(self, images):
+        return F.adaptive_avg_pool2d(images, 4).flatten(1)
+
+
+@pytest.fixture
+def cheap_fid(tmp_path, monkeypatch):
+    """load_fid_inception gives PooledFeatures; returns the path of its 'weights' file."""
+    weights = tmp_path / "stand-in.pth"
+    weights.write_bytes(b"stand-in weights")
+
+    def load(cache_dir=None, device="cpu", weights=None):
+        network = PooledFeatures()
+        network.weights_file = Path(weights or tmp_path / "stand-in.pth")
+        return network
+    monkeypatch.setattr(metrics, "load_fid_inception", load)
+    return weights
+
+
+def own_fid(fake: torch.Tensor, real: torch.Tensor) -> float:
+    """The FID formula on PooledFeatures' features, computed apart from the tracker."""
+    def statistics(images):
+        return metrics.gaussian_statistics(PooledFeatures()((images + 1) / 2).double().numpy())
+    return metrics.frechet_distance(*statistics(fake), *statistics(real))
+
+
+@pytest.mark.parametrize("variant", ["a", "b"])
+def test_gan_fid_curve_is_of_the_fixed_samples_of_each_checkpoint_against_all_held_out(
+        tmp_path, cheap_fid, variant):
+    """At each checkpoint: FID of fid_images samples (z from seed + 2, the EMA generator
+    for b) against every held-out face; final = last point, best.pt = the lowest.
+    Catches: FID against the training faces or only fid_images of the held-out ones,
+    other z at each checkpoint, the FID of weights other than those saved, best.pt
+    written at the highest FID or at every checkpoint."""
+    held_out = data.ImageSet(toy_faces(10).pixels.flip(0))  # not the training faces
+    results = gan.train(toy_faces(), held_out, tiny_gan(variant=variant, steps=3,
+                                                        fid_images=6),
+                        tmp_path, "cpu", 0, weights=cheap_fid)
+    curve = results["fid_curve"]
+    assert curve["step"] == [1, 2, 3] and curve["images"] == 6
+    assert results["fid"] == curve["fid"][-1] and results["best_fid"] == min(curve["fid"])
+    assert results["fid_real_images"] == 10 and results["fid_weights"].startswith("stand-in")
+    for name, step in (("checkpoint.pt", 3), ("best.pt", results["best_fid_step"])):
+        model, settings = gan.load(tmp_path / name, "cpu")
+        assert util.load_checkpoint(tmp_path / name)["step"] == step
+        fake = gan.generate(model, 6, settings, 0 + 2, "cpu")
+        assert own_fid(fake, held_out.images()) == pytest.approx(curve["fid"][step - 1],
+                                                                 rel=1e-6)
+    assert (tmp_path / "fid.png").is_file()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["best_fid_step"] == curve["step"][int(np.argmin(curve["fid"]))]
+
+
+def test_train_loop_writes_best_pt_only_when_an_fid_beats_every_earlier_one(tmp_path):
+    layer = nn.Linear(2, 1)
+    scores = {2: 5.0, 4: 3.0, 6: 4.0}  # measured at steps 2, 4 and 6 only
+    best_steps = []
+
+    def evaluate(history):
+        step = history["step"][-1]
+        if step in scores:
+            history.setdefault("fid", []).append(scores[step])
+            history.setdefault("fid_step", []).append(step)
+        if (tmp_path / "best.pt").exists():
+            best_steps.append(util.load_checkpoint(tmp_path / "best.pt")["step"])
+    util.train_loop(lambda index: {"loss": 0.0}, 7, 1, tmp_path, "test", tiny_gan(), 0,
+                    "cpu", parts={"layer": layer}, evaluate=evaluate)
+    assert util.load_checkpoint(tmp_path / "best.pt")["step"] == 4
+    # seen before each checkpoint: none until step 2, then 2 (steps 3, 4), then 4 for good
+    assert best_steps == [2, 2, 4, 4, 4]
+
+
+def test_held_out_statistics_are_computed_once_then_read_from_the_cache(tmp_path, cheap_fid,
+                                                                         monkeypatch, capsys):
+    real, other = toy_faces(8), data.ImageSet(toy_faces(8).pixels.flip(0))
+    cache = tmp_path / "cache"
+    first = metrics.FIDTracker(real, 4, 1, "cpu", cache, cheap_fid)
+    original = metrics.image_statistics
+    monkeypatch.setattr(metrics, "image_statistics",
+                        lambda *args, **kwargs: pytest.fail("held-out statistics recomputed"))
+    second = metrics.FIDTracker(real, 4, 1, "cpu", cache, cheap_fid)
+    assert all(np.array_equal(a, b) for a, b in zip(first.real, second.real))
+    monkeypatch.setattr(metrics, "image_statistics", original)
+    [entry] = cache.glob("fid_real_*.npz")
+    entry.write_bytes(b"torn")  # a damaged entry is rebuilt, with a line that says so
+    third = metrics.FIDTracker(real, 4, 1, "cpu", cache, cheap_fid)
+    assert "is damaged" in capsys.readouterr().err
+    assert np.allclose(third.real[1], first.real[1])
+    metrics.FIDTracker(other, 4, 1, "cpu", cache, cheap_fid)  # other images: their own entry
+    assert len(list(cache.glob("fid_real_*.npz"))) == 2
+
+
+def test_vae_fid_every_k_epochs_and_of_the_reconstructions(tmp_path, cheap_fid):
+    faces, test = toy_faces(16, 64), data.ImageSet(toy_faces(12, 64).pixels.flip(0))
+    results = vae.train(faces, test, tiny_vae(epochs=3, fid_every=2, fid_images=10,
+                                              tsne_points=0), tmp_path, "cpu", 0,
+                        weights=cheap_fid)
+    assert results["fid_curve"]["step"] == [4, 6]  # 2 steps an epoch: epochs 2 and 3
+    model = util.load_trained(tmp_path / "checkpoint.pt", "cpu", vae.VAESettings,
+                              lambda s: nets.VAE(s.latent_dim), "model", "vae")[0]
+    assert results["fid"] == pytest.approx(own_fid(vae.samples(model, 10, 8, 0 + 1),
+                                                    test.images()), rel=1e-6)
+    first_ten = test.subset(torch.arange(10))
+    assert results["reconstruction_fid"] == pytest.approx(
+        own_fid(vae.reconstructions(model, first_ten), test.images()), rel=1e-6)
+
+
+def test_ddpm_fid_of_the_1000_course_digits_beside_the_curve(tmp_path, cheap_fid):
+    test = toy_domain(12, seed=1)
+    _, settings = tiny_diffusion(steps=2, width=8, sampling_steps=2, fid_images=10)
+    results = ddpm.train(toy_domain(16), test, settings, tmp_path, "cpu", 0, weights=cheap_fid)
+    assert results["fid_curve"]["step"] == [1, 2] and results["fid_curve"]["images"] == 10
+    model, trained = ddpm.load(tmp_path / "checkpoint.pt", "cpu")
+    _, labels = ddpm.course_names()
+    course = ddpm.sample_batched(model, labels, trained, 0, "cpu")
+    assert results["fid_images"] == 1000
+    assert results["fid"] == pytest.approx(own_fid(course, test.images()), rel=1e-6)
+    digits = ddpm.sample_batched(model, torch.arange(10) % 10, trained, 0 + 1, "cpu")
+    assert results["fid_curve"]["fid"][-1] == pytest.approx(own_fid(digits, test.images()),
+                                                            rel=1e-6)
 
 
 # ============================================================================ tsne
@@ -1973,7 +2107,7 @@ def test_posterior_is_the_gaussian_product_of_prior_and_likelihood():
 
 def tiny_diffusion(**changes) -> "ddpm.Diffusion":
     settings = ddpm.DDPMSettings(**{"timesteps": 20, "width": 16, "steps": 2, "batch_size": 4,
-                                    "sample_every": 1, "sampling_steps": 4, "fid": False,
+                                    "sample_every": 1, "sampling_steps": 4, "fid_images": 0,
                                     "amp": False, **changes})
     torch.manual_seed(0)
     return ddpm.Diffusion(settings), settings
@@ -2087,7 +2221,7 @@ def test_reparameterisation_passes_gradients_to_mu_and_logvar():
 
 def tiny_vae(**changes) -> "vae.VAESettings":
     return vae.VAESettings(**{"latent_dim": 8, "epochs": 2, "batch_size": 8,
-                              "tsne_points": 16, **changes})
+                              "tsne_points": 16, "fid_images": 0, **changes})
 
 
 def test_a_tiny_vae_run_writes_every_file_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
@@ -2601,7 +2735,7 @@ def test_ddpm_training_warms_up_the_lr_descends_the_networks_loss_and_averages_i
             return loss
     monkeypatch.setattr(ddpm, "Diffusion", Recording)
     settings = ddpm.DDPMSettings(timesteps=20, steps=3, batch_size=4, sample_every=3,
-                                 sampling_steps=2, lr=1e-2, ema_decay=0.5, fid=False,
+                                 sampling_steps=2, lr=1e-2, ema_decay=0.5, fid_images=0,
                                  amp=False)
     steps = []
 

@@ -365,7 +365,9 @@ def train_loop(step, steps: int, every: int, out, command: str, settings, seed: 
     - every `every` steps and at the end: the step log commits the means since the last
       commit, evaluate(history) adds its numbers (test metrics; it may also refresh an
       average's batch-norm statistics), the checkpoint is written atomically (weights
-      that are not finite are refused), draw(history) draws the curves and grids.
+      that are not finite are refused), draw(history) draws the curves and grids;
+    - when evaluate measured an FID (history["fid"] at history["fid_step"]) lower than
+      every earlier one, the same checkpoint is also written as OUT/best.pt.
 
     step(index) -> {name: number} is one optimisation step, the method's own code.
     parts: name -> what the checkpoint holds (modules, optimizers, schedulers: anything
@@ -393,10 +395,12 @@ def train_loop(step, steps: int, every: int, out, command: str, settings, seed: 
             log.commit(done)
             if evaluate is not None:
                 evaluate(log.history)
-            save_checkpoint({"command": command, "seed": seed,
-                             "settings": dataclasses.asdict(settings), "step": done,
-                             "history": log.history, "seconds": log.seconds, **(record or {}),
-                             **{name: _saved(part) for name, part in parts.items()}}, checkpoint)
+            state = {"command": command, "seed": seed, "settings": dataclasses.asdict(settings),
+                     "step": done, "history": log.history, "seconds": log.seconds,
+                     **(record or {}), **{name: _saved(part) for name, part in parts.items()}}
+            save_checkpoint(state, checkpoint)
+            if _new_best(log.history, done):
+                save_checkpoint(state, checkpoint.with_name("best.pt"))
             if draw is not None:
                 draw(log.history)
             progress.note(f"{desc} {done}/{steps}: " + ", ".join(
@@ -405,6 +409,12 @@ def train_loop(step, steps: int, every: int, out, command: str, settings, seed: 
             log.start_clock()
     progress.close()
     return log
+
+
+def _new_best(history: dict, step: int) -> bool:
+    """Was an FID measured at this step, lower than every earlier one? (best.pt)"""
+    scores = history.get("fid")
+    return bool(scores) and history["fid_step"][-1] == step and scores[-1] == min(scores)
 
 
 def _saved(part):

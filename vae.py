@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import data
+import metrics
 import nets
 import plots
 import tsne
@@ -51,6 +52,11 @@ class VAESettings:
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     attribute: str = field(default="Male", metadata={"help": "colours the t-SNE of latents"})
     tsne_points: int = field(default=2000, metadata={"help": "test faces in the t-SNE (0: none)"})
+    fid_images: int = field(default=1000, metadata={
+        "help": "samples (and test reconstructions) for the FID against every test face "
+                "(0: no FID)"})
+    fid_every: int = field(default=5, metadata={
+        "help": "epochs between FID evaluations (and always after the last)"})
     limit: int = field(default=0, metadata={"help": "use only the first N training faces"})
     resume: bool = field(default=False, metadata={"help": "continue from checkpoint.pt"})
 
@@ -85,9 +91,10 @@ def kl_weight_at(settings: VAESettings, epoch: int, fraction: float) -> float:
 
 # ============================================================================ training
 def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out: Path,
-          device, seed: int) -> dict:
+          device, seed: int, cache_dir=None, weights=None) -> dict:
     """Adam on L = ||x - x^||^2 + lambda KL; test MSE and KL, curves and a checkpoint after
-    every epoch (util.train_loop runs the loop); then the pictures and results.json."""
+    every epoch, the samples' FID every fid_every epochs (util.train_loop runs the loop);
+    then the pictures, the reconstructions' FID and results.json."""
     out = Path(out)
     util.seed_everything(seed)
     model = nets.VAE(settings.latent_dim).to(device)
@@ -97,6 +104,9 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
     if steps_per_epoch == 0:
         raise UserError(f"{len(faces)} faces is fewer than one batch of {settings.batch_size}:"
                         " lower --batch-size")
+    fid, fid_results = metrics.fid_tracker(test, settings.fid_images,
+                                      settings.fid_every * steps_per_epoch, device, cache_dir,
+                                      weights)
     epoch = {}  # this epoch's random stream (data order, eps) and its batches
 
     def step(index: int) -> dict:
@@ -118,13 +128,44 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
     def evaluate(history: dict):
         for name, value in evaluate_test(model, test, seed).items():
             history.setdefault(f"test_{name}", []).append(value)
+        if fid and fid.due(history["step"][-1], settings.epochs * steps_per_epoch):
+            fid.add(history, history["step"][-1], samples(model, settings.fid_images,
+                                                          settings.latent_dim, seed + 1))
+
+    def draw(history: dict):
+        save_curves(history, out, settings)
+        if fid and history.get("fid"):
+            fid.draw(history, out / "fid.png", f"VAE, lambda = {settings.kl_weight:g}")
 
     log = util.train_loop(
         step, settings.epochs * steps_per_epoch, steps_per_epoch, out, "vae", settings, seed,
         device, parts={"model": model, "optimizer": optimizer}, desc="VAE",
-        may_change=("epochs", "tsne_points", "attribute"), evaluate=evaluate,
-        draw=lambda history: save_curves(history, out, settings))
-    return finish(model, test, log.history, settings, out, seed, log.seconds)
+        may_change=("epochs", "tsne_points", "attribute", "fid_every"), evaluate=evaluate,
+        draw=draw)
+    if fid:  # and of the reconstructions (mean code) of the first fid_images test faces
+        first = test.subset(torch.arange(min(settings.fid_images, len(test))))
+        fid_results = {**fid.results(log.history),
+                  "reconstruction_fid": fid.score(reconstructions(model, first))}
+    return finish(model, test, log.history, settings, out, seed, log.seconds, fid_results)
+
+
+@torch.no_grad()
+def samples(model: nets.VAE, count: int, latent_dim: int, seed: int,
+            batch_size: int = 500) -> torch.Tensor:
+    """count decoded z ~ N(0, I) from a fixed seed, on the CPU."""
+    model.eval()
+    z = torch.randn(count, latent_dim, generator=torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device
+    return torch.cat([model.decode(z[i:i + batch_size].to(device)).cpu()
+                      for i in range(0, count, batch_size)])
+
+
+@torch.no_grad()
+def reconstructions(model: nets.VAE, faces: data.ImageSet, batch_size: int = 500):
+    """Decoded mean codes mu(x) of the faces, on the CPU."""
+    model.eval()
+    return torch.cat([model.decode(model.encode(images)[0]).cpu()
+                      for images, _ in faces.batches(batch_size, shuffle=False)])
 
 
 @torch.no_grad()
@@ -154,20 +195,18 @@ def save_curves(history: dict, out: Path, settings: VAESettings):
 # ============================================================================ pictures
 @torch.no_grad()
 def finish(model: nets.VAE, test: data.ImageSet, history: dict, settings: VAESettings,
-           out: Path, seed: int, seconds: float) -> dict:
+           out: Path, seed: int, seconds: float, fid_results: dict) -> dict:
     """Reconstructions, samples, interpolation, t-SNE of latents, results.json."""
-    model.eval()
-    faces = test.images(torch.arange(min(10, len(test)), device=test.pixels.device))
-    reconstructions = model.decode(model.encode(faces)[0])        # the mean code
-    mse = (reconstructions - faces).pow(2).mean().item()
-    data.save_grid(torch.cat([faces, reconstructions]).cpu(), out / "reconstructions.png",
+    first_ten = test.subset(torch.arange(min(10, len(test))))
+    faces, rebuilt = first_ten.images(), reconstructions(model, first_ten)
+    mse = (rebuilt - faces.cpu()).pow(2).mean().item()
+    data.save_grid(torch.cat([faces.cpu(), rebuilt]), out / "reconstructions.png",
                    nrow=len(faces))
     plots.label_grid(out / "reconstructions.png", faces.shape[-1],
                      rows=["test face", "reconstruction"],
                      title=f"VAE, lambda = {settings.kl_weight:g}: reconstructions from "
                            f"the mean code, MSE {mse:.4f}")
-    z = torch.randn(32, settings.latent_dim, generator=torch.Generator().manual_seed(seed))
-    data.save_grid(model.decode(z.to(faces.device)).cpu(), out / "samples.png")
+    data.save_grid(samples(model, 32, settings.latent_dim, seed), out / "samples.png")
     save_interpolation(model, faces[0], faces[1], out / "interpolation.png")
     if settings.tsne_points and test.labels is not None:
         save_latent_tsne(model, test, settings, out / "tsne.png", seed)
@@ -175,7 +214,7 @@ def finish(model: nets.VAE, test: data.ImageSet, history: dict, settings: VAESet
                "test_mse": history["test_mse"][-1], "test_kl": history["test_kl"][-1],
                "train_seconds": seconds, "seconds_per_epoch": seconds / max(
                    len(history["test_mse"]), 1), "reconstruction_mse_10_faces": mse,
-               "seed": seed}
+               "seed": seed, **fid_results}
     util.write_json(results, out / "results.json")
     return results
 
