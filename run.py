@@ -377,6 +377,48 @@ def command_classify(args) -> None:
                   f"of {int(mine.sum())}")
 
 
+def command_facerate(args) -> None:
+    """Share of the images in --folder in which the HOG face detector finds a face; the
+    detector is trained once (CelebA and MNIST-M training images) when there is none."""
+    common = settings_from(args, Common)
+    detector_path = Path(args.detector or Path(common.out) / "face_detector" / "detector.pt")
+    if not detector_path.exists():
+        if args.detector:
+            raise util.UserError(f"--detector {args.detector} not found: leave it out to "
+                                 "train one into OUT/face_detector/")
+        train_face_detector(common, detector_path)
+    detector = metrics.load_face_detector(detector_path)
+    images = data.load(args.folder, "train", image_size=64, cache_dir="")
+    found = detector.detect(images.images())
+    results = {"folder": str(args.folder), "images": len(images), "faces": int(found.sum()),
+               "face_rate": found.float().mean().item(), "detector": str(detector_path)}
+    path = Path(common.out) / "facerate" / f"{Path(args.folder).resolve().name}.json"
+    util.write_json(results, path)
+    print(f"face rate {results['face_rate']:.4f} ({results['faces']}/{len(images)}) in "
+          f"{args.folder}; written to {path}")
+
+
+def train_face_detector(common: Common, path: Path):
+    """The detector from 6,000 CelebA training faces and 6,000 MNIST-M training digits,
+    checked on the test faces and the first 2,000 MNIST-M test digits."""
+    print(f"training the face detector into {path} (once)")
+    faces, backgrounds = (load_data(common, metrics.DETECTOR_DATA[kind], split, image_size=size,
+                                    limit=count).images()
+                          for kind, split, size, count in (("faces", "train", 64, 6000),
+                                                            ("non_faces", "train", 28, 6000)))
+    detector = metrics.train_face_detector(faces, backgrounds, common.seed)
+    rates = metrics.face_rates(
+        detector, load_data(common, metrics.DETECTOR_DATA["faces"], "test", image_size=64,
+                            limit=2000).images(),
+        load_data(common, metrics.DETECTOR_DATA["non_faces"], "test", limit=2000).images(),
+        common.seed)
+    metrics.save_face_detector(detector, rates, path)
+    util.write_json(rates, path.with_name("results.json"))
+    print("held out: faces found in {faces_detected:.4f} of the test faces, in "
+          "{backgrounds_detected:.4f} of the MNIST-M digits and {scrambled_detected:.4f} "
+          "of the scrambled faces".format(**rates))
+
+
 def command_vae(args) -> None:
     """Train the VAE on faces; outputs go to OUT/vae_lambda{kl_weight}."""
     common, settings = settings_from(args, Common), settings_from(args, vae.VAESettings)
@@ -552,6 +594,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--generate", type=int, default=0,
                      help="write this many images from --ckpt into --out, then stop")
     sub.add_argument("--ckpt", default=None, help="checkpoint for --generate")
+
+    sub = command("facerate", command_facerate,
+                  "share of a folder's images in which a HOG face detector finds a face")
+    sub.add_argument("--folder", required=True, help="images, e.g. from 'gan --generate'")
+    sub.add_argument("--detector", default=None,
+                     help="detector file (default: OUT/face_detector/detector.pt, trained "
+                          "there from CelebA and MNIST-M under --data-root if absent)")
 
     sub = command("vae", command_vae, "variational autoencoder on faces")
     add_flags(sub, vae.VAESettings, vae.PRESETS)

@@ -1319,6 +1319,132 @@ def test_ddpm_fid_of_the_1000_course_digits_beside_the_curve(tmp_path, cheap_fid
                                                             rel=1e-6)
 
 
+# ------------------------------------------------- face rate: the HOG detector
+def own_cell_histograms(image: np.ndarray, cell=4, bins=9) -> np.ndarray:
+    """Dalal & Triggs' cell histograms pixel by pixel: (C, H, W) -> (bins, H/cell, W/cell)."""
+    channels, height, width = image.shape
+    padded = np.pad(image, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    histograms = np.zeros((bins, height // cell, width // cell))
+    for y in range(height):
+        for x in range(width):
+            gx = padded[:, y + 1, x + 2] - padded[:, y + 1, x]
+            gy = padded[:, y + 2, x + 1] - padded[:, y, x + 1]
+            c = int(np.argmax(np.hypot(gx, gy)))
+            magnitude, angle = math.hypot(gx[c], gy[c]), math.atan2(gy[c], gx[c]) % math.pi
+            width_of_bin = math.pi / bins
+            centre_below = math.floor(angle / width_of_bin - 0.5)   # bin centres (k + .5) w
+            share_above = angle / width_of_bin - 0.5 - centre_below
+            histograms[centre_below % bins, y // cell, x // cell] += magnitude * (1 - share_above)
+            histograms[(centre_below + 1) % bins, y // cell, x // cell] += magnitude * share_above
+    return histograms
+
+
+def test_hog_cell_histograms_match_a_pixel_by_pixel_reference():
+    """Catches: signed instead of unsigned angles, votes to one bin only, bins off by
+    half a width, the wrong channel, a border rule other than repeating the edge."""
+    image = torch.rand(2, 3, 8, 12, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ours = metrics.cell_histograms(image)
+    for i in range(2):
+        assert np.allclose(ours[i].numpy(), own_cell_histograms(image[i].double().numpy()),
+                           atol=1e-5)
+
+
+def test_hog_ramps_vote_where_their_edges_point():
+    """A horizontal ramp I = a x has gradient (2a, 0) inside, a at the repeated border:
+    angle 0 lies halfway between the centres 10 and 170 degrees, so bins 0 and 8 share
+    each cell's 4 (a + 3 * 2a) = 28a. A vertical ramp's 90 degrees is bin 4's centre."""
+    a = 0.1
+    ramp = (torch.arange(8.0) * a).expand(1, 3, 8, 8)
+    across = metrics.cell_histograms(ramp)[0, :, 0, 0]       # the top-left cell
+    expected = torch.zeros(9)
+    expected[0] = expected[8] = 14 * a
+    assert torch.allclose(across, expected, atol=1e-6)
+    down = metrics.cell_histograms(ramp.transpose(2, 3))[0, :, 0, 0]
+    expected = torch.zeros(9)
+    expected[4] = 28 * a
+    assert torch.allclose(down, expected, atol=1e-5)  # pi / 2 in float32: a hair past 4.0
+
+
+def test_hog_blocks_are_l2_hys_normalised_2x2_cells_and_windows_are_7x7_blocks():
+    histograms = torch.rand(1, 9, 10, 10, generator=torch.Generator().manual_seed(1))
+    histograms[0, 3, 2, 2] = 50.0  # one strong edge, so that the clip at 0.2 matters
+    blocks = metrics.block_features(histograms)
+    assert blocks.shape == (1, 36, 9, 9)
+    for by, bx in ((0, 0), (1, 1), (2, 1), (8, 8)):
+        v = torch.cat([histograms[0, :, by, bx], histograms[0, :, by, bx + 1],
+                       histograms[0, :, by + 1, bx], histograms[0, :, by + 1, bx + 1]])
+        v = (v / (v.norm() ** 2 + 1e-4).sqrt()).clamp(max=0.2)
+        assert torch.allclose(blocks[0, :, by, bx], v / (v.norm() ** 2 + 1e-4).sqrt(),
+                              atol=1e-6)
+    image = torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    windows = metrics.window_features(image)                 # 10x10 cells, 9x9 blocks
+    assert windows.shape == (1, 9, 1764)                     # 3x3 windows, one cell apart
+    blocks = metrics.block_features(metrics.cell_histograms(image))
+    assert torch.equal(windows[0, 3 * 1 + 2], blocks[0, :, 1:8, 2:9].reshape(-1))
+
+
+def test_linear_svm_separates_separable_windows_with_a_margin():
+    generator = torch.Generator().manual_seed(3)
+    direction = torch.randn(20, generator=generator)
+    features = torch.randn(300, 20, generator=generator)
+    margin = features @ direction
+    features, margin = features[margin.abs() > 1], margin[margin.abs() > 1]
+    is_face = margin > 0
+    svm = nn.Linear(20, 1)
+    metrics.fit_svm(svm, features, is_face, penalty=1e-6)
+    scores = svm(features).squeeze(1).detach()
+    assert torch.equal(scores > 0, is_face)
+    assert (scores[is_face] > 0.5).all() and (scores[~is_face] < -0.5).all()
+
+
+def test_scrambled_faces_keep_every_tile_in_a_new_order():
+    faces = toy_faces(3, 16).images()
+    mixed = metrics.scrambled(faces, torch.Generator().manual_seed(0))
+    def tiles(images):  # (N, 16, C*4*4), tile contents
+        return images.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(3, 16, -1)
+    for before, after in zip(tiles(faces), tiles(mixed)):
+        assert not torch.equal(before, after)
+        assert torch.equal(before[before[:, 0].argsort()], after[after[:, 0].argsort()])
+
+
+def synthetic_faces(count: int, seed: int) -> torch.Tensor:
+    """A toy 'face' at 64x64: a light disc with two dark eyes and a mouth, on noise."""
+    generator = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    centre = 32 + torch.randint(-2, 3, (count, 2, 1, 1), generator=generator)
+    cy, cx = centre[:, 0], centre[:, 1]
+    disc = ((y - cy) ** 2 + (x - cx) ** 2 < 26 ** 2).float()
+    eyes = sum(((y - cy + 8) ** 2 + (x - cx - dx) ** 2 < 16).float() for dx in (-10, 10))
+    mouth = ((y - cy - 12).abs() < 2).float() * ((x - cx).abs() < 9).float()
+    face = 0.8 * disc - 1.5 * (eyes + mouth) * disc - 0.4
+    noise = torch.rand(count, 3, 64, 64, generator=generator) * 0.2
+    return (face[:, None].expand(-1, 3, -1, -1) + noise).clamp(-1, 1)
+
+
+def test_face_detector_finds_toy_faces_not_noise_and_facerate_writes_its_rate(tmp_path, capsys):
+    """The whole pipeline on toy faces; the threshold is set on held-back non-faces, and
+    the command's rate is the detector's on the folder."""
+    noise = torch.rand(240, 3, 28, 28, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    detector = metrics.train_face_detector(synthetic_faces(120, 0), noise, seed=0)
+    assert detector.threshold.item() != 0
+    rates = metrics.face_rates(detector, synthetic_faces(40, 1), noise[:40] * 0.9, seed=1)
+    assert rates["faces_detected"] >= 0.9 and rates["backgrounds_detected"] <= 0.1
+    path = metrics.save_face_detector(detector, rates, tmp_path / "detector.pt")
+    folder = tmp_path / "generated"
+    images = torch.cat([synthetic_faces(6, 2), noise[:4].repeat(1, 1, 3, 3)[..., :64, :64]])
+    data.save_images(images, folder, [f"{i}.png" for i in range(10)])
+    found = metrics.load_face_detector(path).detect(data.load(str(folder), "train",
+                                                              cache_dir="").images())
+    assert run.main(["facerate", "--folder", str(folder), "--detector", str(path),
+                     "--out", str(tmp_path / "o")]) == 0
+    saved = json.loads((tmp_path / "o" / "facerate" / "generated.json").read_text())
+    assert saved["faces"] == int(found.sum()) and saved["images"] == 10
+    assert f"face rate {found.float().mean():.4f}" in capsys.readouterr().out
+    line = one_line_error(capsys, ["facerate", "--folder", str(folder), "--detector",
+                                   str(tmp_path / "none.pt")])
+    assert "--detector" in line and "not found" in line
+
+
 # ============================================================================ tsne
 def clusters(per_cluster=30, dims=10, seed=0):
     """Three well separated Gaussian blobs with their labels."""
