@@ -1924,9 +1924,9 @@ def test_dann_step_reverses_the_domain_gradient_with_the_given_strength():
         return nets_.features[0].weight.grad
 
     nets_ = fresh_nets()  # the domain loss's own gradient, by autograd, without the GRL
-    features = torch.cat([nets_.features(source), nets_.features(target)])
-    domain_loss = F.binary_cross_entropy_with_logits(nets_.domain(features).squeeze(1),
-                                                     is_source)
+    logits = nets_.domain(torch.cat([nets_.features(source), nets_.features(target)]))
+    domain_loss = (F.binary_cross_entropy_with_logits(logits[:6, 0], is_source[:6])
+                   + F.binary_cross_entropy_with_logits(logits[6:, 0], is_source[6:]))
     domain_gradient, = torch.autograd.grad(domain_loss, nets_.features[0].weight)
     class_gradient = step_gradient(0.0)
     assert domain_gradient.abs().max() > 1e-3 * class_gradient.abs().max()
@@ -2924,9 +2924,10 @@ def test_classify_step_descends_the_cross_entropy_of_the_images_and_labels_given
 def test_dann_step_gradients_are_class_minus_lambda_domain_plus_weighted_target_entropy(
         entropy_weight):
     """F gets d/dF [CE(C(F(x_s)), y_s) - lambda L_dom + w H(C(F(x_t)))], C the class and
-    entropy terms, D d/dD L_dom with L_dom = BCE(D(F(x)), 1 for source, 0 for target) over
-    both batches. Catches: the class loss on target images, the entropy on source logits
-    or unweighted, the reversal strength not applied, the domain labels swapped."""
+    entropy terms, D d/dD L_dom with L_dom = mean_s BCE(D(F(x_s)), 1) + mean_t
+    BCE(D(F(x_t)), 0). Catches: the class loss on target images, the entropy on source
+    logits or unweighted, the reversal strength not applied, the domain labels swapped,
+    one mean over the joint batch (half the paper's L_dom, so half its lambda)."""
     nets_ = stub_uda_networks("dann")
     source, labels, target = two_domains()
     reversal = 0.37
@@ -2936,9 +2937,11 @@ def test_dann_step_gradients_are_class_minus_lambda_domain_plus_weighted_target_
 
     source_features, target_features = F_(source), F_(target)
     class_loss = F.cross_entropy(C(source_features), labels)
-    domain_loss = F.binary_cross_entropy_with_logits(
-        D(torch.cat([source_features, target_features])).squeeze(1),
-        torch.cat([torch.ones(6), torch.zeros(6)]))
+    # the paper's L_dom: a mean over each domain, summed (not one mean over both)
+    domain_loss = (F.binary_cross_entropy_with_logits(D(source_features).squeeze(1),
+                                                      torch.ones(6))
+                   + F.binary_cross_entropy_with_logits(D(target_features).squeeze(1),
+                                                        torch.zeros(6)))
     entropy = own_entropy(C(target_features))
 
     def grad(loss, module):
@@ -2951,7 +2954,7 @@ def test_dann_step_gradients_are_class_minus_lambda_domain_plus_weighted_target_
 
 
 def test_adda_step_trains_d_on_source_1_target_0_then_f_t_toward_1_against_the_new_d():
-    """D descends BCE(D(F_s(x_s)), 1) + BCE(D(F_t(x_t)), 0) (one mean over both batches);
+    """D descends BCE(D(F_s(x_s)), 1) + BCE(D(F_t(x_t)), 0) (a mean over each batch);
     then F_t alone descends BCE(D(F_t(x_t)), 1) scored by the updated D; F_s and C do not
     move. Catches swapped domain labels, F_t trained toward 0, F_s or C stepped, D stepped
     twice."""
@@ -2966,9 +2969,9 @@ def test_adda_step_trains_d_on_source_1_target_0_then_f_t_toward_1_against_the_n
                   "target": recording_sgd(Ft.parameters(), lr_t)}
     losses = uda.adda_step(nets_, source, target, optimizers)
 
-    domain_loss = F.binary_cross_entropy_with_logits(
-        D0(torch.cat([Fs(source), Ft0(target)])).squeeze(1),
-        torch.cat([torch.ones(6), torch.zeros(6)]))
+    domain_loss = (F.binary_cross_entropy_with_logits(D0(Fs(source)).squeeze(1), torch.ones(6))
+                   + F.binary_cross_entropy_with_logits(D0(Ft0(target)).squeeze(1),
+                                                        torch.zeros(6)))
     d_gradient = gradients(domain_loss, D0.parameters())
     D1 = copy.deepcopy(D0)
     with torch.no_grad():

@@ -9,7 +9,7 @@ Target only (upper bound):  the same on labelled target images.
 
 DANN (Ganin et al. 2016, "Domain-Adversarial Training of Neural Networks", JMLR):
     min_{F,C} max_D  CE(C(F(x_s)), y_s) - L_dom,
-    L_dom = BCE(D(F(x_s)), 1) + BCE(D(F(x_t)), 0).
+    L_dom = mean_s BCE(D(F(x_s)), 1) + mean_t BCE(D(F(x_t)), 0)   (a mean per domain).
 One backward pass does both: a gradient reversal layer between F and D is the identity
 forward and multiplies the gradient by -lambda backward, so D descends L_dom while F
 ascends it. lambda grows as lambda(p) = 2 / (1 + exp(-10 p)) - 1 over the training
@@ -192,11 +192,10 @@ def dann_step(nets_: Networks, source, labels, target, optimizer, reversal: floa
     both = torch.cat([source_features, target_features])               # (2B, 800)
     # L_class = CE(C(F(x_s)), y_s): labels exist for the source only
     class_loss = F.cross_entropy(nets_.classifier(source_features), labels)
-    # L_domain = BCE(D(R_lambda(F(x))), d), d = 1 for source, 0 for target; R_lambda is the
-    # identity forward and -lambda backward, so F receives -lambda dL_domain/dF
-    is_source = torch.cat([torch.ones(len(source)), torch.zeros(len(target))]).to(source.device)
+    # L_domain = mean_s BCE(D(R_lambda(F(x_s))), 1) + mean_t BCE(D(R_lambda(F(x_t))), 0);
+    # R_lambda is the identity forward and -lambda backward, so F receives -lambda dL/dF
     domain_logits = nets_.domain(nets.grad_reverse(both, reversal)).squeeze(1)
-    domain_loss = F.binary_cross_entropy_with_logits(domain_logits, is_source)
+    domain_loss = domain_classification_loss(*domain_logits.split([len(source), len(target)]))
     losses = {"class": class_loss, "domain": domain_loss}
     if entropy_weight:  # H(C(F(x_t))) = -sum_k p_k log p_k on the unlabelled target
         losses["entropy"] = entropy(nets_.classifier(target_features))
@@ -206,6 +205,14 @@ def dann_step(nets_: Networks, source, labels, target, optimizer, reversal: floa
     return losses
 
 
+def domain_classification_loss(source_logits, target_logits) -> torch.Tensor:
+    """The domain classifier's loss as in the papers: the mean over the source batch
+    (label 1) plus the mean over the target batch (label 0). One mean over the joint
+    batch would be half of it, halving DANN's effective lambda."""
+    return (F.binary_cross_entropy_with_logits(source_logits, torch.ones_like(source_logits))
+            + F.binary_cross_entropy_with_logits(target_logits, torch.zeros_like(target_logits)))
+
+
 def adda_step(nets_: Networks, source, target, optimizers) -> dict:
     """One ADDA step: the discriminator, then the target encoder with inverted labels."""
     with torch.no_grad():
@@ -213,8 +220,8 @@ def adda_step(nets_: Networks, source, target, optimizers) -> dict:
     target_features = nets_.target_features(target)                   # F_t(x_t), (B, 800)
     # D: min BCE(D(F_s(x_s)), 1) + BCE(D(F_t(x_t)), 0); detach keeps F_t out of this step
     both = torch.cat([source_features, target_features.detach()])
-    is_source = torch.cat([torch.ones(len(source)), torch.zeros(len(target))]).to(source.device)
-    domain_loss = F.binary_cross_entropy_with_logits(nets_.domain(both).squeeze(1), is_source)
+    domain_loss = domain_classification_loss(
+        *nets_.domain(both).squeeze(1).split([len(source), len(target)]))
     optimizers["domain"].zero_grad(set_to_none=True)
     domain_loss.backward()
     optimizers["domain"].step()
