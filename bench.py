@@ -15,6 +15,7 @@ network when `pytorch_fid` can be imported (random weights unless --weights: the
 the same).
 """
 import argparse
+import copy
 import time
 
 import numpy as np
@@ -77,8 +78,11 @@ def bench_fid(args):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     images = torch.rand(args.images, 3, 64, 64) * 2 - 1
-    networks = {"ours": metrics.load_fid_inception(device=device, weights=args.weights)
-                if args.weights else metrics.for_inference(metrics.FIDInception(), device)}
+    ours = (metrics.load_fid_inception(device=device, weights=args.weights) if args.weights
+            else metrics.for_inference(metrics.FIDInception(), device))
+    nchw = copy.deepcopy(ours).to(memory_format=torch.contiguous_format)
+    # ours as it runs (channels-last), and in torch's default layout, which pytorch-fid uses
+    networks = {"ours": ours, "ours in NCHW": lambda x: nchw(x.contiguous())}
     try:
         import pytorch_fid.inception as reference
         # its FID network, the same weights, no download

@@ -204,7 +204,7 @@ class FIDInception(nn.Module):
 
     def blocks(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
-        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)      # (N, 3, 299, 299)
+        x = 2 * x - 1                                                      # (N, 3, 299, 299)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         block0 = F.max_pool2d(x, 3, stride=2)                              # (N, 64, 73, 73)
         block1 = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(block0)), 3, stride=2)

@@ -96,16 +96,20 @@ class Figure:
 
 
 def line_plot(series: dict, path, title="", xlabel="step", ylabel="", x=None) -> Path:
-    """One line per named series (a sequence of y values, NaNs skipped), shared x axis."""
+    """One line per named series (a sequence of y values, NaNs skipped). x: the shared x
+    values, or {name: x values} when the series were measured at different x."""
     ys = {name: np.asarray(values, float) for name, values in series.items() if len(values)}
     longest = max((len(v) for v in ys.values()), default=1)
-    xs = np.asarray(x, float) if x is not None else np.arange(1, longest + 1, dtype=float)
+    shared = np.arange(1, longest + 1, dtype=float) if x is None else x
+    xs = {name: np.asarray(shared[name] if isinstance(shared, dict) else shared, float)
+          for name in ys} or {"": shared}
+    every_x = np.concatenate([v.reshape(-1) for v in xs.values()])
     finite = np.concatenate([v[np.isfinite(v)] for v in ys.values()] or [np.zeros(1)])
-    figure = Figure((xs.min(), xs.max()),
+    figure = Figure((every_x.min(), every_x.max()),
                     (finite.min(), finite.max()) if finite.size else (0, 1),
                     title, xlabel, ylabel, legend=list(ys))
     for colour, (name, values) in zip(TAB10 * 10, ys.items()):
-        px, py = figure.to_pixels(xs[:len(values)], values)
+        px, py = figure.to_pixels(xs[name][:len(values)], values)
         points = [(a, b) for a, b, v in zip(px, py, values) if np.isfinite(v)]
         if len(points) > 1:
             figure.draw.line(points, fill=colour, width=2)

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import json
 import math
 import os
 import sys
@@ -377,6 +378,25 @@ def command_classify(args) -> None:
                   f"of {int(mine.sum())}")
 
 
+def command_curves(args) -> None:
+    """The FID curves of several runs in one picture, from their results.json files."""
+    series, steps = {}, {}
+    for folder in args.runs:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise util.UserError(f"{path} not found: give folders of finished gan, vae or "
+                                 "ddpm runs")
+        curve = json.loads(path.read_text()).get("fid_curve")
+        if not curve:
+            raise util.UserError(f"{path} has no FID curve: the run measured no FID "
+                                 "(give it --weights, and --fid-images above 0)")
+        name = Path(folder).resolve().name
+        series[f"{name} ({curve['images']} samples)"] = curve["fid"]
+        steps[f"{name} ({curve['images']} samples)"] = curve["step"]
+    plots.line_plot(series, args.to, title=args.title, xlabel="step", ylabel="FID", x=steps)
+    print(f"wrote {args.to}")
+
+
 def command_facerate(args) -> None:
     """Share of the images in --folder in which the HOG face detector finds a face; the
     detector is trained once (CelebA and MNIST-M training images) when there is none."""
@@ -594,6 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--generate", type=int, default=0,
                      help="write this many images from --ckpt into --out, then stop")
     sub.add_argument("--ckpt", default=None, help="checkpoint for --generate")
+
+    sub = command("curves", command_curves, "the FID curves of several runs in one picture")
+    sub.add_argument("runs", nargs="+", help="run folders with a results.json")
+    sub.add_argument("--to", default="fid_curves.png", help="the picture to write")
+    sub.add_argument("--title", default="FID against training step")
 
     sub = command("facerate", command_facerate,
                   "share of a folder's images in which a HOG face detector finds a face")

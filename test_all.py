@@ -1319,6 +1319,30 @@ def test_ddpm_fid_of_the_1000_course_digits_beside_the_curve(tmp_path, cheap_fid
                                                             rel=1e-6)
 
 
+def test_curves_draws_the_fid_curves_of_several_runs_in_one_picture(tmp_path, capsys,
+                                                                     monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(plots, "line_plot", lambda series, path, **kw: drawn.update(
+        series=series, x=kw["x"], path=path))
+    for name, steps, fids in (("gan_a", [250, 500], [300.0, 250.0]),
+                              ("gan_b", [250, 500, 750], [280.0, 200.0, 150.0])):
+        util.write_json({"fid_curve": {"images": 500, "step": steps, "fid": fids}},
+                        tmp_path / name / "results.json")
+    assert run.main(["curves", str(tmp_path / "gan_a"), str(tmp_path / "gan_b"),
+                     "--to", str(tmp_path / "fid.png")]) == 0
+    assert drawn["series"] == {"gan_a (500 samples)": [300.0, 250.0],
+                               "gan_b (500 samples)": [280.0, 200.0, 150.0]}
+    assert drawn["x"]["gan_b (500 samples)"] == [250, 500, 750]
+    util.write_json({"fid": None}, tmp_path / "no_fid" / "results.json")
+    assert "has no FID curve" in one_line_error(capsys, ["curves", str(tmp_path / "no_fid")])
+
+
+def test_line_plot_takes_one_x_per_series(tmp_path):
+    plots.line_plot({"a": [3, 2], "b": [4, 3, 1]}, tmp_path / "p.png",
+                    x={"a": [10, 20], "b": [5, 15, 40]}, title="t")
+    assert Image.open(tmp_path / "p.png").size[0] > 100
+
+
 # ------------------------------------------------- face rate: the HOG detector
 def own_cell_histograms(image: np.ndarray, cell=4, bins=9) -> np.ndarray:
     """Dalal & Triggs' cell histograms pixel by pixel: (C, H, W) -> (bins, H/cell, W/cell)."""

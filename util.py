@@ -405,7 +405,7 @@ def train_loop(step, steps: int, every: int, out, command: str, settings, seed: 
                 draw(log.history)
             progress.note(f"{desc} {done}/{steps}: " + ", ".join(
                 f"{name} {values[-1]:.4g}" for name, values in log.history.items()
-                if name != "step" and values))
+                if name not in ("step", "fid_step") and values))
             log.start_clock()
     progress.close()
     return log
