@@ -365,10 +365,10 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
             fid.draw(history, out / "fid.png", "DDPM")
 
     def evaluate(history: dict):
-        if fid:  # digits 0..9 in turn, from a seed apart from the final 1000's (seed)
-            labels = torch.arange(settings.fid_images) % CLASSES
-            fid.add(history, history["step"][-1],
-                    sample_batched(model, labels, settings, seed + 1, device))
+        step = history["step"][-1]
+        if fid and fid.due(step, settings.steps):  # digits 0..9 in turn, from a seed apart
+            labels = torch.arange(settings.fid_images) % CLASSES  # from the final 1000's
+            fid.add(history, step, sample_batched(model, labels, settings, seed + 1, device))
 
     log = util.train_loop(
         step, settings.steps, settings.sample_every, out, "ddpm", settings, seed, device,
@@ -389,8 +389,9 @@ def finish(model: Diffusion, history, settings: DDPMSettings, out: Path, seed: i
                settings.sampling_steps if settings.sampler == "ddim" else settings.timesteps,
                "guidance": settings.guidance, "seconds_for_1000_images": sampling_seconds}
     results.update(grade(images, labels, settings, out, device))
-    results.update({**fid.results(history), "fid": fid.score(images),
-                    "fid_images": len(images)} if fid else no_fid)
+    # the curve's keys (fid, best_fid: fid_images digits), and the 1000 course digits'
+    results.update({**fid.results(history), "course_digits_fid": fid.score(images)} if fid
+                   else no_fid)
     util.write_json(results, out / "results.json")
     return results
 

@@ -439,9 +439,10 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
     def evaluate(history: dict):
         # z apart from the grid's (seed), the pairs' (seed + 1) and FID's (seed + 2)
         gan.refresh_ema_statistics(settings, seed + 3)
-        if fid:  # the same fid_images z every time, so the curve compares like with like
-            fid.add(history, history["step"][-1],
-                    generate(gan, settings.fid_images, settings, seed + 2, device))
+        step = history["step"][-1]
+        if fid and fid.due(step, settings.steps):  # the same z every time: like with like
+            fid.add(history, step, generate(gan, settings.fid_images, settings, seed + 2,
+                                            device))
 
     log = util.train_loop(
         step, settings.steps, settings.sample_every, out, "gan", settings, seed, device,

@@ -324,17 +324,19 @@ class FIDTracker:
         self.network = load_fid_inception(cache_dir, device, weights)
         self.count, self.every, self.device = count, every, device
         self.weights = weights_label(self.network.weights_file)
-        self.real = real_statistics(real, self.network, cache_dir, device)
-        self.seconds = 0.0  # spent on the generated side's features: the run's FID overhead
+        self.real_mu, self.real_sigma, self.real_count = real_statistics(
+            real, self.network, self.weights, cache_dir, device)
+        self.seconds = 0.0  # spent on the generated side since this process started
 
     def due(self, step: int, last: int) -> bool:
+        """Is an FID measurement due at this step (every `every` steps, and the last)?"""
         return step % self.every == 0 or step == last
 
     def score(self, fake: torch.Tensor) -> float:
         """FID of fake images in [-1, 1] against the held-out images."""
         start = time.perf_counter()
         fid = frechet_distance(*image_statistics(fake, self.network, device=self.device),
-                               *self.real[:2])
+                               self.real_mu, self.real_sigma)
         self.seconds += time.perf_counter() - start
         return fid
 
@@ -362,10 +364,6 @@ class FIDTracker:
                 "fid_curve": {"images": self.count, "step": history["fid_step"],
                               "fid": history["fid"]}}
 
-    @property
-    def real_count(self) -> int:
-        return self.real[2]
-
 
 def fid_tracker(real, count: int, every: int, device, cache_dir=None, weights=None):
     """(tracker, None), or (None, {"fid": None, "fid_unavailable": reason}) when there is
@@ -386,10 +384,12 @@ def weights_label(path: Path) -> str:
     return f"{Path(path).name} (sha256 {hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]})"
 
 
-def real_statistics(real: "data.ImageSet", network: FIDInception, cache_dir, device):
-    """(mu, sigma, N) of the held-out images, from the cache when it has them."""
+def real_statistics(real: "data.ImageSet", network: FIDInception, weights: str, cache_dir,
+                    device):
+    """(mu, sigma, N) of the held-out images, from the cache when it has them (keyed by
+    their pixels and shape, and by the weights file's label)."""
     key = hashlib.sha256(real.pixels.cpu().numpy().tobytes())
-    key.update(weights_label(network.weights_file).encode())
+    key.update(f"{tuple(real.pixels.shape)} {weights}".encode())
     folder = data.cache_folder(cache_dir)
     path = folder / f"fid_real_{key.hexdigest()[:16]}.npz" if folder else None
     if path is not None and path.exists():
@@ -545,20 +545,26 @@ def label_from_name(name: str) -> int:
 #    the channel with the largest gradient magnitude;
 # 2. each pixel votes its magnitude into 9 orientation bins over 0..180 degrees (the sign
 #    of a gradient says little: dark hair on light skin or light on dark), split linearly
-#    between the two nearest bin centres;
+#    between the two nearest bin centres. The paper also splits each vote between the
+#    neighbouring cells and weights blocks by a Gaussian; these small images do without;
 # 3. votes summed over cells of 4x4 pixels (the paper's 8x8 at half its window size);
 # 4. blocks of 2x2 cells, overlapping by one cell, each normalised by L2-Hys: divided by
-#    its L2 norm, clipped at 0.2, divided again (the paper's best scheme): local
+#    its L2 norm, clipped at 0.2, divided again (one of the paper's best schemes): local
 #    contrast no longer matters, only the shape of the edges;
 # 5. a linear SVM on the 7x7 blocks of a 32x32 window, trained on face windows and
-#    non-face windows, then once more with the non-face windows it scored highest
-#    (hard negatives, as the paper does);
-# 6. a sliding window (one cell apart) over a small pyramid of the image: a face is found
-#    where any window scores above a threshold. The SVM's own threshold, 0, let through
-#    one MNIST-M digit in ten; the threshold is set instead on images kept out of the
-#    SVM's training, so that 2% of those non-faces pass.
+#    non-face windows, then retrained twice, each time with the non-face windows it
+#    scored highest added (hard negatives; the paper retrains once);
+# 6. a sliding window (one cell apart) over a small pyramid of the image (three scales,
+#    where the paper uses many, 1.05 apart, and merges overlapping detections: a face
+#    rate needs only yes or no): a face is found where any window scores above a
+#    threshold. The SVM's own threshold, 0, let through one MNIST-M digit in ten; the
+#    threshold is set instead on images kept out of the SVM's training, so that 2% of
+#    those non-faces pass.
+# Everything here runs on the CPU: a face rate of 1000 images takes seconds.
 HOG_CELL, HOG_BINS, HOG_WINDOW = 4, 9, 32
-PYRAMID = (32, 40, 48)  # sides the image is resized to: a face of 100%, 80% or 67% of it
+HOG_FEATURES = 4 * HOG_BINS * (HOG_WINDOW // HOG_CELL - 1) ** 2  # 36 x 7 x 7 blocks = 1764
+IMAGE_SIDE = 64         # every image is brought to 64x64 first (faces, digits, GAN samples)
+PYRAMID = (32, 40, 48)  # then to these sides: a face of 100%, 80% or 67% of the image
 DETECTOR_DATA = {"faces": "celeba", "non_faces": "mnistm"}
 
 
@@ -592,7 +598,9 @@ def cell_histograms(images: torch.Tensor) -> torch.Tensor:
 
 def block_features(histograms: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
     """(N, 9, Cy, Cx) cells -> (N, 36, Cy - 1, Cx - 1) L2-Hys normalised 2x2 blocks:
-    v / sqrt(||v||^2 + eps^2), clipped at 0.2, then normalised the same way again."""
+    v / sqrt(||v||^2 + eps^2), clipped at 0.2, then normalised the same way again.
+    eps only matters in flat regions: a cell of an edge holds sums of tens (pixels in
+    [-1, 1], differences up to 2, 16 pixels)."""
     h = histograms
     blocks = torch.cat([h[..., :-1, :-1], h[..., :-1, 1:], h[..., 1:, :-1], h[..., 1:, 1:]],
                        dim=1)
@@ -611,26 +619,31 @@ def window_features(images: torch.Tensor) -> torch.Tensor:
     return F.unfold(blocks, span).transpose(1, 2)              # (N, L, 36 * 7 * 7)
 
 
+def resized(images: torch.Tensor, side: int) -> torch.Tensor:
+    return F.interpolate(images, size=(side, side), mode="bilinear", antialias=True,
+                         align_corners=False)
+
+
+def pyramid_features(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, S, S) -> (N, 1 + 9 + 25, 1764): every window of the 32, 40 and 48 pixel
+    versions of each image (brought to 64x64 first, whatever its size)."""
+    images = resized(images, IMAGE_SIDE)
+    return torch.cat([window_features(resized(images, side)) for side in PYRAMID], dim=1)
+
+
 class FaceDetector(nn.Module):
     """A linear SVM on HOG windows, slid over a pyramid of each image."""
 
     def __init__(self):
         super().__init__()
-        self.svm = nn.Linear(36 * (HOG_WINDOW // HOG_CELL - 1) ** 2, 1)
+        self.svm = nn.Linear(HOG_FEATURES, 1)
         self.register_buffer("threshold", torch.zeros(()))
-
-    def window_scores(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, C, S, S) in [-1, 1] -> (N, L): every window of every pyramid level."""
-        levels = [F.interpolate(images, size=(side, side), mode="bilinear", antialias=True,
-                                align_corners=False) for side in PYRAMID]
-        return torch.cat([self.svm(window_features(level)).squeeze(-1) for level in levels],
-                         dim=1)
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-        """(N,): the best window's score of each image."""
-        return torch.cat([self.window_scores(images[i:i + batch_size]).amax(dim=1)
-                          for i in range(0, len(images), batch_size)])
+        """(N,): the best window's score of each image in [-1, 1]."""
+        return torch.cat([self.svm(pyramid_features(images[i:i + batch_size])).amax(dim=1)
+                          .squeeze(1) for i in range(0, len(images), batch_size)])
 
     def detect(self, images: torch.Tensor) -> torch.Tensor:
         """(N,) bool: is a face found anywhere in the image?"""
@@ -642,7 +655,8 @@ def fit_svm(svm: nn.Linear, features: torch.Tensor, is_face: torch.Tensor,
     """Soft-margin linear SVM: min_w,b  mean over faces + mean over non-faces of
     max(0, 1 - y (w.x + b))^2  +  penalty ||w||^2,  y = +1 face, -1 non-face. The squared
     hinge is smooth, so L-BFGS solves it on the full set; each class counts the same,
-    however many windows it has."""
+    however many windows it has. (penalty and iterations: a light ridge on 1764
+    features, and enough L-BFGS steps to converge on some 30,000 windows.)"""
     y = is_face.float() * 2 - 1
     optimizer = torch.optim.LBFGS(svm.parameters(), max_iter=iterations,
                                   line_search_fn="strong_wolfe")
@@ -659,15 +673,12 @@ def fit_svm(svm: nn.Linear, features: torch.Tensor, is_face: torch.Tensor,
 
 def face_windows(faces: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Positive examples: each face three times, as squares of 88%, 94% and 100% of its
-    side (each size at one random place), mirrored half the time, resized to 32x32."""
-    count, side = len(faces), faces.shape[-1]
-    crops = []
+    side (for each size one random place, the same for all faces: faces are aligned),
+    mirrored half the time, resized to the 32x32 window."""
+    side, crops = faces.shape[-1], []
     for crop in (int(side * 0.88), int(side * 0.94), side):
-        offsets = torch.randint(0, side - crop + 1, (2,), generator=generator).tolist()
-        crops.append(F.interpolate(faces[..., offsets[0]:offsets[0] + crop,
-                                         offsets[1]:offsets[1] + crop],
-                                   size=(HOG_WINDOW, HOG_WINDOW), mode="bilinear",
-                                   antialias=True, align_corners=False))
+        top, left = torch.randint(0, side - crop + 1, (2,), generator=generator).tolist()
+        crops.append(resized(faces[..., top:top + crop, left:left + crop], HOG_WINDOW))
     windows = torch.cat(crops)
     mirrored = torch.rand(len(windows), generator=generator) < 0.5
     windows[mirrored] = windows[mirrored].flip(-1)
@@ -689,53 +700,53 @@ def scrambled(faces: torch.Tensor, generator: torch.Generator, tiles: int = 4) -
 
 def non_face_images(faces: torch.Tensor, backgrounds: torch.Tensor,
                     generator: torch.Generator) -> torch.Tensor:
-    """Whole images without a face, at the faces' size: the backgrounds (e.g. MNIST-M
-    digits, natural-image textures) and scrambled faces."""
-    side = faces.shape[-1]
-    backgrounds = F.interpolate(backgrounds, size=(side, side), mode="bilinear",
-                                align_corners=False)
-    return torch.cat([backgrounds, scrambled(faces, generator)])
+    """Whole 64x64 images without a face: the backgrounds (e.g. MNIST-M digits, whose
+    backgrounds are natural-image patches) and the faces scrambled."""
+    return torch.cat([resized(backgrounds, IMAGE_SIDE),
+                      scrambled(resized(faces, IMAGE_SIDE), generator)])
 
 
 def hardest_windows(detector: FaceDetector, images: torch.Tensor, per_image: int = 5,
                     batch_size: int = 250) -> torch.Tensor:
-    """The features of the highest-scoring windows of images without faces."""
+    """The features of the per_image highest-scoring windows of each image without a
+    face: (N * per_image, 1764)."""
     chosen = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            levels = [F.interpolate(images[i:i + batch_size], size=(s, s), mode="bilinear",
-                                    antialias=True, align_corners=False) for s in PYRAMID]
-            features = torch.cat([window_features(level) for level in levels], dim=1)
-            scores = detector.svm(features).squeeze(-1)                    # (n, L)
-            top = scores.topk(per_image, dim=1).indices
+            features = pyramid_features(images[i:i + batch_size])           # (n, 35, 1764)
+            top = detector.svm(features).squeeze(-1).topk(per_image, dim=1).indices
             chosen.append(features[torch.arange(len(top))[:, None], top].flatten(0, 1))
     return torch.cat(chosen)
 
 
 def train_face_detector(faces: torch.Tensor, backgrounds: torch.Tensor, seed: int,
-                        false_alarms: float = 0.02) -> FaceDetector:
-    """faces (N, 3, S, S) and face-free backgrounds in [-1, 1] -> a trained detector:
-    an SVM on jittered face windows against whole non-face images at window size, twice
-    more with the 5 highest-scoring windows of each non-face image added; then the
-    threshold that lets through `false_alarms` of the non-faces made from the last tenth
-    of each set, which the SVM never saw."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    kept_faces, kept_backgrounds = len(faces) // 10, len(backgrounds) // 10
-    calibration = non_face_images(faces[-kept_faces:], backgrounds[-kept_backgrounds:],
+                        false_alarms: float = 0.02, rounds: int = 3) -> FaceDetector:
+    """faces (N, 3, S, S) and face-free backgrounds in [-1, 1], at least 10 of each, on
+    the CPU -> a trained detector: an SVM on jittered face windows against whole
+    non-face images at window size, retrained rounds - 1 times with the 5 highest-scoring
+    windows of each non-face image added; then the threshold that lets through
+    `false_alarms` of the non-faces made from the last tenth of each set, which the SVM
+    never saw."""
+    if min(len(faces), len(backgrounds)) < 10:
+        raise UserError(f"the face detector needs at least 10 faces and 10 backgrounds, got "
+                        f"{len(faces)} and {len(backgrounds)}")
+    generator = torch.Generator().manual_seed(seed)  # jitter, mirroring, scrambling
+    torch.manual_seed(seed)                          # the SVM's initial weights
+    calibration_faces, calibration_backgrounds = len(faces) // 10, len(backgrounds) // 10
+    calibration = non_face_images(faces[len(faces) - calibration_faces:],
+                                  backgrounds[len(backgrounds) - calibration_backgrounds:],
                                   generator)
-    faces, backgrounds = faces[:-kept_faces], backgrounds[:-kept_backgrounds]
+    faces = faces[:len(faces) - calibration_faces]
+    backgrounds = backgrounds[:len(backgrounds) - calibration_backgrounds]
     detector = FaceDetector()
     positives = window_features(face_windows(faces, generator)).squeeze(1)
     non_faces = non_face_images(faces, backgrounds, generator)
-    negatives = window_features(F.interpolate(non_faces, size=(HOG_WINDOW, HOG_WINDOW),
-                                              mode="bilinear", antialias=True,
-                                              align_corners=False)).squeeze(1)
-    for _ in range(3):  # later rounds add the hard negatives the earlier ones missed
+    negatives = window_features(resized(non_faces, HOG_WINDOW)).squeeze(1)
+    for round_ in range(rounds):
+        if round_:  # the windows of non-faces that the last SVM scored highest
+            negatives = torch.cat([negatives, hardest_windows(detector, non_faces)])
         features = torch.cat([positives, negatives])
-        is_face = torch.arange(len(features)) < len(positives)
-        fit_svm(detector.svm, features, is_face)
-        negatives = torch.cat([negatives, hardest_windows(detector, non_faces)])
+        fit_svm(detector.svm, features, torch.arange(len(features)) < len(positives))
     detector.threshold.fill_(detector.scores(calibration).quantile(1 - false_alarms).item())
     return detector
 
@@ -744,7 +755,7 @@ def face_rates(detector: FaceDetector, faces: torch.Tensor, backgrounds: torch.T
                seed: int) -> dict:
     """The detector's held-out check: share of faces found, and of non-faces (the
     backgrounds, and the faces scrambled) wrongly called faces."""
-    scrambled_faces = scrambled(faces, torch.Generator().manual_seed(seed))
+    scrambled_faces = scrambled(resized(faces, IMAGE_SIDE), torch.Generator().manual_seed(seed))
     return {"faces_detected": detector.detect(faces).float().mean().item(),
             "backgrounds_detected": detector.detect(backgrounds).float().mean().item(),
             "scrambled_detected": detector.detect(scrambled_faces).float().mean().item()}

@@ -420,7 +420,7 @@ def command_facerate(args) -> None:
 
 def train_face_detector(common: Common, path: Path):
     """The detector from 6,000 CelebA training faces and 6,000 MNIST-M training digits,
-    checked on the test faces and the first 2,000 MNIST-M test digits."""
+    checked on the first 2,000 test faces and the first 2,000 MNIST-M test digits."""
     print(f"training the face detector into {path} (once)")
     faces, backgrounds = (load_data(common, metrics.DETECTOR_DATA[kind], split, image_size=size,
                                     limit=count).images()
@@ -479,8 +479,10 @@ def command_ddpm(args) -> None:
     results = ddpm.train(digits, test, settings, out, device, common.seed, common.cache,
                          args.weights)
     accuracy = results["digit_accuracy"]
+    course_fid = (f", FID of the 1000 digits {results['course_digits_fid']:.2f}"
+                  if "course_digits_fid" in results else "")
     print(f"done: digit accuracy {'skipped (no classifier)' if accuracy is None else accuracy}"
-          f", {fid_text(results)}; outputs in {out}/")
+          f", {fid_text(results)}{course_fid}; outputs in {out}/")
 
 
 def command_uda(args) -> None:

@@ -105,8 +105,8 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
         raise UserError(f"{len(faces)} faces is fewer than one batch of {settings.batch_size}:"
                         " lower --batch-size")
     fid, fid_results = metrics.fid_tracker(test, settings.fid_images,
-                                      settings.fid_every * steps_per_epoch, device, cache_dir,
-                                      weights)
+                                           settings.fid_every * steps_per_epoch, device,
+                                           cache_dir, weights)
     epoch = {}  # this epoch's random stream (data order, eps) and its batches
 
     def step(index: int) -> dict:
@@ -142,10 +142,11 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
         device, parts={"model": model, "optimizer": optimizer}, desc="VAE",
         may_change=("epochs", "tsne_points", "attribute", "fid_every"), evaluate=evaluate,
         draw=draw)
-    if fid:  # and of the reconstructions (mean code) of the first fid_images test faces
+    if fid:  # also the FID of the reconstructions (from the mean code) of the first
+        # fid_images test faces, against all the test faces
         first = test.subset(torch.arange(min(settings.fid_images, len(test))))
         fid_results = {**fid.results(log.history),
-                  "reconstruction_fid": fid.score(reconstructions(model, first))}
+                       "reconstruction_fid": fid.score(reconstructions(model, first))}
     return finish(model, test, log.history, settings, out, seed, log.seconds, fid_results)
 
 
