@@ -4,6 +4,8 @@
     python bench.py tsne --data-root DIR [--sizes 2000,5000] [--sklearn]
     python bench.py fid [--images 100] [--threads 2] [--batch-size 50] [--device cpu]
                          [--weights FILE]
+    python bench.py ddp --data-root DIR [--nproc 2] [--variant b] [--image-size 32]
+                         [--steps 40] [--batch-size 64]
 
 `data`: seconds to load each data set found under DIR, first (decode, or from an existing
 cache) and second time (from the cache).
@@ -13,10 +15,19 @@ not a dependency) the same input goes through sklearn.manifold.TSNE's defaults.
 `fid`: images per second of FID feature extraction on 64x64 inputs: ours, and pytorch-fid's
 network when `pytorch_fid` can be imported (random weights unless --weights: the speed is
 the same).
+`ddp`: GAN training steps per second in one process (`python run.py gan ...`) and in
+--nproc processes (`torchrun --nproc_per_node N run.py gan ...`), the same flags and global
+batch, no FID; the seconds per step come from each run's results.json.
 """
 import argparse
 import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -102,6 +113,27 @@ def bench_fid(args):
               f"{args.threads} threads, {device}: {args.images / seconds:.2f} images/s")
 
 
+def bench_ddp(args):
+    """The same GAN run in 1 and in --nproc processes, one after the other."""
+    flags = ["gan", "--variant", args.variant, "--data-root", args.data_root, "--image-size",
+             str(args.image_size), "--steps", str(args.steps), "--batch-size",
+             str(args.batch_size), "--sample-every", str(args.steps), "--fid-images", "0"]
+    launchers = {1: [sys.executable, "run.py"],
+                 args.nproc: [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node", str(args.nproc), "run.py"]}
+    for processes, launcher in launchers.items():
+        with tempfile.TemporaryDirectory() as out:
+            # torchrun gives each process 1 thread; one process gets what torch picks
+            subprocess.run(launcher + flags + ["--out", out], check=True,
+                           cwd=Path(__file__).resolve().parent, env=os.environ.copy(),
+                           stdout=subprocess.DEVNULL)
+            results = json.loads((Path(out) / f"gan_{args.variant}" / "results.json")
+                                 .read_text())
+        print(f"GAN {args.variant} {args.image_size}x{args.image_size}, global batch "
+              f"{args.batch_size}, {processes} process{'es' if processes > 1 else ''}: "
+              f"{1 / results['seconds_per_step']:.3f} steps/s", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -120,8 +152,16 @@ def main(argv=None):
     fid_parser.add_argument("--batch-size", type=int, default=50)
     fid_parser.add_argument("--weights", default=None, help="the FID weights (default: random)")
     fid_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ddp_parser = commands.add_parser("ddp")
+    ddp_parser.add_argument("--data-root", default="data")
+    ddp_parser.add_argument("--nproc", type=int, default=2)
+    ddp_parser.add_argument("--variant", default="b")
+    ddp_parser.add_argument("--image-size", type=int, default=32)
+    ddp_parser.add_argument("--steps", type=int, default=40)
+    ddp_parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
-    {"data": bench_data, "tsne": bench_tsne, "fid": bench_fid}[args.command](args)
+    {"data": bench_data, "tsne": bench_tsne, "fid": bench_fid, "ddp": bench_ddp}[
+        args.command](args)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import parallel
 from util import Progress, UserError, read_arrays, write_arrays, write_text
 
 CACHE_VERSION = 3  # raise it when a reader's output changes (3: 16-bit PNGs scaled right)
@@ -787,12 +788,16 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2) -> Pa
 def save_images(images: torch.Tensor, folder, names: list[str]) -> list[Path]:
     """Save each image in [-1, 1] as its own PNG, e.g. names 0_001.png ... 9_100.png."""
     folder = Path(folder)
+    if not parallel.is_main():  # under torchrun rank 0 alone writes files
+        return [folder / name for name in names]
     folder.mkdir(parents=True, exist_ok=True)
     return [_save_png(image, folder / name) for image, name in zip(to_uint8(images), names)]
 
 
 def _save_png(image_u8: torch.Tensor, path) -> Path:
     path = Path(path)
+    if not parallel.is_main():  # under torchrun rank 0 alone writes files
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     array = image_u8.permute(1, 2, 0).numpy()
     Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)

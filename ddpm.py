@@ -31,8 +31,13 @@ sampling uses  eps~ = (1 + w) eps(x, t, c) - w eps(x, t),  w >= 0 the guidance s
 Schedules: `linear` (beta from 1e-4 to 0.02, Ho et al.) or `cosine` (Nichol & Dhariwal
 2021, "Improved DDPM": alpha_bar_t = f(t) / f(0), f(t) = cos^2(((t / T + s) / (1 + s)) pi / 2),
 s = 0.008, beta_t = min(1 - alpha_bar_t / alpha_bar_{t-1}, 0.999)).
+
+Under torchrun (parallel.py) each process trains on its share of the global batch: every
+per-image random number is drawn for the whole batch and cut to the process's rows
+(parallel.draw, parallel.rows), so N processes train the same weights as one.
 """
 import copy
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 import data
 import metrics
 import nets
+import parallel
 import plots
 import util
 from util import UserError
@@ -120,7 +126,9 @@ class DDPMSettings:
                                                        "choices": ("linear", "cosine")})
     width: int = field(default=64, metadata={"help": "U-Net base channels"})
     steps: int = field(default=30000, metadata={"help": "training steps"})
-    batch_size: int = field(default=128, metadata={"help": "images per step"})
+    batch_size: int = field(default=128, metadata={
+        "help": "images per step, the global batch: under torchrun each of N processes "
+                "takes 1/N of it"})
     lr: float = field(default=2e-4, metadata={"help": "Adam learning rate (warm-up 500 steps)"})
     drop_class: float = field(default=0.1, metadata={"help": "P(class -> none) in training"})
     guidance: float = field(default=2.0, metadata={"help": "classifier-free guidance w"})
@@ -154,10 +162,13 @@ class Diffusion(torch.nn.Module):
     def loss(self, x0: torch.Tensor, labels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         """|| eps - eps_theta(x_t, t, c) ||^2 with t ~ U{1..T}, c dropped with p = 0.1."""
         count, device = len(x0), x0.device
-        t = torch.randint(1, self.schedule.T + 1, (count,), generator=rng).to(device)  # 1..T
-        noise = torch.randn(x0.shape, generator=rng).to(device)                         # eps
+        # per image: t ~ U{1..T}, eps ~ N(0, I), the class dropped or not; under torchrun
+        # each process keeps its rows of the global batch's draws (parallel.py)
+        t = parallel.draw(functools.partial(torch.randint, 1, self.schedule.T + 1), (count,),
+                          rng, device)
+        noise = parallel.draw(torch.randn, x0.shape, rng, device)                      # eps
         # classifier-free guidance: with probability drop_class, c becomes "no class"
-        dropped = torch.rand(count, generator=rng).to(device) < self.settings.drop_class
+        dropped = parallel.draw(torch.rand, (count,), rng, device) < self.settings.drop_class
         labels = torch.where(dropped, torch.full_like(labels, CLASSES), labels)
         with autocast(device, self.settings.amp):
             # eps_theta(x_t, t, c), x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
@@ -281,7 +292,7 @@ def generate(model: Diffusion, settings: DDPMSettings, out: Path, seed: int, dev
              per_digit: int = 100, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The homework's deliverable: per_digit images of each digit, named by digit, timed."""
     names, labels = course_names(per_digit)
-    batches = math.ceil(len(labels) / batch_size)
+    batches = math.ceil(math.ceil(len(labels) / batch_size) / parallel.world())  # rank 0's
     steps = settings.timesteps if settings.sampler == "ddpm" else \
         len(ddim_timesteps(settings.timesteps, settings.sampling_steps))
     progress = util.Progress(desc=f"{settings.sampler} sampling", total=steps * batches)
@@ -295,10 +306,11 @@ def generate(model: Diffusion, settings: DDPMSettings, out: Path, seed: int, dev
 
 def sample_batched(model: Diffusion, labels, settings: DDPMSettings, seed: int, device,
                    batch_size: int = 500, on_step=lambda: None) -> torch.Tensor:
-    """Images of the given labels on the CPU, batch_size at a time (batch i from seed + i)."""
-    return torch.cat([sample(model, labels[i:i + batch_size].to(device), settings, seed + i,
-                             on_step=on_step)[0].cpu()
-                      for i in range(0, len(labels), batch_size)])
+    """Images of the given labels on the CPU, batch_size at a time (batch i from seed + i;
+    under torchrun the batches are split across the processes)."""
+    return torch.cat(parallel.in_order(
+        lambda i: sample(model, labels[i:i + batch_size].to(device), settings, seed + i,
+                         on_step=on_step)[0], range(0, len(labels), batch_size)))
 
 
 def save_grid_and_strip(model: Diffusion, settings: DDPMSettings, out: Path, seed: int, device):
@@ -335,7 +347,8 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
         raise UserError(f"{settings.data} has no labels: the conditional DDPM needs them")
     out = Path(out)
     util.seed_everything(seed)
-    model = Diffusion(settings).to(device)
+    model = parallel.share_batch_layers(Diffusion(settings).to(device))  # U-Net's dropout
+    replicas = parallel.data_parallel(model)  # the U-Net a replica under torchrun
     optimizer = torch.optim.Adam(model.network.parameters(), settings.lr)
     rng = torch.Generator().manual_seed(seed)  # data order, t, noise, dropped classes
     digits = digits.to(device)
@@ -345,11 +358,11 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
     def step(index: int) -> dict:
         for group in optimizer.param_groups:  # linear warm-up over 500 steps
             group["lr"] = settings.lr * min(1.0, (index + 1) / 500)
-        batch = torch.randint(len(digits), (settings.batch_size,), generator=rng)
+        batch = parallel.rows(torch.randint(len(digits), (settings.batch_size,), generator=rng))
         batch = batch.to(digits.pixels.device)
         torch.manual_seed(util.stream_seed(seed, index))  # dropout: the same after a resume
         model.network.train()
-        loss = model.loss(digits.images(batch), digits.labels[batch], rng)
+        loss = replicas.loss(digits.images(batch), digits.labels[batch], rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -68,8 +68,13 @@ tricks for D, each a setting:
 - dropout 0.3 in D after each LeakyReLU (ganhacks).
 D's loss is the BCE against these targets t, -t log sigmoid(l) - (1 - t) log(1 - sigmoid(l));
 G keeps the non-saturating loss with target 1.
+
+Under torchrun (parallel.py) each process trains on its share of the global batch: every
+per-image random number is drawn for the whole batch and cut to the process's rows
+(parallel.draw, parallel.rows), so N processes train the same weights as one.
 """
 import copy
+import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -80,6 +85,7 @@ import torch.nn.functional as F
 import data
 import metrics
 import nets
+import parallel
 import plots
 import util
 from util import UserError
@@ -103,7 +109,9 @@ class GANSettings:
     data: str = field(default="celeba", metadata={"help": "celeba or a folder of faces"})
     image_size: int = field(default=64, metadata={"help": "64, or 32 for quick study"})
     steps: int = field(default=20000, metadata={"help": "generator steps"})
-    batch_size: int = field(default=128, metadata={"help": "images per step"})
+    batch_size: int = field(default=128, metadata={
+        "help": "images per step, the global batch: under torchrun each of N processes "
+                "takes 1/N of it"})
     latent_dim: int = field(default=100, metadata={"help": "size of z"})
     attribute: str = field(default="Smiling", metadata={"help": "ACGAN's CelebA attribute"})
     ema_decay: float = field(default=0.999, metadata={"help": "generator EMA (b, acgan)"})
@@ -165,7 +173,7 @@ def gradient_penalty(critic, real, fake, rng: torch.Generator) -> torch.Tensor:
     between real and generated samples. create_graph=True makes the gradient itself
     differentiable, so the penalty's gradient reaches the critic's weights."""
     shape = (len(real),) + (1,) * (real.dim() - 1)                           # (B, 1, 1, 1)
-    eps = torch.rand(shape, generator=rng).to(real.device)
+    eps = parallel.draw(torch.rand, shape, rng, real.device)
     x_hat = (eps * real + (1 - eps) * fake).detach().requires_grad_(True)
     # a sample's score depends on that sample alone (no batch norm), so the gradient of
     # the sum holds each sample's own gradient grad_xhat D(xhat)
@@ -180,8 +188,9 @@ def discriminator_targets(count: int, settings: GANSettings, rng: torch.Generato
     Real: t ~ U[real_label - label_noise, real_label] (one-sided smoothing, noisy labels);
     fake: 0; then each target swapped with probability label_flip, a real getting a fake's
     0 and a fake a real's target."""
-    drawn = settings.real_label - settings.label_noise * torch.rand(2, count, generator=rng)
-    flipped = torch.rand(2, count, generator=rng) < settings.label_flip      # (2, B)
+    drawn = settings.real_label - settings.label_noise * parallel.draw(torch.rand, (2, count),
+                                                                       rng, dim=1)
+    flipped = parallel.draw(torch.rand, (2, count), rng, dim=1) < settings.label_flip  # (2, B)
     real_targets = torch.where(flipped[0], 0.0, drawn[0])
     fake_targets = torch.where(flipped[1], drawn[1], 0.0)
     return real_targets.to(device), fake_targets.to(device)
@@ -207,7 +216,7 @@ def diff_augment(images: torch.Tensor, policy: str, generator: torch.Generator) 
 
 
 def _uniform(shape, generator, device) -> torch.Tensor:
-    return torch.rand(shape, generator=generator).to(device)
+    return parallel.draw(torch.rand, shape, generator, device)
 
 
 def _color(x, generator):
@@ -224,7 +233,8 @@ def _translation(x, generator, ratio: float = 0.125):
     """Shift by up to 1/8 of the side, whole pixels, zeros (mid-gray) shifted in."""
     count, _, size, _ = x.shape
     limit = int(size * ratio + 0.5)
-    shifts = torch.randint(-limit, limit + 1, (count, 2), generator=generator).to(x.device)
+    shifts = parallel.draw(functools.partial(torch.randint, -limit, limit + 1), (count, 2),
+                           generator, x.device)
     rows = torch.arange(size, device=x.device)
     source_y = rows.view(1, size, 1) - shifts[:, 0].view(-1, 1, 1)      # (B, S, 1)
     source_x = rows.view(1, 1, size) - shifts[:, 1].view(-1, 1, 1)      # (B, 1, S)
@@ -238,7 +248,8 @@ def _cutout(x, generator, ratio: float = 0.5):
     """Zero a random square of half the side (it may hang over the border)."""
     count, _, size, _ = x.shape
     half = int(size * ratio / 2 + 0.5)
-    centres = torch.randint(0, size, (count, 2), generator=generator).to(x.device)
+    centres = parallel.draw(functools.partial(torch.randint, 0, size), (count, 2), generator,
+                            x.device)
     rows = torch.arange(size, device=x.device)
     off_y = (rows.view(1, size) - centres[:, :1]).abs() >= half           # (B, S)
     off_x = (rows.view(1, size) - centres[:, 1:]).abs() >= half
@@ -303,9 +314,9 @@ def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
     """One D step and one G step on a batch of real images (a, b, acgan, hacks); returns
     the numbers to plot. noise_std: hacks' instance noise sigma_t at this step."""
     count, device = len(real), real.device
-    z = torch.randn(count, settings.latent_dim, generator=rng).to(device)
-    fake_attributes = (torch.randint(0, 2, (count,), generator=rng).to(device)
-                       if gan.attribute_channels else None)
+    z = parallel.draw(torch.randn, (count, settings.latent_dim), rng, device)
+    fake_attributes = (parallel.draw(functools.partial(torch.randint, 0, 2), (count,), rng,
+                                     device) if gan.attribute_channels else None)
     fake = gan.generator(gan.generator_input(z, fake_attributes))
     hinge = settings.improved
 
@@ -313,7 +324,7 @@ def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
         if settings.improved:
             return diff_augment(images, settings.augment, rng)
         if settings.variant == "hacks":  # x + sigma_t n, n ~ N(0, I)
-            return images + noise_std * torch.randn(images.shape, generator=rng).to(device)
+            return images + noise_std * parallel.draw(torch.randn, images.shape, rng, device)
         return images
 
     # D step: real up, fake down; fake.detach() keeps this step's gradient out of G
@@ -355,7 +366,7 @@ def wgan_gp_step(gan: GAN, optimizers: dict, real_batch, settings: GANSettings,
     step's numbers and G's loss."""
     for _ in range(settings.n_critic):
         real, _ = real_batch()
-        z = torch.randn(len(real), settings.latent_dim, generator=rng).to(real.device)
+        z = parallel.draw(torch.randn, (len(real), settings.latent_dim), rng, real.device)
         with torch.no_grad():  # G is fixed while the critic learns
             fake = gan.generator(gan.generator_input(z, None))              # x~ (B, 3, S, S)
         real_scores = gan.discriminator(real).flatten()                      # D(x) (B,)
@@ -369,7 +380,7 @@ def wgan_gp_step(gan: GAN, optimizers: dict, real_batch, settings: GANSettings,
         optimizers["discriminator"].step()
 
     # G step on its own z: L_G = -E[D(G(z))]; only G's optimizer steps
-    z = torch.randn(len(real), settings.latent_dim, generator=rng).to(real.device)
+    z = parallel.draw(torch.randn, (len(real), settings.latent_dim), rng, real.device)
     g_loss = -gan.discriminator(gan.generator(gan.generator_input(z, None))).mean()
     optimizers["generator"].zero_grad(set_to_none=True)
     g_loss.backward()
@@ -412,7 +423,8 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
         raise UserError(f"ACGAN needs the attribute '{settings.attribute}' as labels: "
                         "use CelebA (with its list_attr_celeba.txt)")
     util.seed_everything(seed)
-    gan = GAN(settings).to(device)
+    gan = parallel.share_batch_layers(GAN(settings).to(device))
+    players = parallel.data_parallel(gan)  # G and D, each a replica under torchrun
     optimizers = build_optimizers(gan, settings)
     rng = torch.Generator().manual_seed(seed)  # data order, z, augmentation
     faces = faces.to(device)
@@ -421,7 +433,7 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
 
     def real_batch():
         """batch_size faces drawn with replacement, and (ACGAN) their attributes."""
-        batch = torch.randint(len(faces), (settings.batch_size,), generator=rng)
+        batch = parallel.rows(torch.randint(len(faces), (settings.batch_size,), generator=rng))
         batch = batch.to(faces.pixels.device)
         return faces.images(batch), (faces.labels[batch] if settings.variant == "acgan"
                                      else None)
@@ -429,9 +441,9 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
     def step(index: int) -> dict:
         gan.train()
         if settings.variant == "wgan-gp":
-            numbers = wgan_gp_step(gan, optimizers, real_batch, settings, rng)
+            numbers = wgan_gp_step(players, optimizers, real_batch, settings, rng)
         else:
-            numbers = train_step(gan, optimizers, *real_batch(), settings, rng,
+            numbers = train_step(players, optimizers, *real_batch(), settings, rng,
                                  noise_std=instance_noise_std(index, settings))
         gan.update_ema(index, settings.ema_decay)
         return numbers
@@ -512,9 +524,10 @@ def finish(history: dict, settings: GANSettings, out: Path, seed: int, seconds: 
 @torch.no_grad()
 def generate(gan: GAN, count: int, settings: GANSettings, seed: int, device,
              batch_size: int = 250) -> torch.Tensor:
-    """count images (count, 3, S, S) in [-1, 1] on the CPU, batched, from a fixed seed."""
-    return torch.cat([gan.sample(z, attributes).cpu() for z, attributes in
-                      noise_batches(settings, count, seed, batch_size, device)])
+    """count images (count, 3, S, S) in [-1, 1] on the CPU, batched, from a fixed seed
+    (under torchrun the batches are split across the processes)."""
+    return torch.cat(parallel.in_order(lambda batch: gan.sample(*batch),
+                                       noise_batches(settings, count, seed, batch_size, device)))
 
 
 def noise_batches(settings: GANSettings, count: int, seed: int, batch_size: int, device):

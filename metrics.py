@@ -31,9 +31,10 @@ import torch.nn.functional as F
 
 import data
 import nets
+import parallel
 import plots
 import util
-from util import Progress, UserError
+from util import UserError
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -271,12 +272,13 @@ def inception_features(network: FIDInception, images: torch.Tensor, batch_size: 
                        device="cpu") -> np.ndarray:
     """(N, 3, H, W) images in [-1, 1] (the project's convention) -> (N, 2048) float64.
     Always float32: under bfloat16 autocast features (mean 0.19) moved by up to 0.1."""
-    features = []
-    for start in Progress(range(0, len(images), batch_size), "inception features"):
+    def features_of(start: int) -> torch.Tensor:                        # (batch, 2048)
         batch = images[start:start + batch_size].to(device, torch.float32)
         batch = ((batch + 1) / 2).contiguous(memory_format=torch.channels_last)
-        features.append(network(batch).double().cpu())
-    return torch.cat(features).numpy()
+        return network(batch).double()
+    # under torchrun the batches are split across the processes, gathered in order
+    return torch.cat(parallel.in_order(features_of, range(0, len(images), batch_size),
+                                       "inception features")).numpy()
 
 
 def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -429,7 +431,9 @@ class ClassifierSettings:
     """How the digit evaluator is trained (flags of `run.py classifier`)."""
     data: str = field(default="mnistm", metadata={"help": "digits to train on"})
     epochs: int = field(default=12, metadata={"help": "passes over the training set"})
-    batch_size: int = field(default=128, metadata={"help": "images per step"})
+    batch_size: int = field(default=128, metadata={
+        "help": "images per step, the global batch: under torchrun each of N processes "
+                "takes 1/N of it"})
     lr: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=5e-4, metadata={"help": "AdamW weight decay"})
     shift: float = field(default=0.1, metadata={
@@ -475,7 +479,9 @@ def train_classifier(train: "data.ImageSet", test: "data.ImageSet",
     run resumed from its checkpoint ends with the same weights as an uninterrupted one."""
     out = Path(out)
     util.seed_everything(seed)  # the initial weights
-    network = nets.digit_classifier(classes=len(train.classes)).to(device)
+    network = parallel.share_batch_layers(nets.digit_classifier(classes=len(train.classes))
+                                        .to(device))
+    replica = parallel.replica(network)  # under torchrun: gradients averaged in backward
     optimizer = torch.optim.AdamW(network.parameters(), settings.lr,
                                   weight_decay=settings.weight_decay)
     steps_per_epoch = -(-len(train) // settings.batch_size)
@@ -494,7 +500,8 @@ def train_classifier(train: "data.ImageSet", test: "data.ImageSet",
         images, labels = next(epoch["batches"])
         network.train()
         images = random_shift(images, settings.shift, epoch["rng"])
-        loss = F.cross_entropy(network(images), labels, label_smoothing=0.1)
+        images, labels = parallel.rows(images), parallel.rows(labels)  # this process's share
+        loss = F.cross_entropy(replica(images), labels, label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import parallel
+
 
 # ============================================================================ gradient reversal
 class GradientReversal(torch.autograd.Function):
@@ -81,8 +83,8 @@ def recompute_batch_norm(model: nn.Module, batches) -> nn.Module:
         norm.reset_running_stats()
         norm.momentum = None
         norm.train()
-    for batch in batches:
-        model(batch)
+    for batch in batches:  # under torchrun each process takes its rows of every batch,
+        model(parallel.rows(batch))  # and the shared statistics are the whole batch's
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     return model.eval()

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+import parallel
+
 TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
          "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
@@ -90,6 +92,8 @@ class Figure:
 
     def save(self, path) -> Path:
         path = Path(path)
+        if not parallel.is_main():  # under torchrun rank 0 alone writes files
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.image.save(path)
         return path
@@ -150,6 +154,8 @@ def label_grid(path, cell: int, rows=(), columns=(), title: str = "",
     """Label an image grid in place (data.save_grid's layout: square cells of `cell`
     pixels with `padding` around each): `rows` beside each row, `columns` above each
     column, `title` on top."""
+    if not parallel.is_main():  # rank 0 alone wrote the grid (parallel.py)
+        return Path(path)
     image = Image.open(path).convert("RGB")
     font = _font(12)
     left = max((int(font.getlength(text)) for text in rows), default=-8) + 8

@@ -32,6 +32,7 @@ import ddpm
 import gan
 import metrics
 import nets
+import parallel
 import plots
 import tsne
 import uda
@@ -176,8 +177,17 @@ def fid_text(results: dict) -> str:
 
 
 def load_data(common: Common, name: str, split: str, **options) -> data.ImageSet:
-    return data.load(name, split, data_root=common.data_root, cache_dir=common.cache,
-                     download=common.download, **options)
+    with parallel.main_first():  # under torchrun, rank 0 downloads and caches first
+        return data.load(name, split, data_root=common.data_root, cache_dir=common.cache,
+                         download=common.download, **options)
+
+
+def training_device(common: Common, settings) -> torch.device:
+    """The device of this process; under torchrun (parallel.py) the process also joins the
+    group, and the global batch must split evenly over the processes."""
+    device = parallel.start(common.device)
+    parallel.check_batch(settings.batch_size)
+    return device
 
 
 # ============================================================================ commands
@@ -347,7 +357,7 @@ def check_tsne_input(features: np.ndarray, perplexity: float):
 def command_classifier(args) -> None:
     """Train the digit classifier that grades generated digits."""
     common, settings = settings_from(args, Common), settings_from(args, metrics.ClassifierSettings)
-    device = util.choose_device(common.device)
+    device = training_device(common, settings)
     util.seed_everything(common.seed)
     train = load_data(common, settings.data, "train")
     test = load_data(common, settings.data, "test")
@@ -442,7 +452,7 @@ def train_face_detector(common: Common, path: Path):
 def command_vae(args) -> None:
     """Train the VAE on faces; outputs go to OUT/vae_lambda{kl_weight}."""
     common, settings = settings_from(args, Common), settings_from(args, vae.VAESettings)
-    device = util.choose_device(common.device)
+    device = training_device(common, settings)
     faces = load_data(common, settings.data, "train", image_size=64,
                       limit=settings.limit or None)
     test = load_data(common, settings.data, "test", image_size=64,
@@ -457,7 +467,7 @@ def command_ddpm(args) -> None:
     """Train the conditional DDPM on digits, or (--generate --ckpt C) write the 1000
     homework images 0_001.png .. 9_100.png into --out."""
     common, settings = settings_from(args, Common), settings_from(args, ddpm.DDPMSettings)
-    device = util.choose_device(common.device)
+    device = training_device(common, settings)
     if args.generate:
         if not args.ckpt:
             raise util.UserError("--generate needs --ckpt CHECKPOINT (e.g. runs/ddpm/checkpoint.pt)")
@@ -489,7 +499,7 @@ def command_uda(args) -> None:
     """Domain adaptation: one method, all methods of a scenario, the table of the four
     homework scenarios, or predictions of a trained checkpoint for a folder (as a csv)."""
     common, settings = settings_from(args, Common), settings_from(args, uda.UDASettings)
-    device = util.choose_device(common.device)
+    device = training_device(common, settings)
     if args.predict:
         return predict_folder(args, common, device)
     methods = uda.METHODS if settings.method == "all" else (settings.method,)
@@ -521,7 +531,7 @@ def predict_folder(args, common: Common, device) -> None:
 def command_gan(args) -> None:
     """Train a GAN on faces, or (--generate N --ckpt C) write N images to --out."""
     common, settings = settings_from(args, Common), settings_from(args, gan.GANSettings)
-    device = util.choose_device(common.device)
+    device = training_device(common, settings)
     if args.generate:
         return generate_images(args.generate, args.ckpt, Path(common.out), device,
                                common.seed, gan.load, gan.generate)
@@ -546,6 +556,10 @@ def generate_images(count: int, checkpoint, out: Path, device, seed: int, load, 
     images = generate(model, count, settings, seed, device)
     paths = data.save_images(images, out, [f"{i:04d}.png" for i in range(count)])
     print(f"wrote {len(paths)} images to {out} in {time.perf_counter() - start:.1f} s")
+
+
+# the commands that train, and so may run under torchrun (with their --generate)
+DISTRIBUTED = ("gan", "vae", "ddpm", "uda", "classifier")
 
 
 # ============================================================================ parser
@@ -669,10 +683,17 @@ def main(argv=None) -> int:
         args = parse(argv)
         validate(args)
         folder = run_folder(args)
-        with util.exclusive(folder) if folder else contextlib.nullcontext():
+        if parallel.launched() and args.command not in DISTRIBUTED:
+            raise util.UserError(f"'run.py {args.command}' runs in one process: start it "
+                                 f"with python, not torchrun (torchrun trains: "
+                                 f"{', '.join(DISTRIBUTED)})")
+        # under torchrun rank 0 holds the lock for the run's processes
+        with util.exclusive(folder) if folder and parallel.is_main() \
+                else contextlib.nullcontext():
             args.function(args)
     except util.UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if parallel.is_main():  # under torchrun every process meets the same error
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`run.py summary gan | head`): done
         sys.stdout = open(os.devnull, "w")  # so that the final flush cannot fail again
@@ -680,10 +701,20 @@ def main(argv=None) -> int:
     except OSError as error:  # a read-only or full disk, a missing folder, ...
         print(f"error: {os_error_text(error)}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        if not parallel.lost(error):
+            raise
+        print(f"error: the processes of this torchrun lost each other ({parallel.failure(error)}"
+              "): checkpoints written so far are intact; fix the cause (a crashed or "
+              "killed process, see its message) and continue with --resume",
+              file=sys.stderr)  # a process died, hung or lost its peer
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted: checkpoints written so far are kept; continue with --resume",
               file=sys.stderr)
         return 130
+    finally:
+        parallel.stop()
     return 0
 
 

@@ -2361,9 +2361,8 @@ def test_kl_term_matches_torch_distributions_and_a_monte_carlo_estimate():
 def test_reparameterisation_passes_gradients_to_mu_and_logvar():
     mu = torch.zeros(2, 4, requires_grad=True)
     logvar = torch.zeros(2, 4, requires_grad=True)
-    generator = torch.Generator().manual_seed(0)
-    z = vae.reparameterise(mu, logvar, generator)
     eps = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    z = vae.reparameterise(mu, logvar, eps)
     assert torch.allclose(z, eps)  # mu = 0, sigma = 1
     z.sum().backward()
     assert torch.equal(mu.grad, torch.ones(2, 4))               # dz/dmu = 1
@@ -3185,13 +3184,13 @@ class StubVAE(nn.Module):
 def test_vae_losses_sum_the_squared_error_over_each_image_and_average_over_the_batch():
     """reconstruction = mean over images of sum over pixels of (x^ - x)^2, KL the closed
     form summed over dimensions and averaged, mse = reconstruction / pixels per image; the
-    decoder gets z = mu + exp(logvar / 2) eps with eps the generator's first draw."""
+    decoder gets z = mu + exp(logvar / 2) eps with the eps given."""
     torch.manual_seed(0)
     model = StubVAE()
     x = torch.rand(4, 3, 8, 8) * 2 - 1
-    terms = vae.losses(model, x, torch.Generator().manual_seed(3))
+    eps = torch.randn(4, 3, generator=torch.Generator().manual_seed(3))
+    terms = vae.losses(model, x, eps)
     mu, logvar = model.encode(x)
-    eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(3))
     z = mu + (0.5 * logvar).exp() * eps
     assert torch.allclose(model.codes[0], z, atol=1e-6)
     squared = (model.from_code(z) - x).pow(2)
@@ -3205,7 +3204,7 @@ def test_reparameterised_samples_have_mean_mu_and_standard_deviation_exp_half_lo
     count = 40_000
     mu = torch.tensor([1.5, -2.0]).expand(count, 2)
     logvar = torch.tensor([0.25, 4.0]).log().expand(count, 2)             # sigma 0.5 and 2
-    z = vae.reparameterise(mu, logvar, torch.Generator().manual_seed(0))
+    z = vae.reparameterise(mu, logvar, torch.randn(count, 2, generator=torch.Generator().manual_seed(0)))
     assert torch.allclose(z.mean(dim=0), torch.tensor([1.5, -2.0]), atol=0.05)
     assert torch.allclose(z.std(dim=0), torch.tensor([0.5, 2.0]), rtol=0.03)
 
@@ -3221,8 +3220,8 @@ def test_vae_training_descends_reconstruction_plus_the_warmed_up_lambda_times_kl
     pending, checked = [], []
     real_losses = vae.losses
 
-    def losses(network, x, generator=None):
-        terms = real_losses(network, x, generator)
+    def losses(network, x, eps):
+        terms = real_losses(network, x, eps)
         if torch.is_grad_enabled() and network.training:
             params = list(model.parameters())
             pending.append((gradients(terms["reconstruction"], params),
@@ -3661,3 +3660,229 @@ def test_dropout_sits_after_each_leaky_relu_of_hacks_d_only_and_acts_in_training
     assert torch.equal(discriminator(images), discriminator(images))
     discriminator.train()
     assert not torch.equal(discriminator(images), discriminator(images))
+
+
+# ============================================================================ parallel: torchrun
+def digit_folder(root: Path, count: int = 16, inverted: bool = False) -> str:
+    """toy_domain's digits as a course folder (data/*.png, train.csv, val.csv)."""
+    digits = toy_domain(count, inverted=inverted)
+    (root / "data").mkdir(parents=True)
+    data.save_images(digits.pixels.float() / 127.5 - 1, root / "data", digits.names)
+    rows = "".join(f"{name},{int(label)}\n" for name, label in zip(digits.names, digits.labels))
+    for split in ("train", "val"):
+        (root / f"{split}.csv").write_text("image_name,label\n" + rows)
+    return str(root)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+def rank_main(rank: int, world: int, port: int, argv: list, folder: str, die_at: int):
+    """One process of a torchrun-like launch (the environment torchrun sets), running
+    run.main(argv); its stderr goes to FOLDER/rank{rank}.err, its exit code to
+    FOLDER/rank{rank}.code. die_at: process 1 is killed at that step."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), DLCV_DIST_TIMEOUT="60")
+    torch.set_num_threads(1)
+    if die_at and rank == 1:
+        real_add = util.StepLog.add
+
+        def add(log, numbers):
+            if sum(1 for _ in log.history["step"]) + 1 >= die_at:
+                os._exit(9)  # as if killed: no message, no clean-up
+            real_add(log, numbers)
+        util.StepLog.add = add
+    import sys
+    sys.stderr = open(Path(folder) / f"rank{rank}.err", "w", buffering=1)
+    code = run.main(argv)
+    (Path(folder) / f"rank{rank}.code").write_text(str(code))
+
+
+def launch(argv: list, folder: Path, world: int = 2, die_at: int = 0) -> list[int]:
+    """run.main(argv) in `world` fresh processes joined by gloo on localhost, as
+    torchrun --nproc_per_node world would start them; their exit codes by rank."""
+    import multiprocessing
+    folder.mkdir(parents=True, exist_ok=True)
+    context, port = multiprocessing.get_context("spawn"), free_port()
+    processes = [context.Process(target=rank_main,
+                                 args=(r, world, port, [str(a) for a in argv], str(folder),
+                                       die_at)) for r in range(world)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=240)
+        assert process.exitcode is not None, "a process hung"
+    return [int((folder / f"rank{r}.code").read_text()) if (folder / f"rank{r}.code").exists()
+            else processes[r].exitcode for r in range(world)]
+
+
+def weights_of(checkpoint: Path, key: str) -> dict:
+    return {name: value.float() for name, value in
+            torch.load(checkpoint, weights_only=True)[key].items()
+            if value.is_floating_point()}
+
+
+def relative_difference(one: dict, two: dict, start: dict) -> float:
+    """||w_2 - w_1|| / ||w_1 - w_0||: how far two runs' weights lie apart, measured
+    against how far training moved them (w_0: the initial weights). Adam's first steps
+    are about lr sign(gradient), so rounding can flip a few steps of near-zero gradients:
+    equal runs stay near 0.01 here, per-process batch-norm statistics reach 0.3."""
+    def norm(pairs):
+        return math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in pairs))
+    names = [name for name in start if name in one]
+    return norm((two[n], one[n]) for n in names) / norm((one[n], start[n]) for n in names)
+
+
+GAN_FLAGS = ["--image-size", "32", "--steps", "3", "--batch-size", "4", "--sample-every", "1",
+             "--fid-images", "0", "--no-download"]
+
+
+def assert_same_run(one: Path, two: Path, key: str, start: dict):
+    """The runs in folders one and two (checkpoint.pt) are the same run: the first step's
+    logged numbers agree closely (a wrong share of the batch moves them by percents), and
+    the weights after all steps too (per-process batch-norm statistics: 0.3 or more)."""
+    first = [torch.load(folder / "checkpoint.pt", weights_only=True)["history"]
+             for folder in (one, two)]
+    assert first[0]["step"] == first[1]["step"]
+    for name, values in first[0].items():
+        if name != "step" and not name.endswith("accuracy"):
+            assert values[0] == pytest.approx(first[1][name][0], rel=1e-4, abs=1e-6), name
+    weights = [weights_of(folder / "checkpoint.pt", key) for folder in (one, two)]
+    assert relative_difference(*weights, start) < 0.05
+
+
+@pytest.mark.parametrize("variant", ["a", "b", "wgan-gp", "hacks"])
+def test_two_processes_train_the_same_gan_as_one(tmp_path, variant):
+    """Every draw of the global batch split, batch norm over both shares, G and D each a
+    replica: the 3 steps of 2 processes are those of 1 (variant a: batch norm in D, b:
+    spectral norm and DiffAugment, wgan-gp: the penalty's double backward, hacks: noisy
+    and flipped targets, instance noise and dropout)."""
+    faces = str(image_folder(tmp_path / "faces", 8, 32))
+    argv = ["gan", "--variant", variant, "--data", faces, *GAN_FLAGS]
+    assert run.main(argv + ["--out", str(tmp_path / "one")]) == 0
+    assert launch(argv + ["--out", tmp_path / "two"], tmp_path / "logs") == [0, 0]
+    settings = gan.GANSettings(**torch.load(tmp_path / "one" / f"gan_{variant}" /
+                                            "checkpoint.pt", weights_only=True)["settings"])
+    torch.manual_seed(0)
+    start = {f"{k}": v.float() for k, v in gan.GAN(settings).state_dict().items()
+             if v.is_floating_point()}
+    assert_same_run(tmp_path / "one" / f"gan_{variant}", tmp_path / "two" / f"gan_{variant}",
+                    "gan", start)
+    assert (tmp_path / "two" / f"gan_{variant}" / "samples.png").is_file()
+    assert (tmp_path / "logs" / "rank1.err").read_text() == ""  # rank 0 alone speaks
+
+
+def torchrun(argv: list, nproc: int = 2, timeout: int = 300):
+    """python -m torch.distributed.run --standalone --nproc_per_node N run.py ARGV: the
+    real launcher, on localhost."""
+    import subprocess
+    import sys
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         str(nproc), "run.py", *map(str, argv)], cwd=Path(__file__).resolve().parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=timeout)
+
+
+def test_torchrun_ddpm_equals_one_process_resumes_and_writes_the_same_1000_images(tmp_path):
+    """Under the real torchrun, 2 processes train the DDPM (dropout masks drawn for the
+    global batch) as 1 does, a run stopped at step 2 and resumed equals one that was not,
+    and the 1000 course images, sampled half by each process, carry the same names and
+    pixels as those of 1 process."""
+    digits = digit_folder(tmp_path / "digits")
+    argv = ["ddpm", "--data", digits, "--timesteps", "20", "--width", "8", "--batch-size",
+            "4", "--sample-every", "1", "--sampling-steps", "2", "--fid-images", "0",
+            "--no-amp", "--no-download"]
+    assert run.main(argv + ["--steps", "3", "--out", str(tmp_path / "one")]) == 0
+    first = torchrun(argv + ["--steps", "2", "--out", tmp_path / "two"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = torchrun(argv + ["--steps", "3", "--resume", "--out", tmp_path / "two"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and resumed.stdout.count("done:") == 1
+    _, settings = ddpm.load(tmp_path / "one" / "ddpm" / "checkpoint.pt", "cpu")
+    torch.manual_seed(0)
+    start = {k: v.float() for k, v in ddpm.Diffusion(settings).state_dict().items()}
+    assert_same_run(tmp_path / "one" / "ddpm", tmp_path / "two" / "ddpm", "model", start)
+    images = [sorted((tmp_path / run_ / "ddpm" / "images").iterdir()) for run_ in ("one", "two")]
+    assert [p.name for p in images[0]] == [p.name for p in images[1]] and len(images[0]) == 1000
+    for mine, theirs in zip(images[0][::97], images[1][::97]):
+        difference = np.abs(np.asarray(Image.open(mine), int) - np.asarray(Image.open(theirs), int))
+        assert difference.max() <= 2, mine.name
+
+
+def test_two_processes_train_the_same_vae_uda_and_classifier_as_one(tmp_path):
+    """Batch norm over both shares, dropout masks of the global batch, gradient reversal
+    inside DANN's graph, ADDA's two phases (F_s and C frozen, F_t and D replicas): each
+    model's 2-process run is its 1-process run."""
+    faces = str(image_folder(tmp_path / "faces", 8, 64))
+    source, target = digit_folder(tmp_path / "src"), digit_folder(tmp_path / "tgt", inverted=True)
+    commands = {  # folder of the checkpoint, key of its weights, model for the start
+        "vae": (["vae", "--data", faces, "--epochs", "1", "--batch-size", "4", "--latent-dim",
+                 "8", "--fid-images", "0", "--tsne-points", "0"], "vae_lambda1", "model",
+                lambda: nets.VAE(8)),
+        "uda": (["uda", "--method", "all", "--src", source, "--tgt", target, "--epochs", "1",
+                 "--adapt-epochs", "1", "--batch-size", "8", "--tsne-points", "8"],
+                "uda", "networks", None),
+        "classifier": (["classifier", "--data", source, "--epochs", "1", "--batch-size", "8"],
+                       "classifier", "network", lambda: nets.digit_classifier()),
+    }
+    for name, (argv, folder, key, build) in commands.items():
+        argv = argv + ["--no-download"]
+        assert run.main(argv + ["--out", str(tmp_path / "one")]) == 0, name
+        assert launch(argv + ["--out", tmp_path / "two"], tmp_path / name) == [0, 0], name
+        runs = [(tmp_path / "one" / folder, tmp_path / "two" / folder, build)]
+        if name == "uda":
+            scenario = f"{Path(source).name}-{Path(target).name}"
+            runs = [(tmp_path / run_ / folder / scenario / method for run_ in ("one", "two"))
+                    for method in uda.METHODS]
+            runs = [(one, two, lambda method=one.name: uda.Networks(method))
+                    for one, two in runs]
+        for one, two, build_model in runs:
+            torch.manual_seed(0)
+            start = {k: v.float() for k, v in build_model().state_dict().items()
+                     if v.is_floating_point()}
+            assert_same_run(one, two, key, start)
+    assert (tmp_path / "two" / "uda" / scenario / "dann" / "tsne_domain.png").is_file()
+
+
+def test_a_process_that_dies_ends_the_run_with_one_line_and_keeps_the_checkpoint(tmp_path):
+    """Process 1 is killed at step 3: process 0 does not hang, it says in one line what
+    happened and what to do, exits with 2, and the checkpoint of step 2 stays readable."""
+    faces = str(image_folder(tmp_path / "faces", 8, 32))
+    argv = ["gan", "--variant", "b", "--data", faces, *GAN_FLAGS, "--steps", "6", "--out",
+            tmp_path / "two"]
+    codes = launch(argv, tmp_path / "logs", die_at=3)
+    assert codes[0] == 2 and codes[1] != 0
+    lines = (tmp_path / "logs" / "rank0.err").read_text().strip().splitlines()
+    assert lines[-1].startswith("error: the processes of this torchrun lost each other")
+    assert "--resume" in lines[-1] and not any("Traceback" in line for line in lines)
+    state = util.load_checkpoint(tmp_path / "two" / "gan_b" / "checkpoint.pt")
+    assert state["step"] == 2
+
+
+def test_torchrun_refuses_an_uneven_batch_missing_gpus_or_backend_and_one_process_commands(
+        tmp_path, monkeypatch, capsys):
+    """Each a one-line error with exit 2, said by rank 0 alone."""
+    faces = str(image_folder(tmp_path / "faces", 8, 32))
+    argv = ["gan", "--data", faces, *GAN_FLAGS, "--batch-size", "5", "--out", tmp_path / "o"]
+    assert launch(argv, tmp_path / "batch") == [2, 2]
+    said = [(tmp_path / "batch" / f"rank{r}.err").read_text() for r in (0, 1)]
+    assert said[0].strip().splitlines()[-1] == ("error: --batch-size 5 does not split over 2 "
+                                                "processes: use a multiple of 2")
+    assert said[1] == ""
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, without starting anything
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert "torchrun started 2 processes on a machine with 1 GPUs" in one_line_error(
+        capsys, ["gan", "--device", "cuda", "--data", faces, *GAN_FLAGS])
+    monkeypatch.setattr(torch.distributed, "is_backend_available", lambda name: False)
+    assert "this torch build has no 'gloo' backend" in one_line_error(
+        capsys, ["gan", "--device", "cpu", "--data", faces, *GAN_FLAGS])
+    assert "'run.py fid' runs in one process" in one_line_error(
+        capsys, ["fid", faces, faces])

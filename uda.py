@@ -35,6 +35,10 @@ points of target accuracy from one epoch to the next, their average much less. A
 each epoch the average gets batch-norm statistics of its own (refresh_statistics), since
 the ones it copies belong to the last weights. An epoch is max(|source|, |target|) / batch
 steps; the smaller set is cycled.
+
+Under torchrun (parallel.py) each process trains on its share of the global batch: every
+per-image random number is drawn for the whole batch and cut to the process's rows
+(parallel.draw, parallel.rows), so N processes train the same weights as one.
 """
 import copy
 import itertools
@@ -50,6 +54,7 @@ import torch.nn.functional as F
 import data
 import metrics
 import nets
+import parallel
 import plots
 import tsne
 import util
@@ -74,7 +79,9 @@ class UDASettings:
         "help": "every domain is resized to this (the networks take 28)"})
     epochs: int = field(default=10, metadata={"help": "training epochs (ADDA: pre-training)"})
     adapt_epochs: int = field(default=10, metadata={"help": "ADDA adversarial epochs"})
-    batch_size: int = field(default=128, metadata={"help": "images per domain per step"})
+    batch_size: int = field(default=128, metadata={
+        "help": "images per domain per step, the global batch: under torchrun each of N processes "
+                "takes 1/N of it"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     adda_lr: float = field(default=2e-4, metadata={"help": "ADDA adversarial learning rate"})
     anneal: bool = field(default=True, metadata={
@@ -254,6 +261,7 @@ def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
     optimizer = torch.optim.Adam([*nets_.features.parameters(), *nets_.classifier.parameters(),
                                   *(nets_.domain.parameters() if dann else [])], settings.lr)
     source, target = domains.source_train, domains.target_train
+    replicas = parallel.data_parallel(nets_)  # F, C and D, each a replica under torchrun
 
     def step(source_index, target_index, progress: float) -> dict:
         if settings.anneal:
@@ -262,10 +270,10 @@ def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
         xs, ys = source.images(source_index), source.labels[source_index]
         xt = target.images(target_index)
         if settings.method == "source":
-            return classify_step(nets_, xs, ys, optimizer)
+            return classify_step(replicas, xs, ys, optimizer)
         if settings.method == "target":
-            return classify_step(nets_, xt, target.labels[target_index], optimizer)
-        return dann_step(nets_, xs, ys, xt, optimizer, grl_lambda(progress),
+            return classify_step(replicas, xt, target.labels[target_index], optimizer)
+        return dann_step(replicas, xs, ys, xt, optimizer, grl_lambda(progress),
                          settings.entropy_weight if settings.method == "dann-ent" else 0.0)
 
     average, log = fit(nets_, {"optimizer": optimizer}, step, domains, settings.method,
@@ -306,9 +314,10 @@ def adda(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
                   "target": torch.optim.Adam(nets_.target_features.parameters(),
                                              settings.adda_lr, betas=(0.5, 0.999))}
     source, target = domains.source_train, domains.target_train
+    replicas = parallel.data_parallel(nets_)  # F_t and D (F_s and C are frozen)
 
     def step(source_index, target_index, progress: float) -> dict:
-        return adda_step(nets_, source.images(source_index), target.images(target_index),
+        return adda_step(replicas, source.images(source_index), target.images(target_index),
                          optimizers)
 
     average, log = fit(nets_, optimizers, step, domains, "adapt", settings.adapt_epochs,
@@ -326,8 +335,10 @@ def domains_on(domains: Domains, device) -> Domains:
 
 
 def networks_on(method: str, device) -> Networks:
-    # channels-last convolutions and pooling: 1.3-1.9 times faster steps on a CPU
-    return Networks(method).to(device, memory_format=torch.channels_last)
+    # channels-last convolutions and pooling: 1.3-1.9 times faster steps on a CPU;
+    # batch norm over the global batch under torchrun (parallel.py)
+    return parallel.share_batch_layers(Networks(method).to(device,
+                                                         memory_format=torch.channels_last))
 
 
 def fit(nets_: Networks, optimizers: dict, step, domains: Domains, phase: str, epochs: int,
@@ -351,7 +362,9 @@ def fit(nets_: Networks, optimizers: dict, step, domains: Domains, phase: str, e
             epoch["batches"] = paired_indices(len(source), len(target), settings.batch_size,
                                               torch.Generator().manual_seed(epoch_seed))
             set_modes(nets_, phase)
-        losses = step(epoch["batches"][0][position], epoch["batches"][1][position],
+        # under torchrun each process takes its rows of the step's source and target batch
+        losses = step(parallel.rows(epoch["batches"][0][position]),
+                      parallel.rows(epoch["batches"][1][position]),
                       index / (epochs * steps_per_epoch))
         nets.update_ema(average, nets_, index, settings.ema_decay)
         return losses
@@ -393,9 +406,11 @@ def evaluate(encoder: nn.Module, classifier: nn.Module, images: data.ImageSet,
 
 @torch.no_grad()
 def embed(encoder: nn.Module, images: data.ImageSet, batch_size: int = 500) -> np.ndarray:
+    """Features (N, 800) of every image, in order; under torchrun the batches are split
+    across the processes."""
     encoder.eval()
-    return torch.cat([encoder(batch).cpu() for batch, _ in
-                      images.batches(batch_size, shuffle=False)]).numpy()
+    return torch.cat(parallel.in_order(lambda batch: encoder(batch[0]),
+                                       images.batches(batch_size, shuffle=False))).numpy()
 
 
 def refresh_statistics(average: Networks, domains: Domains, phase: str, batch_size: int):
@@ -467,6 +482,8 @@ def plot_features(source_encoder, target_encoder, domains: Domains, settings: UD
     source = domains.source_test.subset(torch.arange(min(count, len(domains.source_test))))
     target = domains.target_test.subset(torch.arange(min(count, len(domains.target_test))))
     features = np.concatenate([embed(source_encoder, source), embed(target_encoder, target)])
+    if not parallel.is_main():  # t-SNE and its pictures: rank 0 alone
+        return
     progress = util.Progress(desc="t-SNE", total=1000)
     points = tsne.tsne(tsne.pca(features.astype(np.float64), min(50, features.shape[1])),
                        seed=seed, progress=lambda step, kl: progress.update(1))

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import parallel
+
 
 class UserError(Exception):
     """A problem the user can fix (missing data, bad flag, corrupt file).
@@ -89,7 +91,8 @@ class Progress:
         self.total = total if total is not None else (
             len(iterable) if hasattr(iterable, "__len__") else None)
         self.desc, self.unit = desc, unit
-        self.stream = stream or sys.stderr
+        # under torchrun only rank 0 shows progress (parallel.py)
+        self.stream = stream or (sys.stderr if parallel.is_main() else open(os.devnull, "w"))
         self.is_terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.interval = interval if interval is not None else (0.2 if self.is_terminal else 30.0)
         self.count, self.initial, self.stats = initial, initial, {}
@@ -142,8 +145,11 @@ class Progress:
 def _atomic_write(path: Path, write) -> Path:
     """Write through `write(tmp_path)` then rename: a crash never leaves half a file, and
     two processes writing the same file (two runs sharing a cache) never share a temporary.
-    Temporaries of this file left by a killed process are removed first."""
+    Temporaries of this file left by a killed process are removed first. Under torchrun
+    only rank 0 writes (parallel.py): the others computed the same contents."""
     path = Path(path)
+    if not parallel.is_main():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -362,6 +368,9 @@ def train_loop(step, steps: int, every: int, out, command: str, settings, seed: 
       this run's), and the loop continues where it stopped;
     - a progress line, and a stop with one clear line when a number the step returned is
       NaN or infinite (training diverged);
+    - under torchrun (parallel.py): every process runs the loop on its share of each
+      batch, the numbers logged are the means over the processes, and rank 0 alone
+      writes checkpoints and pictures;
     - every `every` steps and at the end: the step log commits the means since the last
       commit, evaluate(history) adds its numbers (test metrics; it may also refresh an
       average's batch-norm statistics), the checkpoint is written atomically (weights
@@ -385,7 +394,8 @@ def train_loop(step, steps: int, every: int, out, command: str, settings, seed: 
     progress = Progress(desc=desc, total=steps, initial=first)
     log.start_clock()
     for index in range(first, steps):
-        numbers = {name: torch.as_tensor(value).item() for name, value in step(index).items()}
+        numbers = parallel.average(  # under torchrun: the global batch's means
+            {name: torch.as_tensor(value).item() for name, value in step(index).items()})
         for name, value in numbers.items():
             check_finite(value, index + 1, f"{desc} {name}")
         log.add(numbers)
@@ -401,7 +411,7 @@ def train_loop(step, steps: int, every: int, out, command: str, settings, seed: 
             save_checkpoint(state, checkpoint)
             if _new_best(log.history, done):
                 save_checkpoint(state, checkpoint.with_name("best.pt"))
-            if draw is not None:
+            if draw is not None and parallel.is_main():  # pictures: rank 0 alone
                 draw(log.history)
             progress.note(f"{desc} {done}/{steps}: " + ", ".join(
                 f"{name} {values[-1]:.4g}" for name, values in log.history.items()

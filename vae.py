@@ -20,6 +20,10 @@ every q(z | x) onto the prior, samples look like faces but reconstructions blur 
 average face, and latent dimensions switch off (posterior collapse). KL warm-up (lambda
 growing from 0 over the first epochs) lets the decoder learn to use z before the KL
 term pushes back.
+
+Under torchrun (parallel.py) each process trains on its share of the global batch: every
+per-image random number is drawn for the whole batch and cut to the process's rows
+(parallel.draw, parallel.rows), so N processes train the same weights as one.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +33,7 @@ import torch
 import data
 import metrics
 import nets
+import parallel
 import plots
 import tsne
 import util
@@ -48,7 +53,9 @@ class VAESettings:
     warmup_epochs: int = field(default=0, metadata={
         "help": "epochs over which lambda grows linearly from 0 (KL warm-up)"})
     epochs: int = field(default=20, metadata={"help": "passes over the training faces"})
-    batch_size: int = field(default=64, metadata={"help": "images per step"})
+    batch_size: int = field(default=64, metadata={
+        "help": "images per step, the global batch: under torchrun each of N processes "
+                "takes 1/N of it"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     attribute: str = field(default="Male", metadata={"help": "colours the t-SNE of latents"})
     tsne_points: int = field(default=2000, metadata={"help": "test faces in the t-SNE (0: none)"})
@@ -67,16 +74,17 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(dim=1)
 
 
-def reparameterise(mu: torch.Tensor, logvar: torch.Tensor, generator=None) -> torch.Tensor:
-    """z = mu + sigma * eps, eps ~ N(0, I), sigma = exp(logvar / 2)."""
-    eps = torch.randn(mu.shape, generator=generator).to(mu.device)
-    return mu + (0.5 * logvar).exp() * eps
+def reparameterise(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """z = mu + sigma * eps, sigma = exp(logvar / 2), with eps ~ N(0, I) drawn by the
+    caller: z is a differentiable function of mu and logvar, the randomness is outside."""
+    return mu + (0.5 * logvar).exp() * eps.to(mu.device)
 
 
-def losses(model: nets.VAE, x: torch.Tensor, generator=None) -> dict:
-    """Per-image squared error and KL, averaged over the batch; also the per-pixel MSE."""
+def losses(model: nets.VAE, x: torch.Tensor, eps: torch.Tensor) -> dict:
+    """Per-image squared error and KL, averaged over the batch; also the per-pixel MSE.
+    eps (B, d): the standard normal noise of the reparameterisation."""
     mu, logvar = model.encode(x)                                   # q(z | x), (B, d) each
-    reconstruction = model.decode(reparameterise(mu, logvar, generator))   # x^(z), z ~ q
+    reconstruction = model.decode(reparameterise(mu, logvar, eps))   # x^(z), z ~ q(z | x)
     squared_error = (reconstruction - x).pow(2).flatten(1).sum(dim=1)      # ||x - x^||^2, (B,)
     return {"reconstruction": squared_error.mean(), "kl": kl_divergence(mu, logvar).mean(),
             "mse": squared_error.mean() / x[0].numel()}
@@ -97,7 +105,8 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
     then the pictures, the reconstructions' FID and results.json."""
     out = Path(out)
     util.seed_everything(seed)
-    model = nets.VAE(settings.latent_dim).to(device)
+    model = parallel.share_batch_layers(nets.VAE(settings.latent_dim).to(device))
+    replicas = parallel.data_parallel(model)  # encoder, decoder, ...: replicas under torchrun
     optimizer = torch.optim.Adam(model.parameters(), settings.lr)
     faces, test = faces.to(device), test.to(device)
     steps_per_epoch = len(faces) // settings.batch_size
@@ -116,8 +125,10 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
             epoch["batches"] = faces.batches(settings.batch_size, generator=epoch["rng"],
                                              drop_last=True)
         images, _ = next(epoch["batches"])
+        images = parallel.rows(images)  # under torchrun: this process's share of the batch
+        eps = parallel.draw(torch.randn, (len(images), settings.latent_dim), epoch["rng"])
         model.train()
-        terms = losses(model, images, epoch["rng"])
+        terms = losses(replicas, images, eps)
         loss = terms["reconstruction"] + kl_weight_at(settings, number,
                                                       position / steps_per_epoch) * terms["kl"]
         optimizer.zero_grad(set_to_none=True)
@@ -126,7 +137,7 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
         return {"train_mse": terms["mse"], "train_kl": terms["kl"]}
 
     def evaluate(history: dict):
-        for name, value in evaluate_test(model, test, seed).items():
+        for name, value in evaluate_test(model, test, seed, settings.latent_dim).items():
             history.setdefault(f"test_{name}", []).append(value)
         if fid and fid.due(history["step"][-1], settings.epochs * steps_per_epoch):
             fid.add(history, history["step"][-1], samples(model, settings.fid_images,
@@ -170,14 +181,15 @@ def reconstructions(model: nets.VAE, faces: data.ImageSet, batch_size: int = 500
 
 
 @torch.no_grad()
-def evaluate_test(model: nets.VAE, test: data.ImageSet, seed: int,
+def evaluate_test(model: nets.VAE, test: data.ImageSet, seed: int, latent_dim: int,
                   batch_size: int = 500) -> dict:
     """Test per-pixel MSE and per-image KL (z sampled, from a fixed seed)."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     totals = {"mse": 0.0, "kl": 0.0}
     for images, _ in test.batches(batch_size, shuffle=False):
-        terms = losses(model, images, generator)
+        eps = torch.randn(len(images), latent_dim, generator=generator)
+        terms = losses(model, images, eps)
         totals["mse"] += terms["mse"].item() * len(images)
         totals["kl"] += terms["kl"].item() * len(images)
     return {name: total / len(test) for name, total in totals.items()}
@@ -209,7 +221,7 @@ def finish(model: nets.VAE, test: data.ImageSet, history: dict, settings: VAESet
                            f"the mean code, MSE {mse:.4f}")
     data.save_grid(samples(model, 32, settings.latent_dim, seed), out / "samples.png")
     save_interpolation(model, faces[0], faces[1], out / "interpolation.png")
-    if settings.tsne_points and test.labels is not None:
+    if settings.tsne_points and test.labels is not None and parallel.is_main():
         save_latent_tsne(model, test, settings, out / "tsne.png", seed)
     results = {"kl_weight": settings.kl_weight, "epochs": len(history["test_mse"]),
                "test_mse": history["test_mse"][-1], "test_kl": history["test_kl"][-1],
