@@ -246,7 +246,8 @@ def fid_weights(cache_dir=None) -> Path:
 
 def load_fid_inception(cache_dir=None, device="cpu", weights=None) -> FIDInception:
     """The FID network with the weights file `weights`, or the cached/downloaded one."""
-    path = Path(weights) if weights else fid_weights(cache_dir)
+    with parallel.main_first():  # under torchrun rank 0 downloads, the others then read
+        path = Path(weights) if weights else fid_weights(cache_dir)
     if not path.is_file():
         raise UserError(f"FID weights {path} not found: give the pytorch-fid file "
                         f"{Path(FID_WEIGHTS_URL).name} (--weights FILE)")
@@ -394,13 +395,20 @@ def real_statistics(real: "data.ImageSet", network: FIDInception, weights: str, 
     key.update(f"{tuple(real.pixels.shape)} {weights}".encode())
     folder = data.cache_folder(cache_dir)
     path = folder / f"fid_real_{key.hexdigest()[:16]}.npz" if folder else None
-    if path is not None and path.exists():
+
+    def cached():
+        if path is None or not path.exists():
+            return None
         try:
             stored = util.read_arrays(path, "it is computed again")
             return stored["mu"], stored["sigma"], int(stored["count"])
         except UserError as error:
             print(f"cache file {path} is damaged ({error}): deleting it", file=sys.stderr)
-            path.unlink()
+            path.unlink(missing_ok=True)
+    # under torchrun rank 0 looks, and every process computes when it found nothing
+    stored = parallel.from_main(cached)
+    if stored is not None:
+        return stored
     mu, sigma = image_statistics(real.images(), network, device=device)
     if path is not None:
         util.write_arrays({"mu": mu, "sigma": sigma, "count": len(real)}, path)

@@ -9,41 +9,48 @@ environment. Every process holds the whole model and the whole data set; a train
 step then runs in each process on its own share of the global batch, and DDP averages
 the gradients before the optimiser steps, so every replica takes the same step.
 
-What makes a run with N processes *the same run* as with 1 (`--batch-size` is the global
-batch either way):
+What makes a run with N processes the same run as with 1, up to rounding (`--batch-size`
+is the global batch either way, and it must split into N equal shares):
 - Random numbers. Every process keeps the same random streams as a 1-process run and
   draws every per-image quantity (batch indices, z, timesteps, noise, augmentations,
   dropout masks) for the whole global batch, then keeps its own rows (`rows`, `draw`,
-  `SharedDropout`). Process r of N takes rows r*B/N .. (r+1)*B/N - 1, so the N shares
-  together are exactly the batch a single process would have drawn.
+  `GlobalMask`). Process r of N takes rows r*B/N .. (r+1)*B/N - 1, so the N shares
+  together are exactly the batch a single process would have drawn. (On GPUs, dropout
+  masks and the order of floating-point sums differ: the same run in distribution.)
 - Gradients. Each process's loss is the mean over its B/N rows; DDP averages the N
   gradients, (1/N) sum_r grad mean_r = grad of the mean over all B rows.
 - Batch norm. A batch-norm layer normalises with the mean and variance of its batch; per
   process that would be a batch of B/N, and a figure would change with N. Every
   batch-norm layer therefore becomes a `SharedBatchNorm` (`share_batch_layers`), which
   adds up the per-channel sums of all processes before it normalises: the statistics of
-  the global batch, exactly those of 1 process. It matters for each model that has batch
-  norm: the DCGAN discriminator (variant a, hacks) normalises the real and the fake
-  batch separately, the generator's statistics define its samples, the UDA feature
-  extractor normalises source and target batches separately (DANN depends on it), and the
-  VAE's encoder and decoder. The cost is one small all-reduce (3 numbers a channel) per
-  layer and forward pass. torch's nn.SyncBatchNorm does the same on GPUs, but refuses
-  CPU tensors, and these runs must test on CPUs.
+  the global batch, those of 1 process. It matters for each model that has batch norm:
+  the DCGAN discriminator (variant a, hacks) normalises the real and the fake batch
+  separately, the generator's statistics define its samples, the UDA feature extractor
+  normalises source and target batches separately (DANN depends on it), and the VAE's
+  encoder and decoder. The cost is two small all-reduces (a few numbers a channel) per
+  layer in each forward pass and two in backward. torch's nn.SyncBatchNorm does the same
+  on GPUs, but refuses CPU tensors, and these runs must test on CPUs.
 - Spectral norm's vector u, weight averages (EMA), running statistics: they follow from
   the weights and the batches by the same arithmetic in every process, so they stay
-  identical without being sent (DDP also broadcasts buffers from rank 0 at every forward).
+  identical on their own; DDP's broadcast of buffers from rank 0 at every forward changes
+  nothing there.
 - Gradient reversal is an autograd function inside the graph: DDP sees only the
   gradients it produces, so it needs no change.
 - Two players (GAN's G and D, ADDA's F_t and D) are wrapped separately, one DDP each:
-  each optimiser steps on its own player's averaged gradients.
+  each optimiser steps on its own player's averaged gradients. (In G's step, D's
+  gradients are averaged too and then thrown away: simple, a little communication lost.)
 
 Only rank 0 prints progress and writes files (checkpoints, pictures, results.json); the
-others compute the same numbers and write nothing. Sampling and evaluation (the DDPM's
-1000 images, --generate, FID features, t-SNE embeddings) split their batches across the
-processes (`in_order`) and gather the results in the original order.
+others compute the same numbers and write nothing, and a file rank 0 wrote is read by the
+others only after a collective (a barrier) has passed. Sampling and feature extraction
+(the DDPM's 1000 images, --generate, FID's Inception features, UDA's t-SNE features)
+split their batches across the processes (`in_order`) and gather the results in the
+original order; the t-SNE itself runs on rank 0. Several machines need --out and the
+cache on a shared file system.
 """
 import contextlib
 import datetime
+import functools
 import os
 import sys
 
@@ -55,13 +62,15 @@ import torch.nn.functional as F
 import util
 
 # A process that waits longer than this for the others (one died, or hangs) stops with
-# an error instead of waiting for ever; a FID or t-SNE on rank 0 stays well below it.
+# an error instead of waiting for ever (gloo: one line from run.py; NCCL's watchdog ends
+# the process itself); rank 0's t-SNE and pictures stay well below it.
 TIMEOUT_SECONDS = int(os.environ.get("DLCV_DIST_TIMEOUT", "1800"))
 
 
 # ============================================================================ the group
 def launched() -> bool:
-    """Started by torchrun (or by hand with RANK, WORLD_SIZE and MASTER_ADDR set)?"""
+    """Started by torchrun (or by hand with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+    set)? (util and parallel import each other: neither uses the other at import time.)"""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -92,7 +101,7 @@ def start(device_name: str) -> torch.device:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS),
                             device_id=device if device.type == "cuda" else None)
     if rank() != 0:  # one voice: rank 0 prints (run.py: and says the errors)
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = silent()
     return device
 
 
@@ -110,6 +119,12 @@ def failure(error: Exception) -> str:
     """The first line of a torch.distributed error, for run.py's one-line message."""
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return first.split("] ", 1)[-1].split(". ")[0][:160]  # without gloo's source location
+
+
+@functools.cache
+def silent():
+    """Where the other ranks' progress lines go: nowhere."""
+    return open(os.devnull, "w")
 
 
 def stop():
@@ -140,9 +155,15 @@ def check_batch(batch_size: int):
 
 # ============================================================================ random rows
 def rows(global_rows: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """This process's rows of a tensor drawn for the whole global batch (along dim)."""
+    """This process's rows of a tensor drawn for the whole global batch (along dim). The
+    shares must be equal: DDP gives each process's mean the same weight."""
     if world() == 1:
         return global_rows
+    if global_rows.shape[dim] % world():
+        raise util.UserError(
+            f"a batch of {global_rows.shape[dim]} images does not split into {world()} "
+            "equal shares: pick a --batch-size (and for the classifier a last batch of an "
+            "epoch) that divides by the number of processes, or run one process")
     return global_rows.tensor_split(world(), dim=dim)[rank()]
 
 
@@ -164,9 +185,17 @@ def data_parallel(model: nn.Module) -> nn.Module:
     weights (a player: GAN's G and D, the U-Net, F, C and D of UDA) is a replica: the same
     weights, gradients averaged across processes in backward. `model` itself keeps its
     state_dict keys, so checkpoints read the same with 1 or N processes. One process:
-    `model` itself."""
+    `model` itself.
+
+    The view shares the model's parameters, buffers and submodules, but its plain
+    attributes are copies: set modes (train(), eval()) on the model, whose modules the
+    view holds. Weights must live in children: one registered on the model itself would
+    never be averaged, so it is refused."""
     if world() == 1:
         return model
+    if any(True for _ in model.parameters(recurse=False)):
+        raise ValueError(f"{type(model).__name__} has weights of its own, outside its "
+                         "children: DDP would not average them")
     view = nn.Module.__new__(type(model))
     view.__dict__ = {**model.__dict__, "_modules": dict(model._modules)}
     for name, child in model.named_children():
@@ -184,9 +213,13 @@ def replica(module: nn.Module) -> nn.Module:
 
 
 class SumOverProcesses(torch.autograd.Function):
-    """y = sum_r x_r, the same in every process. The run's loss is sum_r L_r, and every
-    L_r depends on y, so dL/dx_r = sum_r' dL_r'/dy: backward sums the gradients over the
-    processes too."""
+    """y = sum_r x_r, the same tensor in every process r.
+
+    Backward: the run's objective is the mean over processes of their losses L_r, and
+    each L_r depends on x_r directly and through y (dy/dx_r = I), so y's contribution to
+    the gradient of x_r is sum_r' dL_r'/dy: the gradients summed over the processes
+    too. Each process thus gets N times the gradient of the mean through y; DDP's
+    averaging of the weights' gradients divides by N again."""
 
     @staticmethod
     def forward(ctx, x):
@@ -196,78 +229,97 @@ class SumOverProcesses(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        # the same sum, and differentiable again: WGAN-GP's penalty takes a gradient of
-        # a gradient (create_graph=True) through the shared batch-norm statistics
+        # the same sum, and differentiable again (for a gradient of a gradient)
         return SumOverProcesses.apply(grad_output)
 
 
 class SharedBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Batch norm over the global batch: in training, the per-channel count, sum and sum
-    of squares of every process are added up (SumOverProcesses, so each process's gradient
-    also flows through the statistics the others share), then
+    """Batch norm over the global batch. In training, with n the images (times pixels)
+    of all processes, two sums over the processes (SumOverProcesses, so each process's
+    gradient also flows through the statistics the others share):
 
-        mean = sum x / n,   var = sum x^2 / n - mean^2,   y = (x - mean) / sqrt(var + eps) g + b,
+        mean = sum x / n,   var = sum (x - mean)^2 / n,   y = (x - mean) / sqrt(var + eps) g + b,
 
-    with n the images (times pixels) of all processes, and the running statistics moved
-    toward mean and the unbiased var * n / (n - 1), as nn.BatchNorm does. In eval mode
-    each process normalises with the running statistics, as nn.BatchNorm does."""
+    and the running statistics move toward mean and the unbiased var n / (n - 1), as
+    nn.BatchNorm does. Two passes, not sum x^2 / n - mean^2, which loses the variance to
+    rounding when the mean is large against the spread. The same statistics as one
+    process's, up to rounding; in eval mode, the running statistics, as nn.BatchNorm."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and world() > 1):
             return super().forward(x)
         dims = [0, *range(2, x.dim())]                                   # all but channels
+        shape = (1, -1) + (1,) * (x.dim() - 2)                           # (1, C, 1, 1)
         count = x.new_full((x.shape[1],), x.numel() / x.shape[1])            # (C,)
-        totals = SumOverProcesses.apply(torch.stack(
-            [count, x.sum(dims), (x * x).sum(dims)]))                     # (3, C), summed
-        n, mean = totals[0], totals[1] / totals[0]
-        var = totals[2] / n - mean * mean
+        n, total = SumOverProcesses.apply(torch.stack([count, x.sum(dims)]))  # (C,) each
+        mean = total / n
+        centred = x - mean.view(shape)
+        var = SumOverProcesses.apply(centred.pow(2).sum(dims)) / n
         if self.track_running_stats:
             self.num_batches_tracked += 1
             momentum = self.momentum if self.momentum is not None else \
-                1 / float(self.num_batches_tracked)
+                1 / float(self.num_batches_tracked)          # None: a cumulative average
             with torch.no_grad():
                 self.running_mean.lerp_(mean, momentum)
                 self.running_var.lerp_(var * n / (n - 1), momentum)
-        shape = (1, -1) + (1,) * (x.dim() - 2)                           # (1, C, 1, 1)
-        return ((x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-                * self.weight.view(shape) + self.bias.view(shape))
-
-    def _check_input_dim(self, x):
-        if x.dim() < 2:
-            raise ValueError(f"expected a batch of at least 2 dimensions, got {x.dim()}")
+        return centred * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) \
+            + self.bias.view(shape)
 
 
-class SharedDropout(nn.modules.dropout._DropoutNd):
-    """Dropout (whole_channels: Dropout2d, one draw per channel) whose mask is drawn for
-    the global batch from torch's default stream, which every process seeds alike, and
-    cut to this process's rows: mask m ~ Bernoulli(1 - p), y = x m / (1 - p), the very
-    mask a single process draws (on the CPU, where F.dropout draws it the same way)."""
-    whole_channels = False
+class SharedBatchNorm1d(SharedBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class SharedBatchNorm2d(SharedBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+class GlobalMask:
+    """Dropout (mixed into nn.Dropout and nn.Dropout2d) whose mask is drawn for the global
+    batch from torch's default stream, which every process seeds alike, and cut to this
+    process's rows: m ~ Bernoulli(1 - p), y = x m / (1 - p), on the CPU the very mask a
+    single process draws (CUDA's fused dropout draws its masks otherwise). So no process
+    may draw from the default stream alone (rank 0's pictures use generators of their own)."""
+
+    def mask_shape(self, x: torch.Tensor) -> list[int]:
+        return list(x.shape)                                  # one draw per value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.p > 0 and world() > 1):
-            dropout = F.dropout2d if self.whole_channels else F.dropout
-            return dropout(x, self.p, self.training)
-        shape = list(x.shape[:2]) + [1] * (x.dim() - 2) if self.whole_channels else list(x.shape)
+            return super().forward(x)
+        shape = self.mask_shape(x)
         shape[0] *= world()                                   # the global batch's mask
-        keep = rows(torch.empty(shape, device=x.device).bernoulli_(1 - self.p))
-        return x * keep / (1 - self.p)
+        keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        return x * rows(keep).div_(1 - self.p)               # as F.dropout: mask / (1 - p)
+
+
+class SharedDropout(GlobalMask, nn.Dropout):
+    pass
+
+
+class SharedDropout2d(GlobalMask, nn.Dropout2d):
+    def mask_shape(self, x: torch.Tensor) -> list[int]:
+        return list(x.shape[:2]) + [1] * (x.dim() - 2)      # one draw per channel, (B, C, 1, 1)
+
+
+# nn's layer -> the same layer over the global batch (a subclass: isinstance still holds)
+SHARED_LAYERS = {nn.BatchNorm1d: SharedBatchNorm1d, nn.BatchNorm2d: SharedBatchNorm2d,
+                 nn.Dropout: SharedDropout, nn.Dropout2d: SharedDropout2d}
 
 
 def share_batch_layers(model: nn.Module) -> nn.Module:
     """The layers that look across the batch, made to look across the global batch: batch
-    norm becomes SharedBatchNorm, dropout SharedDropout, in place (the class of each is
-    switched: the same object, parameters, buffers and names, so optimisers already built
-    and checkpoints do not change). One process: model unchanged."""
+    norm shares its statistics, dropout draws the global mask. In place: the class of
+    each is switched to its subclass in SHARED_LAYERS (the same object, parameters,
+    buffers and names, so optimisers already built and checkpoints do not change). One
+    process: model unchanged."""
     if world() == 1:
         return model
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
-            module.__class__ = SharedBatchNorm
-        elif isinstance(module, (nn.Dropout, nn.Dropout2d)):
-            whole_channels = isinstance(module, nn.Dropout2d)
-            module.__class__ = SharedDropout
-            module.whole_channels = whole_channels
+        if type(module) in SHARED_LAYERS:
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.affine:
+                raise ValueError("SharedBatchNorm needs affine batch norm")
+            module.__class__ = SHARED_LAYERS[type(module)]
     return model
 
 
@@ -306,12 +358,26 @@ def _to_cpu(value):
 
 @contextlib.contextmanager
 def main_first():
-    """Rank 0 runs the block first (a download, a cache entry), the others after it."""
+    """Rank 0 runs the block first (a download, a cache entry), the others after it, when
+    its files exist. The block must hold no collective. If it fails on rank 0, the others
+    still go on and meet the same failure themselves."""
     if not is_main():
         barrier()
-    yield
-    if is_main():
-        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
+
+
+def from_main(function):
+    """function() on rank 0, its result sent to every process (one answer for all: a
+    cache that rank 0 found, or None)."""
+    if world() == 1:
+        return function()
+    answer = [function() if is_main() else None]
+    dist.broadcast_object_list(answer, src=0)
+    return answer[0]
 
 
 def barrier():

@@ -92,7 +92,7 @@ class Progress:
             len(iterable) if hasattr(iterable, "__len__") else None)
         self.desc, self.unit = desc, unit
         # under torchrun only rank 0 shows progress (parallel.py)
-        self.stream = stream or (sys.stderr if parallel.is_main() else open(os.devnull, "w"))
+        self.stream = stream or (sys.stderr if parallel.is_main() else parallel.silent())
         self.is_terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.interval = interval if interval is not None else (0.2 if self.is_terminal else 30.0)
         self.count, self.initial, self.stats = initial, initial, {}
@@ -413,6 +413,7 @@ def train_loop(step, steps: int, every: int, out, command: str, settings, seed: 
                 save_checkpoint(state, checkpoint.with_name("best.pt"))
             if draw is not None and parallel.is_main():  # pictures: rank 0 alone
                 draw(log.history)
+            parallel.barrier()  # rank 0's files exist for every process from here on
             progress.note(f"{desc} {done}/{steps}: " + ", ".join(
                 f"{name} {values[-1]:.4g}" for name, values in log.history.items()
                 if name not in ("step", "fid_step") and values))

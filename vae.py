@@ -244,6 +244,7 @@ def save_interpolation(model: nets.VAE, first: torch.Tensor, second: torch.Tenso
 def save_latent_tsne(model: nets.VAE, test: data.ImageSet, settings: VAESettings, path,
                      seed: int):
     chosen = test.subset(torch.arange(min(settings.tsne_points, len(test))))
+    model.eval()  # running statistics: rank 0 alone runs this, no batch to share
     codes = torch.cat([model.encode(images)[0].cpu()
                        for images, _ in chosen.batches(500, shuffle=False)]).double().numpy()
     points = tsne.tsne(tsne.pca(codes, min(50, codes.shape[1])), seed=seed)
