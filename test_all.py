@@ -14,9 +14,13 @@ import inspect
 import io
 import json
 import math
+import multiprocessing
 import os
 import re
+import socket
 import struct
+import subprocess
+import sys
 import tarfile
 import urllib.error
 import zipfile
@@ -640,7 +644,6 @@ def test_checkpoint_of_non_finite_weights_is_refused_and_the_last_good_one_kept(
 
 
 def test_a_temporary_left_by_a_killed_writer_is_removed_on_the_next_write(tmp_path):
-    import subprocess, sys
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                            capture_output=True, text=True).stdout.strip()
     stale = tmp_path / f"checkpoint.pt.{ended}.tmp"
@@ -3676,7 +3679,6 @@ def digit_folder(root: Path, count: int = 16, inverted: bool = False) -> str:
 
 
 def free_port() -> int:
-    import socket
     with socket.socket() as handle:
         handle.bind(("127.0.0.1", 0))
         return handle.getsockname()[1]
@@ -3694,12 +3696,11 @@ def rank_main(rank: int, world: int, port: int, argv: list, folder: str, die_at:
         real_add = util.StepLog.add
 
         def add(log, numbers):
-            if sum(1 for _ in log.history["step"]) + 1 >= die_at:
+            if len(log.history["step"]) + 1 >= die_at:  # a commit a step (--sample-every 1)
                 os._exit(9)  # as if killed: no message, no clean-up
             real_add(log, numbers)
         util.StepLog.add = add
-    import sys
-    sys.stderr = open(Path(folder) / f"rank{rank}.err", "w", buffering=1)
+    sys.stderr = open(Path(folder) / f"rank{rank}.err", "w", buffering=1)  # for the test
     code = run.main(argv)
     (Path(folder) / f"rank{rank}.code").write_text(str(code))
 
@@ -3707,7 +3708,6 @@ def rank_main(rank: int, world: int, port: int, argv: list, folder: str, die_at:
 def launch(argv: list, folder: Path, world: int = 2, die_at: int = 0) -> list[int]:
     """run.main(argv) in `world` fresh processes joined by gloo on localhost, as
     torchrun --nproc_per_node world would start them; their exit codes by rank."""
-    import multiprocessing
     folder.mkdir(parents=True, exist_ok=True)
     context, port = multiprocessing.get_context("spawn"), free_port()
     processes = [context.Process(target=rank_main,
@@ -3770,7 +3770,7 @@ def test_two_processes_train_the_same_gan_as_one(tmp_path, variant):
     settings = gan.GANSettings(**torch.load(tmp_path / "one" / f"gan_{variant}" /
                                             "checkpoint.pt", weights_only=True)["settings"])
     torch.manual_seed(0)
-    start = {f"{k}": v.float() for k, v in gan.GAN(settings).state_dict().items()
+    start = {k: v.float() for k, v in gan.GAN(settings).state_dict().items()
              if v.is_floating_point()}
     assert_same_run(tmp_path / "one" / f"gan_{variant}", tmp_path / "two" / f"gan_{variant}",
                     "gan", start)
@@ -3781,8 +3781,6 @@ def test_two_processes_train_the_same_gan_as_one(tmp_path, variant):
 def torchrun(argv: list, nproc: int = 2, timeout: int = 300):
     """python -m torch.distributed.run --standalone --nproc_per_node N run.py ARGV: the
     real launcher, on localhost."""
-    import subprocess
-    import sys
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
          str(nproc), "run.py", *map(str, argv)], cwd=Path(__file__).resolve().parent,
