@@ -124,9 +124,11 @@ def bench_ddp(args):
     for processes, launcher in launchers.items():
         with tempfile.TemporaryDirectory() as out:
             # torchrun gives each process 1 thread; one process gets what torch picks
-            subprocess.run(launcher + flags + ["--out", out], check=True,
-                           cwd=Path(__file__).resolve().parent, env=os.environ.copy(),
-                           stdout=subprocess.DEVNULL)
+            finished = subprocess.run(launcher + flags + ["--out", out],
+                                      cwd=Path(__file__).resolve().parent,
+                                      env=os.environ.copy(), capture_output=True, text=True)
+            if finished.returncode:
+                raise SystemExit(f"{' '.join(launcher)} failed:\n{finished.stderr[-2000:]}")
             results = json.loads((Path(out) / f"gan_{args.variant}" / "results.json")
                                  .read_text())
         print(f"GAN {args.variant} {args.image_size}x{args.image_size}, global batch "
