@@ -3208,7 +3208,8 @@ def test_reparameterised_samples_have_mean_mu_and_standard_deviation_exp_half_lo
     count = 40_000
     mu = torch.tensor([1.5, -2.0]).expand(count, 2)
     logvar = torch.tensor([0.25, 4.0]).log().expand(count, 2)             # sigma 0.5 and 2
-    z = vae.reparameterise(mu, logvar, torch.randn(count, 2, generator=torch.Generator().manual_seed(0)))
+    eps = torch.randn(count, 2, generator=torch.Generator().manual_seed(0))
+    z = vae.reparameterise(mu, logvar, eps)
     assert torch.allclose(z.mean(dim=0), torch.tensor([1.5, -2.0]), atol=0.05)
     assert torch.allclose(z.std(dim=0), torch.tensor([0.5, 2.0]), rtol=0.03)
 
