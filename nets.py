@@ -5,6 +5,9 @@ Architectures:
   extractor (two 5x5 convolutions, batch norm, max pools -> 800 features), a label
   classifier (800 -> 100 -> 100 -> 10) and a domain classifier (800 -> 100 -> 1), with
   gradient reversal (`grad_reverse`) between the features and the domain classifier.
+- GTA's conditional generator (embedding, label, noise -> 28x28 image) and its
+  discriminator with a real/fake head and a class head (Sankaranarayanan et al. 2018);
+  `Standardise`, each image to zero mean and unit variance (self-ensembling's input).
 - A digit classifier (two VGG-style stages of 3x3 convolutions with batch norm, then a
   dropout MLP) for 28x28 RGB digits: the evaluator that grades generated digits.
 - DCGAN generator / discriminator (Radford, Metz & Chintala 2016, "Unsupervised
@@ -164,6 +167,16 @@ def digit_classifier(classes: int = 10, width: int = 32) -> nn.Sequential:
         nn.Linear(256, classes))
 
 
+class Standardise(nn.Module):
+    """Each image to zero mean and unit variance over its pixels and channels: a domain's
+    overall brightness and contrast are gone before the first layer."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
+        std = images.std(dim=(1, 2, 3), keepdim=True)
+        return (images - mean) / (std + 1e-5)
+
+
 def digit_features(channels: int = 3) -> nn.Sequential:
     """image (B, 3, 28, 28) -> features (B, 800), the DANN paper's MNIST extractor."""
     return nn.Sequential(
@@ -190,6 +203,48 @@ def domain_classifier(features: int = 800, hidden: int = 100, layers: int = 1,
             for module in (nn.Linear(c_in, c_out),
                            *([nn.BatchNorm1d(c_out)] if batch_norm else []), nn.ReLU(True))]
     return nn.Sequential(*body, nn.Linear(sizes[-1], 1))
+
+
+def gta_generator(embedding: int = 800, classes: int = 10, noise: int = 100,
+                  width: int = 64) -> nn.Sequential:
+    """GTA's conditional generator: [F(x), one-hot label of K + 1, z] (B, E + K + 1 + Z,
+    1, 1) -> image (B, 3, 28, 28) in [-1, 1]. The (K+1)-th label stands for "unknown",
+    the label every target image gets. DCGAN-style transposed convolutions; the first two
+    grow 1x1 to 3x3 to 7x7 (the authors' 32x32 net doubles from 2x2 instead). Shapes are
+    for width 64, the authors' width."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(embedding + classes + 1 + noise, 4 * width, 3, 1, 0, bias=False),
+        nn.BatchNorm2d(4 * width), nn.ReLU(True),                       # (B, 256, 3, 3)
+        nn.ConvTranspose2d(4 * width, 2 * width, 3, 2, 0, bias=False),
+        nn.BatchNorm2d(2 * width), nn.ReLU(True),                       # (B, 128, 7, 7)
+        nn.ConvTranspose2d(2 * width, width, 4, 2, 1, bias=False),
+        nn.BatchNorm2d(width), nn.ReLU(True),                           # (B, 64, 14, 14)
+        nn.ConvTranspose2d(width, 3, 4, 2, 1, bias=False), nn.Tanh())   # (B, 3, 28, 28)
+
+
+class GTADiscriminator(nn.Module):
+    """GTA's discriminator: one convolutional trunk, two heads. image (B, 3, 28, 28) ->
+    (data logit (B,): "a real source image", class logits (B, K)). The trunk is the
+    authors' digit discriminator: 3x3 convolutions, batch norm, LeakyReLU(0.2), max pools.
+    Shapes are for width 64."""
+
+    def __init__(self, classes: int = 10, width: int = 64):
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1), nn.BatchNorm2d(width), nn.LeakyReLU(0.2, True),
+            nn.MaxPool2d(2),                                                 # (B, 64, 14, 14)
+            nn.Conv2d(width, 2 * width, 3, 1, 1), nn.BatchNorm2d(2 * width),
+            nn.LeakyReLU(0.2, True), nn.MaxPool2d(2),                        # (B, 128, 7, 7)
+            nn.Conv2d(2 * width, 4 * width, 3, 1, 1), nn.BatchNorm2d(4 * width),
+            nn.LeakyReLU(0.2, True), nn.MaxPool2d(2),                        # (B, 256, 3, 3)
+            nn.Conv2d(4 * width, 2 * width, 3, 1, 1), nn.BatchNorm2d(2 * width),
+            nn.LeakyReLU(0.2, True), nn.MaxPool2d(3), nn.Flatten())          # (B, 128)
+        self.data = nn.Linear(2 * width, 1)
+        self.classes = nn.Linear(2 * width, classes)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.trunk(images)
+        return self.data(features).squeeze(1), self.classes(features)
 
 
 # ============================================================================ DCGAN

@@ -212,6 +212,21 @@ def replica(module: nn.Module) -> nn.Module:
     return nn.parallel.DistributedDataParallel(module)
 
 
+def module_of(model: nn.Module) -> nn.Module:
+    """The module inside a replica (or the module itself): to run a player whose weights
+    do not learn in this part of a step, so that no replica waits for their gradients."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def batch_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean over the rows (dim 0) of the global batch, the same in every process and
+    differentiable (SumOverProcesses): for a loss of a batch mean, which a mean of the
+    processes' losses would not equal. One process: x.mean(0)."""
+    if world() == 1:
+        return x.mean(dim=0)
+    return SumOverProcesses.apply(x.sum(dim=0)) / (len(x) * world())
+
+
 class SumOverProcesses(torch.autograd.Function):
     """y = sum_r x_r, the same tensor in every process r.
 

@@ -248,12 +248,16 @@ def architectures(name: str, variant: str | None = None):
         return [("ddpm: U-Net eps_theta(x_t, t, c)", unet, (3, 28, 28),
                  {"extra_inputs": (torch.tensor(1), torch.tensor(0))})]  # t = 1, c = 0
     if name == "uda":
-        side = uda.UDASettings().image_size
+        side, gta = uda.UDASettings().image_size, uda.Networks("gta")
         return [("uda: feature extractor", nets.digit_features(), (3, side, side), {}),
                 ("uda: label classifier", nets.label_classifier(), (800,), {}),
                 ("uda: DANN domain classifier", nets.domain_classifier(), (800,), {}),
                 ("uda: ADDA discriminator",
-                 nets.domain_classifier(hidden=500, layers=2, batch_norm=False), (800,), {})]
+                 nets.domain_classifier(hidden=500, layers=2, batch_norm=False), (800,), {}),
+                ("uda: GTA generator G(F(x), label, z)", gta.generator,
+                 (800 + 11 + uda.GTA_NOISE, 1, 1), {}),
+                ("uda: GTA discriminator (data and class heads)", gta.discriminator,
+                 (3, side, side), {})]
     return [("classifier: digit classifier", nets.digit_classifier(), (3, 28, 28), {})]
 
 
@@ -656,7 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images of each digit for --generate (the homework asks for 100)")
     sub.add_argument("--ckpt", default=None, help="checkpoint for --generate")
 
-    sub = command("uda", command_uda, "domain adaptation: source, dann, dann-ent, adda, target")
+    sub = command("uda", command_uda, "domain adaptation: source, dann, dann-ent, adda, gta, "
+                  "self-ensembling, target")
     add_flags(sub, uda.UDASettings)
     sub.add_argument("--table", action="store_true",
                      help="run the homework's four scenarios and write results.md")

@@ -1833,6 +1833,8 @@ def test_every_method_writes_every_promised_file(tmp_path):
                      "tsne_domain.png", "results.json", "predictions.csv"):
             assert (tmp_path / method / name).is_file(), (method, name)
         assert rows[method]["total"] == 40 and 0 <= rows[method]["correct"] <= 40
+    assert (tmp_path / "gta" / "generated.png").is_file()  # G's drawings, GTA alone
+    assert not (tmp_path / "dann" / "generated.png").exists()
     table = (tmp_path / "results.md").read_text()
     assert "| ADDA | " in table and f"({rows['adda']['correct']}/40)" in table
 
@@ -1978,7 +1980,7 @@ def test_dann_step_normalises_each_domain_with_its_own_batch_statistics():
                           0.9 * 0.1 * source_mean + 0.1 * target_mean, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["dann", "adda"])
+@pytest.mark.parametrize("method", ["dann", "adda", "gta", "self-ensembling"])
 def test_resumed_uda_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, method):
     settings = tiny_uda(src="mnistm", tgt="usps", method=method, epochs=2, tsne_points=0)
     domains = uda.load_domains(settings, toy_load)
@@ -3020,6 +3022,185 @@ def test_adda_step_trains_d_on_source_1_target_0_then_f_t_toward_1_against_the_n
     assert math.isclose(float(losses["encoder"].detach()), encoder_loss.item(), rel_tol=1e-5)
 
 
+class TwoHeads(nn.Module):
+    """A stub GTA discriminator: one Linear trunk on the flattened image, a data logit
+    and class logits."""
+
+    def __init__(self, pixels: int, classes: int = 10):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(pixels, 5), nn.Tanh())
+        self.data, self.classes = nn.Linear(5, 1), nn.Linear(5, classes)
+
+    def forward(self, images):
+        features = self.trunk(images)
+        return self.data(features).squeeze(1), self.classes(features)
+
+
+def stub_generator(embedding: int, noise: int, side: int) -> nn.Module:
+    """[F(x), one-hot of 11, z] (B, E + 11 + Z, 1, 1) -> image (B, 3, side, side)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(embedding + 11 + noise, 3 * side * side),
+                         nn.Tanh(), nn.Unflatten(1, (3, side, side)))
+
+
+def test_gta_step_trains_d_then_g_and_f_c_against_the_updated_d():
+    """D descends BCE(D_data(x_s), 1) + CE(D_cls(x_s), y_s) + BCE(D_data(g_s), 0) +
+    BCE(D_data(g_t), 0); then, with the updated D, G descends CE(D_cls(g_s), y_s) +
+    BCE(D_data(g_s), 1), and F and C descend CE(C(F(x_s)), y_s) + a CE(D_cls(g_s), y_s) +
+    a alpha BCE(D_data(g_t), 1), where g_s = G(F(x_s), onehot(y_s), z_s) and g_t =
+    G(F(x_t), onehot(K), z_t). Catches: target images given their own or no "unknown"
+    label, generated images counted as real for D, D's class head trained on generated
+    images, G or F scored by the old D, F's target term toward "fake", a and alpha
+    swapped or dropped, D's or G's gradient leaking into another player's step."""
+    nets_ = stub_uda_networks("gta")
+    torch.manual_seed(1)
+    nets_.generator, nets_.discriminator = stub_generator(6, 3, 4), TwoHeads(3 * 4 * 4)
+    source, labels, target = two_domains()
+    noise = torch.randn(12, 3)
+    F_, C, G, D = nets_.features, nets_.classifier, nets_.generator, nets_.discriminator
+    F0, C0, G0, D0 = (copy.deepcopy(m) for m in (F_, C, G, D))
+    lr_d, a, alpha = 0.5, 0.1, 0.3
+    optimizers = {"discriminator": recording_sgd(D.parameters(), lr_d),
+                  "generator": recording_sgd(G.parameters(), 0.2),
+                  "embedding": recording_sgd([*F_.parameters(), *C.parameters()], 0.3)}
+    losses = uda.gta_step(nets_, source, labels, target, noise, optimizers, a, alpha)
+
+    def generate(features, condition, z):
+        one_hot = torch.zeros(len(features), 11)
+        one_hot[torch.arange(len(features)), condition] = 1.0
+        return G0(torch.cat([features, one_hot, z], dim=1)[..., None, None])
+    fs, ft = F0(source), F0(target)
+    gs, gt = generate(fs, labels, noise[:6]), generate(ft, torch.full((6,), 10), noise[6:])
+
+    def bce(logits, value):
+        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, value))
+    d_loss = (bce(D0(source)[0], 1) + F.cross_entropy(D0(source)[1], labels)
+              + bce(D0(gs.detach())[0], 0) + bce(D0(gt.detach())[0], 0))
+    d_gradient = gradients(d_loss, D0.parameters())
+    D1 = copy.deepcopy(D0)
+    with torch.no_grad():
+        for p, g in zip(D1.parameters(), d_gradient):
+            p.sub_(lr_d * g)
+    g_loss = F.cross_entropy(D1(gs)[1], labels) + bce(D1(gs)[0], 1)
+    class_loss = F.cross_entropy(C0(fs), labels)
+    f_loss = class_loss + a * F.cross_entropy(D1(gs)[1], labels) + a * alpha * bce(D1(gt)[0], 1)
+
+    assert [len(o.seen) for o in optimizers.values()] == [1, 1, 1]
+    assert_all_close(optimizers["discriminator"].seen[0], d_gradient, what="D")
+    assert_all_close(optimizers["generator"].seen[0], gradients(g_loss, G0.parameters()),
+                     what="G")
+    assert_all_close(optimizers["embedding"].seen[0],
+                     gradients(f_loss, [*F0.parameters(), *C0.parameters()]), what="F, C")
+    assert_all_close(list(D.parameters()), list(D1.parameters()), what="D after the step")
+    for name, value in (("discriminator", d_loss), ("generator", g_loss),
+                        ("embedding", f_loss), ("class", class_loss)):
+        assert math.isclose(float(losses[name].detach()), value.item(), rel_tol=1e-5), name
+
+
+def test_self_ensembling_step_matches_the_papers_loss_on_the_augmentations_it_names(
+        monkeypatch):
+    """The student descends CE(S(a_1(x_s)), y_s) + w [mean_t m_t |S(a_2(x_t)) -
+    T(a_3(x_t))|^2 / K + b mean(m) sum_k BCE(mean_t S(a_2(x_t))_k, 1/K)] on softmax
+    outputs, m_t = [max_k T(a_3(x_t))_k > threshold]; the teacher T learns nothing in the
+    step. Catches: the mask taken from the student, no mask, the teacher on the student's
+    augmentation (or on the source), a gradient into the teacher, the class balance
+    unweighted by the confident share or against another target, w or b dropped."""
+    student, teacher = stub_uda_networks("self-ensembling"), stub_uda_networks("source")
+    with torch.no_grad():  # the teacher: other weights, larger logits (some confident)
+        for p in teacher.parameters():
+            p.mul_(1.3).add_(0.05)
+        teacher.classifier.weight.mul_(40.0)
+    source, labels, target = two_domains(8)
+    shifts = iter([0.3, -0.2, 0.1])  # a_1, a_2, a_3: recognisable by their shift
+
+    def recorded_augment(images):
+        return images + next(shifts)
+    monkeypatch.setattr(uda, "augment", recorded_augment)
+    S0, T0 = copy.deepcopy(student), copy.deepcopy(teacher)
+
+    def predict(networks, images):
+        return networks.classifier(networks.features(images)).softmax(dim=1)
+    teacher_probs = predict(T0, target + 0.1).detach()
+    threshold = float(teacher_probs.max(dim=1).values.median())
+    mask = (teacher_probs.max(dim=1).values > threshold).float()
+    assert 0 < mask.sum() < len(mask)
+    w, b = 3.0, 0.5
+    optimizer = recording_sgd(student.parameters(), 0.1)
+    losses = uda.self_ensembling_step(student, teacher, source, labels, target, optimizer,
+                                      w, threshold, b)
+
+    class_loss = F.cross_entropy(S0.classifier(S0.features(source + 0.3)), labels)
+    student_probs = predict(S0, target - 0.2)
+    consistency = (((student_probs - teacher_probs) ** 2).mean(dim=1) * mask).mean()
+    mean_probs = student_probs.mean(dim=0)
+    balance = -(0.1 * mean_probs.log() + 0.9 * (1 - mean_probs).log()).sum() * mask.mean()
+    loss = class_loss + w * (consistency + b * balance)
+    assert len(optimizer.seen) == 1
+    assert_all_close(optimizer.seen[0], gradients(loss, S0.parameters()), what="student")
+    assert_all_close(list(teacher.parameters()), list(T0.parameters()), atol=0, what="teacher")
+    for name, value in (("class", class_loss), ("consistency", consistency),
+                        ("balance", balance), ("confident", mask.mean())):
+        assert math.isclose(float(losses[name].detach()), value.item(), rel_tol=1e-5), name
+
+
+def own_augment_reference(images, matrix, offset, flips, noise, noise_std):
+    """French et al.'s augmentation pixel by pixel: output pixel p (x, y) takes the input
+    at M (p - c) + c + t, c the centre, bilinearly, outside points clamped to the border;
+    then the flip, then noise_std times the image's standard deviation times the noise."""
+    count, channels, side, _ = images.shape
+    centre = (side - 1) / 2
+    moved = torch.zeros_like(images)
+    for n in range(count):
+        for y in range(side):
+            for x in range(side):
+                sx, sy = (matrix[n] @ torch.tensor([x - centre, y - centre])
+                          + centre + offset[n]).tolist()
+                sx, sy = min(max(sx, 0.0), side - 1.0), min(max(sy, 0.0), side - 1.0)
+                x0, y0 = min(int(sx), side - 2), min(int(sy), side - 2)
+                fx, fy = sx - x0, sy - y0
+                moved[n, :, y, x] = ((1 - fx) * (1 - fy) * images[n, :, y0, x0]
+                                     + fx * (1 - fy) * images[n, :, y0, x0 + 1]
+                                     + (1 - fx) * fy * images[n, :, y0 + 1, x0]
+                                     + fx * fy * images[n, :, y0 + 1, x0 + 1])
+    moved = torch.where(flips, -moved, moved)
+    return moved + noise_std * moved.std(dim=(1, 2, 3), keepdim=True) * noise
+
+
+def test_augment_deforms_shifts_flips_and_noises_each_image_by_its_own_draw():
+    """Against a pixel-by-pixel bilinear reference, with the random numbers drawn in the
+    same order: the 2x2 deformation, the shift in pixels (not in affine_grid's [-1, 1]
+    units), the flip of half the images, the noise in image standard deviations."""
+    images = torch.rand(4, 3, 7, 7, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    torch.manual_seed(5)
+    augmented = uda.augment(images, shift=2.0, deform=0.1, noise=0.1)
+    torch.manual_seed(5)
+    matrix = torch.eye(2) + 0.1 * torch.randn(4, 2, 2)
+    offset = 2.0 * (2 * torch.rand(4, 2) - 1)
+    flips = torch.rand(4, 1, 1, 1) < 0.5
+    noise = torch.randn(4, 3, 7, 7)
+    expected = own_augment_reference(images, matrix, offset, flips, noise, 0.1)
+    assert torch.allclose(augmented, expected, atol=1e-5), (augmented - expected).abs().max()
+    assert 0 < int(flips.sum()) < 4
+
+
+def test_standardise_gives_each_image_zero_mean_and_unit_variance():
+    images = torch.rand(3, 3, 5, 5) * torch.tensor([1.0, 5.0, 0.5])[:, None, None, None]
+    standardised = nets.Standardise()(images + 7.0)  # brightness and contrast are gone
+    assert torch.allclose(standardised.mean(dim=(1, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(standardised.std(dim=(1, 2, 3)), torch.ones(3), atol=1e-3)
+    assert torch.allclose(nets.Standardise()(-images), -nets.Standardise()(images), atol=1e-6)
+
+
+def test_gta_networks_have_the_shapes_their_losses_need():
+    nets_ = uda.Networks("gta")
+    features = torch.randn(5, 800)
+    condition = F.one_hot(torch.arange(5), 11).float()
+    images = nets_.generator(torch.cat([features, condition, torch.randn(5, uda.GTA_NOISE)],
+                                       dim=1)[..., None, None])
+    assert images.shape == (5, 3, 28, 28) and images.abs().max() <= 1
+    data_logits, class_logits = nets_.discriminator(images)
+    assert data_logits.shape == (5,) and class_logits.shape == (5, 10)
+
+
 def small_uda_networks(monkeypatch):
     """uda.Networks with F = Linear + batch norm on the flattened 28x28 image, C and D one
     Linear each: fast, and F's batch-norm statistics still show whether it was frozen."""
@@ -3035,6 +3216,9 @@ def small_uda_networks(monkeypatch):
             nets_.target_features = copy.deepcopy(nets_.features)
             with torch.no_grad():
                 nets_.target_features[1].weight.add_(0.1)  # F_t starts unlike F_s
+        if nets_.generator is not None:
+            nets_.generator = stub_generator(8, uda.GTA_NOISE, 28)
+            nets_.discriminator = TwoHeads(3 * 28 * 28)
         return nets_
     monkeypatch.setattr(uda, "Networks", small)
 
@@ -3045,13 +3229,17 @@ def record_steps(monkeypatch) -> list:
     F_t in adda_step) and C after the step, and "before": theirs before the first call of
     that step); the first adda_step also keeps copies of F_s, C and F_t as they start."""
     calls = []
-    for name in ("classify_step", "dann_step", "adda_step"):
+    for name in ("classify_step", "dann_step", "adda_step", "gta_step", "self_ensembling_step"):
         real = getattr(uda, name)
 
         def recording(*args, _real=real, _name=name, **kwargs):
             bound = inspect.signature(_real).bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = dict(bound.arguments)
+            if _name == "self_ensembling_step":
+                arguments["nets_"] = arguments["student"]
+                arguments["teacher_weights"] = parameters_of(nn.Sequential(
+                    arguments["teacher"].features, arguments["teacher"].classifier))
             if _name == "adda_step" and not any(n == "adda_step" for n, _ in calls):
                 arguments["start"] = {part: copy.deepcopy(getattr(arguments["nets_"], part)
                                                           .state_dict())
@@ -3072,7 +3260,8 @@ def record_steps(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("method", ["source", "target", "dann", "dann-ent", "adda"])
+@pytest.mark.parametrize("method", ["source", "target", "dann", "dann-ent", "adda", "gta",
+                                    "self-ensembling"])
 def test_each_uda_method_steps_on_the_domains_labels_and_strengths_it_names(
         tmp_path, monkeypatch, method):
     """Source-only and ADDA's pre-training classify source images with their labels,
@@ -3080,18 +3269,25 @@ def test_each_uda_method_steps_on_the_domains_labels_and_strengths_it_names(
     source images and labels and target images, lambda = 2 / (1 + exp(-10 p)) - 1 at
     p = step / steps, the entropy weight only as DANN + entropy, one optimiser over F, C
     and D; ADDA adapts on source and target batches, D and F_t each with its own Adam
-    (adda_lr, betas (0.5, 0.999)) and F_s and C in neither."""
+    (adda_lr, betas (0.5, 0.999)) and F_s and C in neither; GTA gets source images and
+    labels, target images and one z a row, and three Adams (betas (0.8, 0.999)): D's
+    and F and C's at gta_lr / (1 + 1e-4 t), G's at gta_lr; self-ensembling gets source
+    images and labels and target images, one optimiser over F and C, its weights, and a
+    teacher that is the weight average of the steps before."""
     small_uda_networks(monkeypatch)
     calls = record_steps(monkeypatch)
     settings = tiny_uda(src="mnistm", tgt="usps", method=method, limit=16, epochs=2,
-                        entropy_weight=0.3, adda_lr=7e-4, tsne_points=0)
+                        entropy_weight=0.3, adda_lr=7e-4, gta_lr=3e-4, adversarial_weight=0.2,
+                        target_weight=0.4, consistency_weight=2.0, confidence=0.9,
+                        balance_weight=0.01, tsne_points=0)
     uda.train(uda.load_domains(settings, toy_load), settings, tmp_path, "cpu", seed=0)
     steps = 2 * 2  # 16 images a domain, batches of 8, 2 epochs
     names = [name for name, _ in calls]
     if method == "adda":
         assert names == ["classify_step"] * steps + ["adda_step"] * (steps // 2)
     else:
-        assert names == [{"source": "classify_step", "target": "classify_step"}.get(
+        assert names == [{"source": "classify_step", "target": "classify_step",
+                          "gta": "gta_step", "self-ensembling": "self_ensembling_step"}.get(
             method, "dann_step")] * steps
     for index, (name, arguments) in enumerate(calls):
         nets_ = arguments["nets_"]
@@ -3109,6 +3305,31 @@ def test_each_uda_method_steps_on_the_domains_labels_and_strengths_it_names(
             assert arguments["entropy_weight"] == (0.3 if method == "dann-ent" else 0.0)
             assert held(arguments["optimizer"]) == ids(nets_.features, nets_.classifier,
                                                         nets_.domain)
+        elif name == "gta_step":
+            assert domain_of(arguments["source"]) == "source"
+            assert domain_of(arguments["target"]) == "target"
+            assert labels_fit(arguments["source"], arguments["labels"])
+            assert arguments["noise"].shape == (16, uda.GTA_NOISE)
+            assert (arguments["adversarial_weight"], arguments["target_weight"]) == (0.2, 0.4)
+            optimizers = arguments["optimizers"]
+            assert held(optimizers["discriminator"]) == ids(nets_.discriminator)
+            assert held(optimizers["generator"]) == ids(nets_.generator)
+            assert held(optimizers["embedding"]) == ids(nets_.features, nets_.classifier)
+            decayed = 3e-4 / (1 + 1e-4 * index)  # D's, G's, then F and C's rate at the step
+            assert np.allclose(arguments["lrs"], [decayed, 3e-4, decayed], rtol=1e-12, atol=0)
+            assert all(tuple(group["betas"]) == (0.8, 0.999) for optimizer in optimizers.values()
+                       for group in optimizer.param_groups)
+        elif name == "self_ensembling_step":
+            assert domain_of(arguments["source"]) == "source"
+            assert domain_of(arguments["target"]) == "target"
+            assert labels_fit(arguments["source"], arguments["labels"])
+            assert held(arguments["optimizer"]) == ids(nets_.features, nets_.classifier)
+            assert (arguments["consistency_weight"], arguments["confidence"],
+                    arguments["balance_weight"]) == (2.0, 0.9, 0.01)
+            assert arguments["teacher"] is not nets_
+            assert_all_close(arguments["teacher_weights"], moving_average(
+                calls[0][1]["before"], [a["after"] for _, a in calls[:index]],
+                settings.ema_decay), what="teacher")
         else:
             assert domain_of(arguments["source"]) == "source"
             assert domain_of(arguments["target"]) == "target"
@@ -3120,7 +3341,7 @@ def test_each_uda_method_steps_on_the_domains_labels_and_strengths_it_names(
             for part in ("domain", "target"):
                 for group in optimizers[part].param_groups:
                     assert group["lr"] == 7e-4 and tuple(group["betas"]) == (0.5, 0.999)
-        if name != "adda_step":  # DANN's annealing, lr / (1 + 10 p)^0.75, for every method
+        if name not in ("adda_step", "gta_step"):  # DANN's annealing, lr / (1 + 10 p)^0.75
             p = index / steps
             assert all(math.isclose(lr, settings.lr / (1 + 10 * p) ** 0.75, rel_tol=1e-9)
                        for lr in arguments["lrs"])

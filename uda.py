@@ -1,6 +1,6 @@
-"""Unsupervised domain adaptation for digits: source-only, DANN, DANN + entropy, ADDA and
-target-only, with the usual protocol (labelled source train images, unlabelled target
-train images, accuracy on the target test split).
+"""Unsupervised domain adaptation for digits: source-only, DANN, DANN + entropy, ADDA,
+GTA, self-ensembling and target-only, with the usual protocol (labelled source train
+images, unlabelled target train images, accuracy on the target test split).
 
 A feature extractor F, a label classifier C and a domain classifier D (nets.py).
 
@@ -28,8 +28,44 @@ ADDA (Tzeng et al. 2017, "Adversarial Discriminative Domain Adaptation"):
      F_t: min BCE(D(F_t(x_t)), 1)          (the GAN loss with inverted labels);
 3. classify target images by C(F_t(x)).
 
-Every method uses the same networks, data order and step count, so the table compares
-methods and nothing else. Every method is evaluated with an exponential moving average of
+GTA (Sankaranarayanan et al. 2018, "Generate To Adapt: Aligning Domains using Generative
+Adversarial Networks", CVPR): align the domains in image space through a generator.
+A conditional generator G draws an image from an embedding, a label and noise,
+g = G(F(x), y, z), where a source image brings its own label and every target image the
+extra label K ("unknown"). A discriminator D has two heads: D_data, "a real source
+image", and D_cls, the digit. Per step, in the authors' order:
+    D:    min  BCE(D_data(x_s), 1) + CE(D_cls(x_s), y_s)
+               + BCE(D_data(g_s), 0) + BCE(D_data(g_t), 0),
+    G:    min  CE(D_cls(g_s), y_s) + BCE(D_data(g_s), 1),
+    F, C: min  CE(C(F(x_s)), y_s) + a CE(D_cls(g_s), y_s) + a alpha BCE(D_data(g_t), 1),
+with g_s = G(F(x_s), y_s, z) and g_t = G(F(x_t), K, z). The last term is the adaptation:
+F must embed target images so that G, fed them, draws what D takes for real source
+digits; the second makes the source embedding carry the class. The authors use
+a = 0.1, alpha = 0.3, Adam (lr 5e-4, beta_1 0.8) and lr / (1 + 1e-4 t) for D, F and C.
+They report MNIST -> USPS 92.8 and USPS -> MNIST 90.8 (their Table 1).
+
+Self-ensembling (French, Mackiewicz and Fisher 2018, "Self-ensembling for visual domain
+adaptation", ICLR), the mean teacher of Tarvainen and Valpola (2017) adapted to domain
+shift. Chosen as this project's state-of-the-art method because it is simple (no
+adversary; one network and its average) and reaches supervised-level accuracy on
+digits: MNIST -> USPS 98.3 and USPS -> MNIST 99.5, SVHN -> MNIST 99.3, in its Table 1,
+where DANN's and ADDA's reported figures are 10 to 20 points lower. A student network
+S = C o F learns; its teacher T is the exponential moving average of S's weights (the
+average every method here keeps). Per step, with two random augmentations a, a' of each
+target image,
+    min_S  CE(S(a(x_s)), y_s) + w [ mean_t m_t |S(a(x_t)) - T(a'(x_t))|^2 / K
+                                     + b mean(m) BCE(mean_t S(a(x_t)), 1/K) K ],
+on softmax outputs: the student must agree with its teacher on target images
+(consistency) where the teacher is confident, m_t = [max_k T(a'(x_t))_k > 0.968]
+(confidence thresholding), and must not put every target image in a few classes (the
+class-balance term). Each image is standardised (zero mean, unit variance) inside F,
+and the augmentation is the paper's: random affine deformation (std 0.1), translation
+of up to 2 pixels, an intensity flip for half the images, Gaussian noise (std 0.1).
+The teacher runs in train mode, like the student: its batch norm sees the target batch.
+w = 3, b = 0.005 as in the paper.
+
+Every method uses the same F and C (self-ensembling standardises the images first), data
+order and step count, so the table compares methods and nothing else. Every method is evaluated with an exponential moving average of
 its weights (nets.update_ema): the adversarial methods' last weights swing by a few
 points of target accuracy from one epoch to the next, their average much less. After
 each epoch the average gets batch-norm statistics of its own (refresh_statistics), since
@@ -60,11 +96,14 @@ import tsne
 import util
 from util import UserError
 
-METHODS = ("source", "dann", "dann-ent", "adda", "target")
+METHODS = ("source", "dann", "dann-ent", "adda", "gta", "self-ensembling", "target")
 TITLES = {"source": "Trained on source", "dann": "DANN", "dann-ent": "DANN + entropy",
-          "adda": "ADDA", "target": "Trained on target"}
+          "adda": "ADDA", "gta": "GTA", "self-ensembling": "Self-ensembling",
+          "target": "Trained on target"}
 SCENARIOS = (("mnistm", "svhn"), ("mnistm", "usps"), ("usps", "mnistm"), ("svhn", "usps"))
 STATISTICS_IMAGES = 4096  # per domain, for the batch-norm statistics of the average
+GTA_NOISE = 100  # the size of GTA's z
+GTA_WIDTH = 32  # G's and D's channels: the authors' 64 made a step 11 times DANN's on a CPU
 
 
 @dataclass
@@ -88,8 +127,21 @@ class UDASettings:
         "help": "DANN paper's annealing lr / (1 + 10 p)^0.75 (--no-anneal: a constant lr)"})
     entropy_weight: float = field(default=0.1, metadata={
         "help": "weight of the target entropy (dann-ent)"})
+    gta_lr: float = field(default=5e-4, metadata={
+        "help": "GTA's Adam learning rate (betas 0.8, 0.999), as lr / (1 + 1e-4 t) for D, F, C"})
+    adversarial_weight: float = field(default=0.1, metadata={
+        "help": "GTA: a, the weight of F's losses through G and D"})
+    target_weight: float = field(default=0.3, metadata={
+        "help": "GTA: alpha, the target term's share of a"})
+    consistency_weight: float = field(default=3.0, metadata={
+        "help": "self-ensembling: w, the weight of the teacher-student consistency"})
+    confidence: float = field(default=0.968, metadata={
+        "help": "self-ensembling: the teacher confidence below which a target image is ignored"})
+    balance_weight: float = field(default=0.005, metadata={
+        "help": "self-ensembling: b, the weight of the class-balance loss"})
     ema_decay: float = field(default=0.99, metadata={
-        "help": "decay of the weight average that is evaluated and saved"})
+        "help": "decay of the weight average that is evaluated and saved (self-ensembling's "
+                "teacher)"})
     limit: int = field(default=0, metadata={"help": "use only the first N images of each split"})
     tsne_points: int = field(default=1000, metadata={
         "help": "test images per domain in the t-SNE plots (0: no plots)"})
@@ -163,16 +215,24 @@ def paired_indices(source_count: int, target_count: int, batch_size: int,
 
 # ============================================================================ networks
 class Networks(nn.Module):
-    """F (features), C (classifier), D (domain), and for ADDA F_t (target features)."""
+    """F (features), C (classifier), D (domain); for ADDA F_t (target features); for GTA
+    G (generator) and its two-headed discriminator. Self-ensembling's F standardises each
+    image first."""
 
     def __init__(self, method: str, classes: int = 10):
         super().__init__()
+        self.classes = classes
         self.features = nets.digit_features()
+        if method == "self-ensembling":
+            self.features = nn.Sequential(nets.Standardise(), *self.features)
         self.classifier = nets.label_classifier(classes=classes)
-        adda = method == "adda"
+        adda, gta = method == "adda", method == "gta"
         self.domain = (nets.domain_classifier(hidden=500, layers=2, batch_norm=False) if adda
                        else nets.domain_classifier())
         self.target_features = nets.digit_features() if adda else None
+        self.generator = (nets.gta_generator(classes=classes, noise=GTA_NOISE, width=GTA_WIDTH)
+                          if gta else None)
+        self.discriminator = nets.GTADiscriminator(classes, GTA_WIDTH) if gta else None
 
     def target_encoder(self, adapted: bool) -> nn.Module:
         return self.target_features if adapted else self.features
@@ -243,6 +303,120 @@ def adda_step(nets_: Networks, source, target, optimizers) -> dict:
     return {"domain": domain_loss, "encoder": encoder_loss}
 
 
+def gta_step(nets_: Networks, source, labels, target, noise, optimizers: dict,
+             adversarial_weight: float, target_weight: float) -> dict:
+    """One GTA step in the authors' order: D learns on real source images and on both
+    domains' generated images; then G, and F and C, learn against the updated D.
+    noise: z (B_s + B_t, GTA_NOISE), the source rows first."""
+    F_, C, G, D = nets_.features, nets_.classifier, nets_.generator, nets_.discriminator
+    source_features, target_features = F_(source), F_(target)          # (B, 800) each
+    # G's condition: the source label, or for a target image the extra label K
+    unknown = torch.full((len(target),), nets_.classes, device=target.device)
+    generated = generate(G, torch.cat([source_features, target_features]),
+                         torch.cat([labels, unknown]), noise, nets_.classes)  # (2B, 3, 28, 28)
+    generated_source, generated_target = generated.split([len(source), len(target)])
+
+    # 1. D: min BCE(D_data(x_s), 1) + CE(D_cls(x_s), y_s) + BCE(D_data(g_s), 0)
+    #          + BCE(D_data(g_t), 0); each batch through D on its own (batch norm)
+    real_data, real_classes = D(source)
+    discriminator_loss = (real_loss(real_data) + F.cross_entropy(real_classes, labels)
+                          + fake_loss(D(generated_source.detach())[0])
+                          + fake_loss(D(generated_target.detach())[0]))
+    optimizers["discriminator"].zero_grad(set_to_none=True)
+    discriminator_loss.backward()
+    optimizers["discriminator"].step()
+
+    # 2. G, F and C against the updated D, which does not learn here (so it runs outside
+    #    its replica: no gradient exchange waits for its weights)
+    judge = parallel.module_of(D)
+    source_data, source_classes = judge(generated_source)
+    target_data, _ = judge(generated_target)
+    # G: min CE(D_cls(g_s), y_s) + BCE(D_data(g_s), 1), real-looking digits of class y_s
+    generator_loss = F.cross_entropy(source_classes, labels) + real_loss(source_data)
+    # F, C: min CE(C(F(x_s)), y_s) + a CE(D_cls(g_s), y_s) + a alpha BCE(D_data(g_t), 1)
+    class_loss = F.cross_entropy(C(source_features), labels)
+    embedding_loss = (class_loss + adversarial_weight * F.cross_entropy(source_classes, labels)
+                      + adversarial_weight * target_weight * real_loss(target_data))
+    optimizers["generator"].zero_grad(set_to_none=True)
+    generator_loss.backward(inputs=list(G.parameters()), retain_graph=True)   # into G only
+    optimizers["embedding"].zero_grad(set_to_none=True)
+    embedding_loss.backward(inputs=[*F_.parameters(), *C.parameters()])     # F and C only
+    optimizers["generator"].step()
+    optimizers["embedding"].step()
+    return {"class": class_loss, "discriminator": discriminator_loss,
+            "generator": generator_loss, "embedding": embedding_loss}
+
+
+def generate(generator: nn.Module, features, labels, noise, classes: int) -> torch.Tensor:
+    """g = G(F(x), onehot(y), z): features (B, E), labels (B,) in 0 .. K (K: "unknown"),
+    noise (B, Z) -> images (B, 3, 28, 28)."""
+    conditions = F.one_hot(labels, classes + 1).float()                   # (B, K + 1)
+    return generator(torch.cat([features, conditions, noise], dim=1)[..., None, None])
+
+
+def real_loss(logits: torch.Tensor) -> torch.Tensor:
+    """BCE(sigmoid(logits), 1): "a real source image"."""
+    return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+
+
+def fake_loss(logits: torch.Tensor) -> torch.Tensor:
+    """BCE(sigmoid(logits), 0): "a generated image"."""
+    return F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
+
+
+def self_ensembling_step(student: Networks, teacher: Networks, source, labels, target,
+                         optimizer, consistency_weight: float, confidence: float,
+                         balance_weight: float) -> dict:
+    """One self-ensembling step: the student learns the source labels and to agree with
+    its teacher (the weight average) on target images the teacher is sure of; only the
+    student's optimiser steps (the teacher follows as the average, in fit)."""
+    def predict(networks, images):
+        return networks.classifier(networks.features(images))
+    class_loss = F.cross_entropy(predict(student, augment(source)), labels)
+    student_probs = predict(student, augment(target)).softmax(dim=1)   # S(a(x_t)), (B, K)
+    teacher.train()  # like the student: batch statistics of the target batch, dropout
+    with torch.no_grad():
+        teacher_probs = predict(teacher, augment(target)).softmax(dim=1)  # T(a'(x_t))
+    # m_t = [max_k T(a'(x_t))_k > threshold], (B,)
+    confident = (teacher_probs.max(dim=1).values > confidence).float()
+    # consistency: mean_t m_t |S - T|^2 / K
+    consistency = (((student_probs - teacher_probs) ** 2).mean(dim=1) * confident).mean()
+    # class balance: K BCE(mean_t S, 1/K) averaged over k, i.e. summed over the K classes,
+    # weighted by the share of confident images (as in the authors' code)
+    mean_probs = parallel.batch_mean(student_probs)                    # (K,)
+    balance = (F.binary_cross_entropy(mean_probs, torch.full_like(mean_probs, 1 / len(
+        mean_probs)), reduction="sum") * parallel.batch_mean(confident))
+    loss = class_loss + consistency_weight * (consistency + balance_weight * balance)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"class": class_loss, "consistency": consistency, "balance": balance,
+            "confident": confident.mean()}
+
+
+def augment(images: torch.Tensor, shift: float = 2.0, deform: float = 0.1,
+            noise: float = 0.1) -> torch.Tensor:
+    """French et al.'s augmentation of a batch (B, C, H, W), a draw of its own per image:
+    the pixel grid mapped by x -> (I + E) x + t about the centre, E ~ N(0, deform^2) per
+    entry and t ~ U(-shift, shift) pixels (outside pixels repeat the border); the
+    intensity flipped, x -> -x, for half the images; Gaussian noise of `noise` image
+    standard deviations (the paper adds 0.1 to standardised images) per pixel."""
+    count, _, height, width = images.shape
+    device = images.device
+    matrix = torch.eye(2, device=device) + deform * parallel.draw(
+        torch.randn, (count, 2, 2), None, device)                     # (B, 2, 2)
+    # affine_grid's coordinates run over [-1, 1]: a pixel is 2 / width of them
+    offset = shift * (2 * parallel.draw(torch.rand, (count, 2), None, device) - 1)
+    offset = offset * 2 / torch.tensor([width, height], device=device)  # (B, 2)
+    grid = F.affine_grid(torch.cat([matrix, offset[..., None]], dim=2), list(images.shape),
+                         align_corners=False)                          # (B, H, W, 2)
+    moved = F.grid_sample(images, grid, padding_mode="border", align_corners=False)
+    flips = parallel.draw(torch.rand, (count, 1, 1, 1), None, device) < 0.5
+    moved = torch.where(flips, -moved, moved)
+    spread = moved.std(dim=(1, 2, 3), keepdim=True)
+    return moved + noise * spread * parallel.draw(torch.randn, images.shape, None, device)
+
+
 # ============================================================================ training
 def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
           source_only: Path | None = None) -> dict:
@@ -256,29 +430,65 @@ def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
     out, domains = Path(out), domains_on(domains, device)
     util.seed_everything(seed)  # the initial weights
     nets_ = networks_on(settings.method, device)
-    dann = settings.method.startswith("dann")
-    # D learns in the same step as F and C: the reversal layer makes F ascend its loss
-    optimizer = torch.optim.Adam([*nets_.features.parameters(), *nets_.classifier.parameters(),
-                                  *(nets_.domain.parameters() if dann else [])], settings.lr)
+    average = copy.deepcopy(nets_).requires_grad_(False)  # self-ensembling's teacher
+    optimizers = make_optimizers(nets_, settings)
     source, target = domains.source_train, domains.target_train
-    replicas = parallel.data_parallel(nets_)  # F, C and D, each a replica under torchrun
+    replicas = parallel.data_parallel(nets_)  # each player a replica under torchrun
+    steps = settings.epochs * epoch_shape(len(source), len(target), settings.batch_size)[0]
+    method = settings.method
 
     def step(source_index, target_index, progress: float) -> dict:
-        if settings.anneal:
-            for group in optimizer.param_groups:
-                group["lr"] = annealed_lr(settings.lr, progress)
+        set_learning_rates(optimizers, settings, progress, steps)
         xs, ys = source.images(source_index), source.labels[source_index]
         xt = target.images(target_index)
-        if settings.method == "source":
-            return classify_step(replicas, xs, ys, optimizer)
-        if settings.method == "target":
-            return classify_step(replicas, xt, target.labels[target_index], optimizer)
-        return dann_step(replicas, xs, ys, xt, optimizer, grl_lambda(progress),
-                         settings.entropy_weight if settings.method == "dann-ent" else 0.0)
+        if method in ("source", "target"):
+            images, labels = (xs, ys) if method == "source" else (
+                xt, target.labels[target_index])
+            return classify_step(replicas, images, labels, optimizers["optimizer"])
+        if method == "gta":  # z for the source rows, then for the target rows
+            noise = torch.cat([parallel.draw(torch.randn, (len(x), GTA_NOISE), None, x.device)
+                               for x in (xs, xt)])
+            return gta_step(replicas, xs, ys, xt, noise, optimizers,
+                            settings.adversarial_weight, settings.target_weight)
+        if method == "self-ensembling":
+            return self_ensembling_step(replicas, average, xs, ys, xt, optimizers["optimizer"],
+                                        settings.consistency_weight, settings.confidence,
+                                        settings.balance_weight)
+        return dann_step(replicas, xs, ys, xt, optimizers["optimizer"], grl_lambda(progress),
+                         settings.entropy_weight if method == "dann-ent" else 0.0)
 
-    average, log = fit(nets_, {"optimizer": optimizer}, step, domains, settings.method,
-                       settings.epochs, settings, out, device, seed)
+    average, log = fit(nets_, optimizers, step, domains, method, settings.epochs, settings,
+                       out, device, seed, average=average)
     return finish(average, domains, log.history, settings, out, seed, log.seconds)
+
+
+def make_optimizers(nets_: Networks, settings: UDASettings) -> dict:
+    """GTA: one Adam per player (D; G; F with C), the authors' settings. The others: one
+    Adam over F and C, and D for DANN, which learns in the same step as F and C (the
+    reversal layer makes F ascend D's loss)."""
+    if settings.method == "gta":
+        def adam(parameters):
+            return torch.optim.Adam(parameters, settings.gta_lr, betas=(0.8, 0.999))
+        return {"discriminator": adam(nets_.discriminator.parameters()),
+                "generator": adam(nets_.generator.parameters()),
+                "embedding": adam([*nets_.features.parameters(),
+                                   *nets_.classifier.parameters()])}
+    domain = nets_.domain.parameters() if settings.method.startswith("dann") else []
+    return {"optimizer": torch.optim.Adam([*nets_.features.parameters(),
+                                           *nets_.classifier.parameters(), *domain],
+                                          settings.lr)}
+
+
+def set_learning_rates(optimizers: dict, settings: UDASettings, progress: float, steps: int):
+    """GTA: the authors' lr / (1 + 1e-4 t) at step t for D, F and C, G's rate constant.
+    The others: DANN's annealing (--anneal) or a constant rate."""
+    if settings.method == "gta":
+        for name in ("discriminator", "embedding"):
+            for group in optimizers[name].param_groups:
+                group["lr"] = settings.gta_lr / (1 + 1e-4 * round(progress * steps))
+    elif settings.anneal:
+        for group in optimizers["optimizer"].param_groups:
+            group["lr"] = annealed_lr(settings.lr, progress)
 
 
 def adda(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
@@ -342,14 +552,16 @@ def networks_on(method: str, device) -> Networks:
 
 
 def fit(nets_: Networks, optimizers: dict, step, domains: Domains, phase: str, epochs: int,
-        settings: UDASettings, out: Path, device, seed: int, first_epoch: int = 0):
+        settings: UDASettings, out: Path, device, seed: int, first_epoch: int = 0,
+        average: Networks | None = None):
     """Run step(source_index, target_index, progress) over `epochs` epochs of paired
     source and target batches, keeping a weight average of nets_ (evaluated and saved),
     with per-epoch statistics, accuracies, curves and checkpoint (util.train_loop).
     progress p in [0, 1) drives the schedules over the phase. Epoch e draws its batches
     and dropout from seed and first_epoch + e (ADDA's adaptation continues the epoch
-    count of its pre-training). Returns (average, log)."""
-    average = copy.deepcopy(nets_).requires_grad_(False)
+    count of its pre-training). average: the weight average to keep (a copy of nets_ if
+    None). Returns (average, log)."""
+    average = copy.deepcopy(nets_).requires_grad_(False) if average is None else average
     source, target = domains.source_train, domains.target_train
     steps_per_epoch, _ = epoch_shape(len(source), len(target), settings.batch_size)
     epoch = {}
@@ -417,7 +629,8 @@ def refresh_statistics(average: Networks, domains: Domains, phase: str, batch_si
     """Batch-norm statistics that fit the averaged weights (nets.recompute_batch_norm),
     from the first STATISTICS_IMAGES train images of each domain the phase learns from,
     in batches of one domain as in training: the source for source-only (and so ADDA's
-    pre-training), the target for target-only, both for DANN, and the target through F_t
+    pre-training), the target for target-only and for self-ensembling (whose teacher
+    normalises target batches only), both for DANN and GTA, and the target through F_t
     alone for ADDA's adaptation (F_s and C are frozen). The copied statistics of the last
     weights cost USPS -> MNIST-M DANN 8.6 points of accuracy (RESULTS.md)."""
     def batches(images):  # full batches only: batch norm fails on a batch of one
@@ -428,7 +641,8 @@ def refresh_statistics(average: Networks, domains: Domains, phase: str, batch_si
     if phase == "adapt":
         nets.recompute_batch_norm(average.target_features, batches(domains.target_train))
         return
-    learns_from = {"source": [domains.source_train], "target": [domains.target_train]}.get(
+    learns_from = {"source": [domains.source_train], "target": [domains.target_train],
+                   "self-ensembling": [domains.target_train]}.get(
         phase, [domains.source_train, domains.target_train])
     nets.recompute_batch_norm(nn.Sequential(average.features, average.classifier),
                               [batch for images in learns_from for batch in batches(images)])
@@ -471,8 +685,33 @@ def finish(nets_: Networks, domains: Domains, history: dict, settings: UDASettin
         write_predictions(domains.target_test.names, predictions, out / "predictions.csv")
     if settings.tsne_points:
         plot_features(nets_.features, target_encoder, domains, settings, out, seed)
+    if settings.method == "gta":
+        draw_generated(nets_, domains, settings, out, seed)
     util.write_json(results, out / "results.json")
     return results
+
+
+@torch.no_grad()
+def draw_generated(nets_: Networks, domains: Domains, settings: UDASettings, out: Path,
+                   seed: int, count: int = 10) -> Path:
+    """GTA's picture: `count` source and target test images, and what G draws from their
+    embeddings (a source image with its label, a target image as "unknown"). G runs on
+    a copy in train mode: batch statistics, since the averaged G has none of its own."""
+    images = [split.images(torch.arange(min(count, len(split))))
+              for split in (domains.source_test, domains.target_test)]
+    nets_.eval()
+    features = nets_.features(torch.cat(images))
+    unknown = torch.full((len(images[1]),), nets_.classes)
+    labels = torch.cat([domains.source_test.labels[:len(images[0])].cpu(), unknown])
+    noise = torch.randn(len(labels), GTA_NOISE, generator=torch.Generator().manual_seed(seed))
+    generated = generate(copy.deepcopy(nets_.generator).train(), features,
+                         labels.to(features.device), noise.to(features.device), nets_.classes)
+    source_fakes, target_fakes = generated.split([len(images[0]), len(images[1])])
+    path = data.save_grid(torch.cat([images[0], source_fakes, images[1], target_fakes]),
+                          out / "generated.png", nrow=count)
+    return plots.label_grid(path, images[0].shape[-1], rows=[
+        f"{settings.src}", "G(F(x), y, z)", f"{settings.tgt}", "G(F(x), ?, z)"],
+        title=f"GTA: {settings.src} -> {settings.tgt}, test images and G's drawings")
 
 
 def plot_features(source_encoder, target_encoder, domains: Domains, settings: UDASettings,
