@@ -36,9 +36,11 @@ is the global batch either way, and it must split into N equal shares):
   nothing there.
 - Gradient reversal is an autograd function inside the graph: DDP sees only the
   gradients it produces, so it needs no change.
-- Two players (GAN's G and D, ADDA's F_t and D) are wrapped separately, one DDP each:
-  each optimiser steps on its own player's averaged gradients. (In G's step, D's
-  gradients are averaged too and then thrown away: simple, a little communication lost.)
+- Two players (GAN's G and D, ADDA's F_t and D; GTA's F, C, G and D) are wrapped
+  separately, one DDP each: each optimiser steps on its own player's averaged gradients.
+  (In the GAN's G step, D's gradients are averaged too and then thrown away: simple, a
+  little communication lost. GTA runs D outside its replica where D does not learn,
+  `module_of`, and sends each loss only to its own players, `backward(inputs=...)`.)
 
 Only rank 0 prints progress and writes files (checkpoints, pictures, results.json); the
 others compute the same numbers and write nothing, and a file rank 0 wrote is read by the

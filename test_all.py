@@ -1903,7 +1903,9 @@ def test_uda_reports_and_predicts_with_the_weight_average(tmp_path, method):
     ("source", "features", ["source"], False),
     ("dann", "features", ["source", "target"], False),
     ("adda", "target_features", ["target"], False),
-    ("adda", "features", ["source"], True)])  # F_s: frozen at its pre-trained average
+    ("adda", "features", ["source"], True),  # F_s: frozen at its pre-trained average
+    ("gta", "features", ["source", "target"], False),
+    ("self-ensembling", "features", ["target"], False)])  # the teacher's target batches
 def test_weight_average_has_batch_norm_statistics_of_its_own_weights(
         tmp_path, method, encoder, domains_seen, frozen):
     settings = tiny_uda(src="mnistm", tgt="usps", method=method, tsne_points=0)
@@ -1913,12 +1915,15 @@ def test_weight_average_has_batch_norm_statistics_of_its_own_weights(
     average, last = uda.Networks(method), uda.Networks(method)
     average.load_state_dict(state["average"])
     last.load_state_dict(state["networks"])
-    conv, norm = getattr(average, encoder)[:2]
+    first = 1 if method == "self-ensembling" else 0  # after self-ensembling's Standardise
+    before, conv, norm = getattr(average, encoder)[:first], *getattr(average, encoder)[
+        first:first + 2]
     images = torch.cat([getattr(domains, f"{name}_train").images() for name in domains_seen])
     with torch.no_grad():  # the first batch norm's mean: of the averaged convolution's output
-        expected = conv(images).mean(dim=(0, 2, 3))
+        expected = conv(before(images)).mean(dim=(0, 2, 3))
     assert torch.allclose(norm.running_mean, expected, atol=1e-5)
-    assert torch.allclose(getattr(last, encoder)[1].running_mean, expected, atol=1e-5) == frozen
+    assert torch.allclose(getattr(last, encoder)[first + 1].running_mean, expected,
+                          atol=1e-5) == frozen
 
 
 def test_adda_adaptation_freezes_source_nets_and_drops_no_target_features():
@@ -1980,9 +1985,29 @@ def test_dann_step_normalises_each_domain_with_its_own_batch_statistics():
                           0.9 * 0.1 * source_mean + 0.1 * target_mean, atol=1e-6)
 
 
+def test_gta_discriminator_sees_real_generated_source_and_generated_target_apart():
+    """D's batch norm normalises each batch with its own statistics: the real source,
+    the source's and the target's generated images go through D one batch at a time,
+    three times in D's step and twice (the generated ones) against the updated D."""
+    torch.manual_seed(0)
+    nets_ = uda.Networks("gta")
+    sizes = []
+    nets_.discriminator.trunk.register_forward_hook(
+        lambda module, inputs, output: sizes.append(len(inputs[0])))
+    source, target = torch.randn(4, 3, 28, 28), torch.randn(4, 3, 28, 28)
+    optimizers = {name: torch.optim.SGD(module.parameters(), lr=0.0) for name, module in (
+        ("discriminator", nets_.discriminator), ("generator", nets_.generator),
+        ("embedding", nn.Sequential(nets_.features, nets_.classifier)))}
+    uda.gta_step(nets_, source, torch.arange(4), target, torch.randn(8, uda.GTA_NOISE),
+                 optimizers, 0.1, 0.3)
+    assert sizes == [4] * 5
+
+
 @pytest.mark.parametrize("method", ["dann", "adda", "gta", "self-ensembling"])
 def test_resumed_uda_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, method):
-    settings = tiny_uda(src="mnistm", tgt="usps", method=method, epochs=2, tsne_points=0)
+    # a low confidence threshold, so that self-ensembling's consistency terms take part
+    settings = tiny_uda(src="mnistm", tgt="usps", method=method, epochs=2, tsne_points=0,
+                        confidence=0.2)
     domains = uda.load_domains(settings, toy_load)
     uda.train(domains, settings, tmp_path / "whole", "cpu", seed=1)
 
@@ -3137,6 +3162,7 @@ def test_self_ensembling_step_matches_the_papers_loss_on_the_augmentations_it_na
     assert len(optimizer.seen) == 1
     assert_all_close(optimizer.seen[0], gradients(loss, S0.parameters()), what="student")
     assert_all_close(list(teacher.parameters()), list(T0.parameters()), atol=0, what="teacher")
+    assert all(p.grad is None for p in teacher.parameters())  # no gradient reaches T
     for name, value in (("class", class_loss), ("consistency", consistency),
                         ("balance", balance), ("confident", mask.mean())):
         assert math.isclose(float(losses[name].detach()), value.item(), rel_tol=1e-5), name
@@ -3224,7 +3250,7 @@ def small_uda_networks(monkeypatch):
 
 
 def record_steps(monkeypatch) -> list:
-    """Wrap uda's three step functions: each call appends (name, its arguments by name,
+    """Wrap uda's five step functions: each call appends (name, its arguments by name,
     with "lrs": the optimisers' learning rates, "after": the weights of the encoder (F, or
     F_t in adda_step) and C after the step, and "before": theirs before the first call of
     that step); the first adda_step also keeps copies of F_s, C and F_t as they start."""
@@ -3272,8 +3298,8 @@ def test_each_uda_method_steps_on_the_domains_labels_and_strengths_it_names(
     (adda_lr, betas (0.5, 0.999)) and F_s and C in neither; GTA gets source images and
     labels, target images and one z a row, and three Adams (betas (0.8, 0.999)): D's
     and F and C's at gta_lr / (1 + 1e-4 t), G's at gta_lr; self-ensembling gets source
-    images and labels and target images, one optimiser over F and C, its weights, and a
-    teacher that is the weight average of the steps before."""
+    images and labels and target images, one optimiser over F and C at a constant rate,
+    its weights, and a teacher that is the weight average of the steps before."""
     small_uda_networks(monkeypatch)
     calls = record_steps(monkeypatch)
     settings = tiny_uda(src="mnistm", tgt="usps", method=method, limit=16, epochs=2,
@@ -3341,7 +3367,9 @@ def test_each_uda_method_steps_on_the_domains_labels_and_strengths_it_names(
             for part in ("domain", "target"):
                 for group in optimizers[part].param_groups:
                     assert group["lr"] == 7e-4 and tuple(group["betas"]) == (0.5, 0.999)
-        if name not in ("adda_step", "gta_step"):  # DANN's annealing, lr / (1 + 10 p)^0.75
+        if name == "self_ensembling_step":  # the paper's constant rate
+            assert arguments["lrs"] == [settings.lr]
+        elif name not in ("adda_step", "gta_step"):  # DANN's annealing, lr / (1 + 10 p)^0.75
             p = index / steps
             assert all(math.isclose(lr, settings.lr / (1 + 10 * p) ** 0.75, rel_tol=1e-9)
                        for lr in arguments["lrs"])
@@ -4047,7 +4075,8 @@ def test_two_processes_train_the_same_vae_uda_and_classifier_as_one(tmp_path):
                  "8", "--fid-images", "0", "--tsne-points", "0"], "vae_lambda1", "model",
                 lambda: nets.VAE(8)),
         "uda": (["uda", "--method", "all", "--src", source, "--tgt", target, "--epochs", "1",
-                 "--adapt-epochs", "1", "--batch-size", "8", "--tsne-points", "8"],
+                 "--adapt-epochs", "1", "--batch-size", "8", "--tsne-points", "8",
+                 "--confidence", "0.2"],  # self-ensembling's consistency terms take part
                 "uda", "networks", None),
         "classifier": (["classifier", "--data", source, "--epochs", "1", "--batch-size", "8"],
                        "classifier", "network", lambda: nets.digit_classifier()),
@@ -4068,6 +4097,9 @@ def test_two_processes_train_the_same_vae_uda_and_classifier_as_one(tmp_path):
                      if v.is_floating_point()}
             assert_same_run(one, two, key, start)
     assert (tmp_path / "two" / "uda" / scenario / "dann" / "tsne_domain.png").is_file()
+    confident = torch.load(tmp_path / "one" / "uda" / scenario / "self-ensembling" /
+                           "checkpoint.pt", weights_only=True)["history"]["confident"]
+    assert confident[0] > 0  # the class balance and its batch mean over processes
 
 
 def test_a_process_that_dies_ends_the_run_with_one_line_and_keeps_the_checkpoint(tmp_path):
