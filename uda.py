@@ -490,8 +490,8 @@ def make_optimizers(nets_: Networks, settings: UDASettings) -> dict:
 def set_learning_rates(optimizers: dict, settings: UDASettings, progress: float, steps: int):
     """GTA: the authors' lr / (1 + 1e-4 t) at step t for D, F and C, G's rate constant.
     Self-ensembling: the paper's constant rate (annealed, the student learnt more slowly:
-    USPS -> MNIST-M 0.7005 instead of 0.7208, seed 0, RESULTS.md). The others: DANN's annealing
-    (--anneal) or a constant rate."""
+    USPS -> MNIST-M 0.7005 instead of 0.7208, seed 0, RESULTS.md). The others: DANN's
+    annealing (--anneal) or a constant rate."""
     if settings.method == "gta":
         for name in ("discriminator", "embedding"):
             for group in optimizers[name].param_groups:
