@@ -6,6 +6,8 @@
                          [--weights FILE]
     python bench.py ddp --data-root DIR [--nproc 2] [--variant b] [--image-size 32]
                          [--steps 40] [--batch-size 64]
+    python bench.py uda [--methods source,dann,gta,self-ensembling] [--steps 20]
+                         [--threads 2]
 
 `data`: seconds to load each data set found under DIR, first (decode, or from an existing
 cache) and second time (from the cache).
@@ -18,6 +20,9 @@ the same).
 `ddp`: GAN training steps per second in one process (`python run.py gan ...`) and in
 --nproc processes (`torchrun --nproc_per_node N run.py gan ...`), the same flags and global
 batch, no FID; the seconds per step come from each run's results.json.
+`uda`: seconds per training step of each domain-adaptation method, one after another in
+one process, on random 28x28 digits in batches of 128 a domain as in RESULTS.md's table:
+the steps' own time (util.train_loop's clock, without evaluation and pictures).
 """
 import argparse
 import copy
@@ -35,6 +40,7 @@ import torch
 import data
 import metrics
 import tsne
+import uda
 from util import UserError
 
 
@@ -136,6 +142,25 @@ def bench_ddp(args):
               f"{1 / results['seconds_per_step']:.3f} steps/s", flush=True)
 
 
+def bench_uda(args):
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(0)
+
+    def digits(count):
+        return data.ImageSet(torch.randint(0, 256, (count, 3, 28, 28), dtype=torch.uint8,
+                                           generator=generator),
+                             torch.randint(0, 10, (count,), generator=generator))
+    batch = uda.UDASettings().batch_size
+    domains = uda.Domains(digits(batch * args.steps), digits(batch * args.steps),
+                          digits(batch), digits(batch))
+    for method in args.methods.split(","):
+        settings = uda.UDASettings(method=method, epochs=1, adapt_epochs=1, tsne_points=0)
+        with tempfile.TemporaryDirectory() as out:
+            results = uda.train(domains, settings, out, "cpu", seed=0)
+        print(f"{method}: {results['train_seconds'] / args.steps:.3f} s a step (batch {batch} "
+              f"a domain, {args.threads} threads)", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -161,9 +186,13 @@ def main(argv=None):
     ddp_parser.add_argument("--image-size", type=int, default=32)
     ddp_parser.add_argument("--steps", type=int, default=40)
     ddp_parser.add_argument("--batch-size", type=int, default=64)
+    uda_parser = commands.add_parser("uda")
+    uda_parser.add_argument("--methods", default="source,dann,gta,self-ensembling")
+    uda_parser.add_argument("--steps", type=int, default=20)
+    uda_parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    {"data": bench_data, "tsne": bench_tsne, "fid": bench_fid, "ddp": bench_ddp}[
-        args.command](args)
+    {"data": bench_data, "tsne": bench_tsne, "fid": bench_fid, "ddp": bench_ddp,
+     "uda": bench_uda}[args.command](args)
 
 
 if __name__ == "__main__":

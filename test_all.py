@@ -878,6 +878,19 @@ def test_bench_data_times_a_first_and_a_cached_load(tmp_path, capsys):
     assert any(line.startswith("usps train: skipped (USPS not found") for line in lines)
 
 
+def test_bench_uda_times_the_steps_of_each_method_it_names(capsys, monkeypatch):
+    import bench
+    seen = []
+    real_train = uda.train
+    monkeypatch.setattr(uda, "train", lambda domains, settings, *args, **kwargs: (
+        seen.append((settings.method, len(domains.source_train))),
+        real_train(domains, settings, *args, **kwargs))[1])
+    bench.main(["uda", "--methods", "source,dann", "--steps", "2", "--threads", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if " s a step" in line]
+    assert seen == [("source", 256), ("dann", 256)]  # 2 steps of 128 images a domain
+    assert [line.split(":")[0] for line in lines] == ["source", "dann"]
+
+
 # ============================================================================ nets
 def test_dcgan_parameter_counts_match_the_seed_reports():
     assert sum(p.numel() for p in nets.dcgan_generator().parameters()) == 3_576_704
