@@ -74,10 +74,10 @@ Every method uses the same F and C (self-ensembling standardises the images firs
 order and step count, so the table compares methods and nothing else. Every method is
 evaluated with an exponential moving average of its weights (nets.update_ema): the
 adversarial methods' last weights swing by a few points of target accuracy from one
-epoch to the next, their average much less. After
-each epoch the average gets batch-norm statistics of its own (refresh_statistics), since
-the ones it copies belong to the last weights. An epoch is max(|source|, |target|) / batch
-steps; the smaller set is cycled.
+epoch to the next, their average much less. After each epoch the average gets
+batch-norm statistics of its own (refresh_statistics), since the ones it copies belong
+to the last weights. An epoch is max(|source|, |target|) / batch steps; the smaller set
+is cycled.
 
 Under torchrun (parallel.py) each process trains on its share of the global batch: every
 per-image random number is drawn for the whole batch and cut to the process's rows
