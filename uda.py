@@ -281,12 +281,17 @@ def dann_step(nets_: Networks, source, labels, target, optimizer, reversal: floa
     return losses
 
 
+def bce_toward(logits: torch.Tensor, label: float) -> torch.Tensor:
+    """mean BCE(sigmoid(logits), label): a discriminator's answers pushed toward one label
+    (1: source for DANN and ADDA, a real source image for GTA; 0: target, generated)."""
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
+
+
 def domain_classification_loss(source_logits, target_logits) -> torch.Tensor:
     """The domain classifier's loss as in the papers: the mean over the source batch
     (label 1) plus the mean over the target batch (label 0). One mean over the joint
     batch would be half of it, halving DANN's effective lambda."""
-    return (F.binary_cross_entropy_with_logits(source_logits, torch.ones_like(source_logits))
-            + F.binary_cross_entropy_with_logits(target_logits, torch.zeros_like(target_logits)))
+    return bce_toward(source_logits, 1.0) + bce_toward(target_logits, 0.0)
 
 
 def adda_step(nets_: Networks, source, target, optimizers) -> dict:
@@ -303,9 +308,7 @@ def adda_step(nets_: Networks, source, target, optimizers) -> dict:
     optimizers["domain"].step()
     # F_t: min BCE(D(F_t(x_t)), 1), D says "source" for target features (inverted labels);
     # only F_t's optimizer steps, so D's gradients from this loss are discarded
-    fooled = torch.ones(len(target), device=target.device)
-    encoder_loss = F.binary_cross_entropy_with_logits(
-        nets_.domain(target_features).squeeze(1), fooled)
+    encoder_loss = bce_toward(nets_.domain(target_features).squeeze(1), 1.0)
     optimizers["target"].zero_grad(set_to_none=True)
     encoder_loss.backward()
     optimizers["target"].step()
@@ -328,9 +331,9 @@ def gta_step(nets_: Networks, source, labels, target, noise, optimizers: dict,
     # 1. D: min BCE(D_data(x_s), 1) + CE(D_cls(x_s), y_s) + BCE(D_data(g_s), 0)
     #          + BCE(D_data(g_t), 0); each batch through D on its own (batch norm)
     real_data, real_classes = D(source)
-    discriminator_loss = (toward_real(real_data) + F.cross_entropy(real_classes, labels)
-                          + toward_fake(D(generated_source.detach())[0])
-                          + toward_fake(D(generated_target.detach())[0]))
+    discriminator_loss = (bce_toward(real_data, 1.0) + F.cross_entropy(real_classes, labels)
+                          + bce_toward(D(generated_source.detach())[0], 0.0)
+                          + bce_toward(D(generated_target.detach())[0], 0.0))
     optimizers["discriminator"].zero_grad(set_to_none=True)
     discriminator_loss.backward()
     optimizers["discriminator"].step()
@@ -341,11 +344,11 @@ def gta_step(nets_: Networks, source, labels, target, noise, optimizers: dict,
     source_data, source_classes = judge(generated_source)
     target_data, _ = judge(generated_target)
     # G: min CE(D_cls(g_s), y_s) + BCE(D_data(g_s), 1), real-looking digits of class y_s
-    generator_loss = F.cross_entropy(source_classes, labels) + toward_real(source_data)
+    generator_loss = F.cross_entropy(source_classes, labels) + bce_toward(source_data, 1.0)
     # F, C: min CE(C(F(x_s)), y_s) + a CE(D_cls(g_s), y_s) + a alpha BCE(D_data(g_t), 1)
     class_loss = F.cross_entropy(C(source_features), labels)
     embedding_loss = (class_loss + adversarial_weight * F.cross_entropy(source_classes, labels)
-                      + adversarial_weight * target_weight * toward_real(target_data))
+                      + adversarial_weight * target_weight * bce_toward(target_data, 1.0))
     optimizers["generator"].zero_grad(set_to_none=True)
     generator_loss.backward(inputs=list(G.parameters()), retain_graph=True)   # into G only
     optimizers["embedding"].zero_grad(set_to_none=True)
@@ -361,16 +364,6 @@ def generate(generator: nn.Module, features, labels, noise, classes: int) -> tor
     noise (B, Z) -> images (B, 3, 28, 28)."""
     conditions = F.one_hot(labels, classes + 1).float()                   # (B, K + 1)
     return generator(torch.cat([features, conditions, noise], dim=1)[..., None, None])
-
-
-def toward_real(logits: torch.Tensor) -> torch.Tensor:
-    """BCE(sigmoid(logits), 1): the loss of D_data's answer toward "a real source image"."""
-    return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
-
-
-def toward_fake(logits: torch.Tensor) -> torch.Tensor:
-    """BCE(sigmoid(logits), 0): the loss of D_data's answer toward "a generated image"."""
-    return F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
 
 
 def self_ensembling_step(student: Networks, teacher: Networks, source, labels, target,
