@@ -96,9 +96,9 @@ class Common:
 POSITIVE_WHOLE = {"epochs", "adapt_epochs", "steps", "batch_size", "image_size", "latent_dim",
                   "sample_every", "iterations", "timesteps", "width", "sampling_steps",
                   "per_digit", "n_critic"}
-POSITIVE_REAL = {"lr", "adda_lr", "perplexity"}
+POSITIVE_REAL = {"lr", "adda_lr", "gta_lr", "perplexity"}
 FRACTIONS = {"ema_decay", "drop_class", "eta", "real_label", "label_noise",  # in [0, 1]
-             "label_flip", "dropout"}
+             "label_flip", "dropout", "confidence"}
 SIGNED = {"guidance"}                                    # any finite value
 IMAGE_SIZES = {"gan": (32, 64), "uda": (28,)}            # what the networks can take
 FOLDERS = ("data_root", "out", "cache")

@@ -745,6 +745,10 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["classifier", "--lr", "nan"], "--lr nan: give a finite number"),
         (["vae", "--lr", "inf"], "--lr inf: give a finite number"),
         (["uda", "--lr", "-0.1"], "--lr -0.1: give a number above 0"),
+        (["uda", "--method", "gta", "--gta-lr", "0"], "--gta-lr 0.0: give a number above 0"),
+        (["uda", "--confidence", "1.5"], "--confidence 1.5: give a number from 0 to 1"),
+        (["uda", "--consistency-weight", "-1"], "--consistency-weight -1.0: give a number of "
+                                                "at least 0"),
         (["gan", "--image-size", "0"], "--image-size 0"),
         (["data", "--name", "mnist", "--image-size", "-28"], "--image-size -28"),
         (["gan", "--image-size", "48"], "the gan networks take 32 or 64"),
