@@ -962,31 +962,35 @@ def discriminator_rows(image_size: int, spectral: bool, outputs: int) -> list:
     return rows + [(index, "conv", widths[-1], outputs)]
 
 
-def dcgan_pair(image_size: int, variant: str):
-    """G and D as gan.GAN builds them for a variant."""
-    acgan = variant == "acgan"
-    generator = nets.dcgan_generator(100 + 2 * acgan, image_size=image_size)
-    discriminator = nets.dcgan_discriminator(image_size=image_size, outputs=2 if acgan else 1,
-                                             norm="spectral" if variant in ("b", "acgan") else "batch")
-    return generator, discriminator
+def dcgan_pair(image_size: int, variant: str, d_norm: str):
+    """G and D as gan.GAN builds them for a variant (d_norm: b's and ACGAN's --d-norm)."""
+    model = gan.GAN(gan.GANSettings(variant=variant, image_size=image_size, d_norm=d_norm))
+    return model.generator, model.discriminator
+
+
+# a's D has batch norm whatever --d-norm says; b and ACGAN follow it
+VARIANT_NORMS = [("a", "spectral", "batch"), ("b", "batch", "batch"),
+                 ("acgan", "batch", "batch"), ("b", "spectral", "spectral"),
+                 ("acgan", "spectral", "spectral")]
 
 
 @pytest.mark.parametrize("image_size", [64, 32])
-@pytest.mark.parametrize("variant", ["a", "b", "acgan"])
-def test_written_out_dcgan_keeps_the_saved_state_dict_layout(image_size, variant):
-    generator, discriminator = dcgan_pair(image_size, variant)
+@pytest.mark.parametrize("variant, d_norm, norm", VARIANT_NORMS)
+def test_written_out_dcgan_keeps_the_saved_state_dict_layout(image_size, variant, d_norm,
+                                                             norm):
+    generator, discriminator = dcgan_pair(image_size, variant, d_norm)
     acgan = variant == "acgan"
     for network, rows in ((generator, generator_rows(100 + 2 * acgan, image_size)),
-                          (discriminator, discriminator_rows(image_size, variant != "a",
+                          (discriminator, discriminator_rows(image_size, norm == "spectral",
                                                              2 if acgan else 1))):
         layout = {key: tuple(value.shape) for key, value in network.state_dict().items()}
         assert layout == saved_layout(rows)
 
 
 @pytest.mark.parametrize("image_size", [64, 32])
-@pytest.mark.parametrize("variant", ["a", "b", "acgan"])
-def test_dcgan_maps_z_to_an_image_and_an_image_to_logits(image_size, variant):
-    generator, discriminator = dcgan_pair(image_size, variant)
+@pytest.mark.parametrize("variant, d_norm, norm", VARIANT_NORMS)
+def test_dcgan_maps_z_to_an_image_and_an_image_to_logits(image_size, variant, d_norm, norm):
+    generator, discriminator = dcgan_pair(image_size, variant, d_norm)
     z = torch.randn(2, generator[0].in_channels, 1, 1)
     images = generator(z)
     assert images.shape == (2, 3, image_size, image_size) and images.abs().max() <= 1
@@ -994,7 +998,7 @@ def test_dcgan_maps_z_to_an_image_and_an_image_to_logits(image_size, variant):
     slopes = {m.negative_slope for m in discriminator.modules() if isinstance(m, nn.LeakyReLU)}
     assert slopes == {0.2}
     has_batch_norm = any(isinstance(m, nn.BatchNorm2d) for m in discriminator.modules())
-    assert has_batch_norm == (variant == "a")
+    assert has_batch_norm == (norm == "batch")
 
 
 def test_dcgan_parameter_counts_by_hand():
@@ -1003,8 +1007,8 @@ def test_dcgan_parameter_counts_by_hand():
     # At 32x32 the widest stage goes: 100*256*16 + 256*128*16 + 128*64*16 + 64*3*16
     # + 2 (256 + 128 + 64) = 1,068,928.
     # D, variant a: convs 3*64*16 + 64*128*16 + 128*256*16 + 256*512*16 + 512*16 = 2,763,776,
-    # batch norm 2 (128 + 256 + 512) = 1,792: 2,765,568. Variant b: no batch norm, a bias on
-    # each conv (64 + 128 + 256 + 512 + 1 = 961): 2,764,737.
+    # batch norm 2 (128 + 256 + 512) = 1,792: 2,765,568. Spectral norm (--d-norm spectral): no
+    # batch norm, a bias on each conv (64 + 128 + 256 + 512 + 1 = 961): 2,764,737.
     def count(network):
         return sum(p.numel() for p in network.parameters())
     assert count(nets.dcgan_generator()) == 3_576_704
@@ -1054,12 +1058,13 @@ def test_summary_repeats_extra_inputs_over_the_batch():
 #   + BN 2 (32 + 64 + 128 + 64) + 64 + 1 + 64*10 + 10 = 168,331.
 # - classifier: 3*32*9 + 64 + 32*32*9 + 64 + 32*64*9 + 128 + 64*64*9 + 128
 #   + 3136*256 + 256 + 256*10 + 10 = 871,402.
-# - ACGAN: z has 2 more channels (+ 2*512*16 in G), D 2 outputs (+ 512*16 + 1).
+# - b: a's networks. ACGAN: z has 2 more channels (+ 2*512*16 in G), D 2 outputs
+#   (+ 512*16; batch norm leaves the convolutions without bias).
 # - ddpm: the default U-Net (width 64, 10 classes + the 'no class' token), as summed by torch.
 SUMMARY_TOTALS = [
     ("gan", "a", [3_576_704, 2_765_568]),
-    ("gan", "b", [3_576_704, 2_764_737]),
-    ("gan", "acgan", [3_593_088, 2_772_930]),
+    ("gan", "b", [3_576_704, 2_765_568]),
+    ("gan", "acgan", [3_593_088, 2_773_760]),
     ("vae", None, [4_885_952, 2_791_363]),
     ("ddpm", None, [3_946_435]),
     ("uda", None, [85_142, 91_610, 80_401, 651_501, 1_157_952, 168_331]),
@@ -2649,11 +2654,15 @@ def test_gan_step_descends_d_loss_on_real_and_detached_fake_then_g_loss_against_
     assert math.isclose(float(numbers["loss_g"].detach()), g_reference.item(), rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["a", "b", "acgan"])
-def test_improved_gans_augment_every_image_d_sees_and_dcgan_none(variant):
-    """With the real DiffAugment: in b and ACGAN none of the 3B images D scores (real and
-    fake in its step, fake in G's) is a raw real or generated image; in a every one is."""
+@pytest.mark.parametrize("variant, policy", [
+    ("a", "translation,color,cutout"), ("b", "translation,color,cutout"),
+    ("acgan", "translation,color,cutout"), ("b", "")])
+def test_improved_gans_augment_every_image_d_sees_and_dcgan_none(variant, policy):
+    """With the real DiffAugment and a policy: in b and ACGAN none of the 3B images D
+    scores (real and fake in its step, fake in G's) is a raw real or generated image; in
+    a every one is, and in b with the default policy '' too."""
     model, settings = stub_gan(variant)
+    settings = dataclasses.replace(settings, augment=policy)
     optimizers = {"generator": recording_sgd(model.generator.parameters(), 0.0),
                   "discriminator": recording_sgd(model.discriminator.parameters(), 0.0)}
     real = real_batch()
@@ -2665,7 +2674,7 @@ def test_improved_gans_augment_every_image_d_sees_and_dcgan_none(variant):
 
     def count_raw(images, among):
         return sum(any(torch.equal(image, other) for other in among) for image in images)
-    if variant == "a":
+    if variant == "a" or not policy:
         assert count_raw(seen, torch.cat([real, fake])) == 3 * len(real)
         assert count_raw(real, seen) == len(real) and count_raw(fake, seen) == len(fake)
     else:
@@ -2689,12 +2698,12 @@ def test_color_augmentation_is_diffaugments_brightness_saturation_and_contrast()
 
 
 @pytest.mark.parametrize("variant", ["a", "b", "acgan"])
-def test_gan_optimisers_are_dcgans_adam_or_ttur_each_over_its_own_player(variant):
-    """a: Adam 2e-4 for both; b and ACGAN: TTUR, G 1e-4 and D 4e-4; betas (0.5, 0.999)."""
+def test_gan_optimisers_are_dcgans_adam_or_twice_its_rate_each_over_its_own_player(variant):
+    """a: Adam 2e-4 for both; b and ACGAN: 4e-4 for both; betas (0.5, 0.999)."""
     settings = tiny_gan(variant=variant)
     model = gan.GAN(settings)
     optimizers = gan.build_optimizers(model, settings)
-    lr_g, lr_d = (2e-4, 2e-4) if variant == "a" else (1e-4, 4e-4)
+    lr_g, lr_d = (2e-4, 2e-4) if variant == "a" else (4e-4, 4e-4)
     for name, network, lr in (("generator", model.generator, lr_g),
                               ("discriminator", model.discriminator, lr_d)):
         optimizer = optimizers[name]
@@ -3671,7 +3680,7 @@ def test_dcgan_discriminator_norm_choices_and_the_spectral_flag_agree():
     assert layout(nets.dcgan_discriminator(norm="spectral")) == \
         layout(nets.dcgan_discriminator(norm="spectral"))
     assert layout(nets.dcgan_discriminator(norm="batch")) == layout(nets.dcgan_discriminator())
-    # norm "none": variant b's convolutions with biases, without u and v
+    # norm "none": the spectral D's convolutions with biases, without u and v
     assert layout(nets.dcgan_discriminator(norm="none")) == {
         key.replace("weight_orig", "weight"): shape
         for key, shape in layout(nets.dcgan_discriminator(norm="spectral")).items()
@@ -3777,8 +3786,8 @@ def test_a_tiny_run_of_the_new_variants_writes_curves_that_fit_them(tmp_path, mo
     assert len(list(folder.iterdir())) == 3
 
 
-# Hand-counted: G as in variant a (3,576,704). The WGAN-GP critic is variant b's D without
-# spectral norm: convs 2,763,776 + a bias on each (64 + 128 + 256 + 512 + 1) = 2,764,737.
+# Hand-counted: G as in variant a (3,576,704). The WGAN-GP critic is the spectral-norm D
+# (--d-norm spectral) without spectral norm: convs 2,763,776 + a bias on each (64 + 128 + 256 + 512 + 1) = 2,764,737.
 # hacks' D is variant a's (2,765,568) with a Dropout after each of its 4 LeakyReLUs.
 @pytest.mark.parametrize("variant, totals, dropouts", [
     ("wgan-gp", [3_576_704, 2_764_737], 0), ("hacks", [3_576_704, 2_765_568], 4)])
