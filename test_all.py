@@ -3811,6 +3811,21 @@ def test_gan_flags_take_the_new_variants_and_their_settings():
     assert run.build_parser().parse_args(["gan", "--variant", "hacks"]).variant == "hacks"
 
 
+def test_gan_b_takes_spectral_norm_and_diffaugment_as_flags():
+    """b's options for long runs reach its D: spectral norm on every convolution, no batch
+    norm; by default a batch-norm D and no augmentation."""
+    def built(flags):
+        args = run.build_parser().parse_args(["gan", "--variant", "b", *flags])
+        settings = run.settings_from(args, gan.GANSettings)
+        modules = list(gan.GAN(settings).discriminator.modules())
+        convs = [m for m in modules if isinstance(m, nn.Conv2d)]
+        return (settings.augment, all(hasattr(c, "weight_orig") for c in convs),
+                any(isinstance(m, nn.BatchNorm2d) for m in modules))
+    assert built([]) == ("", False, True)
+    assert built(["--d-norm", "spectral", "--augment", "translation"]) == \
+        ("translation", True, False)
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"n_critic": 0}, "--n-critic 0"), ({"real_label": 1.2}, "--real-label 1.2"),
     ({"label_noise": 0.95}, "--label-noise 0.95"), ({"label_flip": 1.5}, "--label-flip"),
