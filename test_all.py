@@ -3787,7 +3787,8 @@ def test_a_tiny_run_of_the_new_variants_writes_curves_that_fit_them(tmp_path, mo
 
 
 # Hand-counted: G as in variant a (3,576,704). The WGAN-GP critic is the spectral-norm D
-# (--d-norm spectral) without spectral norm: convs 2,763,776 + a bias on each (64 + 128 + 256 + 512 + 1) = 2,764,737.
+# (--d-norm spectral) without spectral norm: convs 2,763,776 + a bias on each
+# (64 + 128 + 256 + 512 + 1) = 2,764,737.
 # hacks' D is variant a's (2,765,568) with a Dropout after each of its 4 LeakyReLUs.
 @pytest.mark.parametrize("variant, totals, dropouts", [
     ("wgan-gp", [3_576_704, 2_764_737], 0), ("hacks", [3_576_704, 2_765_568], 4)])
