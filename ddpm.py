@@ -137,7 +137,10 @@ class DDPMSettings:
                                                    "choices": ("ddim", "ddpm")})
     sampling_steps: int = field(default=50, metadata={"help": "DDIM steps S"})
     eta: float = field(default=0.0, metadata={"help": "DDIM eta (0: deterministic)"})
-    amp: bool = field(default=True, metadata={"help": "bfloat16 autocast (CPU and GPU)"})
+    amp: str = field(default="auto", metadata={
+        "help": "bfloat16 autocast: auto (on a CUDA GPU only; a CPU without native "
+                "bfloat16, such as an AVX2 one, runs it about 10 times slower), on, off",
+        "choices": ("auto", "on", "off")})
     sample_every: int = field(default=1000, metadata={"help": "steps between grids/checkpoints"})
     classifier: str = field(default="", metadata={
         "help": "digit-classifier checkpoint that grades the 1000 images (default: "
@@ -195,10 +198,12 @@ def guide(eps_conditional, eps_unconditional, w: float) -> torch.Tensor:
     return (1 + w) * eps_conditional - w * eps_unconditional
 
 
-def autocast(device, enabled: bool):
+def autocast(device, amp: str):
+    """bfloat16 autocast on a CUDA GPU (amp "auto" or "on"), on the CPU only when asked."""
     device_type = torch.device(device).type
+    enabled = device_type == "cuda" and amp != "off" or device_type == "cpu" and amp == "on"
     return torch.autocast(device_type if device_type in ("cpu", "cuda") else "cpu",
-                          dtype=torch.bfloat16, enabled=enabled and device_type in ("cpu", "cuda"))
+                          dtype=torch.bfloat16, enabled=enabled)
 
 
 # ============================================================================ samplers
