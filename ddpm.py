@@ -9,7 +9,12 @@ which composes in closed form, with alpha_t = 1 - beta_t and alpha_bar_t = prod_
     x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,  eps ~ N(0, I).
 
 Training: a network eps_theta(x_t, t, c) predicts the noise; the loss is
-    E_{x_0, c, t ~ U{1..T}, eps} || eps - eps_theta(x_t, t, c) ||^2.
+    E_{x_0, c, t ~ U{1..T}, eps} w_t || eps - eps_theta(x_t, t, c) ||^2,
+with w_t = 1 (Ho et al.'s "simple" loss) or Min-SNR-gamma (Hang et al. 2023, "Efficient
+Diffusion Training via Min-SNR Weighting Strategy"): w_t = min(SNR_t, gamma) / SNR_t,
+SNR_t = alpha_bar_t / (1 - alpha_bar_t), gamma = 5. The nearly clean timesteps
+(SNR_t > gamma) only polish details; lowering their weight leaves more of a short
+training budget to the noisy ones, where the digit's shape and class are decided.
 
 Reverse process: given x_t and the predicted x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) /
 sqrt(alpha_bar_t), step to x_{t-1} ~ q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I),
@@ -55,6 +60,7 @@ import util
 from util import UserError
 
 CLASSES = 10
+MIN_SNR_GAMMA = 5.0  # Hang et al.'s gamma
 
 
 # ============================================================================ schedule
@@ -77,6 +83,7 @@ class NoiseSchedule:
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)            # alpha_bar_t
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64),
                                               self.alphas_cumprod[:-1]])  # alpha_bar_{t-1}
+        self.snr = self.alphas_cumprod / (1 - self.alphas_cumprod)          # SNR_t
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
         # q(x_{t-1} | x_t, x_0) = N(coef_x0 x_0 + coef_xt x_t, posterior_variance)
@@ -130,6 +137,13 @@ class DDPMSettings:
         "help": "images per step, the global batch: under torchrun each of N processes "
                 "takes 1/N of it"})
     lr: float = field(default=2e-4, metadata={"help": "Adam learning rate (warm-up 500 steps)"})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "after the warm-up: constant, or cosine (decays to 0 at --steps)",
+        "choices": ("constant", "cosine")})
+    loss_weight: str = field(default="uniform", metadata={
+        "help": "per-timestep weight of the loss: uniform, or min-snr (min(SNR, 5) / SNR)",
+        "choices": ("uniform", "min-snr")})
+    dropout: float = field(default=0.1, metadata={"help": "dropout in the U-Net's blocks"})
     drop_class: float = field(default=0.1, metadata={"help": "P(class -> none) in training"})
     guidance: float = field(default=2.0, metadata={"help": "classifier-free guidance w"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA of the weights"})
@@ -157,13 +171,14 @@ class Diffusion(torch.nn.Module):
 
     def __init__(self, settings: DDPMSettings):
         super().__init__()
-        self.network = nets.UNet(width=settings.width, classes=CLASSES)
+        self.network = nets.UNet(width=settings.width, classes=CLASSES,
+                                 dropout=settings.dropout)
         self.ema = copy.deepcopy(self.network).requires_grad_(False)
         self.schedule = NoiseSchedule(settings.timesteps, settings.schedule)
         self.settings = settings
 
     def loss(self, x0: torch.Tensor, labels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        """|| eps - eps_theta(x_t, t, c) ||^2 with t ~ U{1..T}, c dropped with p = 0.1."""
+        """w_t || eps - eps_theta(x_t, t, c) ||^2 with t ~ U{1..T}, c dropped with p = 0.1."""
         count, device = len(x0), x0.device
         # per image: t ~ U{1..T}, eps ~ N(0, I), the class dropped or not; under torchrun
         # each process keeps its rows of the global batch's draws (parallel.py)
@@ -176,7 +191,16 @@ class Diffusion(torch.nn.Module):
         with autocast(device, self.settings.amp):
             # eps_theta(x_t, t, c), x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
             predicted = self.network(self.schedule.q_sample(x0, t, noise), t, labels)
-        return F.mse_loss(predicted.float(), noise)  # the target is the noise, not x_0
+        # the target is the noise, not x_0; (B,) mean squared errors, weighted by w_t
+        errors = (predicted.float() - noise).pow(2).flatten(1).mean(dim=1)
+        return (self.loss_weights(t) * errors).mean()
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """w_t (B,): 1, or Min-SNR-5's min(SNR_t, 5) / SNR_t."""
+        if self.settings.loss_weight == "uniform":
+            return torch.ones(len(t), device=t.device)
+        snr = self.schedule.snr.to(t.device)[t - 1]
+        return (snr.clamp(max=MIN_SNR_GAMMA) / snr).float()
 
     def update_ema(self, step: int):
         nets.update_ema(self.ema, self.network, step, self.settings.ema_decay)
@@ -343,9 +367,18 @@ def save_grid_and_strip(model: Diffusion, settings: DDPMSettings, out: Path, see
 
 
 # ============================================================================ training
+def learning_rate(settings: DDPMSettings, index: int) -> float:
+    """Step index's lr: a linear warm-up over 500 steps, then constant, or cosine:
+    lr (1 + cos(pi k / steps)) / 2 at step k, which falls to 0 at k = steps."""
+    warm_up = min(1.0, (index + 1) / 500)
+    if settings.lr_schedule == "constant":
+        return settings.lr * warm_up
+    return settings.lr * warm_up * (1 + math.cos(math.pi * index / settings.steps)) / 2
+
+
 def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPMSettings,
           out: Path, device, seed: int, cache_dir=None, weights=None) -> dict:
-    """Adam with a linear warm-up over 500 steps, an EMA of the weights for sampling;
+    """Adam at learning_rate(settings, step), an EMA of the weights for sampling;
     FID, grid, reverse process, loss curve and checkpoint every `sample_every` steps
     (util.train_loop runs the loop); then the 1000 images, their grades, results.json."""
     if digits.labels is None:
@@ -361,8 +394,8 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
                                       device, cache_dir, weights)
 
     def step(index: int) -> dict:
-        for group in optimizer.param_groups:  # linear warm-up over 500 steps
-            group["lr"] = settings.lr * min(1.0, (index + 1) / 500)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(settings, index)
         batch = parallel.rows(torch.randint(len(digits), (settings.batch_size,), generator=rng))
         batch = batch.to(digits.pixels.device)
         torch.manual_seed(util.stream_seed(seed, index))  # dropout: the same after a resume

@@ -2316,7 +2316,7 @@ def test_posterior_is_the_gaussian_product_of_prior_and_likelihood():
 def tiny_diffusion(**changes) -> "ddpm.Diffusion":
     settings = ddpm.DDPMSettings(**{"timesteps": 20, "width": 16, "steps": 2, "batch_size": 4,
                                     "sample_every": 1, "sampling_steps": 4, "fid_images": 0,
-                                    "amp": False, **changes})
+                                    "amp": "off", **changes})
     torch.manual_seed(0)
     return ddpm.Diffusion(settings), settings
 
@@ -2815,6 +2815,53 @@ def guided_x0(labels, w):
     return ((1 + w) * 0.05 * labels.float() - w * 0.5).view(-1, 1, 1, 1)
 
 
+def test_min_snr_weighting_scales_each_images_error_by_min_snr_5_over_snr():
+    """Hang et al.: w_t = min(SNR_t, 5) / SNR_t, SNR_t = abar_t / (1 - abar_t), on each
+    image's own mean squared error. Catches: SNR / min (the inverse), gamma other than 5,
+    SNR of t + 1 or t - 1, the weight on the batch mean instead of each image."""
+    model, _ = tiny_diffusion(timesteps=1000, loss_weight="min-snr", drop_class=0.0)
+    calls = []
+
+    class Records(nn.Module):
+        def forward(self, x_t, t, labels):
+            calls.append((x_t.detach().clone(), t.clone()))
+            return 0.5 * x_t + 0.1
+    model.network = Records()
+    x0 = torch.rand(64, 3, 2, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    loss = model.loss(x0, torch.arange(64) % 10, torch.Generator().manual_seed(0))
+    (x_t, t), = calls
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t - 1]
+    snr = abar / (1 - abar)
+    assert (snr > 5).any() and (snr < 5).any()   # both branches of the min are taken
+    weight = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr
+    eps = (x_t - abar.float().sqrt().view(-1, 1, 1, 1) * x0) \
+        / (1 - abar.float()).sqrt().view(-1, 1, 1, 1)
+    per_image = (0.5 * x_t + 0.1 - eps).pow(2).mean(dim=(1, 2, 3))
+    assert torch.isclose(loss, (weight.float() * per_image).mean(), rtol=1e-4)
+    assert float(model.loss_weights(torch.tensor([1000]))) == 1.0  # pure noise: SNR < 5
+    assert float(model.loss_weights(torch.tensor([1]))) == pytest.approx(
+        5 * (1 - 0.9999) / 0.9999)                                  # t = 1: 5 / SNR_1
+
+
+def test_ddpm_learning_rate_warms_up_then_stays_or_falls_along_a_cosine():
+    constant = ddpm.DDPMSettings(lr=1e-3, steps=2000)
+    cosine = ddpm.DDPMSettings(lr=1e-3, steps=2000, lr_schedule="cosine")
+    assert ddpm.learning_rate(constant, 99) == pytest.approx(1e-3 * 100 / 500)
+    assert ddpm.learning_rate(constant, 1999) == pytest.approx(1e-3)
+    assert ddpm.learning_rate(cosine, 99) == pytest.approx(
+        1e-3 * 100 / 500 * (1 + math.cos(math.pi * 99 / 2000)) / 2)
+    assert ddpm.learning_rate(cosine, 1000) == pytest.approx(1e-3 / 2)     # half way
+    assert ddpm.learning_rate(cosine, 1999) == pytest.approx(0, abs=1e-8)  # the end
+
+
+def test_ddpm_dropout_setting_reaches_every_block_of_the_u_net():
+    model, _ = tiny_diffusion(dropout=0.0)
+    rates = {m.p for m in model.network.modules() if isinstance(m, nn.Dropout)}
+    assert rates == {0.0}
+    assert {m.p for m in tiny_diffusion()[0].network.modules()
+            if isinstance(m, nn.Dropout)} == {0.1}
+
+
 def test_training_loss_regresses_the_noise_at_t_from_1_to_T_and_drops_classes_to_the_null():
     """The network sees x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps for t in {1..T}, the
     label replaced by the null class CLASSES with probability drop_class; the loss is the
@@ -2932,9 +2979,11 @@ class TinyEps(nn.Module):
             + t.float().view(-1, 1, 1, 1) / 1000
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_ddpm_training_warms_up_the_lr_descends_the_networks_loss_and_averages_it(
-        tmp_path, monkeypatch):
-    """Step k: Adam over the network alone at lr * min(1, (k + 1) / 500), the gradient of
+        tmp_path, monkeypatch, schedule):
+    """Step k: Adam over the network alone at lr * min(1, (k + 1) / 500) (times
+    (1 + cos(pi k / steps)) / 2 under the cosine schedule), the gradient of
     that step's loss on a batch of digits with their labels; then the EMA used for
     sampling moves toward the network (d = min(decay, (1 + k) / (10 + k)))."""
     monkeypatch.setattr(nets, "UNet", TinyEps)
@@ -2955,14 +3004,15 @@ def test_ddpm_training_warms_up_the_lr_descends_the_networks_loss_and_averages_i
     monkeypatch.setattr(ddpm, "Diffusion", Recording)
     settings = ddpm.DDPMSettings(timesteps=20, steps=3, batch_size=4, sample_every=3,
                                  sampling_steps=2, lr=1e-2, ema_decay=0.5, fid_images=0,
-                                 amp=False)
+                                 amp="off", lr_schedule=schedule)
     steps = []
 
     def before(optimizer):
         model = models[0]
         k = len(steps)
         assert held(optimizer) == ids(model.network)
-        assert all(math.isclose(group["lr"], 1e-2 * (k + 1) / 500)
+        decay = 1 if schedule == "constant" else (1 + math.cos(math.pi * k / 3)) / 2
+        assert all(math.isclose(group["lr"], 1e-2 * (k + 1) / 500 * decay)
                    for group in optimizer.param_groups)
         assert_all_close([p.grad for p in model.network.parameters()], model.losses[k],
                          what=f"step {k}")
