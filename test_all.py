@@ -787,7 +787,7 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
 def test_a_preset_sets_defaults_that_flags_beside_it_override():
     plain, preset = run.parse(["ddpm"]), run.parse(["ddpm", "--preset", "cpu", "--steps", "10"])
     assert (plain.width, plain.steps, plain.guidance) == (64, 30000, 2.0)
-    assert (preset.width, preset.steps, preset.guidance, preset.lr) == (32, 10, 4.0, 5e-4)
+    assert (preset.width, preset.steps, preset.guidance, preset.lr) == (32, 10, 6.0, 1e-3)
     for settings_class, presets in ((gan.GANSettings, gan.PRESETS),  # real settings only
                                     (vae.VAESettings, vae.PRESETS),
                                     (ddpm.DDPMSettings, ddpm.PRESETS)):
