@@ -8,13 +8,18 @@ which composes in closed form, with alpha_t = 1 - beta_t and alpha_bar_t = prod_
     q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),
     x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,  eps ~ N(0, I).
 
-Training: a network eps_theta(x_t, t, c) predicts the noise; the loss is
-    E_{x_0, c, t ~ U{1..T}, eps} w_t || eps - eps_theta(x_t, t, c) ||^2,
+Training: a network eps_theta(x_t, t, c) predicts the noise of x_t given the digit's
+class c; the loss is
+    E_{x_0, c, t ~ U{1..T}, eps} w_t mean_pixels (eps - eps_theta(x_t, t, c))^2,
 with w_t = 1 (Ho et al.'s "simple" loss) or Min-SNR-gamma (Hang et al. 2023, "Efficient
 Diffusion Training via Min-SNR Weighting Strategy"): w_t = min(SNR_t, gamma) / SNR_t,
-SNR_t = alpha_bar_t / (1 - alpha_bar_t), gamma = 5. The nearly clean timesteps
-(SNR_t > gamma) only polish details; lowering their weight leaves more of a short
-training budget to the noisy ones, where the digit's shape and class are decided.
+SNR_t = alpha_bar_t / (1 - alpha_bar_t), gamma = 5. Why divide by SNR_t: the x_0 that the
+predicted noise implies errs by x_0 - x^_0 = (eps^ - eps) / sqrt(SNR_t), so the noise loss
+is SNR_t times the x_0 loss; Min-SNR caps that factor at gamma,
+    min(SNR_t, gamma) (x_0 - x^_0)^2 = min(SNR_t, gamma) / SNR_t (eps - eps^)^2.
+The nearly clean timesteps (SNR_t > gamma: t <= 130 of T = 1000 on the linear schedule)
+only polish details; lowering their weight leaves more of a short training budget to the
+noisy ones, where the digit's shape and class are decided.
 
 Reverse process: given x_t and the predicted x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) /
 sqrt(alpha_bar_t), step to x_{t-1} ~ q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I),
@@ -61,6 +66,7 @@ from util import UserError
 
 CLASSES = 10
 MIN_SNR_GAMMA = 5.0  # Hang et al.'s gamma
+WARM_UP_STEPS = 500  # the lr rises linearly over these first steps
 
 
 # ============================================================================ schedule
@@ -139,12 +145,15 @@ class DDPMSettings:
     batch_size: int = field(default=128, metadata={
         "help": "images per step, the global batch: under torchrun each of N processes "
                 "takes 1/N of it"})
-    lr: float = field(default=2e-4, metadata={"help": "Adam learning rate (warm-up 500 steps)"})
+    lr: float = field(default=2e-4, metadata={
+        "help": f"Adam learning rate (a linear warm-up over {WARM_UP_STEPS} steps)"})
     lr_schedule: str = field(default="constant", metadata={
-        "help": "after the warm-up: constant, or cosine (decays to 0 at --steps)",
+        "help": "constant, or cosine (the warm-up times a cosine that falls from 1 at step 0 "
+                "to 0 at --steps)",
         "choices": ("constant", "cosine")})
     loss_weight: str = field(default="uniform", metadata={
-        "help": "per-timestep weight of the loss: uniform, or min-snr (min(SNR, 5) / SNR)",
+        "help": f"per-timestep weight of the loss: uniform, or min-snr (min(SNR, "
+                f"{MIN_SNR_GAMMA:g}) / SNR)",
         "choices": ("uniform", "min-snr")})
     dropout: float = field(default=0.1, metadata={"help": "dropout in the U-Net's blocks"})
     drop_class: float = field(default=0.1, metadata={"help": "P(class -> none) in training"})
@@ -181,7 +190,8 @@ class Diffusion(torch.nn.Module):
         self.settings = settings
 
     def loss(self, x0: torch.Tensor, labels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        """w_t || eps - eps_theta(x_t, t, c) ||^2 with t ~ U{1..T}, c dropped with p = 0.1."""
+        """w_t mean_pixels (eps - eps_theta(x_t, t, c))^2, t ~ U{1..T}, c dropped with
+        probability drop_class; averaged over the batch."""
         count, device = len(x0), x0.device
         # per image: t ~ U{1..T}, eps ~ N(0, I), the class dropped or not; under torchrun
         # each process keeps its rows of the global batch's draws (parallel.py)
@@ -199,11 +209,14 @@ class Diffusion(torch.nn.Module):
         return (self.loss_weights(t) * errors).mean()
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
-        """w_t (B,): 1, or Min-SNR-5's min(SNR_t, 5) / SNR_t."""
+        """w_t (B,): 1, or Min-SNR-gamma's min(SNR_t, gamma) / SNR_t = min(gamma / SNR_t, 1)."""
         if self.settings.loss_weight == "uniform":
             return torch.ones(len(t), device=t.device)
-        snr = self.schedule.snr.to(t.device)[t - 1]
-        return (snr.clamp(max=MIN_SNR_GAMMA) / snr).float()
+        if self.settings.loss_weight == "min-snr":
+            snr = self.schedule.snr.to(t.device)[t - 1]
+            return (MIN_SNR_GAMMA / snr).clamp(max=1).float()
+        raise UserError(f"unknown --loss-weight '{self.settings.loss_weight}': "
+                        "use uniform or min-snr")
 
     def update_ema(self, step: int):
         nets.update_ema(self.ema, self.network, step, self.settings.ema_decay)
@@ -226,11 +239,15 @@ def guide(eps_conditional, eps_unconditional, w: float) -> torch.Tensor:
 
 
 def autocast(device, amp: str):
-    """bfloat16 autocast on a CUDA GPU (amp "auto" or "on"), on the CPU only when asked."""
+    """bfloat16 autocast where amp_enabled says so (elsewhere a no-op context)."""
     device_type = torch.device(device).type
-    enabled = device_type == "cuda" and amp != "off" or device_type == "cpu" and amp == "on"
     return torch.autocast(device_type if device_type in ("cpu", "cuda") else "cpu",
-                          dtype=torch.bfloat16, enabled=enabled)
+                          dtype=torch.bfloat16, enabled=amp_enabled(device_type, amp))
+
+
+def amp_enabled(device_type: str, amp: str) -> bool:
+    """On a CUDA GPU unless amp is "off"; on the CPU only if amp is "on"; never elsewhere."""
+    return device_type == "cuda" and amp != "off" or device_type == "cpu" and amp == "on"
 
 
 # ============================================================================ samplers
@@ -371,12 +388,23 @@ def save_grid_and_strip(model: Diffusion, settings: DDPMSettings, out: Path, see
 
 # ============================================================================ training
 def learning_rate(settings: DDPMSettings, index: int) -> float:
-    """The lr of step k = index: a linear warm-up over 500 steps, then constant, or cosine:
-    lr (1 + cos(pi k / steps)) / 2 at step k, which falls to 0 at k = steps."""
-    warm_up = min(1.0, (index + 1) / 500)
+    """The lr of step k = index: lr min(1, (k + 1) / 500), a linear warm-up, times 1
+    (constant) or times (1 + cos(pi k / steps)) / 2 (cosine, from 1 at k = 0 to 0 at
+    k = steps; its peak, at the warm-up's end, is 0.96 lr for 4,000 steps)."""
+    warm_up = min(1.0, (index + 1) / WARM_UP_STEPS)
     if settings.lr_schedule == "constant":
         return settings.lr * warm_up
-    return settings.lr * warm_up * (1 + math.cos(math.pi * index / settings.steps)) / 2
+    if settings.lr_schedule == "cosine":
+        return settings.lr * warm_up * (1 + math.cos(math.pi * index / settings.steps)) / 2
+    raise UserError(f"unknown --lr-schedule '{settings.lr_schedule}': use constant or cosine")
+
+
+def resumable_changes(settings: DDPMSettings) -> tuple[str, ...]:
+    """The settings a --resume may change: sampling, and the length of the run, unless a
+    cosine lr depends on it (a new --steps would make the lr jump back up)."""
+    length = ("steps",) if settings.lr_schedule == "constant" else ()
+    return length + ("sample_every", "classifier", "sampler", "sampling_steps", "eta",
+                     "guidance")
 
 
 def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPMSettings,
@@ -412,7 +440,8 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
 
     def draw(history: dict):
         plots.line_plot({"training loss": history["loss"]}, out / "loss.png",
-                        title="DDPM: epsilon-prediction MSE", xlabel="step",
+                        title=f"DDPM: epsilon-prediction MSE, {settings.loss_weight} weights",
+                        xlabel="step",
                         x=history["step"])
         save_grid_and_strip(model, settings, out, seed, device)
         if fid:
@@ -427,8 +456,7 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
     log = util.train_loop(
         step, settings.steps, settings.sample_every, out, "ddpm", settings, seed, device,
         parts={"model": model, "optimizer": optimizer, "rng": rng}, desc="DDPM",
-        may_change=("steps", "sample_every", "classifier", "sampler", "sampling_steps",
-                    "eta", "guidance"), evaluate=evaluate, draw=draw)
+        may_change=resumable_changes(settings), evaluate=evaluate, draw=draw)
     return finish(model, log.history, settings, out, seed, log.seconds, device, fid, no_fid)
 
 

@@ -139,7 +139,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.command == "gan" and args.real_label - args.label_noise < 0:
         raise util.UserError(f"--label-noise {args.label_noise} with --real-label "
                              f"{args.real_label}: the real targets must lie in [0, 1]")
-    if args.command == "gan" and args.dropout == 1:
+    if args.command in ("gan", "ddpm") and args.dropout == 1:
         raise util.UserError("--dropout 1.0: give a rate below 1 (1 drops every feature)")
     if args.command == "ddpm" and args.sampling_steps > args.timesteps:
         raise util.UserError(f"--sampling-steps {args.sampling_steps} is more than "

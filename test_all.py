@@ -760,6 +760,7 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["gan", "--seed", str(2**32)], "below 2**32"),
         (["ddpm", "--drop-class", "1.5"], "--drop-class 1.5: give a number from 0 to 1"),
         (["ddpm", "--sampling-steps", "2000"], "more than --timesteps 1000"),
+        (["ddpm", "--dropout", "1"], "--dropout 1.0: give a rate below 1"),
         (["gan", "--steps", "ten"], "invalid int value: 'ten'"),
         (["gan", "--variant", "c"], "invalid choice: 'c'"),
         (["uda", "--method", "mmd"], "invalid choice: 'mmd'"),
@@ -791,8 +792,12 @@ def test_a_preset_sets_defaults_that_flags_beside_it_override():
     for settings_class, presets in ((gan.GANSettings, gan.PRESETS),  # real settings only
                                     (vae.VAESettings, vae.PRESETS),
                                     (ddpm.DDPMSettings, ddpm.PRESETS)):
+        choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(settings_class)
+                   if "choices" in f.metadata}  # argparse does not check a default's choice
         for values in presets.values():
             settings_class(**values)
+            for name, value in values.items():
+                assert name not in choices or value in choices[name], (name, value)
 
 
 def test_bad_input_ends_in_one_error_line_and_exit_code_2(tmp_path, capsys):
@@ -2364,6 +2369,12 @@ def test_ddpm_autocasts_to_bfloat16_on_the_cpu_only_when_asked():
             assert (x @ x.T).dtype == dtype, amp
 
 
+def test_ddpm_amp_is_on_for_a_cuda_gpu_unless_off_and_on_a_cpu_only_when_asked():
+    enabled = {(device, amp) for device in ("cuda", "cpu", "mps")
+               for amp in ("auto", "on", "off") if ddpm.amp_enabled(device, amp)}
+    assert enabled == {("cuda", "auto"), ("cuda", "on"), ("cpu", "on")}
+
+
 def test_timestep_embedding_is_the_transformer_sinusoid():
     embedding = nets.timestep_embedding(torch.tensor([0, 3]), 8)
     frequencies = 10000 ** (-torch.arange(4) / 4)
@@ -2855,11 +2866,38 @@ def test_ddpm_learning_rate_warms_up_then_stays_or_falls_along_a_cosine():
 
 
 def test_ddpm_dropout_setting_reaches_every_block_of_the_u_net():
-    model, _ = tiny_diffusion(dropout=0.0)
-    rates = {m.p for m in model.network.modules() if isinstance(m, nn.Dropout)}
-    assert rates == {0.0}
-    assert {m.p for m in tiny_diffusion()[0].network.modules()
-            if isinstance(m, nn.Dropout)} == {0.1}
+    for rate in (0.0, 0.1):
+        modules = list(tiny_diffusion(dropout=rate)[0].network.modules())
+        dropouts = [m.p for m in modules if isinstance(m, nn.Dropout)]
+        assert set(dropouts) == {rate}
+        assert len(dropouts) == sum(isinstance(m, nets.ResidualBlock) for m in modules)
+
+
+def test_ddpm_refuses_an_unknown_loss_weight_or_lr_schedule():
+    """A preset's value skips argparse's choices: a typo must not fall to a default."""
+    model, _ = tiny_diffusion(loss_weight="min_snr")
+    with pytest.raises(util.UserError, match="--loss-weight 'min_snr'"):
+        model.loss_weights(torch.tensor([1, 2]))
+    with pytest.raises(util.UserError, match="--lr-schedule 'cos'"):
+        ddpm.learning_rate(tiny_diffusion(lr_schedule="cos")[1], 0)
+
+
+@pytest.mark.parametrize("schedule, refused", [("constant", False), ("cosine", True)])
+def test_ddpm_resume_refuses_a_new_steps_only_under_a_cosine_lr(schedule, refused, tmp_path,
+                                                                monkeypatch):
+    """The cosine lr is a function of --steps: resuming with another length would make it
+    jump back up, so that resume must say so; a constant lr may run longer."""
+    digits = toy_domain(8)
+    _, settings = tiny_diffusion(steps=1, width=8, lr_schedule=schedule)
+    monkeypatch.setattr(ddpm, "finish", lambda *args, **kwargs: {})  # skip the 1000 images
+    ddpm.train(digits, None, settings, tmp_path, "cpu", seed=0)
+    longer = dataclasses.replace(settings, steps=2, resume=True)
+    if refused:
+        with pytest.raises(util.UserError, match="--steps 1 \\(now 2\\)"):
+            ddpm.train(digits, None, longer, tmp_path, "cpu", seed=0)
+    else:
+        ddpm.train(digits, None, longer, tmp_path, "cpu", seed=0)
+        assert util.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
 
 
 def test_training_loss_regresses_the_noise_at_t_from_1_to_T_and_drops_classes_to_the_null():
