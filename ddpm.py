@@ -10,47 +10,51 @@ which composes in closed form, with alpha_t = 1 - beta_t and alpha_bar_t = prod_
 
 Training: a network eps_theta(x_t, t, c) predicts the noise of x_t given the digit's
 class c; the loss is
-    E_{x_0, c, t ~ U{1..T}, eps} w_t mean_pixels (eps - eps_theta(x_t, t, c))^2,
-with w_t = 1 (Ho et al.'s "simple" loss) or Min-SNR-gamma (Hang et al. 2023, "Efficient
-Diffusion Training via Min-SNR Weighting Strategy"): w_t = min(SNR_t, gamma) / SNR_t,
-SNR_t = alpha_bar_t / (1 - alpha_bar_t), gamma = 5. Why divide by SNR_t: the x_0 that the
-predicted noise implies errs by x_0 - x^_0 = (eps^ - eps) / sqrt(SNR_t), so the noise loss
+    E_{x_0, c, t ~ U{1..T}, eps} lambda_t mean_pixels (eps - eps_theta(x_t, t, c))^2,
+with lambda_t = 1 (Ho et al.'s "simple" loss) or Min-SNR-gamma (Hang et al. 2023, "Efficient
+Diffusion Training via Min-SNR Weighting Strategy"): lambda_t = min(SNR_t, gamma) / SNR_t,
+SNR_t = alpha_bar_t / (1 - alpha_bar_t), gamma = 5. Why divide by SNR_t: the x^_0 that the
+predicted noise eps^ implies errs by x_0 - x^_0 = (eps^ - eps) / sqrt(SNR_t), so the noise loss
 is SNR_t times the x_0 loss; Min-SNR caps that factor at gamma,
     min(SNR_t, gamma) (x_0 - x^_0)^2 = min(SNR_t, gamma) / SNR_t (eps - eps^)^2.
-The nearly clean timesteps (SNR_t > gamma: t <= 130 of T = 1000 on the linear schedule)
+The nearly clean timesteps (SNR_t > gamma: t <= 130 of T = 1000 on the linear schedule
+with gamma = 5)
 only polish details; lowering their weight leaves more of a short training budget to the
 noisy ones, where the digit's shape and class are decided.
 
-Reverse process: given x_t and the predicted x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) /
-sqrt(alpha_bar_t), step to x_{t-1} ~ q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I),
-    mu~_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
+Reverse process: given x_t and the predicted x^_0 = (x_t - sqrt(1 - alpha_bar_t) eps^) /
+sqrt(alpha_bar_t), clipped to the data range [-1, 1], step to
+x_{t-1} ~ q(x_{t-1} | x_t, x^_0) = N(mu~_t, beta~_t I),
+    mu~_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x^_0
             + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t,
-    beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t.
-DDPM ancestral sampling takes all T steps.
+    beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
+(of Ho et al.'s two variances, beta_t and beta~_t, this one). DDPM ancestral sampling
+takes all T steps.
 
 DDIM (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models") reuses the same
-network on S << T timesteps tau_1 < ... < tau_S:
-    x_prev = sqrt(alpha_bar_prev) x_0 + sqrt(1 - alpha_bar_prev - sigma^2) eps + sigma z,
-    sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev);
-eta = 0 is deterministic, eta = 1 is DDPM-like.
+network on S << T timesteps tau_1 < ... < tau_S; from t = tau_i to t' = tau_{i-1}
+(t' = 0 last, alpha_bar_0 = 1), with z ~ N(0, I):
+    x_t' = sqrt(alpha_bar_t') x^_0 + sqrt(1 - alpha_bar_t' - sigma^2) eps^ + sigma z,
+    sigma = eta sqrt((1 - alpha_bar_t') / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_t').
+eta = 0 is deterministic; with S = T, eta = 1 is ancestral sampling with beta~_t. Here x^_0
+is clipped as above and eps^ recomputed from the clipped x^_0 (eps^ = (x_t -
+sqrt(alpha_bar_t) x^_0) / sqrt(1 - alpha_bar_t)), so that both describe the same x_t; the
+paper's equation 12 uses the network's eps^ and no clipping.
 
 Classifier-free guidance (Ho & Salimans 2022): in training the class is replaced by a
 "no class" token with probability 0.1, so one network learns eps(x, t, c) and eps(x, t);
-sampling uses  eps~ = (1 + w) eps(x, t, c) - w eps(x, t),  w >= 0 the guidance strength.
+sampling uses  eps~ = (1 + w) eps(x, t, c) - w eps(x, t),  w >= 0 the guidance strength
+(the eps^ of the samplers above).
 
 Schedules: `linear` (beta from 1e-4 to 0.02, Ho et al.) or `cosine` (Nichol & Dhariwal
 2021, "Improved DDPM": alpha_bar_t = f(t) / f(0), f(t) = cos^2(((t / T + s) / (1 + s)) pi / 2),
 s = 0.008, beta_t = min(1 - alpha_bar_t / alpha_bar_{t-1}, 0.999)).
-
-Under torchrun (parallel.py) each process trains on its share of the global batch: every
-per-image random number is drawn for the whole batch and cut to the process's rows
-(parallel.draw, parallel.rows), so N processes train the same weights as one.
 """
 import copy
 import functools
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,6 +69,7 @@ import util
 from util import UserError
 
 CLASSES = 10
+IMAGE_SHAPE = (3, 28, 28)
 MIN_SNR_GAMMA = 5.0  # Hang et al.'s gamma
 WARM_UP_STEPS = 500  # the lr rises linearly over these first steps
 
@@ -101,8 +106,9 @@ class NoiseSchedule:
 
     @staticmethod
     def at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """values[t - 1] for a batch of timesteps t (B,), shaped (B, 1, 1, 1) like x."""
-        return values.to(like.device)[t - 1].to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+        """values[t - 1] for a batch of timesteps t (B,), shaped (B, 1, 1, 1) like x (cast
+        before the move: some devices, such as Apple's MPS, hold no float64)."""
+        return values.to(like.dtype).to(like.device)[t - 1].view(-1, *[1] * (like.dim() - 1))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
@@ -113,6 +119,12 @@ class NoiseSchedule:
         """Invert q_sample: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
         return ((x_t - self.at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps)
                 / self.at(self.sqrt_alphas_cumprod, t, x_t))
+
+    def predict_eps(self, x_t, t, x0) -> torch.Tensor:
+        """Invert q_sample for the noise:
+        eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t)."""
+        return ((x_t - self.at(self.sqrt_alphas_cumprod, t, x_t) * x0)
+                / self.at(self.sqrt_one_minus_alphas_cumprod, t, x_t))
 
     def posterior(self, x0, x_t, t) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of q(x_{t-1} | x_t, x_0)."""
@@ -190,7 +202,7 @@ class Diffusion(torch.nn.Module):
         self.settings = settings
 
     def loss(self, x0: torch.Tensor, labels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        """w_t mean_pixels (eps - eps_theta(x_t, t, c))^2, t ~ U{1..T}, c dropped with
+        """lambda_t mean_pixels (eps - eps_theta(x_t, t, c))^2, t ~ U{1..T}, c dropped with
         probability drop_class; averaged over the batch."""
         count, device = len(x0), x0.device
         # per image: t ~ U{1..T}, eps ~ N(0, I), the class dropped or not; under torchrun
@@ -203,18 +215,19 @@ class Diffusion(torch.nn.Module):
         labels = torch.where(dropped, torch.full_like(labels, CLASSES), labels)
         with autocast(device, self.settings.amp):
             # eps_theta(x_t, t, c), x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
-            predicted = self.network(self.schedule.q_sample(x0, t, noise), t, labels)
-        # the target is the noise, not x_0; (B,) mean squared errors, weighted by w_t
-        errors = (predicted.float() - noise).pow(2).flatten(1).mean(dim=1)
-        return (self.loss_weights(t) * errors).mean()
+            eps_theta = self.network(self.schedule.q_sample(x0, t, noise), t, labels)
+        # the target is the noise, not x_0; (B,) mean squared errors, weighted by lambda_t
+        per_image_mse = (eps_theta.float() - noise).pow(2).flatten(1).mean(dim=1)
+        return (self.loss_weights(t) * per_image_mse).mean()
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
-        """w_t (B,): 1, or Min-SNR-gamma's min(SNR_t, gamma) / SNR_t = min(gamma / SNR_t, 1)."""
+        """lambda_t (B,): 1, or Min-SNR-gamma's
+        min(SNR_t, gamma) / SNR_t = min(gamma / SNR_t, 1)."""
         if self.settings.loss_weight == "uniform":
             return torch.ones(len(t), device=t.device)
         if self.settings.loss_weight == "min-snr":
-            snr = self.schedule.snr.to(t.device)[t - 1]
-            return (MIN_SNR_GAMMA / snr).clamp(max=1).float()
+            weights = (MIN_SNR_GAMMA / self.schedule.snr).clamp(max=1)   # (T,), float64
+            return weights.float().to(t.device)[t - 1]
         raise UserError(f"unknown --loss-weight '{self.settings.loss_weight}': "
                         "use uniform or min-snr")
 
@@ -226,28 +239,17 @@ class Diffusion(torch.nn.Module):
         """eps~ = (1 + w) eps(x, t, c) - w eps(x, t): both in one batch of 2B."""
         unconditional = torch.full_like(labels, CLASSES)   # the "no class" token
         self.ema.eval()  # no dropout when sampling
-        with autocast(x_t.device, self.settings.amp):      # first half c, second half none
-            eps = self.ema(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                           torch.cat([labels, unconditional])).float()   # (2B, 3, H, W)
-        eps_conditional, eps_unconditional = eps.chunk(2)
+        with autocast(x_t.device, self.settings.amp):
+            eps_both = self.ema(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                torch.cat([labels, unconditional])  # first half c, then none
+                                ).float()                           # (2B, 3, H, W)
+        eps_conditional, eps_unconditional = eps_both.chunk(2)
         return guide(eps_conditional, eps_unconditional, w)
 
 
 def guide(eps_conditional, eps_unconditional, w: float) -> torch.Tensor:
     """Classifier-free guidance: (1 + w) eps_c - w eps_u."""
     return (1 + w) * eps_conditional - w * eps_unconditional
-
-
-def autocast(device, amp: str):
-    """bfloat16 autocast where amp_enabled says so (elsewhere a no-op context)."""
-    device_type = torch.device(device).type
-    return torch.autocast(device_type if device_type in ("cpu", "cuda") else "cpu",
-                          dtype=torch.bfloat16, enabled=amp_enabled(device_type, amp))
-
-
-def amp_enabled(device_type: str, amp: str) -> bool:
-    """On a CUDA GPU unless amp is "off"; on the CPU only if amp is "on"; never elsewhere."""
-    return device_type == "cuda" and amp != "off" or device_type == "cpu" and amp == "on"
 
 
 # ============================================================================ samplers
@@ -259,27 +261,48 @@ def sample_ddpm(model: Diffusion, labels: torch.Tensor, w: float, rng: torch.Gen
     {t: x_t} for the timesteps in keep_at (for the reverse-process strip); on_step() is
     called after each network evaluation (progress display)."""
     device, schedule = labels.device, model.schedule
-    x = torch.randn(len(labels), 3, 28, 28, generator=rng).to(device)    # x_T ~ N(0, I)
+    x = pure_noise(len(labels), rng, device)                             # x_T ~ N(0, I)
     kept = {schedule.T: x.clone()} if schedule.T in keep_at else {}
-    for step in range(schedule.T, 0, -1):
-        t = torch.full((len(labels),), step, device=device)
+    for timestep in range(schedule.T, 0, -1):
+        t = torch.full((len(labels),), timestep, device=device)
         eps = model.guided_eps(x, t, labels, w)                          # eps~(x_t, t, c)
-        # x_0 = (x_t - sqrt(1 - alpha_bar_t) eps~) / sqrt(alpha_bar_t), clipped to the data
-        x0 = schedule.predict_x0(x, t, eps).clamp(-1, 1)
+        x0 = predict_clipped_x0(schedule, x, t, eps)
         # q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I)
         mean, variance = schedule.posterior(x0, x, t)
-        # x_{t-1} = mu~_t + sqrt(beta~_t) z, z ~ N(0, I); no noise on the last step (t = 1)
-        noise = torch.randn(x.shape, generator=rng).to(device) if step > 1 else 0.0
+        # x_{t-1} = mu~_t + sqrt(beta~_t) z, z ~ N(0, I). At t = 1, beta~_1 = 0: no z is
+        # drawn, which also keeps the random stream the same as DDIM's with eta = 1
+        noise = torch.randn(x.shape, generator=rng).to(device) if timestep > 1 else 0.0
         x = mean + variance.sqrt() * noise
         on_step()
-        if step - 1 in keep_at:
-            kept[step - 1] = x.clone()
+        if timestep - 1 in keep_at:
+            kept[timestep - 1] = x.clone()
     return x, kept
 
 
+def pure_noise(count: int, rng: torch.Generator, device) -> torch.Tensor:
+    """x_T ~ N(0, I), (count, 3, 28, 28), drawn on the CPU so every device gets the same."""
+    return torch.randn(count, *IMAGE_SHAPE, generator=rng).to(device)
+
+
+def predict_clipped_x0(schedule: NoiseSchedule, x_t, t, eps) -> torch.Tensor:
+    """x^_0 = (x_t - sqrt(1 - alpha_bar_t) eps~) / sqrt(alpha_bar_t), clipped to the data's
+    range [-1, 1]."""
+    return schedule.predict_x0(x_t, t, eps).clamp(-1, 1)
+
+
 def ddim_timesteps(T: int, steps: int) -> list[int]:
-    """S timesteps from T down to 1, evenly spaced."""
+    """At most S timesteps from T down to 1, evenly spaced (rounded, repeats dropped);
+    S = 1 is T alone."""
+    if steps == 1:
+        return [T]
     return sorted({round(t) for t in torch.linspace(1, T, steps).tolist()}, reverse=True)
+
+
+def sampler_steps(settings: DDPMSettings) -> int:
+    """Network evaluations (each on a batch of 2B) for one batch of images."""
+    if settings.sampler == "ddpm":
+        return settings.timesteps
+    return len(ddim_timesteps(settings.timesteps, settings.sampling_steps))
 
 
 @torch.no_grad()
@@ -288,30 +311,27 @@ def sample_ddim(model: Diffusion, labels: torch.Tensor, w: float, rng: torch.Gen
                 on_step=lambda: None) -> tuple[torch.Tensor, dict]:
     """DDIM on S timesteps; eta = 0 gives a deterministic map from x_T to x_0."""
     device, schedule = labels.device, model.schedule
-    x = torch.randn(len(labels), 3, 28, 28, generator=rng).to(device)    # x_T ~ N(0, I)
+    x = pure_noise(len(labels), rng, device)                             # x_T ~ N(0, I)
     timesteps = ddim_timesteps(schedule.T, steps)                        # tau_S > ... > tau_1
     kept = {}
-    for index, step in enumerate(timesteps):
-        if step in keep_at:
-            kept[step] = x.clone()
-        t = torch.full((len(labels),), step, device=device)
-        eps = model.guided_eps(x, t, labels, w)
-        # x_0 = (x_t - sqrt(1 - alpha_bar_t) eps~) / sqrt(alpha_bar_t), clipped to the data
-        x0 = schedule.predict_x0(x, t, eps).clamp(-1, 1)
-        # the noise that the clipped x_0 implies: eps = (x_t - sqrt(alpha_bar_t) x_0) /
-        # sqrt(1 - alpha_bar_t), so that x_0 and eps describe the same x_t
-        eps = (x - schedule.at(schedule.sqrt_alphas_cumprod, t, x) * x0) \
-            / schedule.at(schedule.sqrt_one_minus_alphas_cumprod, t, x)
-        alpha_bar = float(schedule.alphas_cumprod[step - 1])
-        previous = timesteps[index + 1] if index + 1 < len(timesteps) else 0   # t = 0 last
-        alpha_bar_prev = float(schedule.alphas_cumprod[previous - 1]) if previous else 1.0
-        # sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)
-        sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)
-                                * (1 - alpha_bar / alpha_bar_prev))
+    for index, timestep in enumerate(timesteps):
+        if timestep in keep_at:
+            kept[timestep] = x.clone()
+        t = torch.full((len(labels),), timestep, device=device)
+        x0 = predict_clipped_x0(schedule, x, t, model.guided_eps(x, t, labels, w))
+        eps = schedule.predict_eps(x, t, x0)  # the noise of the clipped x^_0: same x_t
+        next_timestep = timesteps[index + 1] if index + 1 < len(timesteps) else 0  # t' = 0 last
+        alpha_bar = float(schedule.alphas_cumprod[timestep - 1])
+        alpha_bar_next = (float(schedule.alphas_cumprod[next_timestep - 1]) if next_timestep
+                          else 1.0)                                      # alpha_bar_0 = 1
+        # sigma = eta sqrt((1 - alpha_bar_t') / (1 - alpha_bar_t))
+        #             sqrt(1 - alpha_bar_t / alpha_bar_t')
+        sigma = eta * math.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)
+                                * (1 - alpha_bar / alpha_bar_next))
         noise = torch.randn(x.shape, generator=rng).to(device) if sigma > 0 else 0.0
-        # x_prev = sqrt(alpha_bar_prev) x_0 + sqrt(1 - alpha_bar_prev - sigma^2) eps + sigma z
-        x = (math.sqrt(alpha_bar_prev) * x0
-             + math.sqrt(max(1 - alpha_bar_prev - sigma ** 2, 0.0)) * eps + sigma * noise)
+        # x_t' = sqrt(alpha_bar_t') x^_0 + sqrt(1 - alpha_bar_t' - sigma^2) eps^ + sigma z
+        x = (math.sqrt(alpha_bar_next) * x0
+             + math.sqrt(max(1 - alpha_bar_next - sigma ** 2, 0.0)) * eps + sigma * noise)
         on_step()
     if 0 in keep_at:
         kept[0] = x.clone()
@@ -342,9 +362,8 @@ def generate(model: Diffusion, settings: DDPMSettings, out: Path, seed: int, dev
     """The homework's deliverable: per_digit images of each digit, named by digit, timed."""
     names, labels = course_names(per_digit)
     batches = math.ceil(math.ceil(len(labels) / batch_size) / parallel.world())  # rank 0's
-    steps = settings.timesteps if settings.sampler == "ddpm" else \
-        len(ddim_timesteps(settings.timesteps, settings.sampling_steps))
-    progress = util.Progress(desc=f"{settings.sampler} sampling", total=steps * batches)
+    progress = util.Progress(desc=f"{settings.sampler} sampling",
+                             total=sampler_steps(settings) * batches)
     start = time.perf_counter()
     images = sample_batched(model, labels, settings, seed, device, batch_size, progress.update)
     seconds = time.perf_counter() - start
@@ -372,8 +391,7 @@ def save_grid_and_strip(model: Diffusion, settings: DDPMSettings, out: Path, see
         visited = ddim_timesteps(T, settings.sampling_steps) + [0]
         keep_at = [min(visited, key=lambda s: abs(s - k)) for k in keep_at]
     images, kept = sample(model, labels, settings, seed, keep_at=set(keep_at))
-    sampler = (f"DDIM, {settings.sampling_steps} steps" if settings.sampler == "ddim"
-               else f"DDPM, {T} steps")
+    sampler = f"{settings.sampler.upper()}, {sampler_steps(settings)} steps"
     data.save_grid(images.cpu(), out / "grid.png", nrow=10)
     plots.label_grid(out / "grid.png", images.shape[-1], rows=[str(d) for d in range(CLASSES)],
                      title=f"DDPM samples by digit ({sampler}, w = {settings.guidance:g})")
@@ -411,13 +429,17 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
           out: Path, device, seed: int, cache_dir=None, weights=None) -> dict:
     """Adam at learning_rate(settings, step), an EMA of the weights for sampling;
     FID, grid, reverse process, loss curve and checkpoint every `sample_every` steps
-    (util.train_loop runs the loop); then the 1000 images, their grades, results.json."""
+    (util.train_loop runs the loop); then the 1000 images, their grades, results.json.
+
+    Under torchrun (parallel.py) each process trains on its share of the global batch:
+    every per-image random number is drawn for the whole batch and cut to the process's
+    rows (parallel.draw, parallel.rows), so N processes train the same weights as one."""
     if digits.labels is None:
         raise UserError(f"{settings.data} has no labels: the conditional DDPM needs them")
     out = Path(out)
     util.seed_everything(seed)
-    model = parallel.share_batch_layers(Diffusion(settings).to(device))  # U-Net's dropout
-    replicas = parallel.data_parallel(model)  # the U-Net a replica under torchrun
+    model = parallel.share_batch_layers(Diffusion(settings).to(device))
+    replicas = parallel.data_parallel(model)  # under torchrun: gradients averaged
     optimizer = torch.optim.Adam(model.network.parameters(), settings.lr)
     rng = torch.Generator().manual_seed(seed)  # data order, t, noise, dropped classes
     digits = digits.to(device)
@@ -427,11 +449,11 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
     def step(index: int) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(settings, index)
-        batch = parallel.rows(torch.randint(len(digits), (settings.batch_size,), generator=rng))
-        batch = batch.to(digits.pixels.device)
+        indices = parallel.rows(torch.randint(len(digits), (settings.batch_size,), generator=rng))
+        indices = indices.to(digits.pixels.device)
         torch.manual_seed(util.stream_seed(seed, index))  # dropout: the same after a resume
         model.network.train()
-        loss = replicas.loss(digits.images(batch), digits.labels[batch], rng)
+        loss = replicas.loss(digits.images(indices), digits.labels[indices], rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -448,10 +470,12 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
             fid.draw(history, out / "fid.png", "DDPM")
 
     def evaluate(history: dict):
-        step = history["step"][-1]
-        if fid and fid.due(step, settings.steps):  # digits 0..9 in turn, from a seed apart
-            labels = torch.arange(settings.fid_images) % CLASSES  # from the final 1000's
-            fid.add(history, step, sample_batched(model, labels, settings, seed + 1, device))
+        current_step = history["step"][-1]
+        if fid and fid.due(current_step, settings.steps):
+            # FID digits: classes 0..9 in turn; seed + 1 so they differ from the final 1000
+            labels = torch.arange(settings.fid_images) % CLASSES
+            fid.add(history, current_step,
+                    sample_batched(model, labels, settings, seed + 1, device))
 
     log = util.train_loop(
         step, settings.steps, settings.sample_every, out, "ddpm", settings, seed, device,
@@ -467,8 +491,7 @@ def finish(model: Diffusion, history, settings: DDPMSettings, out: Path, seed: i
     losses = history.get("loss") or [None]
     results = {"steps": history["step"][-1] if history["step"] else 0, "seed": seed,
                "train_seconds": seconds, "final_loss": losses[-1],
-               "sampler": settings.sampler, "sampling_steps":
-               settings.sampling_steps if settings.sampler == "ddim" else settings.timesteps,
+               "sampler": settings.sampler, "sampling_steps": sampler_steps(settings),
                "guidance": settings.guidance, "seconds_for_1000_images": sampling_seconds}
     results.update(grade(images, labels, settings, out, device))
     # the curve's keys (fid, best_fid: fid_images digits), and the 1000 course digits'
@@ -494,3 +517,15 @@ def grade(images, labels, settings: DDPMSettings, out: Path, device) -> dict:
 
 def load(path, device) -> tuple[Diffusion, DDPMSettings]:
     return util.load_trained(path, device, DDPMSettings, Diffusion, "model", "ddpm")
+
+
+def autocast(device, amp: str):
+    """bfloat16 autocast where amp_enabled says so (elsewhere a no-op context)."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type if device_type in ("cpu", "cuda") else "cpu",
+                          dtype=torch.bfloat16, enabled=amp_enabled(device_type, amp))
+
+
+def amp_enabled(device_type: str, amp: str) -> bool:
+    """On a CUDA GPU unless amp is "off"; on the CPU only if amp is "on"; never elsewhere."""
+    return device_type == "cuda" and amp != "off" or device_type == "cpu" and amp == "on"

@@ -2297,6 +2297,9 @@ def test_q_sample_has_the_closed_form_mean_and_variance():
     assert abs(x_t.var().item() - (1 - alpha_bar)) < 0.03 * (1 - alpha_bar)
     assert torch.allclose(schedule.predict_x0(x_t, t, (x_t - math.sqrt(alpha_bar) * x0)
                                               / math.sqrt(1 - alpha_bar)), x0, atol=1e-5)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    x_t = schedule.q_sample(x0, t, noise)   # predict_eps recovers the noise q_sample added
+    assert torch.allclose(schedule.predict_eps(x_t, t, x0), noise, atol=1e-4)
 
 
 def test_posterior_is_the_gaussian_product_of_prior_and_likelihood():
@@ -2342,6 +2345,15 @@ def test_ddim_with_eta_zero_is_deterministic_and_eta_one_is_not():
     noisy = ddpm.sample_ddim(model, labels, 1.0, rng, 4, 1.0)[0]
     assert not torch.allclose(noisy, first)
     assert ddpm.ddim_timesteps(1000, 5) == [1000, 750, 500, 251, 1]
+
+
+def test_ddim_timesteps_start_at_T_even_for_one_step_and_count_the_sampler_steps():
+    """One DDIM step goes from pure noise, t = T, to x_0; more steps than T drop repeats."""
+    assert ddpm.ddim_timesteps(1000, 1) == [1000]
+    assert ddpm.ddim_timesteps(10, 30) == list(range(10, 0, -1))
+    settings = ddpm.DDPMSettings(timesteps=10, sampling_steps=4)
+    assert ddpm.sampler_steps(settings) == len(ddpm.ddim_timesteps(10, 4)) == 4
+    assert ddpm.sampler_steps(dataclasses.replace(settings, sampler="ddpm")) == 10
 
 
 def test_ddim_with_all_timesteps_and_eta_one_is_ancestral_sampling():
