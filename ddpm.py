@@ -18,9 +18,8 @@ predicted noise eps^ implies errs by x_0 - x^_0 = (eps^ - eps) / sqrt(SNR_t), so
 is SNR_t times the x_0 loss; Min-SNR caps that factor at gamma,
     min(SNR_t, gamma) (x_0 - x^_0)^2 = min(SNR_t, gamma) / SNR_t (eps - eps^)^2.
 The nearly clean timesteps (SNR_t > gamma: t <= 130 of T = 1000 on the linear schedule
-with gamma = 5)
-only polish details; lowering their weight leaves more of a short training budget to the
-noisy ones, where the digit's shape and class are decided.
+with gamma = 5) only polish details; lowering their weight leaves more of a short training
+budget to the noisy ones, where the digit's shape and class are decided.
 
 Reverse process: given x_t and the predicted x^_0 = (x_t - sqrt(1 - alpha_bar_t) eps^) /
 sqrt(alpha_bar_t), clipped to the data range [-1, 1], step to
@@ -406,7 +405,7 @@ def save_grid_and_strip(model: Diffusion, settings: DDPMSettings, out: Path, see
 
 # ============================================================================ training
 def learning_rate(settings: DDPMSettings, index: int) -> float:
-    """The lr of step k = index: lr min(1, (k + 1) / 500), a linear warm-up, times 1
+    """The lr of step k = index: lr min(1, (k + 1) / WARM_UP_STEPS), a linear warm-up, times 1
     (constant) or times (1 + cos(pi k / steps)) / 2 (cosine, from 1 at k = 0 to 0 at
     k = steps; its peak, at the warm-up's end, is 0.96 lr for 4,000 steps)."""
     warm_up = min(1.0, (index + 1) / WARM_UP_STEPS)
@@ -463,8 +462,7 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
     def draw(history: dict):
         plots.line_plot({"training loss": history["loss"]}, out / "loss.png",
                         title=f"DDPM: epsilon-prediction MSE, {settings.loss_weight} weights",
-                        xlabel="step",
-                        x=history["step"])
+                        xlabel="step", x=history["step"])
         save_grid_and_strip(model, settings, out, seed, device)
         if fid:
             fid.draw(history, out / "fid.png", "DDPM")

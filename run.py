@@ -99,6 +99,7 @@ POSITIVE_WHOLE = {"epochs", "adapt_epochs", "steps", "batch_size", "image_size",
 POSITIVE_REAL = {"lr", "adda_lr", "gta_lr", "perplexity"}
 FRACTIONS = {"ema_decay", "drop_class", "eta", "real_label", "label_noise",  # in [0, 1]
              "label_flip", "dropout", "confidence"}
+BELOW_ONE = {"dropout"}                                  # in [0, 1): 1 drops every feature
 SIGNED = {"guidance"}                                    # any finite value
 IMAGE_SIZES = {"gan": (32, 64), "uda": (28,)}            # what the networks can take
 FOLDERS = ("data_root", "out", "cache")
@@ -139,8 +140,6 @@ def validate(args: argparse.Namespace) -> None:
     if args.command == "gan" and args.real_label - args.label_noise < 0:
         raise util.UserError(f"--label-noise {args.label_noise} with --real-label "
                              f"{args.real_label}: the real targets must lie in [0, 1]")
-    if args.command in ("gan", "ddpm") and args.dropout == 1:
-        raise util.UserError("--dropout 1.0: give a rate below 1 (1 drops every feature)")
     if args.command == "ddpm" and args.sampling_steps > args.timesteps:
         raise util.UserError(f"--sampling-steps {args.sampling_steps} is more than "
                              f"--timesteps {args.timesteps}: DDIM visits at most T steps")
@@ -164,6 +163,8 @@ def number_problem(name: str, value) -> str | None:
         return "give a number above 0"
     if name in FRACTIONS and not 0 <= value <= 1:
         return "give a number from 0 to 1"
+    if name in BELOW_ONE and value >= 1:
+        return "give a rate below 1 (1 drops every feature)"
     if name not in SIGNED and value < 0:
         return "give a number of at least 0"
     return None
