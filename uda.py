@@ -46,8 +46,8 @@ Here G draws both domains' images in one batch (the authors call it once per dom
 and G and D have 32 channels where the authors' have 64, for a CPU's budget.
 They report MNIST -> USPS 92.8 and USPS -> MNIST 90.8 (their Table 1). Here, on
 USPS -> MNIST-M, GTA without the target term (alpha = 0) scores about as well as with it
-(RESULTS.md): there the gain over source only comes from the source's losses through G
-and D, the alignment adds little.
+(RESULTS.md): there the gain over source only comes mostly from the source's losses
+through G and D, and the alignment adds little.
 
 Self-ensembling (French, Mackiewicz and Fisher 2018, "Self-ensembling for visual domain
 adaptation", ICLR), the mean teacher of Tarvainen and Valpola (2017) adapted to domain
