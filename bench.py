@@ -22,7 +22,7 @@ the same).
 batch, no FID; the seconds per step come from each run's results.json.
 `uda`: seconds per training step of each domain-adaptation method, one after another in
 one process, on random 28x28 digits in batches of 128 a domain as in RESULTS.md's table:
-the steps' own time (util.train_loop's clock, without evaluation and pictures).
+the steps' own time (training.Run's clock, without evaluation and pictures).
 """
 import argparse
 import copy

@@ -49,8 +49,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import parallel
-from util import Progress, UserError, read_arrays, write_arrays, write_text
+from util import Progress, UserError, read_arrays, write_arrays, write_image, write_text
 
 CACHE_VERSION = 3  # raise it when a reader's output changes (3: 16-bit PNGs scaled right)
 DIGITS = ("mnist", "mnistm", "svhn", "usps")
@@ -779,26 +778,23 @@ def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2,
     return grid
 
 
+def grid_image(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> Image.Image:
+    """Images in [-1, 1] as one picture, a grid on black (torchvision's save_image)."""
+    return to_image(make_grid(images.detach().float().cpu(), nrow, padding, pad_value=-1.0))
+
+
+def to_image(image: torch.Tensor) -> Image.Image:
+    """One image (C, H, W) in [-1, 1] as a Pillow image (gray for one channel)."""
+    array = to_uint8(image).permute(1, 2, 0).numpy()
+    return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+
+
 def save_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2) -> Path:
-    """Save images in [-1, 1] as one PNG grid (torchvision's save_image, normalised)."""
-    grid = make_grid(images.detach().float().cpu(), nrow, padding, pad_value=-1.0)
-    return _save_png(to_uint8(grid), path)
+    """Save images in [-1, 1] as one PNG grid."""
+    return write_image(grid_image(images, nrow, padding), path)
 
 
 def save_images(images: torch.Tensor, folder, names: list[str]) -> list[Path]:
     """Save each image in [-1, 1] as its own PNG, e.g. names 0_001.png ... 9_100.png."""
-    folder = Path(folder)
-    if not parallel.is_main():  # under torchrun rank 0 alone writes files
-        return [folder / name for name in names]
-    folder.mkdir(parents=True, exist_ok=True)
-    return [_save_png(image, folder / name) for image, name in zip(to_uint8(images), names)]
-
-
-def _save_png(image_u8: torch.Tensor, path) -> Path:
-    path = Path(path)
-    if not parallel.is_main():  # under torchrun rank 0 alone writes files
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    array = image_u8.permute(1, 2, 0).numpy()
-    Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)
-    return path
+    return [write_image(to_image(image), Path(folder) / name) for image, name in
+            zip(images, names)]

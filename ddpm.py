@@ -50,21 +50,20 @@ Schedules: `linear` (beta from 1e-4 to 0.02, Ho et al.) or `cosine` (Nichol & Dh
 s = 0.008, beta_t = min(1 - alpha_bar_t / alpha_bar_{t-1}, 0.999)).
 """
 import copy
-import functools
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import data
 import metrics
 import nets
 import parallel
-import plots
+import reports
+import training
 import util
+from parallel import Random
 from util import UserError
 
 CLASSES = 10
@@ -200,19 +199,16 @@ class Diffusion(torch.nn.Module):
         self.schedule = NoiseSchedule(settings.timesteps, settings.schedule)
         self.settings = settings
 
-    def loss(self, x0: torch.Tensor, labels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, labels: torch.Tensor, rng: Random) -> torch.Tensor:
         """lambda_t mean_pixels (eps - eps_theta(x_t, t, c))^2, t ~ U{1..T}, c dropped with
         probability drop_class; averaged over the batch."""
-        count, device = len(x0), x0.device
-        # per image: t ~ U{1..T}, eps ~ N(0, I), the class dropped or not; under torchrun
-        # each process keeps its rows of the global batch's draws (parallel.py)
-        t = parallel.draw(functools.partial(torch.randint, 1, self.schedule.T + 1), (count,),
-                          rng, device)
-        noise = parallel.draw(torch.randn, x0.shape, rng, device)                      # eps
+        count = len(x0)
+        t = rng.randint(1, self.schedule.T + 1, (count,))                  # t ~ U{1..T}
+        noise = rng.randn(*x0.shape)                                        # eps ~ N(0, I)
         # classifier-free guidance: with probability drop_class, c becomes "no class"
-        dropped = parallel.draw(torch.rand, (count,), rng, device) < self.settings.drop_class
+        dropped = rng.rand(count) < self.settings.drop_class
         labels = torch.where(dropped, torch.full_like(labels, CLASSES), labels)
-        with autocast(device, self.settings.amp):
+        with autocast(x0.device, self.settings.amp):
             # eps_theta(x_t, t, c), x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
             eps_theta = self.network(self.schedule.q_sample(x0, t, noise), t, labels)
         # the target is the noise, not x_0; (B,) mean squared errors, weighted by lambda_t
@@ -235,9 +231,10 @@ class Diffusion(torch.nn.Module):
 
     @torch.no_grad()
     def guided_eps(self, x_t, t, labels, w: float) -> torch.Tensor:
-        """eps~ = (1 + w) eps(x, t, c) - w eps(x, t): both in one batch of 2B."""
+        """eps~ = (1 + w) eps(x, t, c) - w eps(x, t): both in one batch of 2B, from the EMA
+        network in eval mode (no dropout: an image depends on its own x_t alone)."""
         unconditional = torch.full_like(labels, CLASSES)   # the "no class" token
-        self.ema.eval()  # no dropout when sampling
+        self.ema.eval()
         with autocast(x_t.device, self.settings.amp):
             eps_both = self.ema(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                 torch.cat([labels, unconditional])  # first half c, then none
@@ -337,9 +334,12 @@ def sample_ddim(model: Diffusion, labels: torch.Tensor, w: float, rng: torch.Gen
     return x, kept
 
 
-def sample(model: Diffusion, labels, settings: DDPMSettings, seed: int, keep_at=(),
-           on_step=lambda: None):
+def sample(model: Diffusion, settings: DDPMSettings, labels: torch.Tensor, seed: int,
+           keep_at=(), on_step=lambda: None) -> tuple[torch.Tensor, dict]:
+    """Images of the given labels by settings.sampler (x_T and z from seed), and the x_t
+    kept at keep_at; the labels go to the model's device."""
     rng = torch.Generator().manual_seed(seed)
+    labels = labels.to(next(model.parameters()).device)
     if settings.sampler == "ddpm":
         return sample_ddpm(model, labels, settings.guidance, rng, keep_at, on_step)
     if settings.sampler == "ddim":
@@ -348,59 +348,36 @@ def sample(model: Diffusion, labels, settings: DDPMSettings, seed: int, keep_at=
     raise UserError(f"unknown --sampler '{settings.sampler}': use ddim or ddpm")
 
 
-# ============================================================================ outputs
-def course_names(per_digit: int = 100) -> tuple[list[str], torch.Tensor]:
-    """The homework's file names 0_001.png .. 9_100.png (digit first) and their labels."""
-    labels = torch.arange(CLASSES).repeat_interleave(per_digit)
-    names = [f"{d}_{i:03d}.png" for d in range(CLASSES) for i in range(1, per_digit + 1)]
-    return names, labels
+def label_batches(labels: torch.Tensor, seed: int, batch_size: int = 500) -> list:
+    """Sampling in batches: (labels, seed) of each, batch i drawing from seed + i, so an
+    image's noise depends on its place in the list, not on how batches are shared."""
+    return [(labels[i:i + batch_size], seed + i) for i in range(0, len(labels), batch_size)]
 
 
-def generate(model: Diffusion, settings: DDPMSettings, out: Path, seed: int, device,
-             per_digit: int = 100, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The homework's deliverable: per_digit images of each digit, named by digit, timed."""
-    names, labels = course_names(per_digit)
-    batches = math.ceil(math.ceil(len(labels) / batch_size) / parallel.world())  # rank 0's
-    progress = util.Progress(desc=f"{settings.sampler} sampling",
-                             total=sampler_steps(settings) * batches)
-    start = time.perf_counter()
-    images = sample_batched(model, labels, settings, seed, device, batch_size, progress.update)
-    seconds = time.perf_counter() - start
-    progress.close()
-    data.save_images(images, out, names)
-    return images, labels, seconds
-
-
-def sample_batched(model: Diffusion, labels, settings: DDPMSettings, seed: int, device,
-                   batch_size: int = 500, on_step=lambda: None) -> torch.Tensor:
-    """Images of the given labels on the CPU, batch_size at a time (batch i from seed + i;
-    under torchrun the batches are split across the processes)."""
-    return torch.cat(parallel.in_order(
-        lambda i: sample(model, labels[i:i + batch_size].to(device), settings, seed + i,
-                         on_step=on_step)[0], range(0, len(labels), batch_size)))
-
-
-def save_grid_and_strip(model: Diffusion, settings: DDPMSettings, out: Path, seed: int, device):
-    """The 10x10 grid (row d: ten samples of digit d) and the reverse process of the first
-    "0" at six evenly spaced timesteps from T to 0, each labelled with its t."""
-    labels = torch.arange(CLASSES).repeat_interleave(10).to(device)
+def reverse_process(model: Diffusion, settings: DDPMSettings, seed: int):
+    """The pictures' images: 100 samples, ten of each digit (row d: digit d), and x_t of
+    the first "0" at six evenly spaced timesteps from T to 0 (for DDIM, the visited
+    timesteps nearest to them): (images (100, 3, 28, 28), timesteps, x_t (6, 3, 28, 28))."""
+    labels = torch.arange(CLASSES).repeat_interleave(10)
     T = settings.timesteps
     keep_at = [round(T * k / 5) for k in range(5, -1, -1)]                # T .. 0
     if settings.sampler == "ddim":  # DDIM visits only its own timesteps: take the nearest
         visited = ddim_timesteps(T, settings.sampling_steps) + [0]
         keep_at = [min(visited, key=lambda s: abs(s - k)) for k in keep_at]
-    images, kept = sample(model, labels, settings, seed, keep_at=set(keep_at))
-    sampler = f"{settings.sampler.upper()}, {sampler_steps(settings)} steps"
-    data.save_grid(images.cpu(), out / "grid.png", nrow=10)
-    plots.label_grid(out / "grid.png", images.shape[-1], rows=[str(d) for d in range(CLASSES)],
-                     title=f"DDPM samples by digit ({sampler}, w = {settings.guidance:g})")
-    scale = 3  # 28-pixel digits are too small to carry a "t = 1000" label
-    strip = torch.stack([kept[k][0].clamp(-1, 1).cpu() for k in keep_at])
-    data.save_grid(F.interpolate(strip, scale_factor=scale), out / "reverse_process.png",
-                   nrow=len(keep_at))
-    plots.label_grid(out / "reverse_process.png", scale * strip.shape[-1],
-                     columns=[f"t = {k}" for k in keep_at],
-                     title=f"reverse process of a 0, x_t from t = T to 0 ({sampler})")
+    images, kept = sample(model, settings, labels, seed, keep_at=set(keep_at))
+    return images.cpu(), keep_at, torch.stack([kept[k][0].clamp(-1, 1).cpu() for k in keep_at])
+
+
+def course_digits(model: Diffusion, settings: DDPMSettings, seed: int, folder: Path,
+                  per_digit: int = 100) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The homework's deliverable: per_digit images of each digit in folder, named
+    0_001.png .. 9_100.png, timed: (images, labels, seconds)."""
+    names, labels = reports.course_names(per_digit)
+    images, seconds = reports.save_course_digits(
+        lambda batch, on_step: sample(model, settings, *batch, on_step=on_step)[0],
+        label_batches(labels, seed), sampler_steps(settings), folder, names,
+        desc=f"{settings.sampler} sampling")
+    return images, labels, seconds
 
 
 # ============================================================================ training
@@ -426,95 +403,59 @@ def resumable_changes(settings: DDPMSettings) -> tuple[str, ...]:
 
 def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPMSettings,
           out: Path, device, seed: int, cache_dir=None, weights=None) -> dict:
-    """Adam at learning_rate(settings, step), an EMA of the weights for sampling;
-    FID, grid, reverse process, loss curve and checkpoint every `sample_every` steps
-    (util.train_loop runs the loop); then the 1000 images, their grades, results.json.
-
-    Under torchrun (parallel.py) each process trains on its share of the global batch:
-    every per-image random number is drawn for the whole batch and cut to the process's
-    rows (parallel.draw, parallel.rows), so N processes train the same weights as one."""
+    """Adam at learning_rate(settings, step) on the loss, an EMA of the weights for
+    sampling; every sample_every steps the FID, a checkpoint, the grid, the reverse
+    process and the loss curve; then the 1000 images, their grades and results.json."""
     if digits.labels is None:
         raise UserError(f"{settings.data} has no labels: the conditional DDPM needs them")
-    out = Path(out)
     util.seed_everything(seed)
-    model = parallel.share_batch_layers(Diffusion(settings).to(device))
-    replicas = parallel.data_parallel(model)  # under torchrun: gradients averaged
+    model = Diffusion(settings).to(device)
+    replicas = parallel.replicate(model)  # under torchrun: gradients averaged
     optimizer = torch.optim.Adam(model.network.parameters(), settings.lr)
-    rng = torch.Generator().manual_seed(seed)  # data order, t, noise, dropped classes
+    rng = Random(seed, device)  # data order, t, noise, dropped classes
     digits = digits.to(device)
-    fid, no_fid = metrics.fid_tracker(real_test, settings.fid_images, settings.sample_every,
-                                      device, cache_dir, weights)
-
-    def step(index: int) -> dict:
+    fid = metrics.fid_tracker(real_test, settings.fid_images, settings.sample_every, device,
+                              cache_dir, weights)
+    run = training.Run(out, "ddpm", settings, seed, device,
+                       state={"model": model, "optimizer": optimizer, "rng": rng},
+                       steps=settings.steps, every=settings.sample_every, desc="DDPM",
+                       may_change=resumable_changes(settings))
+    for step in run:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(settings, index)
-        indices = parallel.rows(torch.randint(len(digits), (settings.batch_size,), generator=rng))
-        indices = indices.to(digits.pixels.device)
-        torch.manual_seed(util.stream_seed(seed, index))  # dropout: the same after a resume
+            group["lr"] = learning_rate(settings, step)
+        indices = rng.indices(len(digits), settings.batch_size)
+        torch.manual_seed(util.stream_seed(seed, step))  # dropout: the same after a resume
         model.network.train()
         loss = replicas.loss(digits.images(indices), digits.labels[indices], rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        model.update_ema(index)
-        return {"loss": loss}
-
-    def draw(history: dict):
-        plots.line_plot({"training loss": history["loss"]}, out / "loss.png",
-                        title=f"DDPM: epsilon-prediction MSE, {settings.loss_weight} weights",
-                        xlabel="step", x=history["step"])
-        save_grid_and_strip(model, settings, out, seed, device)
-        if fid:
-            fid.draw(history, out / "fid.png", "DDPM")
-
-    def evaluate(history: dict):
-        current_step = history["step"][-1]
-        if fid and fid.due(current_step, settings.steps):
-            # FID digits: classes 0..9 in turn; seed + 1 so they differ from the final 1000
-            labels = torch.arange(settings.fid_images) % CLASSES
-            fid.add(history, current_step,
-                    sample_batched(model, labels, settings, seed + 1, device))
-
-    log = util.train_loop(
-        step, settings.steps, settings.sample_every, out, "ddpm", settings, seed, device,
-        parts={"model": model, "optimizer": optimizer, "rng": rng}, desc="DDPM",
-        may_change=resumable_changes(settings), evaluate=evaluate, draw=draw)
-    return finish(model, log.history, settings, out, seed, log.seconds, device, fid, no_fid)
-
-
-def finish(model: Diffusion, history, settings: DDPMSettings, out: Path, seed: int,
-           seconds: float, device, fid, no_fid: dict) -> dict:
-    """The 1000 images, their digit accuracy and FID (beside the curve's), results.json."""
-    images, labels, sampling_seconds = generate(model, settings, out / "images", seed, device)
-    losses = history.get("loss") or [None]
-    results = {"steps": history["step"][-1] if history["step"] else 0, "seed": seed,
-               "train_seconds": seconds, "final_loss": losses[-1],
-               "sampler": settings.sampler, "sampling_steps": sampler_steps(settings),
-               "guidance": settings.guidance, "seconds_for_1000_images": sampling_seconds}
-    results.update(grade(images, labels, settings, out, device))
-    # the curve's keys (fid, best_fid: fid_images digits), and the 1000 course digits'
-    results.update({**fid.results(history), "course_digits_fid": fid.score(images)} if fid
-                   else no_fid)
-    util.write_json(results, out / "results.json")
-    return results
-
-
-def grade(images, labels, settings: DDPMSettings, out: Path, device) -> dict:
-    """Digit accuracy by the project's classifier (metrics.py), when one is trained."""
-    path = Path(settings.classifier)
-    if not path.is_file():
-        return {"digit_accuracy": None, "digit_accuracy_unavailable":
-                f"no classifier at {path}: train one with 'run.py classifier' or pass "
-                "--classifier"}
-    classifier = metrics.load_classifier(path, device)
-    predictions = metrics.predict(classifier, data.ImageSet(data.to_uint8(images)),
-                                  device=device)
-    share, correct, total = metrics.accuracy(predictions, labels)
-    return {"digit_accuracy": share, "digit_correct": correct, "digit_total": total}
+        model.update_ema(step)
+        run.log({"loss": loss})
+        if run.at_checkpoint:  # every sample_every steps, and after the last
+            if fid.due(step + 1, settings.steps):
+                # FID digits: classes 0..9 in turn; seed + 1 so they differ from the 1000
+                labels = torch.arange(settings.fid_images) % CLASSES
+                fid.measure(run.history, step + 1,
+                            lambda batch: sample(model, settings, *batch)[0],
+                            label_batches(labels, seed + 1))
+            run.save_checkpoint()
+            reports.ddpm_pictures(out, settings, run.history, fid, sampler_steps(settings),
+                                  *reverse_process(model, settings, seed))
+    images, labels, seconds = course_digits(model, settings, seed, Path(out) / "images")
+    return reports.ddpm_results(out, settings, run, fid, images, labels, seconds,
+                                sampler_steps(settings), device)
 
 
 def load(path, device) -> tuple[Diffusion, DDPMSettings]:
     return util.load_trained(path, device, DDPMSettings, Diffusion, "model", "ddpm")
+
+
+def summary(settings: DDPMSettings) -> str:
+    """The U-Net's layer table, as `run.py summary ddpm` prints it (for t = 1, c = 0)."""
+    unet = nets.UNet(width=settings.width, classes=CLASSES)
+    return "ddpm: U-Net eps_theta(x_t, t, c)\n" + nets.summary(
+        unet, IMAGE_SHAPE, extra_inputs=(torch.tensor(1), torch.tensor(0)))
 
 
 def autocast(device, amp: str):

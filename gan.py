@@ -70,14 +70,9 @@ tricks for D, each a setting:
 - dropout 0.3 in D after each LeakyReLU (ganhacks).
 D's loss is the BCE against these targets t, -t log sigmoid(l) - (1 - t) log(1 - sigmoid(l));
 G keeps the non-saturating loss with target 1.
-
-Under torchrun (parallel.py) each process trains on its share of the global batch: every
-per-image random number is drawn for the whole batch and cut to the process's rows
-(parallel.draw, parallel.rows), so N processes train the same weights as one.
 """
 import copy
-import functools
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -88,8 +83,10 @@ import data
 import metrics
 import nets
 import parallel
-import plots
+import reports
+import training
 import util
+from parallel import Random
 from util import UserError
 
 VARIANTS = ("a", "b", "acgan", "wgan-gp", "hacks")
@@ -173,13 +170,17 @@ def generator_loss(fake_logits, hinge: bool) -> torch.Tensor:
     return -fake_logits.mean() if hinge else F.softplus(-fake_logits).mean()
 
 
-def gradient_penalty(critic, real, fake, rng: torch.Generator) -> torch.Tensor:
+def attribute_loss(outputs: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+    """ACGAN: BCE of D's attribute logit (its second output) against c."""
+    return F.binary_cross_entropy_with_logits(outputs[:, 1], attributes.float())
+
+
+def gradient_penalty(critic, real, fake, rng: Random) -> torch.Tensor:
     """WGAN-GP's E[(||grad_xhat D(xhat)||_2 - 1)^2], xhat = eps x + (1 - eps) x~, one
     eps ~ U[0, 1] per sample: the critic's 1-Lipschitz constraint, asked softly on lines
     between real and generated samples. create_graph=True makes the gradient itself
     differentiable, so the penalty's gradient reaches the critic's weights."""
-    shape = (len(real),) + (1,) * (real.dim() - 1)                           # (B, 1, 1, 1)
-    eps = parallel.draw(torch.rand, shape, rng, real.device)
+    eps = rng.rand(len(real), *(1,) * (real.dim() - 1))                     # (B, 1, 1, 1)
     x_hat = (eps * real + (1 - eps) * fake).detach().requires_grad_(True)
     # a sample's score depends on that sample alone (no batch norm), so the gradient of
     # the sum holds each sample's own gradient grad_xhat D(xhat)
@@ -188,18 +189,17 @@ def gradient_penalty(critic, real, fake, rng: torch.Generator) -> torch.Tensor:
     return ((norms - 1) ** 2).mean()
 
 
-def discriminator_targets(count: int, settings: GANSettings, rng: torch.Generator,
-                          device) -> tuple[torch.Tensor, torch.Tensor]:
+def discriminator_targets(count: int, settings: GANSettings, rng: Random
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """hacks: D's targets for `count` real and `count` fake images, each (count,).
     Real: t ~ U[real_label - label_noise, real_label] (one-sided smoothing, noisy labels);
     fake: 0; then each target swapped with probability label_flip, a real getting a fake's
     0 and a fake a real's target."""
-    drawn = settings.real_label - settings.label_noise * parallel.draw(torch.rand, (2, count),
-                                                                       rng, dim=1)
-    flipped = parallel.draw(torch.rand, (2, count), rng, dim=1) < settings.label_flip  # (2, B)
-    real_targets = torch.where(flipped[0], 0.0, drawn[0])
-    fake_targets = torch.where(flipped[1], drawn[1], 0.0)
-    return real_targets.to(device), fake_targets.to(device)
+    real_drawn, fake_drawn = (settings.real_label - settings.label_noise * rng.rand(count)
+                              for _ in range(2))
+    real_flipped, fake_flipped = (rng.rand(count) < settings.label_flip for _ in range(2))
+    return (torch.where(real_flipped, 0.0, real_drawn),
+            torch.where(fake_flipped, fake_drawn, 0.0))
 
 
 def instance_noise_std(step: int, settings: GANSettings) -> float:
@@ -211,36 +211,31 @@ def instance_noise_std(step: int, settings: GANSettings) -> float:
 
 
 # ============================================================================ DiffAugment
-def diff_augment(images: torch.Tensor, policy: str, generator: torch.Generator) -> torch.Tensor:
+def diff_augment(images: torch.Tensor, policy: str, rng: Random) -> torch.Tensor:
     """Zhao et al. 2020: the same random, differentiable transforms for real and fake
     images, so D sees augmented data and G's gradient passes through the transform."""
     for name in filter(None, policy.split(",")):
         if name not in AUGMENTATIONS:
             raise UserError(f"unknown augmentation '{name}': use {', '.join(AUGMENTATIONS)}")
-        images = AUGMENTATIONS[name](images, generator)
+        images = AUGMENTATIONS[name](images, rng)
     return images
 
 
-def _uniform(shape, generator, device) -> torch.Tensor:
-    return parallel.draw(torch.rand, shape, generator, device)
-
-
-def _color(x, generator):
+def _color(x, rng: Random):
     """Random brightness (+-0.5), saturation (x0..2) and contrast (x0.5..1.5)."""
     count = len(x)
-    x = x + (_uniform((count, 1, 1, 1), generator, x.device) - 0.5)
+    x = x + (rng.rand(count, 1, 1, 1) - 0.5)
     gray = x.mean(dim=1, keepdim=True)
-    x = (x - gray) * (_uniform((count, 1, 1, 1), generator, x.device) * 2) + gray
+    x = (x - gray) * (rng.rand(count, 1, 1, 1) * 2) + gray
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * (_uniform((count, 1, 1, 1), generator, x.device) + 0.5) + mean
+    return (x - mean) * (rng.rand(count, 1, 1, 1) + 0.5) + mean
 
 
-def _translation(x, generator, ratio: float = 0.125):
+def _translation(x, rng: Random, ratio: float = 0.125):
     """Shift by up to 1/8 of the side, whole pixels, zeros (mid-gray) shifted in."""
     count, _, size, _ = x.shape
     limit = int(size * ratio + 0.5)
-    shifts = parallel.draw(functools.partial(torch.randint, -limit, limit + 1), (count, 2),
-                           generator, x.device)
+    shifts = rng.randint(-limit, limit + 1, (count, 2))
     rows = torch.arange(size, device=x.device)
     source_y = rows.view(1, size, 1) - shifts[:, 0].view(-1, 1, 1)      # (B, S, 1)
     source_x = rows.view(1, 1, size) - shifts[:, 1].view(-1, 1, 1)      # (B, 1, S)
@@ -250,12 +245,11 @@ def _translation(x, generator, ratio: float = 0.125):
     return gathered.view_as(x) * inside.unsqueeze(1)
 
 
-def _cutout(x, generator, ratio: float = 0.5):
+def _cutout(x, rng: Random, ratio: float = 0.5):
     """Zero a random square of half the side (it may hang over the border)."""
     count, _, size, _ = x.shape
     half = int(size * ratio / 2 + 0.5)
-    centres = parallel.draw(functools.partial(torch.randint, 0, size), (count, 2), generator,
-                            x.device)
+    centres = rng.randint(0, size, (count, 2))
     rows = torch.arange(size, device=x.device)
     off_y = (rows.view(1, size) - centres[:, :1]).abs() >= half           # (B, S)
     off_x = (rows.view(1, size) - centres[:, 1:]).abs() >= half
@@ -292,11 +286,14 @@ class GAN(nn.Module):
 
     @torch.no_grad()
     def sample(self, z, attributes=None) -> torch.Tensor:
-        """Images from the generator used for results: the EMA copy when there is one."""
+        """Images from the generator used for results, the EMA copy when there is one, in
+        eval mode: batch norm with its running statistics, so a sample depends on its own
+        z alone, not on the rest of its batch. z and attributes go to G's device."""
         generator = self.ema if self.ema is not None else self.generator
         generator.eval()
-        images = generator(self.generator_input(z, attributes))
-        return images
+        device = next(generator.parameters()).device
+        return generator(self.generator_input(z.to(device), None if attributes is None
+                                              else attributes.to(device)))
 
     def update_ema(self, step: int, decay: float):
         if self.ema is not None:
@@ -311,18 +308,19 @@ class GAN(nn.Module):
             return
         device = next(self.ema.parameters()).device
         nets.recompute_batch_norm(self.ema, [
-            self.generator_input(z, attributes) for z, attributes in
-            noise_batches(settings, count, seed, batch_size, device)])
+            self.generator_input(z.to(device), None if attributes is None
+                                 else attributes.to(device))
+            for z, attributes in noise_batches(settings, count, seed, batch_size)])
 
 
+# ============================================================================ one step
 def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
-               settings: GANSettings, rng: torch.Generator, noise_std: float = 0.0) -> dict:
+               settings: GANSettings, rng: Random, noise_std: float = 0.0) -> dict:
     """One D step and one G step on a batch of real images (a, b, acgan, hacks); returns
     the numbers to plot. noise_std: hacks' instance noise sigma_t at this step."""
-    count, device = len(real), real.device
-    z = parallel.draw(torch.randn, (count, settings.latent_dim), rng, device)
-    fake_attributes = (parallel.draw(functools.partial(torch.randint, 0, 2), (count,), rng,
-                                     device) if gan.attribute_channels else None)
+    count = len(real)
+    z = rng.randn(count, settings.latent_dim)                            # z ~ N(0, I)
+    fake_attributes = rng.randint(0, 2, (count,)) if gan.attribute_channels else None
     fake = gan.generator(gan.generator_input(z, fake_attributes))
     hinge = settings.improved
 
@@ -330,14 +328,14 @@ def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
         if settings.improved:
             return diff_augment(images, settings.augment, rng)
         if settings.variant == "hacks":  # x + sigma_t n, n ~ N(0, I)
-            return images + noise_std * parallel.draw(torch.randn, images.shape, rng, device)
+            return images + noise_std * rng.randn(*images.shape)
         return images
 
-    # D step: real up, fake down; fake.detach() keeps this step's gradient out of G
+    # (1) D: maximise D(x) and minimise D(G(z)); fake.detach() keeps this step out of G
     real_out = gan.discriminator(augment(real)).flatten(1)               # (B, 1 or 2)
     fake_out = gan.discriminator(augment(fake.detach())).flatten(1)
     if settings.variant == "hacks":  # smoothed, noisy, sometimes swapped targets
-        targets = discriminator_targets(count, settings, rng, device)
+        targets = discriminator_targets(count, settings, rng)
         d_loss = discriminator_loss(real_out[:, 0], fake_out[:, 0], hinge, targets=targets)
     else:
         d_loss = discriminator_loss(real_out[:, 0], fake_out[:, 0], hinge)
@@ -348,7 +346,7 @@ def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
     d_loss.backward()
     optimizers["discriminator"].step()
 
-    # G step: the same fakes, scored by the updated D; only G's optimizer steps
+    # (2) G: the same fakes, scored by the updated D; only G's optimizer steps
     fake_out_for_g = gan.discriminator(augment(fake)).flatten(1)
     g_loss = generator_loss(fake_out_for_g[:, 0], hinge)
     if gan.attribute_channels:  # ... and G must draw the attribute it was asked for
@@ -361,18 +359,14 @@ def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
             "D(G(z))": torch.sigmoid(fake_out[:, 0]).mean()}
 
 
-def attribute_loss(outputs: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(outputs[:, 1], attributes.float())
-
-
 def wgan_gp_step(gan: GAN, optimizers: dict, real_batch, settings: GANSettings,
-                 rng: torch.Generator) -> dict:
+                 rng: Random) -> dict:
     """Gulrajani et al. 2017, Algorithm 1: n_critic critic steps, each on its own real
-    batch (real_batch() -> (images, None)) and z, then one G step; returns the last critic
-    step's numbers and G's loss."""
+    batch (real_batch() -> images) and z, then one G step; returns the last critic step's
+    numbers and G's loss."""
     for _ in range(settings.n_critic):
-        real, _ = real_batch()
-        z = parallel.draw(torch.randn, (len(real), settings.latent_dim), rng, real.device)
+        real = real_batch()
+        z = rng.randn(len(real), settings.latent_dim)
         with torch.no_grad():  # G is fixed while the critic learns
             fake = gan.generator(gan.generator_input(z, None))              # x~ (B, 3, S, S)
         real_scores = gan.discriminator(real).flatten()                      # D(x) (B,)
@@ -386,7 +380,7 @@ def wgan_gp_step(gan: GAN, optimizers: dict, real_batch, settings: GANSettings,
         optimizers["discriminator"].step()
 
     # G step on its own z: L_G = -E[D(G(z))]; only G's optimizer steps
-    z = parallel.draw(torch.randn, (len(real), settings.latent_dim), rng, real.device)
+    z = rng.randn(len(real), settings.latent_dim)
     g_loss = -gan.discriminator(gan.generator(gan.generator_input(z, None))).mean()
     optimizers["generator"].zero_grad(set_to_none=True)
     g_loss.backward()
@@ -395,7 +389,6 @@ def wgan_gp_step(gan: GAN, optimizers: dict, real_batch, settings: GANSettings,
             "penalty": penalty}
 
 
-# ============================================================================ training
 # Adam per variant: G's lr, D's lr, betas. DCGAN (a, hacks): 2e-4 for both, beta1 0.5;
 # improved (b, acgan): twice that; WGAN-GP: Algorithm 1's 1e-4, betas (0, 0.9).
 ADAM = {"a": (2e-4, 2e-4, (0.5, 0.999)), "hacks": (2e-4, 2e-4, (0.5, 0.999)),
@@ -410,6 +403,60 @@ def build_optimizers(gan: GAN, settings: GANSettings) -> dict:
                                               betas=betas)}
 
 
+def real_batch(faces: data.ImageSet, settings: GANSettings, rng: Random):
+    """batch_size faces drawn with replacement, and (ACGAN) their attributes."""
+    batch = rng.indices(len(faces), settings.batch_size)
+    return faces.images(batch), (faces.labels[batch] if settings.variant == "acgan" else None)
+
+
+# ============================================================================ training
+def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSettings,
+          out: Path, device, seed: int, cache_dir=None, weights=None) -> dict:
+    """Alternate D and G steps for settings.steps steps; every sample_every steps the
+    FID of fixed samples, a checkpoint (and best.pt at the lowest FID) and the pictures;
+    then results.json. weights: the FID Inception weights file (default: the cache's)."""
+    if settings.variant not in VARIANTS:
+        raise UserError(f"unknown --variant '{settings.variant}': use {', '.join(VARIANTS)}")
+    if settings.variant == "acgan" and faces.labels is None:
+        raise UserError(f"ACGAN needs the attribute '{settings.attribute}' as labels: "
+                        "use CelebA (with its list_attr_celeba.txt)")
+    util.seed_everything(seed)
+    gan = GAN(settings).to(device)
+    players = parallel.replicate(gan)  # G and D, each a replica under torchrun
+    optimizers = build_optimizers(gan, settings)
+    rng = Random(seed, device)  # data order, z, augmentation
+    faces = faces.to(device)
+    fid = metrics.fid_tracker(held_out, settings.fid_images, settings.sample_every, device,
+                              cache_dir, weights)
+    run = training.Run(out, "gan", settings, seed, device, state={
+        "gan": gan, "rng": rng, "generator_optimizer": optimizers["generator"],
+        "discriminator_optimizer": optimizers["discriminator"]}, steps=settings.steps,
+        every=settings.sample_every, may_change=("steps", "sample_every"),
+        desc=f"GAN {settings.variant}")
+    for step in run:
+        gan.train()
+        if settings.variant == "wgan-gp":
+            numbers = wgan_gp_step(players, optimizers,
+                                   lambda: real_batch(faces, settings, rng)[0], settings, rng)
+        else:
+            numbers = train_step(players, optimizers, *real_batch(faces, settings, rng),
+                                 settings, rng, noise_std=instance_noise_std(step, settings))
+        gan.update_ema(step, settings.ema_decay)
+        run.log(numbers)
+        if run.at_checkpoint:  # every sample_every steps, and after the last
+            # standing statistics for the average; z apart from the grid's (seed), the
+            # pairs' (seed + 1) and FID's (seed + 2)
+            gan.refresh_ema_statistics(settings, seed + 3)
+            if fid.due(step + 1, settings.steps):  # the same z every time: like with like
+                fid.measure(run.history, step + 1, lambda batch: gan.sample(*batch),
+                            noise_batches(settings, settings.fid_images, seed + 2))
+            run.save_checkpoint()
+            reports.gan_pictures(out, settings, run.history, fid, *pictures(gan, settings,
+                                                                            seed))
+    return reports.gan_results(out, settings, run, fid)
+
+
+# ============================================================================ sampling
 def fixed_noise(settings: GANSettings, count: int, seed: int):
     """The same z (and attributes) every time: grids from different steps compare."""
     generator = torch.Generator().manual_seed(seed)
@@ -418,131 +465,33 @@ def fixed_noise(settings: GANSettings, count: int, seed: int):
     return z, attributes
 
 
-def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSettings,
-          out: Path, device, seed: int, cache_dir=None, weights=None) -> dict:
-    """Train, with FID, sample grid, curves and checkpoint every `sample_every` steps
-    (util.train_loop runs the loop; the lowest FID's weights also go to best.pt); then
-    results.json. weights: the FID Inception weights file (default: the cache's)."""
-    if settings.variant not in VARIANTS:
-        raise UserError(f"unknown --variant '{settings.variant}': use {', '.join(VARIANTS)}")
-    if settings.variant == "acgan" and faces.labels is None:
-        raise UserError(f"ACGAN needs the attribute '{settings.attribute}' as labels: "
-                        "use CelebA (with its list_attr_celeba.txt)")
-    util.seed_everything(seed)
-    gan = parallel.share_batch_layers(GAN(settings).to(device))
-    players = parallel.data_parallel(gan)  # G and D, each a replica under torchrun
-    optimizers = build_optimizers(gan, settings)
-    rng = torch.Generator().manual_seed(seed)  # data order, z, augmentation
-    faces = faces.to(device)
-    fid, no_fid = metrics.fid_tracker(held_out, settings.fid_images, settings.sample_every,
-                                      device, cache_dir, weights)
-
-    def real_batch():
-        """batch_size faces drawn with replacement, and (ACGAN) their attributes."""
-        batch = parallel.rows(torch.randint(len(faces), (settings.batch_size,), generator=rng))
-        batch = batch.to(faces.pixels.device)
-        return faces.images(batch), (faces.labels[batch] if settings.variant == "acgan"
-                                     else None)
-
-    def step(index: int) -> dict:
-        gan.train()
-        if settings.variant == "wgan-gp":
-            numbers = wgan_gp_step(players, optimizers, real_batch, settings, rng)
-        else:
-            numbers = train_step(players, optimizers, *real_batch(), settings, rng,
-                                 noise_std=instance_noise_std(index, settings))
-        gan.update_ema(index, settings.ema_decay)
-        return numbers
-
-    def evaluate(history: dict):
-        # z apart from the grid's (seed), the pairs' (seed + 1) and FID's (seed + 2)
-        gan.refresh_ema_statistics(settings, seed + 3)
-        step = history["step"][-1]
-        if fid and fid.due(step, settings.steps):  # the same z every time: like with like
-            fid.add(history, step, generate(gan, settings.fid_images, settings, seed + 2,
-                                            device))
-
-    log = util.train_loop(
-        step, settings.steps, settings.sample_every, out, "gan", settings, seed, device,
-        parts={"gan": gan, "rng": rng, **{f"{name}_optimizer": optimizer
-                                          for name, optimizer in optimizers.items()}},
-        may_change=("steps", "sample_every"), desc=f"GAN {settings.variant}",
-        evaluate=evaluate, draw=lambda history: save_pictures(gan, history, settings,
-                                                              Path(out), seed, fid, device))
-    return finish(log.history, settings, Path(out), seed, log.seconds,
-                  fid.results(log.history) if fid else no_fid)
-
-
-def save_pictures(gan: GAN, history: dict, settings: GANSettings, out: Path, seed: int,
-                  fid, device):
-    z, attributes = fixed_noise(settings, 32, seed)
-    data.save_grid(gan.sample(z.to(device), None if attributes is None
-                              else attributes.to(device)).cpu(), out / "samples.png")
-    title = f"GAN variant {settings.variant}"
-    plots.label_grid(out / "samples.png", settings.image_size, title=(
-        f"{title}, step {history['step'][-1]}: fixed z"
-        + (f", {settings.attribute} 0 and 1 in turn" if attributes is not None else "")
-        + (" (EMA generator)" if gan.ema is not None else "")))
-    losses = {"D loss": history["loss_d"], "G loss": history["loss_g"]}
-    if settings.variant == "wgan-gp":  # the part of D's loss that asks for gradient norm 1
-        losses["gradient penalty"] = history["penalty"]
-    plots.line_plot(losses, out / "loss.png", title=f"{title}: losses", xlabel="step",
-                    x=history["step"])
-    if settings.variant == "wgan-gp":  # a critic's score is no probability: plot its W
-        plots.line_plot({"E[D(x)] - E[D(G(z))]": history["wasserstein"]},
-                        out / "d_outputs.png", title=f"{title}: the critic's Wasserstein "
-                        "estimate", xlabel="step", x=history["step"])
-    else:
-        plots.line_plot({"D(x)": history["D(x)"], "D(G(z))": history["D(G(z))"]},
-                        out / "d_outputs.png", title=f"{title}: sigmoid of D's score",
-                        xlabel="step", x=history["step"])
-    if settings.variant == "acgan":
-        save_attribute_pairs(gan, settings, out / "pairs.png", seed, device)
-    if fid:
-        fid.draw(history, out / "fid.png", title)
-
-
-def save_attribute_pairs(gan: GAN, settings: GANSettings, path: Path, seed: int, device):
-    """The ACGAN figure: 10 columns, each one z drawn without (top) and with (bottom) the
-    attribute."""
-    z, _ = fixed_noise(settings, 10, seed + 1)
-    z = z.to(device).repeat(2, 1)
-    attributes = torch.arange(2, device=device).repeat_interleave(10)
-    data.save_grid(gan.sample(z, attributes).cpu(), path, nrow=10)
-    plots.label_grid(path, settings.image_size,
-                     rows=[f"{settings.attribute} = 0", f"{settings.attribute} = 1"],
-                     title=f"ACGAN: each column one z, drawn with {settings.attribute} "
-                           "0 and 1")
-
-
-def finish(history: dict, settings: GANSettings, out: Path, seed: int, seconds: float,
-           fid_results: dict) -> dict:
-    steps = history["step"][-1] if history["step"] else 0
-    results = {"variant": settings.variant, "steps": steps, "seed": seed,
-               "image_size": settings.image_size, "train_seconds": seconds,
-               "seconds_per_step": seconds / max(steps, 1),
-               **{f"final_{k}": v[-1] for k, v in history.items()
-                  if k not in ("step", "fid", "fid_step")}, **fid_results}
-    util.write_json(results, out / "results.json")
-    return results
-
-
-@torch.no_grad()
-def generate(gan: GAN, count: int, settings: GANSettings, seed: int, device,
-             batch_size: int = 250) -> torch.Tensor:
-    """count images (count, 3, S, S) in [-1, 1] on the CPU, batched, from a fixed seed
-    (under torchrun the batches are split across the processes)."""
-    return torch.cat(parallel.in_order(lambda batch: gan.sample(*batch),
-                                       noise_batches(settings, count, seed, batch_size, device)))
-
-
-def noise_batches(settings: GANSettings, count: int, seed: int, batch_size: int, device):
-    """fixed_noise(settings, count, seed) in batches on the device: (z, attributes)."""
+def noise_batches(settings: GANSettings, count: int, seed: int, batch_size: int = 250):
+    """fixed_noise(settings, count, seed) in batches: (z, attributes) on the CPU."""
     z, attributes = fixed_noise(settings, count, seed)
     for i in range(0, count, batch_size):
-        yield z[i:i + batch_size].to(device), (None if attributes is None
-                                               else attributes[i:i + batch_size].to(device))
+        yield z[i:i + batch_size], (None if attributes is None
+                                    else attributes[i:i + batch_size])
+
+
+def pictures(gan: GAN, settings: GANSettings, seed: int):
+    """The images of the pictures: 32 samples of fixed z (attributes 0 and 1 in turn);
+    for ACGAN also 10 z, each drawn without and then with the attribute (else None)."""
+    samples = gan.sample(*fixed_noise(settings, 32, seed))
+    if settings.variant != "acgan":
+        return samples, None
+    z, _ = fixed_noise(settings, 10, seed + 1)
+    return samples, gan.sample(z.repeat(2, 1), torch.arange(2).repeat_interleave(10))
 
 
 def load(path, device) -> tuple[GAN, GANSettings]:
     return util.load_trained(path, device, GANSettings, GAN, "gan", "gan")
+
+
+def summary(settings: GANSettings) -> str:
+    """The layer tables of G and D (nets.summary), as `run.py summary gan` prints them."""
+    model, side = GAN(settings), settings.image_size
+    title = f"gan variant {settings.variant}"
+    return "\n".join([
+        f"{title}: generator", nets.summary(model.generator, (settings.latent_dim
+                                                              + model.attribute_channels, 1, 1)),
+        f"{title}: discriminator", nets.summary(model.discriminator, (3, side, side))])

@@ -50,6 +50,17 @@ def grad_reverse(x: torch.Tensor, lambd: float = 1.0) -> torch.Tensor:
     return GradientReversal.apply(x, lambd)
 
 
+# ============================================================================ batch mean
+def batch_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean over the rows (dim 0) of the global batch: x.mean(0) in one process, and
+    under torchrun the same mean in every process, from the sums of all of them
+    (parallel.SumOverProcesses, differentiable), for a loss of a mean over the batch,
+    which a mean of the processes' losses would not equal."""
+    if parallel.world() == 1:
+        return x.mean(dim=0)
+    return parallel.SumOverProcesses.apply(x.sum(dim=0)) / (len(x) * parallel.world())
+
+
 # ============================================================================ weight averaging
 @torch.no_grad()
 def update_ema(average: nn.Module, model: nn.Module, step: int, decay: float):
@@ -300,10 +311,10 @@ def dcgan_discriminator(width: int = 64, channels: int = 3, image_size: int = 64
     separate sigmoid saturates. outputs = 2 gives ACGAN's two heads on one body
     (real/fake, attribute). Shapes are for width 64.
 
-    norm: "batch" (variant a, hacks), "spectral" (variant b, ACGAN: spectral norm on every
-    convolution and no batch norm) or "none" (the WGAN-GP
-    critic: its gradient penalty is per sample, and batch norm would make each score
-    depend on the whole batch). Without batch norm the convolutions have biases; batch
+    norm: "batch" (DCGAN's: variants a, b, ACGAN and hacks), "spectral" (an option of b
+    and ACGAN, --d-norm spectral: spectral norm on every convolution and no batch norm)
+    or "none" (the WGAN-GP critic: its gradient penalty is per sample, and batch norm
+    would make each score depend on the whole batch). Without batch norm the convolutions have biases; batch
     norm would cancel them, so variant a has none. dropout > 0 (hacks) adds
     Dropout(dropout) after each LeakyReLU; at 0 no layer is added, so the state_dict
     keys stay those of the nets without it."""
@@ -314,7 +325,7 @@ def dcgan_discriminator(width: int = 64, channels: int = 3, image_size: int = 64
         layer = nn.Conv2d(c_in, c_out, 4, stride, padding, bias=norm != "batch")
         return spectral_norm(layer) if norm == "spectral" else layer
 
-    def batch_norm(c):  # variant a and hacks only: spectral norm or nothing takes its place
+    def batch_norm(c):  # not with spectral norm or in the critic: nothing takes its place
         return [nn.BatchNorm2d(c)] if norm == "batch" else []
 
     def drop():

@@ -13,9 +13,11 @@ What makes a run with N processes the same run as with 1, up to rounding (`--bat
 is the global batch either way, and it must split into N equal shares):
 - Random numbers. Every process keeps the same random streams as a 1-process run and
   draws every per-image quantity (batch indices, z, timesteps, noise, augmentations,
-  dropout masks) for the whole global batch, then keeps its own rows (`rows`, `draw`,
+  dropout masks) for the whole global batch, then keeps its own rows (`Random`, `rows`,
   `GlobalMask`). Process r of N takes rows r*B/N .. (r+1)*B/N - 1, so the N shares
-  together are exactly the batch a single process would have drawn. (On GPUs, dropout
+  together are exactly the batch a single process would have drawn. A training loop
+  makes one `Random` and its steps draw from it as they would from torch
+  (`rng.randn(count, latent_dim)`), for their own `count` images. (On GPUs, dropout
   masks and the order of floating-point sums differ: the same run in distribution.)
 - Gradients. Each process's loss is the mean over its B/N rows; DDP averages the N
   gradients, (1/N) sum_r grad mean_r = grad of the mean over all B rows.
@@ -37,10 +39,18 @@ is the global batch either way, and it must split into N equal shares):
 - Gradient reversal is an autograd function inside the graph: DDP sees only the
   gradients it produces, so it needs no change.
 - Two players (GAN's G and D, ADDA's F_t and D; GTA's F, C, G and D) are wrapped
-  separately, one DDP each: each optimiser steps on its own player's averaged gradients.
-  (In the GAN's G step, D's gradients are averaged too and then thrown away: simple, a
-  little communication lost. GTA runs D outside its replica where D does not learn,
-  `module_of`, and sends each loss only to its own players, `backward(inputs=...)`.)
+  separately, one DDP each (`replicate`, where the model is built): each optimiser steps
+  on its own player's averaged gradients. (In the GAN's G step, D's gradients are
+  averaged too and then thrown away: simple, a little communication lost. GTA's G and F
+  steps judge with D's plain module, outside its replica, since D does not learn there,
+  and send each loss only to its own players, `backward(inputs=...)`.)
+- A loss of a mean over the batch (self-ensembling's class balance) takes the mean over
+  the global batch, `nets.batch_mean`, which a mean of the processes' losses would not
+  equal.
+
+The method files name torchrun only where a loop is set up: `replicate` for the model,
+`Random` for the random numbers; their steps, losses and samplers are written as for one
+process. The run around the loop (training.py) logs the means over the processes.
 
 Only rank 0 prints progress and writes files (checkpoints, pictures, results.json); the
 others compute the same numbers and write nothing, and a file rank 0 wrote is read by the
@@ -49,6 +59,9 @@ others only after a collective (a barrier) has passed. Sampling and feature extr
 split their batches across the processes (`in_order`) and gather the results in the
 original order; the t-SNE itself runs on rank 0. Several machines need --out and the
 cache on a shared file system.
+
+This module imports util (errors, device choice); util does not import it: rank 0 is
+the process util.main_process() names from torchrun's RANK.
 """
 import contextlib
 import datetime
@@ -59,7 +72,6 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 import util
 
@@ -72,7 +84,7 @@ TIMEOUT_SECONDS = int(os.environ.get("DLCV_DIST_TIMEOUT", "1800"))
 # ============================================================================ the group
 def launched() -> bool:
     """Started by torchrun (or by hand with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
-    set)? (util and parallel import each other: neither uses the other at import time.)"""
+    set)?"""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -103,7 +115,7 @@ def start(device_name: str) -> torch.device:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS),
                             device_id=device if device.type == "cuda" else None)
     if rank() != 0:  # one voice: rank 0 prints (run.py: and says the errors)
-        sys.stdout = silent()
+        sys.stdout = util.silent()
     return device
 
 
@@ -123,12 +135,6 @@ def failure(error: Exception) -> str:
     return first.split("] ", 1)[-1].split(". ")[0][:160]  # without gloo's source location
 
 
-@functools.cache
-def silent():
-    """Where the other ranks' progress lines go: nowhere."""
-    return open(os.devnull, "w")
-
-
 def stop():
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -141,10 +147,6 @@ def rank() -> int:
 
 def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
 
 
 def check_batch(batch_size: int):
@@ -169,30 +171,69 @@ def rows(global_rows: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return global_rows.tensor_split(world(), dim=dim)[rank()]
 
 
-def draw(sampler, shape, generator: torch.Generator, device=None, dim: int = 0
-         ) -> torch.Tensor:
-    """sampler(shape, generator=generator) for this process's shape[dim] images, drawn the
-    way a single process draws it: the global batch's numbers (shape[dim] * N along dim),
-    of which this process keeps its own. With one process: exactly sampler(shape).
-    sampler: torch.rand, torch.randn, or functools.partial(torch.randint, low, high)."""
-    global_shape = list(shape)
-    global_shape[dim] *= world()
-    drawn = rows(sampler(tuple(global_shape), generator=generator), dim)
-    return drawn if device is None else drawn.to(device)
+class Random:
+    """The random numbers of a training step, each drawn as one process draws it.
+
+    rng.rand(count, ...), rng.randn(count, ...) and rng.randint(low, high, (count, ...))
+    read like torch's functions, for `count` images: this process's share of the global
+    batch. Each draws the numbers of the whole global batch (count * N rows) from one
+    torch.Generator on the CPU, so every process and device draws the same numbers, and
+    keeps this process's rows (`rows`), moved to `device`. With one process: exactly
+    torch's draws. rng.indices(population, batch_size): a global batch of indices drawn
+    with replacement, of which this process keeps its share. The generator is seeded
+    from `seed`, or is one given (torch.default_generator: the stream that dropout
+    draws from, which torch.manual_seed reseeds); a checkpoint holds its state."""
+
+    def __init__(self, seed: int = 0, device="cpu", generator: torch.Generator | None = None):
+        self.generator = torch.Generator().manual_seed(seed) if generator is None else generator
+        self.device = torch.device(device)
+
+    def manual_seed(self, seed: int) -> "Random":
+        self.generator.manual_seed(seed)
+        return self
+
+    def _draw(self, sampler, shape) -> torch.Tensor:
+        global_shape = (shape[0] * world(), *shape[1:])
+        return rows(sampler(global_shape, generator=self.generator)).to(self.device)
+
+    def rand(self, *shape) -> torch.Tensor:
+        return self._draw(torch.rand, shape)
+
+    def randn(self, *shape) -> torch.Tensor:
+        return self._draw(torch.randn, shape)
+
+    def randint(self, low: int, high: int, shape) -> torch.Tensor:
+        return self._draw(functools.partial(torch.randint, low, high), shape)
+
+    def indices(self, population: int, batch_size: int) -> torch.Tensor:
+        """batch_size indices into `population` images, with replacement (this process's
+        share under torchrun: batch_size is the global batch)."""
+        return rows(torch.randint(population, (batch_size,), generator=self.generator)
+                    ).to(self.device)
+
+    def state_dict(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_state_dict(self, state: torch.Tensor):
+        self.generator.set_state(state)
 
 
 # ============================================================================ the replicas
-def data_parallel(model: nn.Module) -> nn.Module:
-    """A view of `model` for the training step, in which each child module with trainable
-    weights (a player: GAN's G and D, the U-Net, F, C and D of UDA) is a replica: the same
-    weights, gradients averaged across processes in backward. `model` itself keeps its
-    state_dict keys, so checkpoints read the same with 1 or N processes. One process:
-    `model` itself.
+def replicate(model: nn.Module) -> nn.Module:
+    """The model made ready for training over the processes, where it is built: its
+    batch-wise layers look across the global batch (`share_batch_layers`, in place, so
+    copies made afterwards for weight averages share them too), and the view returned
+    for the training step has each child with trainable weights (a player: GAN's G and
+    D, the U-Net, F, C and D of UDA) as a replica (`replica`): the same weights,
+    gradients averaged across processes in backward. `model` itself keeps its
+    state_dict keys, so checkpoints read the same with 1 or N processes; use it for
+    checkpoints, sampling and evaluation, the view in the step. One process: `model`.
 
     The view shares the model's parameters, buffers and submodules, but its plain
     attributes are copies: set modes (train(), eval()) on the model, whose modules the
     view holds. Weights must live in children: one registered on the model itself would
     never be averaged, so it is refused."""
+    share_batch_layers(model)
     if world() == 1:
         return model
     if any(True for _ in model.parameters(recurse=False)):
@@ -212,21 +253,6 @@ def replica(module: nn.Module) -> nn.Module:
     if world() == 1:
         return module
     return nn.parallel.DistributedDataParallel(module)
-
-
-def module_of(model: nn.Module) -> nn.Module:
-    """The module inside a replica (or the module itself): to run a player whose weights
-    do not learn in this part of a step, so that no replica waits for their gradients."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def batch_mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean over the rows (dim 0) of the global batch, the same in every process and
-    differentiable (SumOverProcesses): for a loss of a batch mean, which a mean of the
-    processes' losses would not equal. One process: x.mean(0)."""
-    if world() == 1:
-        return x.mean(dim=0)
-    return SumOverProcesses.apply(x.sum(dim=0)) / (len(x) * world())
 
 
 class SumOverProcesses(torch.autograd.Function):
@@ -378,12 +404,12 @@ def main_first():
     """Rank 0 runs the block first (a download, a cache entry), the others after it, when
     its files exist. The block must hold no collective. If it fails on rank 0, the others
     still go on and meet the same failure themselves."""
-    if not is_main():
+    if not util.main_process():
         barrier()
     try:
         yield
     finally:
-        if is_main():
+        if util.main_process():
             barrier()
 
 
@@ -392,7 +418,7 @@ def from_main(function):
     cache that rank 0 found, or None)."""
     if world() == 1:
         return function()
-    answer = [function() if is_main() else None]
+    answer = [function() if util.main_process() else None]
     dist.broadcast_object_list(answer, src=0)
     return answer[0]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-import parallel
+import util
 
 TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
          "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
@@ -91,12 +91,7 @@ class Figure:
             self.draw.text((x + 24, row), name, fill="black", font=self.font)
 
     def save(self, path) -> Path:
-        path = Path(path)
-        if not parallel.is_main():  # under torchrun rank 0 alone writes files
-            return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.image.save(path)
-        return path
+        return util.write_image(self.image, path)
 
 
 def line_plot(series: dict, path, title="", xlabel="step", ylabel="", x=None) -> Path:
@@ -149,14 +144,12 @@ def scatter_plot(points, labels, path, title="", names=None, radius: float = 2.0
     return figure.save(path)
 
 
-def label_grid(path, cell: int, rows=(), columns=(), title: str = "",
-               padding: int = 2) -> Path:
-    """Label an image grid in place (data.save_grid's layout: square cells of `cell`
-    pixels with `padding` around each): `rows` beside each row, `columns` above each
-    column, `title` on top."""
-    if not parallel.is_main():  # rank 0 alone wrote the grid (parallel.py)
-        return Path(path)
-    image = Image.open(path).convert("RGB")
+def label_grid(image: Image.Image, cell: int, rows=(), columns=(), title: str = "",
+               padding: int = 2) -> Image.Image:
+    """An image grid (data.grid_image's layout: square cells of `cell` pixels with
+    `padding` around each) with `rows` beside each row, `columns` above each column and
+    `title` on top."""
+    image = image.convert("RGB")
     font = _font(12)
     left = max((int(font.getlength(text)) for text in rows), default=-8) + 8
     top = (20 if title else 0) + (18 if columns else 0)
@@ -173,5 +166,4 @@ def label_grid(path, cell: int, rows=(), columns=(), title: str = "",
     for index, text in enumerate(rows):
         draw.text((left - 4, top + centre + index * (cell + padding)), text, fill="black",
                   font=font, anchor="rm")
-    canvas.save(path)
-    return Path(path)
+    return canvas

@@ -27,13 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import classifier
 import data
 import ddpm
 import gan
+import hog
 import metrics
-import nets
 import parallel
 import plots
+import reports
 import tsne
 import uda
 import util
@@ -219,53 +221,25 @@ def command_data(args) -> None:
         print(f"  preview: {preview}")
 
 
-def architectures(name: str, variant: str | None = None):
-    """(title, network, input size, further nets.summary arguments) for each network of a
-    model, built with the defaults of its training command, so the sizes are those it
-    trains. variant: the GAN's (default that of 'run.py gan'); other models have none."""
+def command_summary(args) -> None:
+    """Each network's layers with output shapes and parameter counts, built with the
+    defaults of its training command, so the sizes are those it trains."""
     names = ("gan", "vae", "ddpm", "uda", "classifier")
-    if name not in names:
-        raise util.UserError(f"no architecture '{name}': give {', '.join(names)}")
-    if name != "gan" and variant is not None:
-        raise util.UserError(f"{name} has no variants: --variant is for gan "
+    if args.name not in names:
+        raise util.UserError(f"no architecture '{args.name}': give {', '.join(names)}")
+    if args.name != "gan" and args.variant is not None:
+        raise util.UserError(f"{args.name} has no variants: --variant is for gan "
                              f"({', '.join(gan.VARIANTS)})")
-    if name == "gan":
-        settings = gan.GANSettings(**({} if variant is None else {"variant": variant}))
+    if args.name == "gan":
+        settings = gan.GANSettings(**({} if args.variant is None else {"variant": args.variant}))
         if settings.variant not in gan.VARIANTS:
             raise util.UserError(f"no gan variant '{settings.variant}': give "
                                  f"{', '.join(gan.VARIANTS)}")
-        model, side = gan.GAN(settings), settings.image_size
-        title = f"gan variant {settings.variant}"
-        return [(f"{title}: generator", model.generator,
-                 (model.generator[0].in_channels, 1, 1), {}),   # z, and ACGAN's attribute
-                (f"{title}: discriminator", model.discriminator, (3, side, side), {})]
-    if name == "vae":
-        model = nets.VAE(vae.VAESettings().latent_dim)
-        return [("vae: encoder", model, (3, 64, 64), {"forward": model.encode}),
-                ("vae: decoder", model, (model.from_latent.in_features,),
-                 {"forward": model.decode})]
-    if name == "ddpm":
-        unet = nets.UNet(width=ddpm.DDPMSettings().width, classes=ddpm.CLASSES)
-        return [("ddpm: U-Net eps_theta(x_t, t, c)", unet, (3, 28, 28),
-                 {"extra_inputs": (torch.tensor(1), torch.tensor(0))})]  # t = 1, c = 0
-    if name == "uda":
-        side, gta = uda.UDASettings().image_size, uda.Networks("gta")
-        return [("uda: feature extractor", nets.digit_features(), (3, side, side), {}),
-                ("uda: label classifier", nets.label_classifier(), (800,), {}),
-                ("uda: DANN domain classifier", nets.domain_classifier(), (800,), {}),
-                ("uda: ADDA discriminator",
-                 nets.domain_classifier(hidden=500, layers=2, batch_norm=False), (800,), {}),
-                ("uda: GTA generator G(F(x), label, z)", gta.generator,
-                 (800 + 11 + uda.GTA_NOISE, 1, 1), {}),
-                ("uda: GTA discriminator (data and class heads)", gta.discriminator,
-                 (3, side, side), {})]
-    return [("classifier: digit classifier", nets.digit_classifier(), (3, 28, 28), {})]
-
-
-def command_summary(args) -> None:
-    for title, network, input_size, options in architectures(args.name, args.variant):
-        print(title)
-        print(nets.summary(network, input_size, **options))
+        print(gan.summary(settings))
+    else:
+        print({"vae": lambda: vae.summary(vae.VAESettings()),
+               "ddpm": lambda: ddpm.summary(ddpm.DDPMSettings()), "uda": uda.summary,
+               "classifier": classifier.summary}[args.name]())
 
 
 def command_fid(args) -> None:
@@ -361,7 +335,8 @@ def check_tsne_input(features: np.ndarray, perplexity: float):
 
 def command_classifier(args) -> None:
     """Train the digit classifier that grades generated digits."""
-    common, settings = settings_from(args, Common), settings_from(args, metrics.ClassifierSettings)
+    common = settings_from(args, Common)
+    settings = settings_from(args, classifier.ClassifierSettings)
     device = training_device(common, settings)
     util.seed_everything(common.seed)
     train = load_data(common, settings.data, "train")
@@ -370,7 +345,7 @@ def command_classifier(args) -> None:
         raise util.UserError(f"{settings.data} has no labels: the classifier needs labelled "
                              "digits (a csv with image_name,label)")
     out = run_folder(args)
-    results = metrics.train_classifier(train, test, settings, out, device, common.seed)
+    results = classifier.train(train, test, settings, out, device, common.seed)
     print(f"test accuracy {results['test_accuracy']:.4f} ({results['correct']}/"
           f"{results['total']}); checkpoint {out / 'checkpoint.pt'}")
 
@@ -380,11 +355,11 @@ def command_classify(args) -> None:
     common = settings_from(args, Common)
     device = util.choose_device(common.device)
     checkpoint = args.ckpt or Path(common.out) / "classifier" / "checkpoint.pt"
-    network = metrics.load_classifier(checkpoint, device)
+    network = classifier.load(checkpoint, device)
     images = data.load(args.folder, "train", image_size=28, cache_dir="")
-    labels = torch.tensor([metrics.label_from_name(name) for name in images.names])
-    predictions = metrics.predict(network, images, device=device)
-    share, correct, total = metrics.accuracy(predictions, labels)
+    labels = torch.tensor([classifier.label_from_name(name) for name in images.names])
+    predictions = classifier.predict(network, images, device=device)
+    share, correct, total = classifier.accuracy(predictions, labels)
     print(f"accuracy {share:.4f} ({correct}/{total}) on {args.folder}")
     for digit in range(10):
         mine = labels == digit
@@ -422,7 +397,7 @@ def command_facerate(args) -> None:
             raise util.UserError(f"--detector {args.detector} not found: leave it out to "
                                  "train one into OUT/face_detector/")
         train_face_detector(common, detector_path)
-    detector = metrics.load_face_detector(detector_path)
+    detector = hog.load_face_detector(detector_path)
     images = data.load(args.folder, "train", image_size=64, cache_dir="")
     found = detector.detect(images.images())
     results = {"folder": str(args.folder), "images": len(images), "faces": int(found.sum()),
@@ -437,17 +412,17 @@ def train_face_detector(common: Common, path: Path):
     """The detector from 6,000 CelebA training faces and 6,000 MNIST-M training digits,
     checked on the first 2,000 test faces and the first 2,000 MNIST-M test digits."""
     print(f"training the face detector into {path} (once)")
-    faces, backgrounds = (load_data(common, metrics.DETECTOR_DATA[kind], split, image_size=size,
+    faces, backgrounds = (load_data(common, hog.DETECTOR_DATA[kind], split, image_size=size,
                                     limit=count).images()
                           for kind, split, size, count in (("faces", "train", 64, 6000),
                                                             ("non_faces", "train", 28, 6000)))
-    detector = metrics.train_face_detector(faces, backgrounds, common.seed)
-    rates = metrics.face_rates(
-        detector, load_data(common, metrics.DETECTOR_DATA["faces"], "test", image_size=64,
+    detector = hog.train_face_detector(faces, backgrounds, common.seed)
+    rates = hog.face_rates(
+        detector, load_data(common, hog.DETECTOR_DATA["faces"], "test", image_size=64,
                             limit=2000).images(),
-        load_data(common, metrics.DETECTOR_DATA["non_faces"], "test", limit=2000).images(),
+        load_data(common, hog.DETECTOR_DATA["non_faces"], "test", limit=2000).images(),
         common.seed)
-    metrics.save_face_detector(detector, rates, path)
+    hog.save_face_detector(detector, rates, path)
     util.write_json(rates, path.with_name("results.json"))
     print("held out: faces found in {faces_detected:.4f} of the test faces, in "
           "{backgrounds_detected:.4f} of the MNIST-M digits and {scrambled_detected:.4f} "
@@ -480,8 +455,8 @@ def command_ddpm(args) -> None:
         sampling = dataclasses.replace(trained, sampler=settings.sampler,
                                        sampling_steps=settings.sampling_steps,
                                        eta=settings.eta, guidance=settings.guidance)
-        _, _, seconds = ddpm.generate(model, sampling, Path(common.out), common.seed, device,
-                                      per_digit=args.per_digit)
+        _, _, seconds = ddpm.course_digits(model, sampling, common.seed, Path(common.out),
+                                           per_digit=args.per_digit)
         print(f"wrote {10 * args.per_digit} images to {common.out} in {seconds:.1f} s "
               f"({sampling.sampler}"
               f"{', %d steps' % sampling.sampling_steps if sampling.sampler == 'ddim' else ''})")
@@ -513,12 +488,48 @@ def command_uda(args) -> None:
         return load_data(common, name, split, image_size=image_size)
     out = run_folder(args)
     if args.table:
-        table = uda.run_table(settings, methods, load, out, device, common.seed)
-        print(uda.full_table(table) + f"wrote {out}/results.md and results.json")
+        table = uda_table(settings, methods, load, out, device, common.seed)
+        print(reports.full_table(table) + f"wrote {out}/results.md and results.json")
         return
     scenario = out / f"{Path(settings.src).name}-{Path(settings.tgt).name}"
-    rows = uda.run_methods(settings, methods, load, scenario, device, common.seed)
-    print(uda.scenario_table(rows, settings.src, settings.tgt) + f"outputs in {scenario}/")
+    rows = uda_methods(settings, methods, load, scenario, device, common.seed)
+    print(reports.scenario_table(rows, settings.src, settings.tgt) + f"outputs in {scenario}/")
+
+
+def uda_methods(settings: uda.UDASettings, methods, load, out: Path, device, seed: int) -> dict:
+    """Every method on one scenario: {method: results}, and results.md for the row set.
+    ADDA starts from the source-only run's checkpoint when that ran first."""
+    domains = uda.load_domains(settings, load)
+    rows = {}
+    for method in methods:
+        if method == "target" and domains.target_train.labels is None:
+            print(f"skipping 'target': {settings.tgt} has no labels")
+            continue
+        print(f"== {reports.TITLES[method]}: {settings.src} -> {settings.tgt}")
+        source_only = out / "source" / "checkpoint.pt" if "source" in rows else None
+        rows[method] = uda.train(domains, dataclasses.replace(settings, method=method),
+                                 out / method, device, seed, source_only)
+    util.write_json(rows, out / "results.json")
+    util.write_text(reports.scenario_table(rows, settings.src, settings.tgt), out / "results.md")
+    return rows
+
+
+def uda_table(settings: uda.UDASettings, methods, load, out: Path, device, seed: int) -> dict:
+    """The four digit scenarios of the DLCV homework (uda.SCENARIOS); one whose data is
+    missing is reported, not fatal."""
+    table = {}
+    for src, tgt in uda.SCENARIOS:
+        scenario = f"{src}-{tgt}"
+        try:
+            table[scenario] = {"rows": uda_methods(
+                dataclasses.replace(settings, src=src, tgt=tgt), methods, load,
+                out / scenario, device, seed)}
+        except util.UserError as error:
+            print(f"skipping {src} -> {tgt}: {error}")
+            table[scenario] = {"error": str(error)}
+        util.write_json(table, out / "results.json")
+        util.write_text(reports.full_table(table), out / "results.md")
+    return table
 
 
 def predict_folder(args, common: Common, device) -> None:
@@ -528,8 +539,8 @@ def predict_folder(args, common: Common, device) -> None:
     images = data.load(args.predict, "test", image_size=settings.image_size, cache_dir="")
     if images.names is None:
         raise util.UserError(f"{args.predict} gives no file names: pass a folder of images")
-    predictions = metrics.predict(network, images, device=device)
-    uda.write_predictions(images.names, predictions, Path(args.csv))
+    predictions = classifier.predict(network, images, device=device)
+    reports.write_predictions(images.names, predictions, Path(args.csv))
     print(f"wrote {len(images)} predictions to {args.csv}")
 
 
@@ -538,8 +549,7 @@ def command_gan(args) -> None:
     common, settings = settings_from(args, Common), settings_from(args, gan.GANSettings)
     device = training_device(common, settings)
     if args.generate:
-        return generate_images(args.generate, args.ckpt, Path(common.out), device,
-                               common.seed, gan.load, gan.generate)
+        return generate_faces(args.generate, args.ckpt, Path(common.out), device, common.seed)
     attribute = settings.attribute if settings.variant == "acgan" else None
     faces = load_data(common, settings.data, "train", image_size=settings.image_size,
                       attribute=attribute, limit=settings.limit or None)
@@ -552,13 +562,15 @@ def command_gan(args) -> None:
           f"{fid_text(results)}; outputs in {out}/")
 
 
-def generate_images(count: int, checkpoint, out: Path, device, seed: int, load, generate):
-    """`count` PNGs from a checkpoint (the homework's deliverable), fixed seed, batched."""
+def generate_faces(count: int, checkpoint, out: Path, device, seed: int):
+    """`count` PNGs from a GAN checkpoint (the homework's deliverable), fixed seed, in
+    batches split across the processes under torchrun."""
     if not checkpoint:
         raise util.UserError("--generate needs --ckpt CHECKPOINT (e.g. runs/gan_b/checkpoint.pt)")
-    model, settings = load(checkpoint, device)
+    model, settings = gan.load(checkpoint, device)
     start = time.perf_counter()
-    images = generate(model, count, settings, seed, device)
+    images = torch.cat(parallel.in_order(lambda batch: model.sample(*batch),
+                                         gan.noise_batches(settings, count, seed)))
     paths = data.save_images(images, out, [f"{i:04d}.png" for i in range(count)])
     print(f"wrote {len(paths)} images to {out} in {time.perf_counter() - start:.1f} s")
 
@@ -622,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--iterations", type=int, default=1000)
 
     sub = command("classifier", command_classifier, "train the digit classifier (evaluator)")
-    add_flags(sub, metrics.ClassifierSettings)
+    add_flags(sub, classifier.ClassifierSettings)
 
     sub = command("classify", command_classify, "digit accuracy of a folder like 3_042.png")
     sub.add_argument("--folder", required=True, help="images named DIGIT_*.png")
@@ -694,11 +706,11 @@ def main(argv=None) -> int:
                                  f"with python, not torchrun (torchrun trains: "
                                  f"{', '.join(DISTRIBUTED)})")
         # under torchrun rank 0 holds the lock for the run's processes
-        with util.exclusive(folder) if folder and parallel.is_main() \
+        with util.exclusive(folder) if folder and util.main_process() \
                 else contextlib.nullcontext():
             args.function(args)
     except util.UserError as error:
-        if parallel.is_main():  # under torchrun every process meets the same error
+        if util.main_process():  # under torchrun every process meets the same error
             print(f"error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`run.py summary gan | head`): done

@@ -36,13 +36,19 @@ from PIL import Image
 from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 
+import bench
+import classifier
 import data
 import ddpm
 import gan
+import hog
 import metrics
 import nets
+import parallel
 import plots
+import reports
 import run
+import training
 import tsne
 import uda
 import util
@@ -570,8 +576,8 @@ def test_progress_of_a_resumed_run_rates_only_the_new_steps(monkeypatch):
 
 def test_step_log_means_between_commits_and_time_without_pauses(monkeypatch):
     clock = iter([0.0, 4.0, 100.0, 103.0])  # trains 0-4 s, pictures 4-100 s, trains 3 s
-    monkeypatch.setattr(util.time, "perf_counter", lambda: next(clock))
-    log = util.StepLog({"step": [10], "loss": [9.0]}, seconds=50.0)  # resumed at step 10
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    log = training.StepLog({"step": [10], "loss": [9.0]}, seconds=50.0)  # resumed at step 10
     for loss in (1.0, 2.0, 6.0):
         log.add({"loss": loss})
     log.commit(13)
@@ -683,9 +689,9 @@ def test_device_choice_and_errors():
 
 
 def test_nan_loss_is_a_user_error():
-    util.check_finite(torch.tensor(1.0), step=3)
+    training.check_finite(torch.tensor(1.0), step=3)
     with pytest.raises(util.UserError, match="diverged"):
-        util.check_finite(torch.tensor(float("nan")), step=3)
+        training.check_finite(torch.tensor(float("nan")), step=3)
 
 
 def test_seed_makes_torch_and_numpy_repeat():
@@ -819,9 +825,7 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, capsys, mo
 
     def full(source, target):
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
-    monkeypatch.setattr(os, "replace", full)
-    monkeypatch.setattr(data, "_save_png", lambda image, path: util._atomic_write(
-        path, lambda tmp: Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, "PNG")))
+    monkeypatch.setattr(os, "replace", full)  # pictures too are written atomically
     line = one_line_error(capsys, ["data", "--name", faces, "--splits", "train",
                                    "--cache", "", "--out", str(tmp_path / "o")])
     assert "No space left on device" in line and "free disk space" in line
@@ -1084,15 +1088,23 @@ def test_every_summary_prints_its_networks_parameters(name, variant, totals, cap
     printed = [int(n.replace(",", "")) for n in re.findall(r"^Total params: ([\d,]+)$", out,
                                                            flags=re.M)]
     assert printed == totals
-    # each table's total is its network's parameters; the VAE's two halves add up to it
-    tables = run.architectures(name, variant)
-    assert [title for title, *_ in tables] == [line for line in out.splitlines()
-                                               if line.startswith(name)]
-    by_network = {}
-    for (_, network, _, _), total in zip(tables, printed):
-        by_network.setdefault(id(network), [network, 0])[1] += total
-    for network, total in by_network.values():
-        assert total == sum(p.numel() for p in network.parameters())
+    # one titled table a network; together they hold the networks the command trains
+    # (the VAE's two halves add up to the whole VAE)
+    assert len([line for line in out.splitlines() if line.startswith(name)]) == len(totals)
+    assert sum(printed) == sum(p.numel() for network in TRAINED_NETWORKS[name](variant)
+                               for p in network.parameters())
+
+
+TRAINED_NETWORKS = {
+    "gan": lambda variant: (lambda model: [model.generator, model.discriminator])(
+        gan.GAN(gan.GANSettings(variant=variant))),
+    "vae": lambda _: [nets.VAE(vae.VAESettings().latent_dim)],
+    "ddpm": lambda _: [ddpm.Diffusion(ddpm.DDPMSettings()).network],
+    "uda": lambda _: [uda.Networks("source").features, uda.Networks("source").classifier,
+                      uda.Networks("dann").domain, uda.Networks("adda").domain,
+                      uda.Networks("gta").generator, uda.Networks("gta").discriminator],
+    "classifier": lambda _: [nets.digit_classifier()],
+}
 
 
 def test_summary_of_gan_shows_the_variant_that_run_py_gan_trains(capsys):
@@ -1277,7 +1289,7 @@ def test_gan_fid_curve_is_of_the_fixed_samples_of_each_checkpoint_against_all_he
     for name, step in (("checkpoint.pt", 3), ("best.pt", results["best_fid_step"])):
         model, settings = gan.load(tmp_path / name, "cpu")
         assert util.load_checkpoint(tmp_path / name)["step"] == step
-        fake = gan.generate(model, 6, settings, 0 + 2, "cpu")
+        fake = torch.cat([model.sample(*batch) for batch in gan.noise_batches(settings, 6, 2)])
         assert own_fid(fake, held_out.images()) == pytest.approx(curve["fid"][step - 1],
                                                                  rel=1e-6)
     assert (tmp_path / "fid.png").is_file()
@@ -1285,20 +1297,21 @@ def test_gan_fid_curve_is_of_the_fixed_samples_of_each_checkpoint_against_all_he
     assert saved["best_fid_step"] == curve["step"][int(np.argmin(curve["fid"]))]
 
 
-def test_train_loop_writes_best_pt_only_when_an_fid_beats_every_earlier_one(tmp_path):
+def test_run_writes_best_pt_only_when_an_fid_beats_every_earlier_one(tmp_path):
     layer = nn.Linear(2, 1)
     scores = {2: 5.0, 4: 3.0, 6: 4.0}  # measured at steps 2, 4 and 6 only
     best_steps = []
-
-    def evaluate(history):
-        step = history["step"][-1]
-        if step in scores:
-            history.setdefault("fid", []).append(scores[step])
-            history.setdefault("fid_step", []).append(step)
-        if (tmp_path / "best.pt").exists():
-            best_steps.append(util.load_checkpoint(tmp_path / "best.pt")["step"])
-    util.train_loop(lambda index: {"loss": 0.0}, 7, 1, tmp_path, "test", tiny_gan(), 0,
-                    "cpu", parts={"layer": layer}, evaluate=evaluate)
+    run = training.Run(tmp_path, "test", tiny_gan(), 0, "cpu", state={"layer": layer},
+                       steps=7, every=1)
+    for step in run:
+        run.log({"loss": 0.0})
+        if run.at_checkpoint:
+            if step + 1 in scores:
+                run.history.setdefault("fid", []).append(scores[step + 1])
+                run.history.setdefault("fid_step", []).append(step + 1)
+            if (tmp_path / "best.pt").exists():
+                best_steps.append(util.load_checkpoint(tmp_path / "best.pt")["step"])
+            run.save_checkpoint()
     assert util.load_checkpoint(tmp_path / "best.pt")["step"] == 4
     # seen before each checkpoint: none until step 2, then 2 (steps 3, 4), then 4 for good
     assert best_steps == [2, 2, 4, 4, 4]
@@ -1332,8 +1345,8 @@ def test_vae_fid_every_k_epochs_and_of_the_reconstructions(tmp_path, cheap_fid):
     assert results["fid_curve"]["step"] == [4, 6]  # 2 steps an epoch: epochs 2 and 3
     model = util.load_trained(tmp_path / "checkpoint.pt", "cpu", vae.VAESettings,
                               lambda s: nets.VAE(s.latent_dim), "model", "vae")[0]
-    assert results["fid"] == pytest.approx(own_fid(vae.samples(model, 10, 8, 0 + 1),
-                                                    test.images()), rel=1e-6)
+    assert results["fid"] == pytest.approx(own_fid(torch.cat(
+        [vae.decode(model, z) for z in vae.prior_samples(10, 8, 0 + 1)]), test.images()), rel=1e-6)
     first_ten = test.subset(torch.arange(10))
     assert results["reconstruction_fid"] == pytest.approx(
         own_fid(vae.reconstructions(model, first_ten), test.images()), rel=1e-6)
@@ -1345,12 +1358,14 @@ def test_ddpm_fid_of_the_1000_course_digits_beside_the_curve(tmp_path, cheap_fid
     results = ddpm.train(toy_domain(16), test, settings, tmp_path, "cpu", 0, weights=cheap_fid)
     assert results["fid_curve"]["step"] == [1, 2] and results["fid_curve"]["images"] == 10
     model, trained = ddpm.load(tmp_path / "checkpoint.pt", "cpu")
-    _, labels = ddpm.course_names()
-    course = ddpm.sample_batched(model, labels, trained, 0, "cpu")
+    _, labels = reports.course_names()
+    course = torch.cat([ddpm.sample(model, trained, *batch)[0]
+                        for batch in ddpm.label_batches(labels, 0)])
     assert results["course_digits_fid"] == pytest.approx(own_fid(course, test.images()),
                                                          rel=1e-6)
     assert results["fid"] == results["fid_curve"]["fid"][-1] and results["fid_images"] == 10
-    digits = ddpm.sample_batched(model, torch.arange(10) % 10, trained, 0 + 1, "cpu")
+    digits = torch.cat([ddpm.sample(model, trained, *batch)[0]
+                        for batch in ddpm.label_batches(torch.arange(10) % 10, 0 + 1)])
     assert results["fid_curve"]["fid"][-1] == pytest.approx(own_fid(digits, test.images()),
                                                             rel=1e-6)
 
@@ -1403,7 +1418,7 @@ def test_hog_cell_histograms_match_a_pixel_by_pixel_reference():
     """Catches: signed instead of unsigned angles, votes to one bin only, bins off by
     half a width, the wrong channel, a border rule other than repeating the edge."""
     image = torch.rand(2, 3, 8, 12, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    ours = metrics.cell_histograms(image)
+    ours = hog.cell_histograms(image)
     for i in range(2):
         assert np.allclose(ours[i].numpy(), own_cell_histograms(image[i].double().numpy()),
                            atol=1e-5)
@@ -1415,11 +1430,11 @@ def test_hog_ramps_vote_where_their_edges_point():
     each cell's 4 (a + 3 * 2a) = 28a. A vertical ramp's 90 degrees is bin 4's centre."""
     a = 0.1
     ramp = (torch.arange(8.0) * a).expand(1, 3, 8, 8)
-    across = metrics.cell_histograms(ramp)[0, :, 0, 0]       # the top-left cell
+    across = hog.cell_histograms(ramp)[0, :, 0, 0]       # the top-left cell
     expected = torch.zeros(9)
     expected[0] = expected[8] = 14 * a
     assert torch.allclose(across, expected, atol=1e-6)
-    down = metrics.cell_histograms(ramp.transpose(2, 3))[0, :, 0, 0]
+    down = hog.cell_histograms(ramp.transpose(2, 3))[0, :, 0, 0]
     expected = torch.zeros(9)
     expected[4] = 28 * a
     assert torch.allclose(down, expected, atol=1e-5)  # pi / 2 in float32: a hair past 4.0
@@ -1428,7 +1443,7 @@ def test_hog_ramps_vote_where_their_edges_point():
 def test_hog_blocks_are_l2_hys_normalised_2x2_cells_and_windows_are_7x7_blocks():
     histograms = torch.rand(1, 9, 10, 10, generator=torch.Generator().manual_seed(1))
     histograms[0, 3, 2, 2] = 50.0  # one strong edge, so that the clip at 0.2 matters
-    blocks = metrics.block_features(histograms)
+    blocks = hog.block_features(histograms)
     assert blocks.shape == (1, 36, 9, 9)
     for by, bx in ((0, 0), (1, 1), (2, 1), (8, 8)):
         v = torch.cat([histograms[0, :, by, bx], histograms[0, :, by, bx + 1],
@@ -1437,9 +1452,9 @@ def test_hog_blocks_are_l2_hys_normalised_2x2_cells_and_windows_are_7x7_blocks()
         assert torch.allclose(blocks[0, :, by, bx], v / (v.norm() ** 2 + 1e-4).sqrt(),
                               atol=1e-6)
     image = torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    windows = metrics.window_features(image)                 # 10x10 cells, 9x9 blocks
+    windows = hog.window_features(image)                 # 10x10 cells, 9x9 blocks
     assert windows.shape == (1, 9, 1764)                     # 3x3 windows, one cell apart
-    blocks = metrics.block_features(metrics.cell_histograms(image))
+    blocks = hog.block_features(hog.cell_histograms(image))
     assert torch.equal(windows[0, 3 * 1 + 2], blocks[0, :, 1:8, 2:9].reshape(-1))
 
 
@@ -1451,7 +1466,7 @@ def test_linear_svm_separates_separable_windows_with_a_margin():
     features, margin = features[margin.abs() > 1], margin[margin.abs() > 1]
     is_face = margin > 0
     svm = nn.Linear(20, 1)
-    metrics.fit_svm(svm, features, is_face, penalty=1e-6)
+    hog.fit_svm(svm, features, is_face, penalty=1e-6)
     scores = svm(features).squeeze(1).detach()
     assert torch.equal(scores > 0, is_face)
     assert (scores[is_face] > 0.5).all() and (scores[~is_face] < -0.5).all()
@@ -1459,7 +1474,7 @@ def test_linear_svm_separates_separable_windows_with_a_margin():
 
 def test_scrambled_faces_keep_every_tile_in_a_new_order():
     faces = toy_faces(3, 16).images()
-    mixed = metrics.scrambled(faces, torch.Generator().manual_seed(0))
+    mixed = hog.scrambled(faces, torch.Generator().manual_seed(0))
     def tiles(images):  # (N, 16, C*4*4), tile contents
         return images.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(3, 16, -1)
     for before, after in zip(tiles(faces), tiles(mixed)):
@@ -1485,15 +1500,15 @@ def test_face_detector_finds_toy_faces_not_noise_and_facerate_writes_its_rate(tm
     """The whole pipeline on toy faces; the threshold is set on held-back non-faces, and
     the command's rate is the detector's on the folder."""
     noise = torch.rand(240, 3, 28, 28, generator=torch.Generator().manual_seed(4)) * 2 - 1
-    detector = metrics.train_face_detector(synthetic_faces(120, 0), noise, seed=0)
+    detector = hog.train_face_detector(synthetic_faces(120, 0), noise, seed=0)
     assert detector.threshold.item() != 0
-    rates = metrics.face_rates(detector, synthetic_faces(40, 1), noise[:40] * 0.9, seed=1)
+    rates = hog.face_rates(detector, synthetic_faces(40, 1), noise[:40] * 0.9, seed=1)
     assert rates["faces_detected"] >= 0.9 and rates["backgrounds_detected"] <= 0.1
-    path = metrics.save_face_detector(detector, rates, tmp_path / "detector.pt")
+    path = hog.save_face_detector(detector, rates, tmp_path / "detector.pt")
     folder = tmp_path / "generated"
     images = torch.cat([synthetic_faces(6, 2), noise[:4].repeat(1, 1, 3, 3)[..., :64, :64]])
     data.save_images(images, folder, [f"{i}.png" for i in range(10)])
-    found = metrics.load_face_detector(path).detect(data.load(str(folder), "train",
+    found = hog.load_face_detector(path).detect(data.load(str(folder), "train",
                                                               cache_dir="").images())
     assert run.main(["facerate", "--folder", str(folder), "--detector", str(path),
                      "--out", str(tmp_path / "o")]) == 0
@@ -1675,10 +1690,10 @@ def test_nice_ticks_are_round_steps_covering_the_range():
 
 def test_grid_labels_sit_beside_their_rows_and_above_their_columns(tmp_path):
     cell, padding = 20, 2
-    data.save_grid(torch.ones(6, 3, cell, cell), tmp_path / "g.png", nrow=3)  # white cells
-    plots.label_grid(tmp_path / "g.png", cell, rows=["first", "second"],
-                     columns=["a", "b", "c"], title="a title")
-    ink = np.asarray(Image.open(tmp_path / "g.png").convert("L")) < 128
+    grid = data.grid_image(torch.ones(6, 3, cell, cell), nrow=3)  # white cells
+    labelled = plots.label_grid(grid, cell, rows=["first", "second"],
+                                columns=["a", "b", "c"], title="a title")
+    ink = np.asarray(labelled.convert("L")) < 128
     left = ink.shape[1] - (3 * (cell + padding) + padding)  # the label column's width
     top = ink.shape[0] - (2 * (cell + padding) + padding)   # title and column labels
     assert top == 38 and ink[:18].any()                      # the title line
@@ -1731,7 +1746,7 @@ def test_tsne_command_embeds_saved_features_and_writes_plot_and_results(tmp_path
 def test_random_shift_moves_content_by_the_drawn_amount():
     image = torch.full((1, 3, 28, 28), -1.0)
     image[:, :, 12:16, 10:14] = 1.0  # a bright square away from the borders
-    shifted = metrics.random_shift(image, 0.1, torch.Generator().manual_seed(1))
+    shifted = classifier.random_shift(image, 0.1, torch.Generator().manual_seed(1))
     drawn = (torch.rand(1, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 0.2
     mass = (image[0, 0] + 1), (shifted[0, 0] + 1)
     coords = torch.arange(28.0)
@@ -1740,7 +1755,7 @@ def test_random_shift_moves_content_by_the_drawn_amount():
         return torch.stack([(m.sum(0) * coords).sum(), (m.sum(1) * coords).sum()]) / m.sum()
     moved = centroid(mass[1]) - centroid(mass[0])  # (x, y) in pixels
     assert torch.allclose(moved, -drawn[0] * 28 / 2, atol=1e-3)
-    assert torch.equal(metrics.random_shift(image, 0.0), image)
+    assert torch.equal(classifier.random_shift(image, 0.0), image)
 
 
 def toy_digits(count=64, seed=0) -> data.ImageSet:
@@ -1753,8 +1768,8 @@ def toy_digits(count=64, seed=0) -> data.ImageSet:
 
 
 def test_classifier_run_writes_every_file_and_learns_a_toy_task(tmp_path):
-    settings = metrics.ClassifierSettings(epochs=2, batch_size=16, lr=3e-3)
-    results = metrics.train_classifier(toy_digits(), toy_digits(seed=1), settings,
+    settings = classifier.ClassifierSettings(epochs=2, batch_size=16, lr=3e-3)
+    results = classifier.train(toy_digits(), toy_digits(seed=1), settings,
                                        tmp_path, "cpu", seed=0)
     assert results["test_accuracy"] == 1.0 and results["total"] == 64
     for name in ("checkpoint.pt", "loss.png", "accuracy.png", "results.json"):
@@ -1762,8 +1777,8 @@ def test_classifier_run_writes_every_file_and_learns_a_toy_task(tmp_path):
 
 
 def test_resumed_classifier_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    settings = metrics.ClassifierSettings(epochs=2, batch_size=16, lr=3e-3)
-    metrics.train_classifier(toy_digits(), toy_digits(seed=1), settings,
+    settings = classifier.ClassifierSettings(epochs=2, batch_size=16, lr=3e-3)
+    classifier.train(toy_digits(), toy_digits(seed=1), settings,
                              tmp_path / "whole", "cpu", seed=3)
 
     def interrupt(*args, **kwargs):  # stop right after the first epoch's checkpoint
@@ -1771,11 +1786,11 @@ def test_resumed_classifier_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(plots, "line_plot", interrupt)
         with pytest.raises(KeyboardInterrupt):
-            metrics.train_classifier(toy_digits(), toy_digits(seed=1), settings,
+            classifier.train(toy_digits(), toy_digits(seed=1), settings,
                                      tmp_path / "parts", "cpu", seed=3)
     assert util.load_checkpoint(tmp_path / "parts" / "checkpoint.pt")["step"] == 4  # epoch 1
-    resumed = metrics.ClassifierSettings(epochs=2, batch_size=16, lr=3e-3, resume=True)
-    metrics.train_classifier(toy_digits(), toy_digits(seed=1), resumed,
+    resumed = classifier.ClassifierSettings(epochs=2, batch_size=16, lr=3e-3, resume=True)
+    classifier.train(toy_digits(), toy_digits(seed=1), resumed,
                              tmp_path / "parts", "cpu", seed=3)
     whole = util.load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["network"]
     parts = util.load_checkpoint(tmp_path / "parts" / "checkpoint.pt")["network"]
@@ -1784,8 +1799,8 @@ def test_resumed_classifier_equals_an_uninterrupted_run(tmp_path, monkeypatch):
 
 
 def test_classify_command_reads_digits_from_file_names(tmp_path, capsys):
-    settings = metrics.ClassifierSettings(epochs=2, batch_size=16, lr=3e-3)
-    metrics.train_classifier(toy_digits(), toy_digits(seed=1), settings,
+    settings = classifier.ClassifierSettings(epochs=2, batch_size=16, lr=3e-3)
+    classifier.train(toy_digits(), toy_digits(seed=1), settings,
                              tmp_path / "classifier", "cpu", seed=0)
     images = toy_digits(6, seed=2)
     names = [f"{int(label)}_{i:03d}.png" for i, label in enumerate(images.labels)]
@@ -1857,7 +1872,7 @@ def tiny_uda(**changes) -> "uda.UDASettings":
 
 def test_every_method_writes_every_promised_file(tmp_path):
     settings = tiny_uda(src="mnistm", tgt="usps")
-    rows = uda.run_methods(settings, uda.METHODS, toy_load, tmp_path, "cpu", seed=0)
+    rows = run.uda_methods(settings, uda.METHODS, toy_load, tmp_path, "cpu", seed=0)
     assert list(rows) == list(uda.METHODS)
     for method in uda.METHODS:
         for name in ("checkpoint.pt", "loss.png", "accuracy.png", "tsne_class.png",
@@ -1873,7 +1888,7 @@ def test_every_method_writes_every_promised_file(tmp_path):
 def test_a_quick_run_on_fewer_images_than_a_batch_works(tmp_path):
     """uda --limit 100 with --batch-size 128 crashed in torch.cat (no full batch)."""
     settings = tiny_uda(src="mnistm", tgt="usps", batch_size=64, limit=12, tsne_points=0)
-    rows = uda.run_methods(settings, ("dann",), toy_load, tmp_path, "cpu", seed=0)
+    rows = run.uda_methods(settings, ("dann",), toy_load, tmp_path, "cpu", seed=0)
     assert rows["dann"]["total"] == 12
     source, target = uda.paired_indices(12, 5, 64, torch.Generator().manual_seed(0))
     assert source.shape == target.shape == (1, 12)
@@ -1881,7 +1896,7 @@ def test_a_quick_run_on_fewer_images_than_a_batch_works(tmp_path):
 
 
 def test_table_reports_a_scenario_with_missing_data_and_runs_the_rest(tmp_path):
-    table = uda.run_table(tiny_uda(tsne_points=0), ("source",), toy_load, tmp_path, "cpu", 0)
+    table = run.uda_table(tiny_uda(tsne_points=0), ("source",), toy_load, tmp_path, "cpu", 0)
     assert set(table) == {"mnistm-svhn", "mnistm-usps", "usps-mnistm", "svhn-usps"}
     assert "error" in table["svhn-usps"] and "rows" in table["usps-mnistm"]
     text = (tmp_path / "results.md").read_text()
@@ -1892,7 +1907,7 @@ def test_table_reports_a_scenario_with_missing_data_and_runs_the_rest(tmp_path):
 
 def test_predictions_csv_has_the_course_header_and_one_row_per_image(tmp_path, capsys):
     settings = tiny_uda(src="mnistm", tgt="usps", method="dann", tsne_points=0)
-    uda.run_methods(settings, ["dann"], toy_load, tmp_path, "cpu", seed=0)
+    run.uda_methods(settings, ["dann"], toy_load, tmp_path, "cpu", seed=0)
     lines = (tmp_path / "dann" / "predictions.csv").read_text().splitlines()
     assert lines[0] == "image_name,label" and len(lines) == 41
     assert all(name.endswith(".png") and label.isdigit() and 0 <= int(label) <= 9
@@ -1914,20 +1929,19 @@ def test_uda_reports_and_predicts_with_the_weight_average(tmp_path, method):
     domains = uda.load_domains(settings, toy_load)
     uda.train(domains, settings, tmp_path, "cpu", seed=0)
     state = util.load_checkpoint(tmp_path / "checkpoint.pt")
-    adapted = method == "adda"
 
     def predictions(key):
         nets_ = uda.Networks(method)
         nets_.load_state_dict(state[key])
-        return metrics.predict(torch.nn.Sequential(nets_.target_encoder(adapted),
-                                                   nets_.classifier), domains.target_test)
+        return classifier.predict(torch.nn.Sequential(nets_.target_encoder(),
+                                                      nets_.classifier), domains.target_test)
     averaged = predictions("average")
     assert not torch.equal(averaged, predictions("networks"))  # the last weights differ
     saved = [int(line.split(",")[1]) for line in
              (tmp_path / "predictions.csv").read_text().splitlines()[1:]]
     assert saved == averaged.tolist()
     model, _ = uda.load_for_prediction(tmp_path / "checkpoint.pt", "cpu")
-    assert torch.equal(metrics.predict(model, domains.target_test), averaged)
+    assert torch.equal(classifier.predict(model, domains.target_test), averaged)
 
 
 @pytest.mark.parametrize("method, encoder, domains_seen, frozen", [
@@ -1959,7 +1973,7 @@ def test_weight_average_has_batch_norm_statistics_of_its_own_weights(
 
 def test_adda_adaptation_freezes_source_nets_and_drops_no_target_features():
     nets_ = uda.Networks("adda")
-    uda.set_modes(nets_, "adapt")
+    uda.freeze_source_side(nets_)
     assert not nets_.features.training and not nets_.classifier.training
     target = nets_.target_features
     norms = [m for m in target.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -1969,7 +1983,7 @@ def test_adda_adaptation_freezes_source_nets_and_drops_no_target_features():
     first = target(x)
     torch.manual_seed(1)
     assert torch.equal(first, target(x))  # no dropout mask the discriminator could see
-    uda.set_modes(nets_, "pretrain")
+    nets_.train()  # the other methods' mode
     torch.manual_seed(1)
     assert not torch.equal(nets_.features(x), nets_.features(x))  # dropout on in training
 
@@ -2029,8 +2043,8 @@ def test_gta_discriminator_sees_real_generated_source_and_generated_target_apart
     optimizers = {name: torch.optim.SGD(module.parameters(), lr=0.0) for name, module in (
         ("discriminator", nets_.discriminator), ("generator", nets_.generator),
         ("embedding", nn.Sequential(nets_.features, nets_.classifier)))}
-    uda.gta_step(nets_, source, torch.arange(4), target, torch.randn(8, uda.GTA_NOISE),
-                 optimizers, 0.1, 0.3)
+    uda.gta_step(nets_, nets_.discriminator, source, torch.arange(4), target,
+                 torch.randn(8, uda.GTA_NOISE), optimizers, 0.1, 0.3)
     assert sizes == [4] * 5
 
 
@@ -2045,7 +2059,7 @@ def test_resumed_uda_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, meth
     def interrupt(*args, **kwargs):  # stop right after the first epoch's checkpoint
         raise KeyboardInterrupt
     with monkeypatch.context() as patch:
-        patch.setattr(uda, "save_curves", interrupt)
+        patch.setattr(reports, "uda_curves", interrupt)
         with pytest.raises(KeyboardInterrupt):
             uda.train(domains, settings, tmp_path / "parts", "cpu", seed=1)
     uda.train(domains, dataclasses.replace(settings, resume=True), tmp_path / "parts",
@@ -2125,8 +2139,7 @@ def test_gan_losses_match_their_formulas():
 
 def test_translation_shifts_whole_pixels_and_fills_mid_gray():
     images = torch.randn(3, 2, 16, 16)
-    rng = torch.Generator().manual_seed(4)
-    shifted = gan._translation(images, rng)
+    shifted = gan._translation(images, parallel.Random(4))
     shifts = torch.randint(-2, 3, (3, 2), generator=torch.Generator().manual_seed(4))
     for image, moved, (dy, dx) in zip(images, shifted, shifts.tolist()):
         expected = torch.zeros_like(image)
@@ -2137,13 +2150,13 @@ def test_translation_shifts_whole_pixels_and_fills_mid_gray():
 
 def test_cutout_zeroes_one_half_side_square_and_augmentations_pass_gradients():
     images = torch.ones(4, 3, 16, 16, requires_grad=True)
-    cut = gan._cutout(images, torch.Generator().manual_seed(2))
+    cut = gan._cutout(images, parallel.Random(2))
     centres = torch.randint(0, 16, (4, 2), generator=torch.Generator().manual_seed(2))
     for image, (cy, cx) in zip(cut, centres.tolist()):
         rows = (torch.arange(16) - cy).abs() < 4
         cols = (torch.arange(16) - cx).abs() < 4
         assert torch.equal(image[0] == 0, rows[:, None] & cols[None, :])
-    augmented = gan.diff_augment(images, "translation,color,cutout", torch.Generator())
+    augmented = gan.diff_augment(images, "translation,color,cutout", parallel.Random())
     augmented.sum().backward()
     assert images.grad.abs().sum() > 0
 
@@ -2234,7 +2247,7 @@ def test_resumed_gan_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
     with monkeypatch.context() as patch:
-        patch.setattr(gan, "save_pictures", interrupt)  # right after the step-1 checkpoint
+        patch.setattr(reports, "gan_pictures", interrupt)  # right after the step-1 checkpoint
         with pytest.raises(KeyboardInterrupt):
             gan.train(toy_faces(), None, settings, tmp_path / "parts", "cpu", 1)
     gan.train(toy_faces(), None, dataclasses.replace(settings, resume=True),
@@ -2319,6 +2332,12 @@ def test_posterior_is_the_gaussian_product_of_prior_and_likelihood():
         mean, variance = schedule.posterior(x0, x_t, t)
         assert torch.allclose(mean, mean_expected, atol=1e-6)
         assert torch.allclose(variance, torch.full_like(variance, 1 / precision), rtol=1e-6)
+
+
+def skip_course_digits(monkeypatch):
+    """ddpm.train without its final 1000 images, their grades and results.json."""
+    monkeypatch.setattr(ddpm, "course_digits", lambda *args, **kwargs: (None, None, 0.0))
+    monkeypatch.setattr(reports, "ddpm_results", lambda *args, **kwargs: {})
 
 
 def tiny_diffusion(**changes) -> "ddpm.Diffusion":
@@ -2422,10 +2441,10 @@ def test_ddpm_run_writes_course_images_grid_strip_curve_and_resumes(tmp_path, mo
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
     with monkeypatch.context() as patch:
-        patch.setattr(ddpm, "save_grid_and_strip", interrupt)  # after the step-1 checkpoint
+        patch.setattr(ddpm, "reverse_process", interrupt)  # after the step-1 checkpoint
         with pytest.raises(KeyboardInterrupt):
             ddpm.train(digits, None, settings, tmp_path / "parts", "cpu", seed=2)
-    monkeypatch.setattr(ddpm, "finish", lambda *args, **kwargs: {})  # skip the 1000 images
+    skip_course_digits(monkeypatch)
     ddpm.train(digits, None, dataclasses.replace(settings, resume=True), tmp_path / "parts",
                "cpu", seed=2)
     whole = util.load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
@@ -2474,7 +2493,7 @@ def test_a_tiny_vae_run_writes_every_file_and_resumes_to_the_same_weights(tmp_pa
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
     with monkeypatch.context() as patch:
-        patch.setattr(vae, "save_curves", interrupt)  # right after the first checkpoint
+        patch.setattr(reports, "vae_curves", interrupt)  # right after the first checkpoint
         with pytest.raises(KeyboardInterrupt):
             vae.train(faces, test, tiny_vae(), tmp_path / "parts", "cpu", seed=0)
     vae.train(faces, test, tiny_vae(resume=True), tmp_path / "parts", "cpu", seed=0)
@@ -2638,7 +2657,7 @@ def test_gan_step_descends_d_loss_on_real_and_detached_fake_then_g_loss_against_
     real = real_batch()
     real_attributes = torch.tensor([1, 1, 1, 0, 0, 0]) if variant == "acgan" else None
     numbers = gan.train_step(model, optimizers, real, real_attributes, settings,
-                             torch.Generator().manual_seed(3))
+                             parallel.Random(3))
 
     improved, acgan = variant != "a", variant == "acgan"
     augment = (lambda x: stub_augment(x, "", None)) if improved else (lambda x: x)
@@ -2698,7 +2717,7 @@ def test_improved_gans_augment_every_image_d_sees_and_dcgan_none(variant, policy
                   "discriminator": recording_sgd(model.discriminator.parameters(), 0.0)}
     real = real_batch()
     attributes = torch.tensor([1, 0, 1, 0, 1, 0]) if variant == "acgan" else None
-    gan.train_step(model, optimizers, real, attributes, settings, torch.Generator().manual_seed(1))
+    gan.train_step(model, optimizers, real, attributes, settings, parallel.Random(1))
     fake = torch.cat(model.generator.outputs)
     seen = torch.cat(model.discriminator.inputs)                          # (3B, 3, S, S)
     assert len(seen) == 3 * len(real)
@@ -2724,7 +2743,7 @@ def test_color_augmentation_is_diffaugments_brightness_saturation_and_contrast()
     x = (x - gray) * (saturation * 2) + gray
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * (contrast + 0.5) + mean
-    assert torch.allclose(gan.diff_augment(images, "color", torch.Generator().manual_seed(6)),
+    assert torch.allclose(gan.diff_augment(images, "color", parallel.Random(6)),
                           x, atol=1e-6)
 
 
@@ -2851,7 +2870,7 @@ def test_min_snr_weighting_scales_each_images_error_by_min_snr_5_over_snr():
             return 0.5 * x_t + 0.1
     model.network = Records()
     x0 = torch.rand(64, 3, 2, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    loss = model.loss(x0, torch.arange(64) % 10, torch.Generator().manual_seed(0))
+    loss = model.loss(x0, torch.arange(64) % 10, parallel.Random(0))
     (x_t, t), = calls
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t - 1]
     snr = abar / (1 - abar)
@@ -2901,7 +2920,7 @@ def test_ddpm_resume_refuses_a_new_steps_only_under_a_cosine_lr(schedule, refuse
     jump back up, so that resume must say so; a constant lr may run longer."""
     digits = toy_domain(8)
     _, settings = tiny_diffusion(steps=1, width=8, lr_schedule=schedule)
-    monkeypatch.setattr(ddpm, "finish", lambda *args, **kwargs: {})  # skip the 1000 images
+    skip_course_digits(monkeypatch)
     ddpm.train(digits, None, settings, tmp_path, "cpu", seed=0)
     longer = dataclasses.replace(settings, steps=2, resume=True)
     if refused:
@@ -2929,7 +2948,7 @@ def test_training_loss_regresses_the_noise_at_t_from_1_to_T_and_drops_classes_to
     count = 4000
     x0 = torch.rand(count, 1, 2, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
     labels = torch.arange(count) % 10
-    loss = model.loss(x0, labels, torch.Generator().manual_seed(0))
+    loss = model.loss(x0, labels, parallel.Random(0))
     x_t, t, seen = (torch.cat(parts) for parts in zip(*calls))
     assert len(x_t) == count
     assert set(t.tolist()) == set(range(1, T + 1))
@@ -3037,7 +3056,7 @@ def test_ddpm_training_warms_up_the_lr_descends_the_networks_loss_and_averages_i
     that step's loss on a batch of digits with their labels; then the EMA used for
     sampling moves toward the network (d = min(decay, (1 + k) / (10 + k)))."""
     monkeypatch.setattr(nets, "UNet", TinyEps)
-    monkeypatch.setattr(ddpm, "finish", lambda *args, **kwargs: {})  # no 1000 images
+    skip_course_digits(monkeypatch)
     models = []
 
     class Recording(ddpm.Diffusion):
@@ -3225,7 +3244,8 @@ def test_gta_step_trains_d_then_g_and_f_c_against_the_updated_d():
     optimizers = {"discriminator": recording_sgd(D.parameters(), lr_d),
                   "generator": recording_sgd(G.parameters(), 0.2),
                   "embedding": recording_sgd([*F_.parameters(), *C.parameters()], 0.3)}
-    losses = uda.gta_step(nets_, source, labels, target, noise, optimizers, a, alpha)
+    losses = uda.gta_step(nets_, nets_.discriminator, source, labels, target, noise,
+                          optimizers, a, alpha)
 
     def generate(features, condition, z):
         one_hot = torch.zeros(len(features), 11)
@@ -3275,7 +3295,7 @@ def test_self_ensembling_step_matches_the_papers_loss_on_the_augmentations_it_na
     source, labels, target = two_domains(8)
     shifts = iter([0.3, -0.2, 0.1])  # a_1, a_2, a_3: recognisable by their shift
 
-    def recorded_augment(images):
+    def recorded_augment(images, rng):
         return images + next(shifts)
     monkeypatch.setattr(uda, "augment", recorded_augment)
     S0, T0 = copy.deepcopy(student), copy.deepcopy(teacher)
@@ -3289,7 +3309,7 @@ def test_self_ensembling_step_matches_the_papers_loss_on_the_augmentations_it_na
     w, b = 3.0, 0.5
     optimizer = recording_sgd(student.parameters(), 0.1)
     losses = uda.self_ensembling_step(student, teacher, source, labels, target, optimizer,
-                                      w, threshold, b)
+                                      parallel.Random(), w, threshold, b)
 
     class_loss = F.cross_entropy(S0.classifier(S0.features(source + 0.3)), labels)
     student_probs = predict(S0, target - 0.2)
@@ -3334,8 +3354,7 @@ def test_augment_deforms_shifts_flips_and_noises_each_image_by_its_own_draw():
     same order: the 2x2 deformation, the shift in pixels (not in affine_grid's [-1, 1]
     units), the flip of half the images, the noise in image standard deviations."""
     images = torch.rand(4, 3, 7, 7, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    torch.manual_seed(5)
-    augmented = uda.augment(images, shift=2.0, deform=0.1, noise=0.1)
+    augmented = uda.augment(images, parallel.Random(5), shift=2.0, deform=0.1, noise=0.1)
     torch.manual_seed(5)
     matrix = torch.eye(2) + 0.1 * torch.randn(4, 2, 2)
     offset = 2.0 * (2 * torch.rand(4, 2) - 1)
@@ -3716,7 +3735,7 @@ def test_classifier_step_descends_label_smoothed_cross_entropy_of_shifted_digits
         return networks[-1]
     monkeypatch.setattr(nets, "digit_classifier", tiny_classifier)
     train = toy_digits(32)
-    settings = metrics.ClassifierSettings(epochs=2, batch_size=8, lr=0.01, weight_decay=0.02)
+    settings = classifier.ClassifierSettings(epochs=2, batch_size=8, lr=0.01, weight_decay=0.02)
     reference = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], 0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(reference, 0.01, total_steps=2 * 4)
     one_cycle = []  # torch's one-cycle learning rates for 2 epochs of 4 steps
@@ -3741,7 +3760,7 @@ def test_classifier_step_descends_label_smoothed_cross_entropy_of_shifted_digits
                          gradients(loss, network.inner.parameters()), what=len(checked))
         checked.append(len(images))
     with optimiser_hooks(before):
-        metrics.train_classifier(train, toy_digits(8, seed=1), settings, tmp_path, "cpu", 0)
+        classifier.train(train, toy_digits(8, seed=1), settings, tmp_path, "cpu", 0)
     assert checked == [8] * 8
 
 
@@ -3754,7 +3773,7 @@ def test_gradient_penalty_of_a_linear_critic_is_norm_of_w_minus_1_squared():
         critic.weight.mul_(3.0)
     w = critic.weight.detach().flatten()
     penalty = gan.gradient_penalty(critic, torch.randn(5, 12), torch.randn(5, 12),
-                                   torch.Generator().manual_seed(0))
+                                   parallel.Random(0))
     assert torch.isclose(penalty, (w.norm() - 1) ** 2, rtol=1e-5)
     penalty.backward()  # needs create_graph=True: the penalty is a function of w
     assert torch.allclose(critic.weight.grad.flatten(), 2 * (w.norm() - 1) * w / w.norm(),
@@ -3766,7 +3785,7 @@ def test_gradient_penalty_is_taken_per_sample_at_eps_x_plus_1_minus_eps_fake():
     # xhat_i = eps_i x_i + (1 - eps_i) x~_i, one eps_i ~ U[0, 1] per sample from rng
     real, fake = torch.randn(6, 4), torch.randn(6, 4) * 3
     penalty = gan.gradient_penalty(lambda x: 0.5 * (x ** 2).sum(dim=1), real, fake,
-                                   torch.Generator().manual_seed(5))
+                                   parallel.Random(5))
     eps = torch.rand(6, 1, generator=torch.Generator().manual_seed(5))
     x_hat = eps * real + (1 - eps) * fake
     assert torch.isclose(penalty, ((x_hat.norm(dim=1) - 1) ** 2).mean(), rtol=1e-5)
@@ -3815,8 +3834,8 @@ def test_one_critic_step_descends_the_wgan_gp_loss_and_g_ascends_the_critic():
     w = model.discriminator[1].weight.detach().flatten().clone()
     optimizers = {"discriminator": torch.optim.SGD(model.discriminator.parameters(), lr=0.1),
                   "generator": torch.optim.SGD(model.generator.parameters(), lr=0.0)}
-    numbers = gan.wgan_gp_step(model, optimizers, lambda: (real, None), settings,
-                               torch.Generator().manual_seed(0))
+    numbers = gan.wgan_gp_step(model, optimizers, lambda: real, settings,
+                               parallel.Random(0))
     real_mean, fake_mean = real.flatten(1).mean(0), fakes[0].detach().flatten(1).mean(0)
     # E[D(x)] - E[D(x~)] = <w, E[x] - E[x~]>; the penalty (||w|| - 1)^2;
     # L_D = E[D(x~)] - E[D(x)] + 10 (||w|| - 1)^2
@@ -3851,8 +3870,8 @@ def test_wgan_gp_step_takes_n_critic_steps_each_on_its_own_batch_and_z():
 
     def real_batch():
         batches.append(faces.images(slice(4 * len(batches), 4 * len(batches) + 4)))
-        return batches[-1], None
-    gan.wgan_gp_step(model, optimizers, real_batch, settings, torch.Generator().manual_seed(0))
+        return batches[-1]
+    gan.wgan_gp_step(model, optimizers, real_batch, settings, parallel.Random(0))
     assert steps == {"discriminator": 3, "generator": 1} and len(batches) == 3
     assert len(noise) == 4 and len({tuple(z[0].tolist()) for z in noise}) == 4  # 3 + G's
 
@@ -3964,7 +3983,7 @@ def hacks_step(monkeypatch=None, noise_std=0.0, seed=0, **changes):
         monkeypatch.setattr(gan, "discriminator_loss", recorded)
     real = toy_faces().images(slice(0, 8))
     numbers = gan.train_step(model, gan.build_optimizers(model, settings), real, None,
-                             settings, torch.Generator().manual_seed(seed), noise_std=noise_std)
+                             settings, parallel.Random(seed), noise_std=noise_std)
     return model.discriminator, real, numbers, given
 
 
@@ -3995,7 +4014,7 @@ def test_hacks_flips_the_share_of_targets_it_is_given(monkeypatch):
     assert ((fake_targets >= 0.8) & (fake_targets <= 0.9)).all()
     settings = tiny_gan(variant="hacks", label_flip=0.05)
     real_targets, fake_targets = gan.discriminator_targets(
-        20_000, settings, torch.Generator().manual_seed(0), "cpu")
+        20_000, settings, parallel.Random(0))
     # 5% of each; the binomial's standard deviation is 0.0015, so 0.01 is 6 of them
     assert abs((real_targets == 0).float().mean() - 0.05) < 0.01
     assert abs((fake_targets > 0).float().mean() - 0.05) < 0.01
@@ -4045,7 +4064,7 @@ def test_other_variants_see_no_instance_noise():
     model.discriminator = Recorder(model.discriminator)
     real = toy_faces().images(slice(0, 4))
     gan.train_step(model, gan.build_optimizers(model, settings), real, None, settings,
-                   torch.Generator().manual_seed(0), noise_std=0.5)
+                   parallel.Random(0), noise_std=0.5)
     assert torch.equal(model.discriminator.inputs[0], real)
 
 
@@ -4097,13 +4116,13 @@ def rank_main(rank: int, world: int, port: int, argv: list, folder: str, die_at:
                       LOCAL_WORLD_SIZE=str(world), DLCV_DIST_TIMEOUT="60")
     torch.set_num_threads(1)
     if die_at and rank == 1:
-        real_add = util.StepLog.add
+        real_add = training.StepLog.add
 
         def add(log, numbers):
             if len(log.history["step"]) + 1 >= die_at:  # a commit a step (--sample-every 1)
                 os._exit(9)  # as if killed: no message, no clean-up
             real_add(log, numbers)
-        util.StepLog.add = add
+        training.StepLog.add = add
     sys.stderr = open(Path(folder) / f"rank{rank}.err", "w", buffering=1)  # for the test
     code = run.main(argv)
     (Path(folder) / f"rank{rank}.code").write_text(str(code))

@@ -81,15 +81,10 @@ epoch to the next, their average much less. After each epoch the average gets
 batch-norm statistics of its own (refresh_statistics), since the ones it copies belong
 to the last weights. An epoch is max(|source|, |target|) / batch steps; the smaller set
 is cycled.
-
-Under torchrun (parallel.py) each process trains on its share of the global batch: every
-per-image random number is drawn for the whole batch and cut to the process's rows
-(parallel.draw, parallel.rows), so N processes train the same weights as one.
 """
 import copy
 import itertools
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -97,19 +92,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import classifier
 import data
-import metrics
 import nets
 import parallel
-import plots
-import tsne
+import reports
+import training
 import util
+from parallel import Random
 from util import UserError
 
 METHODS = ("source", "dann", "dann-ent", "adda", "gta", "self-ensembling", "target")
-TITLES = {"source": "Trained on source", "dann": "DANN", "dann-ent": "DANN + entropy",
-          "adda": "ADDA", "gta": "GTA", "self-ensembling": "Self-ensembling",
-          "target": "Trained on target"}
 SCENARIOS = (("mnistm", "svhn"), ("mnistm", "usps"), ("usps", "mnistm"), ("svhn", "usps"))
 STATISTICS_IMAGES = 4096  # per domain, for the batch-norm statistics of the average
 GTA_NOISE = 100  # the size of GTA's z
@@ -177,54 +170,6 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_probs.exp() * log_probs).sum(dim=1).mean()
 
 
-# ============================================================================ data
-@dataclass
-class Domains:
-    """The four splits one scenario needs, resized to one size."""
-    source_train: data.ImageSet
-    target_train: data.ImageSet
-    source_test: data.ImageSet
-    target_test: data.ImageSet
-
-
-def load_domains(settings: UDASettings, load) -> Domains:
-    """load(name, split, image_size) -> ImageSet; the source must be labelled."""
-    splits = [load(name, split, settings.image_size) for name, split in
-              ((settings.src, "train"), (settings.tgt, "train"),
-               (settings.src, "test"), (settings.tgt, "test"))]
-    if settings.limit:
-        splits = [s.subset(torch.arange(min(settings.limit, len(s)))) for s in splits]
-    for name, images in ((settings.src, splits[0]), (settings.tgt, splits[1])):
-        if len(images) < 2:  # batch norm needs two images in a batch
-            raise UserError(f"{name} has {len(images)} training image(s): give at least 2 "
-                            "(raise --limit)")
-    if splits[0].labels is None:
-        raise UserError(f"source {settings.src} has no labels: give a labelled source "
-                        "(a data set name, or a folder with train.csv image_name,label)")
-    return Domains(*splits)
-
-
-def epoch_shape(source_count: int, target_count: int, batch_size: int) -> tuple[int, int]:
-    """(steps, batch size) of an epoch: the larger set once over. A batch never exceeds
-    the larger set, so a quick run on fewer images than --batch-size has one step."""
-    batch_size = min(batch_size, max(source_count, target_count))
-    return max(source_count, target_count) // batch_size, batch_size
-
-
-def paired_indices(source_count: int, target_count: int, batch_size: int,
-                   generator: torch.Generator):
-    """Per step a source and a target index batch; an epoch covers the larger set once,
-    the smaller one is cycled through fresh permutations."""
-    steps, batch_size = epoch_shape(source_count, target_count, batch_size)
-    needed = steps * batch_size
-
-    def cycled(count):
-        rounds = -(-needed // count)
-        return torch.cat([torch.randperm(count, generator=generator)
-                          for _ in range(rounds)])[:needed].view(steps, batch_size)
-    return cycled(source_count), cycled(target_count)
-
-
 # ============================================================================ networks
 class Networks(nn.Module):
     """F (features), C (classifier), D (domain); for ADDA F_t (target features); for GTA
@@ -246,10 +191,12 @@ class Networks(nn.Module):
                           if gta else None)
         self.discriminator = nets.GTADiscriminator(classes, GTA_WIDTH) if gta else None
 
-    def target_encoder(self, adapted: bool) -> nn.Module:
-        return self.target_features if adapted else self.features
+    def target_encoder(self) -> nn.Module:
+        """What embeds target images: ADDA's F_t, else F."""
+        return self.features if self.target_features is None else self.target_features
 
 
+# ============================================================================ the steps
 def classify_step(nets_: Networks, images, labels, optimizer) -> dict:
     """Source-only (or target-only): CE(C(F(x)), y)."""
     loss = F.cross_entropy(nets_.classifier(nets_.features(images)), labels)
@@ -318,11 +265,13 @@ def adda_step(nets_: Networks, source, target, optimizers) -> dict:
     return {"domain": domain_loss, "encoder": encoder_loss}
 
 
-def gta_step(nets_: Networks, source, labels, target, noise, optimizers: dict,
-             adversarial_weight: float, target_weight: float) -> dict:
+def gta_step(nets_: Networks, judge: nn.Module, source, labels, target, noise,
+             optimizers: dict, adversarial_weight: float, target_weight: float) -> dict:
     """One GTA step in the authors' order: D learns on real source images and on both
-    domains' generated images; then G, and F and C, learn against the updated D.
-    noise: z (B_s + B_t, GTA_NOISE), the source rows first."""
+    domains' generated images; then G, and F and C, learn against the updated D, which
+    does not learn there: `judge` is D's plain module (the training loop's; under
+    torchrun nets_.discriminator is its replica). noise: z (B_s + B_t, GTA_NOISE), the
+    source rows first."""
     F_, C, G, D = nets_.features, nets_.classifier, nets_.generator, nets_.discriminator
     source_features, target_features = F_(source), F_(target)          # (B, 800) each
     # G's condition: the source label, or for a target image the extra label K
@@ -341,9 +290,7 @@ def gta_step(nets_: Networks, source, labels, target, noise, optimizers: dict,
     discriminator_loss.backward()
     optimizers["discriminator"].step()
 
-    # 2. G, F and C against the updated D, which does not learn here (so it runs outside
-    #    its replica: no gradient exchange waits for its weights)
-    judge = parallel.module_of(D)
+    # 2. G, F and C against the updated D
     source_data, source_classes = judge(generated_source)
     target_data, _ = judge(generated_target)
     # G: min CE(D_cls(g_s), y_s) + BCE(D_data(g_s), 1), real-looking digits of class y_s
@@ -370,27 +317,28 @@ def generate(generator: nn.Module, features, labels, noise, classes: int) -> tor
 
 
 def self_ensembling_step(student: Networks, teacher: Networks, source, labels, target,
-                         optimizer, consistency_weight: float, confidence: float,
-                         balance_weight: float) -> dict:
+                         optimizer, rng: Random, consistency_weight: float,
+                         confidence: float, balance_weight: float) -> dict:
     """One self-ensembling step: the student learns the source labels and to agree with
     its teacher (the weight average) on target images the teacher is sure of; only the
-    student's optimiser steps (the teacher follows as the average, in fit)."""
+    student's optimiser steps (the teacher follows as the average, in the loop)."""
     def predict(networks, images):
         return networks.classifier(networks.features(images))
-    class_loss = F.cross_entropy(predict(student, augment(source)), labels)
-    student_probs = predict(student, augment(target)).softmax(dim=1)   # S(a(x_t)), (B, K)
+    class_loss = F.cross_entropy(predict(student, augment(source, rng)), labels)
+    student_probs = predict(student, augment(target, rng)).softmax(dim=1)  # S(a(x_t)), (B, K)
     teacher.train()  # like the student: batch statistics of the target batch, dropout
     with torch.no_grad():
-        teacher_probs = predict(teacher, augment(target)).softmax(dim=1)  # T(a'(x_t))
+        teacher_probs = predict(teacher, augment(target, rng)).softmax(dim=1)  # T(a'(x_t))
     # m_t = [max_k T(a'(x_t))_k > threshold], (B,)
     confident = (teacher_probs.max(dim=1).values > confidence).float()
     # consistency: mean_t m_t |S - T|^2 / K
     consistency = (((student_probs - teacher_probs) ** 2).mean(dim=1) * confident).mean()
     # class balance: K BCE(mean_t S, 1/K) averaged over k, i.e. summed over the K classes,
-    # weighted by the share of confident images (as in the authors' code)
-    mean_probs = parallel.batch_mean(student_probs)                    # (K,)
+    # weighted by the share of confident images (as in the authors' code); both means
+    # over the whole batch (nets.batch_mean)
+    mean_probs = nets.batch_mean(student_probs)                        # (K,)
     balance = (F.binary_cross_entropy(mean_probs, torch.full_like(mean_probs, 1 / len(
-        mean_probs)), reduction="sum") * parallel.batch_mean(confident))
+        mean_probs)), reduction="sum") * nets.batch_mean(confident))
     loss = class_loss + consistency_weight * (consistency + balance_weight * balance)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -399,7 +347,7 @@ def self_ensembling_step(student: Networks, teacher: Networks, source, labels, t
             "confident": confident.mean()}
 
 
-def augment(images: torch.Tensor, shift: float = 2.0, deform: float = 0.1,
+def augment(images: torch.Tensor, rng: Random, shift: float = 2.0, deform: float = 0.1,
             noise: float = 0.1) -> torch.Tensor:
     """French et al.'s augmentation of a batch (B, C, H, W), a draw of its own per image:
     the pixel grid mapped by x -> (I + E) x + t about the centre, E ~ N(0, deform^2) per
@@ -408,63 +356,137 @@ def augment(images: torch.Tensor, shift: float = 2.0, deform: float = 0.1,
     standard deviations (the paper adds 0.1 to standardised images) per pixel."""
     count, _, height, width = images.shape
     device = images.device
-    matrix = torch.eye(2, device=device) + deform * parallel.draw(
-        torch.randn, (count, 2, 2), None, device)                     # (B, 2, 2)
+    matrix = torch.eye(2, device=device) + deform * rng.randn(count, 2, 2)   # (B, 2, 2)
     # affine_grid's coordinates run over [-1, 1]: a pixel is 2 / width of them
-    offset = shift * (2 * parallel.draw(torch.rand, (count, 2), None, device) - 1)
+    offset = shift * (2 * rng.rand(count, 2) - 1)
     offset = offset * 2 / torch.tensor([width, height], device=device)  # (B, 2)
     grid = F.affine_grid(torch.cat([matrix, offset[..., None]], dim=2), list(images.shape),
                          align_corners=False)                          # (B, H, W, 2)
     moved = F.grid_sample(images, grid, padding_mode="border", align_corners=False)
-    flips = parallel.draw(torch.rand, (count, 1, 1, 1), None, device) < 0.5
+    flips = rng.rand(count, 1, 1, 1) < 0.5
     moved = torch.where(flips, -moved, moved)
     spread = moved.std(dim=(1, 2, 3), keepdim=True)
-    return moved + noise * spread * parallel.draw(torch.randn, images.shape, None, device)
+    return moved + noise * spread * rng.randn(*images.shape)
 
 
 # ============================================================================ training
-def train(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
+def train(domains: "Domains", settings: UDASettings, out: Path, device, seed: int,
           source_only: Path | None = None) -> dict:
-    """Train one method, with a checkpoint per epoch; returns results.json's content.
-    ADDA has two phases of its own (adda); the others are one run of their step."""
+    """Train one method for settings.epochs epochs of paired source and target batches,
+    keeping the weight average that is evaluated and saved; accuracies, curves and a
+    checkpoint after every epoch; then predictions, t-SNE and results.json. ADDA has
+    two phases of its own (adda)."""
     if settings.method == "adda":
         return adda(domains, settings, out, device, seed, source_only)
     if settings.method == "target" and domains.target_train.labels is None:
         raise UserError(f"target {settings.tgt} has no labels, so 'target' (train on the "
                         "target) cannot run: give a labelled target or another --method")
-    out, domains = Path(out), domains_on(domains, device)
+    domains, method = domains.to(device), settings.method
     util.seed_everything(seed)  # the initial weights
-    nets_ = networks_on(settings.method, device)
-    average = copy.deepcopy(nets_).requires_grad_(False)  # self-ensembling's teacher
+    nets_ = Networks(method).to(device, memory_format=torch.channels_last)
+    players = parallel.replicate(nets_)  # each player a replica under torchrun
+    average = copy.deepcopy(nets_).requires_grad_(False)  # evaluated; self-ensembling's teacher
     optimizers = make_optimizers(nets_, settings)
-    source, target = domains.source_train, domains.target_train
-    replicas = parallel.data_parallel(nets_)  # each player a replica under torchrun
-    steps = settings.epochs * epoch_shape(len(source), len(target), settings.batch_size)[0]
-    method = settings.method
-
-    def step(source_index, target_index, progress: float) -> dict:
-        set_learning_rates(optimizers, settings, progress, steps)
-        xs, ys = source.images(source_index), source.labels[source_index]
-        xt = target.images(target_index)
+    rng = Random(device=device, generator=torch.default_generator)  # GTA's z, augmentations
+    epochs = Epochs(domains, settings.batch_size, seed)
+    run = training.Run(out, "uda", settings, seed, device, desc=method,
+                       state={"networks": nets_, "average": average, **optimizers},
+                       steps=settings.epochs * epochs.steps, every=epochs.steps,
+                       may_change=("tsne_points",))
+    for step in run:
+        (xs, ys), (xt, yt) = epochs.batch(step)  # a new epoch reseeds torch's streams
+        progress = step / run.steps                                      # p in [0, 1)
+        set_learning_rates(optimizers, settings, progress, run.steps)
+        nets_.train()
         if method in ("source", "target"):
-            images, labels = (xs, ys) if method == "source" else (
-                xt, target.labels[target_index])
-            return classify_step(replicas, images, labels, optimizers["optimizer"])
-        if method == "gta":  # z for the source rows, then for the target rows
-            noise = torch.cat([parallel.draw(torch.randn, (len(x), GTA_NOISE), None, x.device)
-                               for x in (xs, xt)])
-            return gta_step(replicas, xs, ys, xt, noise, optimizers,
-                            settings.adversarial_weight, settings.target_weight)
-        if method == "self-ensembling":
-            return self_ensembling_step(replicas, average, xs, ys, xt, optimizers["optimizer"],
-                                        settings.consistency_weight, settings.confidence,
-                                        settings.balance_weight)
-        return dann_step(replicas, xs, ys, xt, optimizers["optimizer"], grl_lambda(progress),
-                         settings.entropy_weight if method == "dann-ent" else 0.0)
+            numbers = classify_step(players, *((xs, ys) if method == "source" else (xt, yt)),
+                                    optimizers["optimizer"])
+        elif method == "gta":  # z for the source rows, then for the target rows
+            noise = torch.cat([rng.randn(len(x), GTA_NOISE) for x in (xs, xt)])
+            numbers = gta_step(players, nets_.discriminator, xs, ys, xt, noise, optimizers,
+                               settings.adversarial_weight, settings.target_weight)
+        elif method == "self-ensembling":
+            numbers = self_ensembling_step(players, average, xs, ys, xt,
+                                           optimizers["optimizer"], rng,
+                                           settings.consistency_weight, settings.confidence,
+                                           settings.balance_weight)
+        else:
+            numbers = dann_step(players, xs, ys, xt, optimizers["optimizer"],
+                                grl_lambda(progress),
+                                settings.entropy_weight if method == "dann-ent" else 0.0)
+        nets.update_ema(average, nets_, step, settings.ema_decay)
+        run.log(numbers)
+        if run.at_checkpoint:  # the end of an epoch: the average, evaluated
+            refresh_statistics(nn.Sequential(average.features, average.classifier),
+                               statistics_sources(domains, method), settings.batch_size)
+            end_epoch(run, average.features, average, domains, settings, out)
+    return finish(run, average, domains, settings, out)
 
-    average, log = fit(nets_, optimizers, step, domains, method, settings.epochs, settings,
-                       out, device, seed, average=average)
-    return finish(average, domains, log.history, settings, out, seed, log.seconds)
+
+def adda(domains: "Domains", settings: UDASettings, out: Path, device, seed: int,
+         pretrained: Path | None = None) -> dict:
+    """ADDA (Tzeng et al. 2017) in its two phases.
+
+    1. Pre-train F_s and C on the labelled source: this is exactly the source-only run,
+       so it is that run (in OUT/pretrain), or the checkpoint of a finished one.
+    2. F_t starts as a copy of F_s; F_s and C are frozen; then D and F_t alternate
+       (adda_step) for adapt_epochs epochs, and target images are classified by C(F_t(x))."""
+    out, domains = Path(out), domains.to(device)
+    # 1. F_s and C: the source-only run's weight average
+    source_settings = replace(settings, method="source")
+    if pretrained is None:
+        pretrained = out / "pretrain" / "checkpoint.pt"
+        train(domains, replace(source_settings, tsne_points=0), pretrained.parent, device,
+              seed)
+    pre = util.resume_state(pretrained, device, "uda", source_settings, seed,
+                            may_change=("adapt_epochs", "adda_lr", "entropy_weight",
+                                        "tsne_points"))
+    util.seed_everything(seed)  # D and F_t start as they would have in one run
+    nets_ = Networks("adda").to(device, memory_format=torch.channels_last)
+    source_only = Networks("source")
+    source_only.load_state_dict(pre["average"])
+    nets_.features.load_state_dict(source_only.features.state_dict())     # F_s
+    nets_.classifier.load_state_dict(source_only.classifier.state_dict())  # C
+    # 2. F_t <- F_s; F_s and C frozen; D and F_t alternate
+    nets_.target_features.load_state_dict(nets_.features.state_dict())
+    nets_.features.requires_grad_(False)
+    nets_.classifier.requires_grad_(False)
+    players = parallel.replicate(nets_)  # F_t and D (F_s and C are frozen)
+    average = copy.deepcopy(nets_).requires_grad_(False)
+    optimizers = {"domain": torch.optim.Adam(nets_.domain.parameters(), settings.adda_lr,
+                                             betas=(0.5, 0.999)),
+                  "target": torch.optim.Adam(nets_.target_features.parameters(),
+                                             settings.adda_lr, betas=(0.5, 0.999))}
+    # the epochs continue the count of the pre-training's (their random streams)
+    epochs = Epochs(domains, settings.batch_size, seed, first_epoch=settings.epochs)
+    run = training.Run(out, "uda", settings, seed, device, desc="adapt",
+                       state={"networks": nets_, "average": average, **optimizers},
+                       steps=settings.adapt_epochs * epochs.steps, every=epochs.steps,
+                       may_change=("tsne_points",))
+    for step in run:
+        (xs, _), (xt, _) = epochs.batch(step)
+        freeze_source_side(nets_)
+        numbers = adda_step(players, xs, xt, optimizers)
+        nets.update_ema(average, nets_, step, settings.ema_decay)
+        run.log(numbers)
+        if run.at_checkpoint:  # the end of an epoch: the average of F_t, evaluated
+            refresh_statistics(average.target_features, [domains.target_train],
+                               settings.batch_size)
+            end_epoch(run, average.target_features, average, domains, settings, out)
+    return finish(run, average, domains, settings, out, pretrain_seconds=pre["seconds"])
+
+
+def freeze_source_side(nets_: Networks):
+    """ADDA's modes while F_t adapts: F_s and C are frozen (eval mode, running statistics);
+    F_t keeps batch norm in train mode but drops no features, since the discriminator
+    would tell dropout-masked target features from clean source ones at once (with
+    dropout on, D wins outright and F_t learns nothing useful)."""
+    nets_.train()
+    nets_.features.eval()
+    nets_.classifier.eval()
+    for module in nets_.target_features.modules():
+        if isinstance(module, (nn.Dropout, nn.Dropout2d)):
+            module.eval()
 
 
 def make_optimizers(nets_: Networks, settings: UDASettings) -> dict:
@@ -499,323 +521,182 @@ def set_learning_rates(optimizers: dict, settings: UDASettings, progress: float,
             group["lr"] = annealed_lr(settings.lr, progress) if anneal else settings.lr
 
 
-def adda(domains: Domains, settings: UDASettings, out: Path, device, seed: int,
-         pretrained: Path | None = None) -> dict:
-    """ADDA (Tzeng et al. 2017) in its two phases.
-
-    1. Pre-train F_s and C on the labelled source: this is exactly the source-only run,
-       so it is that run (in OUT/pretrain), or the checkpoint of a finished one.
-    2. F_t starts as a copy of F_s; F_s and C are frozen; then D and F_t alternate
-       (adda_step) for adapt_epochs epochs, and target images are classified by C(F_t(x))."""
-    out, domains = Path(out), domains_on(domains, device)
-    # phase 1
-    source_settings = replace(settings, method="source")
-    if pretrained is None:
-        pretrained = out / "pretrain" / "checkpoint.pt"
-        train(domains, replace(source_settings, tsne_points=0), pretrained.parent, device,
-              seed)
-    pre = util.resume_state(pretrained, device, "uda", source_settings,
-                            seed, may_change=("adapt_epochs", "adda_lr", "entropy_weight",
-                                              "tsne_points"))
-    # phase 2
-    util.seed_everything(seed)  # D and F_t start as they would have in one run
-    nets_ = networks_on("adda", device)
-    source_only = Networks("source")
-    source_only.load_state_dict(pre["average"])
-    nets_.features.load_state_dict(source_only.features.state_dict())     # F_s, averaged
-    nets_.classifier.load_state_dict(source_only.classifier.state_dict())  # C, averaged
-    nets_.target_features.load_state_dict(nets_.features.state_dict())     # F_t <- F_s
-    nets_.features.requires_grad_(False)
-    nets_.classifier.requires_grad_(False)
-    optimizers = {"domain": torch.optim.Adam(nets_.domain.parameters(), settings.adda_lr,
-                                             betas=(0.5, 0.999)),
-                  "target": torch.optim.Adam(nets_.target_features.parameters(),
-                                             settings.adda_lr, betas=(0.5, 0.999))}
-    source, target = domains.source_train, domains.target_train
-    replicas = parallel.data_parallel(nets_)  # F_t and D (F_s and C are frozen)
-
-    def step(source_index, target_index, progress: float) -> dict:
-        return adda_step(replicas, source.images(source_index), target.images(target_index),
-                         optimizers)
-
-    average, log = fit(nets_, optimizers, step, domains, "adapt", settings.adapt_epochs,
-                       settings, out, device, seed, first_epoch=settings.epochs)
-    results = finish(average, domains, log.history, settings, out, seed, log.seconds)
-    results["pretrain_seconds"] = pre["seconds"]
-    util.write_json(results, out / "results.json")
-    return results
-
-
-# ============================================================================ running it
-def domains_on(domains: Domains, device) -> Domains:
-    return Domains(*(d.to(device) for d in (domains.source_train, domains.target_train,
-                                           domains.source_test, domains.target_test)))
-
-
-def networks_on(method: str, device) -> Networks:
-    # channels-last convolutions and pooling: 1.3-1.9 times faster steps on a CPU;
-    # batch norm over the global batch under torchrun (parallel.py)
-    return parallel.share_batch_layers(Networks(method).to(device,
-                                                         memory_format=torch.channels_last))
-
-
-def fit(nets_: Networks, optimizers: dict, step, domains: Domains, phase: str, epochs: int,
-        settings: UDASettings, out: Path, device, seed: int, first_epoch: int = 0,
-        average: Networks | None = None):
-    """Run step(source_index, target_index, progress) over `epochs` epochs of paired
-    source and target batches, keeping a weight average of nets_ (evaluated and saved),
-    with per-epoch statistics, accuracies, curves and checkpoint (util.train_loop).
-    progress p in [0, 1) drives the schedules over the phase. Epoch e draws its batches
-    and dropout from seed and first_epoch + e (ADDA's adaptation continues the epoch
-    count of its pre-training). average: the weight average to keep (a copy of nets_ if
-    None). Returns (average, log)."""
-    average = copy.deepcopy(nets_).requires_grad_(False) if average is None else average
-    source, target = domains.source_train, domains.target_train
-    steps_per_epoch, _ = epoch_shape(len(source), len(target), settings.batch_size)
-    epoch = {}
-
-    def one_step(index: int) -> dict:
-        number, position = divmod(index, steps_per_epoch)
-        if position == 0:
-            epoch_seed = util.stream_seed(seed, first_epoch + number)
-            torch.manual_seed(epoch_seed)  # dropout
-            epoch["batches"] = paired_indices(len(source), len(target), settings.batch_size,
-                                              torch.Generator().manual_seed(epoch_seed))
-            set_modes(nets_, phase)
-        # under torchrun each process takes its rows of the step's source and target batch
-        losses = step(parallel.rows(epoch["batches"][0][position]),
-                      parallel.rows(epoch["batches"][1][position]),
-                      index / (epochs * steps_per_epoch))
-        nets.update_ema(average, nets_, index, settings.ema_decay)
-        return losses
-
-    def evaluate(history: dict):
-        refresh_statistics(average, domains, phase, settings.batch_size)
-        for split, accuracy in split_accuracies(average, domains, phase == "adapt").items():
-            history.setdefault(f"{split}_accuracy", []).append(accuracy)
-
-    log = util.train_loop(
-        one_step, epochs * steps_per_epoch, steps_per_epoch, out, "uda", settings, seed,
-        device, parts={"networks": nets_, "average": average, **optimizers},
-        may_change=("tsne_points",), desc=phase, evaluate=evaluate,
-        draw=lambda history: save_curves(history, out, settings))
-    return average, log
-
-
-def set_modes(nets_: Networks, phase: str):
-    """Train mode, except in ADDA's adaptation: F_s and C are frozen (eval mode, running
-    statistics), and F_t keeps batch norm in train mode but drops no features, since the
-    discriminator would tell dropout-masked target features from clean source ones at once
-    (with dropout on, D wins outright and F_t learns nothing useful)."""
-    nets_.train()
-    if phase == "adapt":
-        nets_.features.eval()
-        nets_.classifier.eval()
-        for module in nets_.target_features.modules():
-            if isinstance(module, (nn.Dropout, nn.Dropout2d)):
-                module.eval()
-
-
-@torch.no_grad()
-def evaluate(encoder: nn.Module, classifier: nn.Module, images: data.ImageSet,
-             batch_size: int = 500) -> torch.Tensor:
-    """Predicted digits of every image, in order."""
-    return metrics.predict(nn.Sequential(encoder, classifier), images, batch_size,
-                           images.pixels.device)
-
-
-@torch.no_grad()
-def embed(encoder: nn.Module, images: data.ImageSet, batch_size: int = 500) -> np.ndarray:
-    """Features (N, 800) of every image, in order; under torchrun the batches are split
-    across the processes."""
-    encoder.eval()
-    return torch.cat(parallel.in_order(lambda batch: encoder(batch[0]),
-                                       images.batches(batch_size, shuffle=False))).numpy()
-
-
-def refresh_statistics(average: Networks, domains: Domains, phase: str, batch_size: int):
-    """Batch-norm statistics that fit the averaged weights (nets.recompute_batch_norm),
-    from the first STATISTICS_IMAGES train images of each domain the phase learns from,
-    in batches of one domain as in training: the source for source-only (and so ADDA's
+# ============================================================================ evaluation
+def statistics_sources(domains: "Domains", method: str) -> list:
+    """The train sets whose batches give the average its batch-norm statistics: those
+    the method normalises in training, the source for source-only (and so ADDA's
     pre-training), the target for target-only and for self-ensembling (whose teacher
-    normalises target batches only), both for DANN and GTA, and the target through F_t
-    alone for ADDA's adaptation (F_s and C are frozen). The copied statistics of the last
-    weights cost USPS -> MNIST-M DANN 8.6 points of accuracy (RESULTS.md)."""
+    normalises target batches only), both for DANN and GTA."""
+    return {"source": [domains.source_train], "target": [domains.target_train],
+            "self-ensembling": [domains.target_train]}.get(
+        method, [domains.source_train, domains.target_train])
+
+
+def refresh_statistics(network: nn.Module, sources: list, batch_size: int):
+    """Batch-norm statistics that fit the averaged weights (nets.recompute_batch_norm),
+    from the first STATISTICS_IMAGES train images of each set in `sources`, in batches
+    of one domain as in training. The copied statistics of the last weights cost
+    USPS -> MNIST-M DANN 8.6 points of accuracy (RESULTS.md)."""
     def batches(images):  # full batches only: batch norm fails on a batch of one
         size = min(batch_size, len(images))
         count = min(STATISTICS_IMAGES, len(images)) // size
         return [batch for batch, _ in itertools.islice(
             images.batches(size, shuffle=False, drop_last=True), count)]
-    if phase == "adapt":
-        nets.recompute_batch_norm(average.target_features, batches(domains.target_train))
-        return
-    learns_from = {"source": [domains.source_train], "target": [domains.target_train],
-                   "self-ensembling": [domains.target_train]}.get(
-        phase, [domains.source_train, domains.target_train])
-    nets.recompute_batch_norm(nn.Sequential(average.features, average.classifier),
-                              [batch for images in learns_from for batch in batches(images)])
-
-
-def split_accuracies(nets_: Networks, domains: Domains, adapted: bool) -> dict:
-    """Accuracy on the target test split (nan when it has no labels) and the source one."""
-    def accuracy(encoder, images):
-        if images.labels is None:
-            return float("nan")
-        return metrics.accuracy(evaluate(encoder, nets_.classifier, images), images.labels)[0]
-    return {"target": accuracy(nets_.target_encoder(adapted), domains.target_test),
-            "source": accuracy(nets_.features, domains.source_test)}
-
-
-def save_curves(history: dict, out: Path, settings: UDASettings):
-    title = f"{TITLES[settings.method]}: {settings.src} -> {settings.tgt}"
-    losses = {name: values for name, values in history.items()
-              if name != "step" and not name.endswith("_accuracy")}
-    plots.line_plot(losses, out / "loss.png", title=f"{title}, mean loss per epoch",
-                    xlabel="epoch")
-    plots.line_plot({f"target test ({settings.tgt})": history["target_accuracy"],
-                     f"source test ({settings.src})": history["source_accuracy"]},
-                    out / "accuracy.png", title=f"{title}, accuracy", xlabel="epoch")
-
-
-def finish(nets_: Networks, domains: Domains, history: dict, settings: UDASettings,
-           out: Path, seed: int, seconds: float) -> dict:
-    """Final accuracy, predictions csv (for named images), t-SNE plots, results.json, all
-    from nets_ (the weight average). ADDA's epochs are those of its adaptation."""
-    target_encoder = nets_.target_encoder(adapted=settings.method == "adda")
-    predictions = evaluate(target_encoder, nets_.classifier, domains.target_test)
-    results = {"method": settings.method, "src": settings.src, "tgt": settings.tgt,
-               "seed": seed, "epochs": len(history["step"]), "train_seconds": seconds,
-               "source_test_accuracy": history["source_accuracy"][-1]}
-    if domains.target_test.labels is not None:
-        share, correct, total = metrics.accuracy(predictions, domains.target_test.labels)
-        results.update(target_accuracy=share, correct=correct, total=total)
-    if domains.target_test.names is not None:
-        write_predictions(domains.target_test.names, predictions, out / "predictions.csv")
-    if settings.tsne_points:
-        plot_features(nets_.features, target_encoder, domains, settings, out, seed)
-    if settings.method == "gta":
-        draw_generated(nets_, domains, settings, out, seed)
-    util.write_json(results, out / "results.json")
-    return results
+    nets.recompute_batch_norm(network, [batch for images in sources for batch in
+                                        batches(images)])
 
 
 @torch.no_grad()
-def draw_generated(nets_: Networks, domains: Domains, settings: UDASettings, out: Path,
-                   seed: int, count: int = 10) -> Path:
-    """GTA's picture: `count` source and target test images, and what G draws from their
-    embeddings (a source image with its label, a target image as "unknown"). G runs on
-    a copy in train mode: batch statistics, since the averaged G has none of its own."""
+def predict(encoder: nn.Module, label_classifier: nn.Module, images: data.ImageSet,
+            batch_size: int = 500) -> torch.Tensor:
+    """Predicted digits of every image, in order (eval mode), by C(encoder(x))."""
+    return classifier.predict(nn.Sequential(encoder, label_classifier), images, batch_size,
+                              images.pixels.device)
+
+
+def end_epoch(run, target_encoder: nn.Module, average: Networks, domains: "Domains",
+              settings: UDASettings, out: Path):
+    """The average's accuracy on the target test split (nan when it has no labels) and
+    the source one into the history; the checkpoint; the curves."""
+    for split, encoder, images in (("target", target_encoder, domains.target_test),
+                                   ("source", average.features, domains.source_test)):
+        accuracy = (float("nan") if images.labels is None else classifier.accuracy(
+            predict(encoder, average.classifier, images), images.labels)[0])
+        run.history.setdefault(f"{split}_accuracy", []).append(accuracy)
+    run.save_checkpoint()
+    reports.uda_curves(out, settings, run.history)
+
+
+def finish(run, average: Networks, domains: "Domains", settings: UDASettings, out: Path,
+           **extra) -> dict:
+    """Predictions of the target test images, the t-SNE of the features, GTA's drawings
+    and results.json, all from the average."""
+    predictions = predict(average.target_encoder(), average.classifier, domains.target_test)
+    return reports.uda_results(
+        out, settings, run, domains, predictions, average.features, average.target_encoder(),
+        gta_drawings(average, domains, run.seed) if settings.method == "gta" else None,
+        **extra)
+
+
+@torch.no_grad()
+def gta_drawings(average: Networks, domains: "Domains", seed: int, count: int = 10) -> list:
+    """GTA's picture: `count` source and target test images, each followed by what G draws
+    from their embeddings (a source image with its label, a target image as "unknown").
+    G runs on a copy in train mode: batch statistics, since the averaged G has none of
+    its own."""
     count = min(count, len(domains.source_test), len(domains.target_test))  # a row each
     images = [split.images(torch.arange(count))
               for split in (domains.source_test, domains.target_test)]
-    nets_.eval()
-    features = nets_.features(torch.cat(images))
-    unknown = torch.full((count,), nets_.classes)
+    average.eval()
+    features = average.features(torch.cat(images))
+    unknown = torch.full((count,), average.classes)
     labels = torch.cat([domains.source_test.labels[:count].cpu(), unknown])
     noise = torch.randn(len(labels), GTA_NOISE, generator=torch.Generator().manual_seed(seed))
-    generated = generate(copy.deepcopy(nets_.generator).train(), features,
-                         labels.to(features.device), noise.to(features.device), nets_.classes)
+    generated = generate(copy.deepcopy(average.generator).train(), features,
+                         labels.to(features.device), noise.to(features.device),
+                         average.classes)
     source_fakes, target_fakes = generated.split([count, count])
-    path = data.save_grid(torch.cat([images[0], source_fakes, images[1], target_fakes]),
-                          out / "generated.png", nrow=count)
-    return plots.label_grid(path, images[0].shape[-1], rows=[
-        f"{settings.src}", "G(F(x), y, z)", f"{settings.tgt}", "G(F(x), ?, z)"],
-        title=f"GTA: {settings.src} -> {settings.tgt}, test images and G's drawings")
+    return [images[0], source_fakes, images[1], target_fakes]
 
 
-def plot_features(source_encoder, target_encoder, domains: Domains, settings: UDASettings,
-                  out: Path, seed: int):
-    """t-SNE of source and target test features, coloured by digit and by domain."""
-    count = settings.tsne_points
-    source = domains.source_test.subset(torch.arange(min(count, len(domains.source_test))))
-    target = domains.target_test.subset(torch.arange(min(count, len(domains.target_test))))
-    features = np.concatenate([embed(source_encoder, source), embed(target_encoder, target)])
-    if not parallel.is_main():  # t-SNE and its pictures: rank 0 alone
-        return
-    progress = util.Progress(desc="t-SNE", total=1000)
-    points = tsne.tsne(tsne.pca(features.astype(np.float64), min(50, features.shape[1])),
-                       seed=seed, progress=lambda step, kl: progress.update(1))
-    progress.close()
-    title = f"{TITLES[settings.method]}: {settings.src} -> {settings.tgt}"
-    domain = np.repeat([0, 1], [len(source), len(target)])
-    plots.scatter_plot(points, domain, out / "tsne_domain.png", title=f"{title}, by domain",
-                       names=[f"source ({settings.src})", f"target ({settings.tgt})"])
-    if target.labels is not None:
-        digits = torch.cat([source.labels, target.labels]).cpu().numpy()
-        plots.scatter_plot(points, digits, out / "tsne_class.png", title=f"{title}, by digit")
+# ============================================================================ data
+@dataclass
+class Domains:
+    """The four splits one scenario needs, resized to one size."""
+    source_train: data.ImageSet
+    target_train: data.ImageSet
+    source_test: data.ImageSet
+    target_test: data.ImageSet
+
+    def to(self, device) -> "Domains":
+        return Domains(*(split.to(device) for split in (
+            self.source_train, self.target_train, self.source_test, self.target_test)))
 
 
-def write_predictions(names: list[str], predictions: torch.Tensor, path: Path) -> Path:
-    """The homework's grading format: a header, then `image_name,label` per image."""
-    rows = "".join(f"{name},{int(label)}\n" for name, label in zip(names, predictions))
-    return util.write_text("image_name,label\n" + rows, path)
+def load_domains(settings: UDASettings, load) -> Domains:
+    """load(name, split, image_size) -> ImageSet; the source must be labelled."""
+    splits = [load(name, split, settings.image_size) for name, split in
+              ((settings.src, "train"), (settings.tgt, "train"),
+               (settings.src, "test"), (settings.tgt, "test"))]
+    if settings.limit:
+        splits = [s.subset(torch.arange(min(settings.limit, len(s)))) for s in splits]
+    for name, images in ((settings.src, splits[0]), (settings.tgt, splits[1])):
+        if len(images) < 2:  # batch norm needs two images in a batch
+            raise UserError(f"{name} has {len(images)} training image(s): give at least 2 "
+                            "(raise --limit)")
+    if splits[0].labels is None:
+        raise UserError(f"source {settings.src} has no labels: give a labelled source "
+                        "(a data set name, or a folder with train.csv image_name,label)")
+    return Domains(*splits)
 
 
+def epoch_shape(source_count: int, target_count: int, batch_size: int) -> tuple[int, int]:
+    """(steps, batch size) of an epoch: the larger set once over. A batch never exceeds
+    the larger set, so a quick run on fewer images than --batch-size has one step."""
+    batch_size = min(batch_size, max(source_count, target_count))
+    return max(source_count, target_count) // batch_size, batch_size
+
+
+def paired_indices(source_count: int, target_count: int, batch_size: int,
+                   generator: torch.Generator):
+    """Per step a source and a target index batch; an epoch covers the larger set once,
+    the smaller one is cycled through fresh permutations."""
+    steps, batch_size = epoch_shape(source_count, target_count, batch_size)
+    needed = steps * batch_size
+
+    def cycled(count):
+        rounds = -(-needed // count)
+        return torch.cat([torch.randperm(count, generator=generator)
+                          for _ in range(rounds)])[:needed].view(steps, batch_size)
+    return cycled(source_count), cycled(target_count)
+
+
+class Epochs:
+    """The paired source and target batches of each step, epoch by epoch: (x_s, y_s) and
+    (x_t, y_t) (y_t None for an unlabelled target), this process's rows of the global
+    batch. Epoch e (counted from first_epoch) draws its order from (seed, e), and
+    reseeds torch's default stream with it (dropout, GTA's z, the augmentations), so a
+    resumed run repeats the epoch exactly."""
+
+    def __init__(self, domains: Domains, batch_size: int, seed: int, first_epoch: int = 0):
+        self.source, self.target = domains.source_train, domains.target_train
+        self.batch_size, self.seed, self.first_epoch = batch_size, seed, first_epoch
+        self.steps = epoch_shape(len(self.source), len(self.target), batch_size)[0]
+        self.indices = None
+
+    def batch(self, step: int):
+        epoch, position = divmod(step, self.steps)
+        if position == 0 or self.indices is None:
+            epoch_seed = util.stream_seed(self.seed, self.first_epoch + epoch)
+            torch.manual_seed(epoch_seed)
+            self.indices = paired_indices(len(self.source), len(self.target),
+                                          self.batch_size,
+                                          torch.Generator().manual_seed(epoch_seed))
+        source_index, target_index = (parallel.rows(indices[position])
+                                      for indices in self.indices)
+        return ((self.source.images(source_index), self.source.labels[source_index]),
+                (self.target.images(target_index), None if self.target.labels is None
+                 else self.target.labels[target_index]))
+
+
+# ============================================================================ using it
 def load_for_prediction(path, device) -> tuple[nn.Module, UDASettings]:
     """The target encoder and classifier of a checkpoint, ready to predict."""
     nets_, settings = util.load_trained(path, device, UDASettings,
                                         lambda s: Networks(s.method), "average", "uda")
-    encoder = nets_.target_encoder(adapted=settings.method == "adda")
-    return nn.Sequential(encoder, nets_.classifier).eval(), settings
+    return nn.Sequential(nets_.target_encoder(), nets_.classifier).eval(), settings
 
 
-# ============================================================================ tables
-def run_methods(settings: UDASettings, methods, load, out: Path, device, seed: int) -> dict:
-    """Every method on one scenario: {method: results}, and results.md for the row set."""
-    domains = load_domains(settings, load)
-    rows = {}
-    for method in methods:
-        if method == "target" and domains.target_train.labels is None:
-            print(f"skipping 'target': {settings.tgt} has no labels")
-            continue
-        print(f"== {TITLES[method]}: {settings.src} -> {settings.tgt}")
-        source_only = out / "source" / "checkpoint.pt" if "source" in rows else None
-        rows[method] = train(domains, replace(settings, method=method), out / method,
-                             device, seed, source_only)
-    util.write_json(rows, out / "results.json")
-    util.write_text(scenario_table(rows, settings.src, settings.tgt), out / "results.md")
-    return rows
-
-
-def run_table(settings: UDASettings, methods, load, out: Path, device, seed: int) -> dict:
-    """The four digit scenarios of the DLCV homework (SCENARIOS); one whose data is missing
-    is reported, not fatal."""
-    table = {}
-    for src, tgt in SCENARIOS:
-        scenario = f"{src}-{tgt}"
-        try:
-            table[scenario] = {"rows": run_methods(replace(settings, src=src, tgt=tgt),
-                                                   methods, load, out / scenario, device, seed)}
-        except UserError as error:
-            print(f"skipping {src} -> {tgt}: {error}")
-            table[scenario] = {"error": str(error)}
-        util.write_json(table, out / "results.json")
-        util.write_text(full_table(table), out / "results.md")
-    return table
-
-
-def scenario_table(rows: dict, src: str, tgt: str) -> str:
-    """One scenario's table: method, accuracy on the target test split (correct/total)."""
-    lines = [f"| {src} -> {tgt} | accuracy on {tgt} test |", "|---|---|"]
-    lines += [f"| {TITLES[m]} | {cell(r)} |" for m, r in rows.items()]
-    return "\n".join(lines) + "\n"
-
-
-def full_table(table: dict) -> str:
-    """Methods down, scenarios across; a missing data set leaves its column explained."""
-    scenarios = list(table)
-    lines = ["| method | " + " | ".join(s.replace("-", " -> ") for s in scenarios) + " |",
-             "|---|" + "---|" * len(scenarios)]
-    for method in [m for m in METHODS if any(m in t.get("rows", {}) for t in table.values())]:
-        cells = [cell(table[s]["rows"][method]) if method in table[s].get("rows", {})
-                 else "not run" for s in scenarios]
-        lines.append(f"| {TITLES[method]} | " + " | ".join(cells) + " |")
-    lines += [f"\n{s.replace('-', ' -> ')} not run: {table[s]['error']}"
-              for s in scenarios if "error" in table[s]]
-    return "\n".join(lines) + "\n"
-
-
-def cell(results: dict) -> str:
-    if "target_accuracy" not in results:
-        return "(unlabelled target)"
-    return f"{results['target_accuracy']:.4f} ({results['correct']}/{results['total']})"
+def summary() -> str:
+    """The layer tables of every UDA network, as `run.py summary uda` prints them."""
+    side, gta = UDASettings().image_size, Networks("gta")
+    tables = [("feature extractor", nets.digit_features(), (3, side, side)),
+              ("label classifier", nets.label_classifier(), (800,)),
+              ("DANN domain classifier", nets.domain_classifier(), (800,)),
+              ("ADDA discriminator",
+               nets.domain_classifier(hidden=500, layers=2, batch_norm=False), (800,)),
+              ("GTA generator G(F(x), label, z)", gta.generator,
+               (800 + gta.classes + 1 + GTA_NOISE, 1, 1)),
+              ("GTA discriminator (data and class heads)", gta.discriminator, (3, side, side))]
+    return "\n".join(f"uda: {title}\n" + nets.summary(network, size)
+                     for title, network, size in tables)

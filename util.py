@@ -1,20 +1,14 @@
 """What every command shares: the error users see, device choice, seeding, a progress
-line, atomic files (checkpoints, results.json), the loss history of a run, and the one
-training loop that owns all of it.
+line, and files written atomically (checkpoints, arrays, results.json).
 
 None of this is deep learning; it is the plumbing that makes a long run safe to interrupt
-and its numbers reproducible. A method file writes its step and hands it to `train_loop`:
-
-    def step(index):                        # one optimisation step, the method's own code
-        loss = ...
-        optimizer.zero_grad(); loss.backward(); optimizer.step()
-        return {"loss": loss}
-    log = util.train_loop(step, steps, every, out, "ddpm", settings, seed, device,
-                          parts={"model": model, "optimizer": optimizer},
-                          draw=lambda history: ...)   # curves and sample grids
+and its numbers reproducible. The training loops' own machinery (resume, the stop on a
+NaN, best.pt) is in training.py, the processes of a torchrun in parallel.py; this module
+imports neither.
 """
 import contextlib
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -27,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-import parallel
 
 
 class UserError(Exception):
@@ -57,6 +49,19 @@ def stream_seed(seed: int, index: int) -> int:
     """The seed of a run's epoch or step number `index`: each epoch (or step) draws from a
     stream of its own, so a run resumed at its start draws exactly what it would have."""
     return seed * 100_003 + index
+
+
+def main_process() -> bool:
+    """Is this the process that prints and writes files? Under torchrun only rank 0 is:
+    torchrun numbers its processes in the environment (RANK), and the others compute the
+    same numbers (parallel.py). A plain run is its own main process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+@functools.cache
+def silent():
+    """Where the other processes' progress lines and prints go: nowhere."""
+    return open(os.devnull, "w")
 
 
 def seed_everything(seed: int) -> None:
@@ -91,8 +96,7 @@ class Progress:
         self.total = total if total is not None else (
             len(iterable) if hasattr(iterable, "__len__") else None)
         self.desc, self.unit = desc, unit
-        # under torchrun only rank 0 shows progress (parallel.py)
-        self.stream = stream or (sys.stderr if parallel.is_main() else parallel.silent())
+        self.stream = stream or (sys.stderr if main_process() else silent())
         self.is_terminal = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.interval = interval if interval is not None else (0.2 if self.is_terminal else 30.0)
         self.count, self.initial, self.stats = initial, initial, {}
@@ -146,9 +150,9 @@ def _atomic_write(path: Path, write) -> Path:
     """Write through `write(tmp_path)` then rename: a crash never leaves half a file, and
     two processes writing the same file (two runs sharing a cache) never share a temporary.
     Temporaries of this file left by a killed process are removed first. Under torchrun
-    only rank 0 writes (parallel.py): the others computed the same contents."""
+    only the main process writes: the others computed the same contents."""
     path = Path(path)
-    if not parallel.is_main():
+    if not main_process():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
@@ -317,123 +321,11 @@ def write_text(text: str, path) -> Path:
     return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def write_image(image, path) -> Path:
+    """A Pillow image as PNG, atomically."""
+    return _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
 def write_json(obj, path) -> Path:
     """results.json and friends, written atomically and human-readable."""
     return write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
-
-
-class StepLog:
-    """What a step-based training loop plots and times: each step's numbers are summed, and
-    `commit(step)` appends their means since the previous commit to `history` (with the
-    step) and adds the time since `start_clock` to `seconds`, so the pictures and
-    checkpoints made between a commit and the next `start_clock` are not counted as training.
-    `history` and `seconds` come from the checkpoint when a run resumes."""
-
-    def __init__(self, history: dict | None = None, seconds: float = 0.0):
-        self.history, self.seconds, self.sums = history or {"step": []}, seconds, {}
-        self.start_clock()
-
-    def start_clock(self):
-        self.start = time.perf_counter()
-
-    def add(self, numbers: dict):
-        for name, value in numbers.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
-
-    def commit(self, step: int):
-        self.seconds += time.perf_counter() - self.start
-        steps = self.history["step"]
-        since = step - (steps[-1] if steps else 0)
-        for name, total in self.sums.items():
-            self.history.setdefault(name, []).append(total / since)
-        steps.append(step)
-        self.sums = {}
-
-
-def check_finite(value: float, step: int, what: str = "loss"):
-    """Stop a diverged run with one clear line (the last checkpoint stays untouched)."""
-    if not math.isfinite(value):
-        raise UserError(f"{what} became {value} at step {step}: training diverged; "
-                        "lower the learning rate or resume from the last checkpoint")
-
-
-# --------------------------------------------------------------------- the training loop
-def train_loop(step, steps: int, every: int, out, command: str, settings, seed: int, device,
-               parts: dict, may_change=(), desc: str = "", evaluate=None, draw=None,
-               record=None) -> StepLog:
-    """Run step(index) for index = 0 .. steps - 1 with everything around it, written once:
-
-    - resume: with settings.resume and OUT/checkpoint.pt present, every part, the history
-      and the step counter come back from the checkpoint (resume_state checks that it is
-      this run's), and the loop continues where it stopped;
-    - a progress line, and a stop with one clear line when a number the step returned is
-      NaN or infinite (training diverged);
-    - under torchrun (parallel.py): every process runs the loop on its share of each
-      batch, the numbers logged are the means over the processes, and rank 0 alone
-      writes checkpoints and pictures;
-    - every `every` steps and at the end: the step log commits the means since the last
-      commit, evaluate(history) adds its numbers (test metrics; it may also refresh an
-      average's batch-norm statistics), the checkpoint is written atomically (weights
-      that are not finite are refused), draw(history) draws the curves and grids;
-    - when evaluate measured an FID (history["fid"] at history["fid_step"]) lower than
-      every earlier one, the same checkpoint is also written as OUT/best.pt.
-
-    step(index) -> {name: number} is one optimisation step, the method's own code.
-    parts: name -> what the checkpoint holds (modules, optimizers, schedulers: anything
-    with state_dict / load_state_dict; a torch.Generator by its state). record: more
-    entries for the checkpoint (e.g. class names). Returns the log (history, training
-    seconds without evaluation and pictures)."""
-    checkpoint, desc = Path(out) / "checkpoint.pt", desc or command
-    log, first = StepLog(), 0
-    if settings.resume and checkpoint.exists():
-        state = resume_state(checkpoint, device, command, settings, seed, may_change)
-        for name, part in parts.items():
-            _restore(part, state[name])
-        log, first = StepLog(state["history"], state["seconds"]), state["step"]
-        print(f"resumed from {checkpoint} at step {first}")
-    progress = Progress(desc=desc, total=steps, initial=first)
-    log.start_clock()
-    for index in range(first, steps):
-        numbers = parallel.average(  # under torchrun: the global batch's means
-            {name: torch.as_tensor(value).item() for name, value in step(index).items()})
-        for name, value in numbers.items():
-            check_finite(value, index + 1, f"{desc} {name}")
-        log.add(numbers)
-        progress.update(1, **{name: round(value, 4) for name, value in numbers.items()})
-        done = index + 1
-        if done % every == 0 or done == steps:
-            log.commit(done)
-            if evaluate is not None:
-                evaluate(log.history)
-            state = {"command": command, "seed": seed, "settings": dataclasses.asdict(settings),
-                     "step": done, "history": log.history, "seconds": log.seconds,
-                     **(record or {}), **{name: _saved(part) for name, part in parts.items()}}
-            save_checkpoint(state, checkpoint)
-            if _new_best(log.history, done):
-                save_checkpoint(state, checkpoint.with_name("best.pt"))
-            if draw is not None and parallel.is_main():  # pictures: rank 0 alone
-                draw(log.history)
-            parallel.barrier()  # rank 0's files exist for every process from here on
-            progress.note(f"{desc} {done}/{steps}: " + ", ".join(
-                f"{name} {values[-1]:.4g}" for name, values in log.history.items()
-                if name not in ("step", "fid_step") and values))
-            log.start_clock()
-    progress.close()
-    return log
-
-
-def _new_best(history: dict, step: int) -> bool:
-    """Was an FID measured at this step, lower than every earlier one? (best.pt)"""
-    scores = history.get("fid")
-    return bool(scores) and history["fid_step"][-1] == step and scores[-1] == min(scores)
-
-
-def _saved(part):
-    return part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
-
-
-def _restore(part, state):
-    if isinstance(part, torch.Generator):
-        part.set_state(state)
-    else:
-        part.load_state_dict(state)

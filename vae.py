@@ -20,10 +20,6 @@ every q(z | x) onto the prior, samples look like faces but reconstructions blur 
 average face, and latent dimensions switch off (posterior collapse). KL warm-up (lambda
 growing from 0 over the first epochs) lets the decoder learn to use z before the KL
 term pushes back.
-
-Under torchrun (parallel.py) each process trains on its share of the global batch: every
-per-image random number is drawn for the whole batch and cut to the process's rows
-(parallel.draw, parallel.rows), so N processes train the same weights as one.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +30,10 @@ import data
 import metrics
 import nets
 import parallel
-import plots
-import tsne
+import reports
+import training
 import util
+from parallel import Random
 from util import UserError
 
 
@@ -101,89 +98,62 @@ def kl_weight_at(settings: VAESettings, epoch: int, fraction: float) -> float:
 def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out: Path,
           device, seed: int, cache_dir=None, weights=None) -> dict:
     """Adam on L = ||x - x^||^2 + lambda KL; test MSE and KL, curves and a checkpoint after
-    every epoch, the samples' FID every fid_every epochs (util.train_loop runs the loop);
-    then the pictures, the reconstructions' FID and results.json."""
-    out = Path(out)
+    every epoch, the samples' FID every fid_every epochs; then the pictures, the
+    reconstructions' FID and results.json."""
     util.seed_everything(seed)
-    model = parallel.share_batch_layers(nets.VAE(settings.latent_dim).to(device))
-    replicas = parallel.data_parallel(model)  # encoder, decoder, ...: replicas under torchrun
+    model = nets.VAE(settings.latent_dim).to(device)
+    replicas = parallel.replicate(model)  # encoder, decoder, ...: replicas under torchrun
     optimizer = torch.optim.Adam(model.parameters(), settings.lr)
+    rng = Random(device=device)  # reseeded each epoch: data order, eps
     faces, test = faces.to(device), test.to(device)
     steps_per_epoch = len(faces) // settings.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{len(faces)} faces is fewer than one batch of {settings.batch_size}:"
                         " lower --batch-size")
-    fid, fid_results = metrics.fid_tracker(test, settings.fid_images,
-                                           settings.fid_every * steps_per_epoch, device,
-                                           cache_dir, weights)
-    epoch = {}  # this epoch's random stream (data order, eps) and its batches
-
-    def step(index: int) -> dict:
-        number, position = divmod(index, steps_per_epoch)
+    steps = settings.epochs * steps_per_epoch
+    fid = metrics.fid_tracker(test, settings.fid_images, settings.fid_every * steps_per_epoch,
+                              device, cache_dir, weights)
+    run = training.Run(out, "vae", settings, seed, device,
+                       state={"model": model, "optimizer": optimizer}, steps=steps,
+                       every=steps_per_epoch, desc="VAE",
+                       may_change=("epochs", "tsne_points", "attribute", "fid_every"))
+    for step in run:
+        epoch, position = divmod(step, steps_per_epoch)
         if position == 0:  # each epoch seeded by (seed, epoch): a resume repeats it exactly
-            epoch["rng"] = torch.Generator().manual_seed(util.stream_seed(seed, number))
-            epoch["batches"] = faces.batches(settings.batch_size, generator=epoch["rng"],
-                                             drop_last=True)
-        images, _ = next(epoch["batches"])
-        images = parallel.rows(images)  # under torchrun: this process's share of the batch
-        eps = parallel.draw(torch.randn, (len(images), settings.latent_dim), epoch["rng"])
+            rng.manual_seed(util.stream_seed(seed, epoch))
+            batches = faces.batches(settings.batch_size, generator=rng.generator,
+                                    drop_last=True)
+        images = parallel.rows(next(batches)[0])  # under torchrun: this process's share
+        eps = rng.randn(len(images), settings.latent_dim)                 # eps ~ N(0, I)
         model.train()
         terms = losses(replicas, images, eps)
-        loss = terms["reconstruction"] + kl_weight_at(settings, number,
-                                                      position / steps_per_epoch) * terms["kl"]
+        lambda_ = kl_weight_at(settings, epoch, position / steps_per_epoch)
+        loss = terms["reconstruction"] + lambda_ * terms["kl"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return {"train_mse": terms["mse"], "train_kl": terms["kl"]}
-
-    def evaluate(history: dict):
-        for name, value in evaluate_test(model, test, seed, settings.latent_dim).items():
-            history.setdefault(f"test_{name}", []).append(value)
-        if fid and fid.due(history["step"][-1], settings.epochs * steps_per_epoch):
-            fid.add(history, history["step"][-1], samples(model, settings.fid_images,
-                                                          settings.latent_dim, seed + 1))
-
-    def draw(history: dict):
-        save_curves(history, out, settings)
-        if fid and history.get("fid"):
-            fid.draw(history, out / "fid.png", f"VAE, lambda = {settings.kl_weight:g}")
-
-    log = util.train_loop(
-        step, settings.epochs * steps_per_epoch, steps_per_epoch, out, "vae", settings, seed,
-        device, parts={"model": model, "optimizer": optimizer}, desc="VAE",
-        may_change=("epochs", "tsne_points", "attribute", "fid_every"), evaluate=evaluate,
-        draw=draw)
+        run.log({"train_mse": terms["mse"], "train_kl": terms["kl"]})
+        if run.at_checkpoint:  # the end of an epoch
+            for name, value in evaluate_test(model, test, seed, settings.latent_dim).items():
+                run.history.setdefault(f"test_{name}", []).append(value)
+            if fid.due(step + 1, steps):
+                fid.measure(run.history, step + 1, lambda z: decode(model, z),
+                            prior_samples(settings.fid_images, settings.latent_dim, seed + 1))
+            run.save_checkpoint()
+            reports.vae_curves(out, settings, run.history, fid)
+    fid_results = fid.results(run.history)
     if fid:  # also the FID of the reconstructions (from the mean code) of the first
         # fid_images test faces, against all the test faces
         first = test.subset(torch.arange(min(settings.fid_images, len(test))))
-        fid_results = {**fid.results(log.history),
-                       "reconstruction_fid": fid.score(reconstructions(model, first))}
-    return finish(model, test, log.history, settings, out, seed, log.seconds, fid_results)
-
-
-@torch.no_grad()
-def samples(model: nets.VAE, count: int, latent_dim: int, seed: int,
-            batch_size: int = 500) -> torch.Tensor:
-    """count decoded z ~ N(0, I) from a fixed seed, on the CPU."""
-    model.eval()
-    z = torch.randn(count, latent_dim, generator=torch.Generator().manual_seed(seed))
-    device = next(model.parameters()).device
-    return torch.cat([model.decode(z[i:i + batch_size].to(device)).cpu()
-                      for i in range(0, count, batch_size)])
-
-
-@torch.no_grad()
-def reconstructions(model: nets.VAE, faces: data.ImageSet, batch_size: int = 500):
-    """Decoded mean codes mu(x) of the faces, on the CPU."""
-    model.eval()
-    return torch.cat([model.decode(model.encode(images)[0]).cpu()
-                      for images, _ in faces.batches(batch_size, shuffle=False)])
+        fid_results["reconstruction_fid"] = fid.score(reconstructions(model, first))
+    return reports.vae_results(out, settings, run, fid_results,
+                               **pictures(model, test, settings, seed))
 
 
 @torch.no_grad()
 def evaluate_test(model: nets.VAE, test: data.ImageSet, seed: int, latent_dim: int,
                   batch_size: int = 500) -> dict:
-    """Test per-pixel MSE and per-image KL (z sampled, from a fixed seed)."""
+    """Test per-pixel MSE and per-image KL (z sampled, from a fixed seed), in eval mode."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     totals = {"mse": 0.0, "kl": 0.0}
@@ -195,59 +165,65 @@ def evaluate_test(model: nets.VAE, test: data.ImageSet, seed: int, latent_dim: i
     return {name: total / len(test) for name, total in totals.items()}
 
 
-def save_curves(history: dict, out: Path, settings: VAESettings):
-    title = f"VAE, lambda = {settings.kl_weight:g}"
-    plots.line_plot({"train": history["train_mse"], "test": history["test_mse"]},
-                    out / "mse.png", title=f"{title}: reconstruction MSE per pixel",
-                    xlabel="epoch")
-    plots.line_plot({"train": history["train_kl"], "test": history["test_kl"]},
-                    out / "kl.png", title=f"{title}: KL(q(z|x) || N(0, I)) per image",
-                    xlabel="epoch")
+# ============================================================================ sampling
+def prior_samples(count: int, latent_dim: int, seed: int, batch_size: int = 500):
+    """count z ~ N(0, I) from a fixed seed, in batches, on the CPU."""
+    z = torch.randn(count, latent_dim, generator=torch.Generator().manual_seed(seed))
+    return z.split(batch_size)
 
 
-# ============================================================================ pictures
 @torch.no_grad()
-def finish(model: nets.VAE, test: data.ImageSet, history: dict, settings: VAESettings,
-           out: Path, seed: int, seconds: float, fid_results: dict) -> dict:
-    """Reconstructions, samples, interpolation, t-SNE of latents, results.json."""
-    first_ten = test.subset(torch.arange(min(10, len(test))))
-    faces, rebuilt = first_ten.images(), reconstructions(model, first_ten)
-    mse = (rebuilt - faces.cpu()).pow(2).mean().item()
-    data.save_grid(torch.cat([faces.cpu(), rebuilt]), out / "reconstructions.png",
-                   nrow=len(faces))
-    plots.label_grid(out / "reconstructions.png", faces.shape[-1],
-                     rows=["test face", "reconstruction"],
-                     title=f"VAE, lambda = {settings.kl_weight:g}: reconstructions from "
-                           f"the mean code, MSE {mse:.4f}")
-    data.save_grid(samples(model, 32, settings.latent_dim, seed), out / "samples.png")
-    save_interpolation(model, faces[0], faces[1], out / "interpolation.png")
-    if settings.tsne_points and test.labels is not None and parallel.is_main():
-        save_latent_tsne(model, test, settings, out / "tsne.png", seed)
-    results = {"kl_weight": settings.kl_weight, "epochs": len(history["test_mse"]),
-               "test_mse": history["test_mse"][-1], "test_kl": history["test_kl"][-1],
-               "train_seconds": seconds, "seconds_per_epoch": seconds / max(
-                   len(history["test_mse"]), 1), "reconstruction_mse_10_faces": mse,
-               "seed": seed, **fid_results}
-    util.write_json(results, out / "results.json")
-    return results
+def decode(model: nets.VAE, z: torch.Tensor) -> torch.Tensor:
+    """x^(z) in eval mode (batch norm with running statistics: each image depends on its
+    own z alone); z goes to the model's device."""
+    model.eval()
+    return model.decode(z.to(next(model.parameters()).device))
 
 
-def save_interpolation(model: nets.VAE, first: torch.Tensor, second: torch.Tensor, path,
-                       count: int = 10):
-    """Decode (1 - a) mu(x_1) + a mu(x_2) for a from 0 to 1: one strip."""
+@torch.no_grad()
+def reconstructions(model: nets.VAE, faces: data.ImageSet, batch_size: int = 500):
+    """Decoded mean codes mu(x) of the faces, on the CPU, in eval mode."""
+    model.eval()
+    return torch.cat([model.decode(model.encode(images)[0]).cpu()
+                      for images, _ in faces.batches(batch_size, shuffle=False)])
+
+
+@torch.no_grad()
+def interpolation(model: nets.VAE, first: torch.Tensor, second: torch.Tensor,
+                  count: int = 10) -> torch.Tensor:
+    """Decode (1 - a) mu(x_1) + a mu(x_2) for a from 0 to 1: (count, 3, 64, 64)."""
+    model.eval()
     mu = model.encode(torch.stack([first, second]))[0]
     amounts = torch.linspace(0, 1, count, device=mu.device)[:, None]
-    data.save_grid(model.decode((1 - amounts) * mu[0] + amounts * mu[1]).cpu(), path,
-                   nrow=count)
+    return model.decode((1 - amounts) * mu[0] + amounts * mu[1])
 
 
-def save_latent_tsne(model: nets.VAE, test: data.ImageSet, settings: VAESettings, path,
-                     seed: int):
+@torch.no_grad()
+def latent_codes(model: nets.VAE, faces: data.ImageSet, batch_size: int = 500):
+    """mu(x) (N, latent) of the faces, on the CPU, in eval mode."""
+    model.eval()
+    return torch.cat([model.encode(images)[0].cpu()
+                      for images, _ in faces.batches(batch_size, shuffle=False)])
+
+
+def pictures(model: nets.VAE, test: data.ImageSet, settings: VAESettings, seed: int) -> dict:
+    """What the VAE shows after training: the first ten test faces and their
+    reconstructions, 32 samples of the prior, an interpolation between the first two
+    faces, and the mean codes of the first tsne_points test faces with their labels."""
+    first_ten = test.subset(torch.arange(min(10, len(test))))
+    faces = first_ten.images()
     chosen = test.subset(torch.arange(min(settings.tsne_points, len(test))))
-    model.eval()  # running statistics: rank 0 alone runs this, no batch to share
-    codes = torch.cat([model.encode(images)[0].cpu()
-                       for images, _ in chosen.batches(500, shuffle=False)]).double().numpy()
-    points = tsne.tsne(tsne.pca(codes, min(50, codes.shape[1])), seed=seed)
-    plots.scatter_plot(points, chosen.labels.cpu().numpy(), path,
-                       title=f"t-SNE of test latents (mu), by {settings.attribute}",
-                       names=[f"not {settings.attribute}", settings.attribute])
+    return {"faces": faces.cpu(), "rebuilt": reconstructions(model, first_ten),
+            "samples": torch.cat([decode(model, z) for z in
+                                  prior_samples(32, settings.latent_dim, seed)]).cpu(),
+            "interpolation": interpolation(model, faces[0], faces[1]).cpu(),
+            "latents": (latent_codes(model, chosen), chosen.labels)
+            if settings.tsne_points and test.labels is not None else None}
+
+
+def summary(settings: VAESettings) -> str:
+    """The encoder's and the decoder's layer tables, as `run.py summary vae` prints them."""
+    model = nets.VAE(settings.latent_dim)
+    return "\n".join(["vae: encoder", nets.summary(model, (3, 64, 64), forward=model.encode),
+                      "vae: decoder", nets.summary(model, (settings.latent_dim,),
+                                                   forward=model.decode)])

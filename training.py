@@ -1,0 +1,154 @@
+"""What every training loop calls, written once: resume, the progress line, the stop on a
+diverged loss, the logged numbers' means over processes, atomic checkpoints and best.pt.
+
+A method file shows its own loop and calls a `Run` around it, as nanoGPT's train.py
+does its logging and saving in plain sight:
+
+    run = training.Run(out, "gan", settings, seed, device, state={"gan": gan, ...},
+                       steps=settings.steps, every=settings.sample_every)
+    for step in run:                      # 0 .. steps - 1, from the checkpoint's on --resume
+        numbers = train_step(...)         # the method's step: zero_grad, backward, step
+        run.log(numbers)                  # progress line; a NaN or inf stops the run
+        if run.at_checkpoint:             # every `every` steps, and after the last
+            ...                           # evaluation into run.history (FID, accuracies)
+            run.save_checkpoint()         # checkpoint.pt, and best.pt at a new lowest FID
+
+The Run never calls back into the method: it holds the parts to save (anything with
+state_dict / load_state_dict) and the numbers the loop gives it.
+"""
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import parallel
+import util
+from util import UserError
+
+
+class StepLog:
+    """What a step-based training loop plots and times: each step's numbers are summed, and
+    `commit(step)` appends their means since the previous commit to `history` (with the
+    step) and adds the time since `start_clock` to `seconds`, so the pictures and
+    checkpoints made between a commit and the next `start_clock` are not counted as training.
+    `history` and `seconds` come from the checkpoint when a run resumes."""
+
+    def __init__(self, history: dict | None = None, seconds: float = 0.0):
+        self.history, self.seconds, self.sums = history or {"step": []}, seconds, {}
+        self.start_clock()
+
+    def start_clock(self):
+        self.start = time.perf_counter()
+
+    def add(self, numbers: dict):
+        for name, value in numbers.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+
+    def commit(self, step: int):
+        self.seconds += time.perf_counter() - self.start
+        steps = self.history["step"]
+        since = step - (steps[-1] if steps else 0)
+        for name, total in self.sums.items():
+            self.history.setdefault(name, []).append(total / since)
+        steps.append(step)
+        self.sums = {}
+
+
+def check_finite(value: float, step: int, what: str = "loss"):
+    """Stop a diverged run with one clear line (the last checkpoint stays untouched)."""
+    if not math.isfinite(value):
+        raise UserError(f"{what} became {value} at step {step}: training diverged; "
+                        "lower the learning rate or resume from the last checkpoint")
+
+
+class Run:
+    """One training run's machinery, around the loop of a method file.
+
+    - Resume: with settings.resume and OUT/checkpoint.pt present, every part of `state`,
+      the history and the step counter come back from the checkpoint (util.resume_state
+      checks that it is this run's: same command, seed and settings, apart from the
+      fields in may_change), and iterating continues where the run stopped.
+    - `log(numbers)`: the numbers a step returned, as their means over the processes
+      under torchrun (each process's are the means of its rows), shown on the progress
+      line; one that is NaN or infinite stops the run. After each `every`-th step and the
+      last, `at_checkpoint` is true and the means since the last checkpoint are in
+      `history` ({"step": [...], name: [...]}), where the loop adds its evaluations.
+    - `save_checkpoint()`: the command, seed, settings, step, history, training seconds,
+      `record` and every part, written atomically by rank 0 (weights that are not finite
+      are refused); when the loop measured an FID (history["fid"] at history["fid_step"])
+      lower than every earlier one, the same checkpoint also as OUT/best.pt.
+    - Training time leaves out evaluation, checkpoints and pictures: the clock stops at
+      each checkpoint step's log and starts again when the next step begins.
+    """
+
+    def __init__(self, out, command: str, settings, seed: int, device, state: dict,
+                 steps: int, every: int, may_change=(), desc: str = "",
+                 record: dict | None = None):
+        self.out, self.command, self.settings, self.seed = Path(out), command, settings, seed
+        self.state, self.steps, self.every = state, steps, every
+        self.record, self.desc = record or {}, desc or command
+        self.checkpoint = self.out / "checkpoint.pt"
+        self.step_log, self.first = StepLog(), 0
+        if settings.resume and self.checkpoint.exists():
+            stored = util.resume_state(self.checkpoint, device, command, settings, seed,
+                                       may_change)
+            for name, part in state.items():
+                part.load_state_dict(stored[name])
+            self.step_log = StepLog(stored["history"], stored["seconds"])
+            self.first = stored["step"]
+            print(f"resumed from {self.checkpoint} at step {self.first}")
+        self.step, self.at_checkpoint = self.first, False
+        self.progress = util.Progress(desc=self.desc, total=steps, initial=self.first)
+
+    @property
+    def history(self) -> dict:
+        return self.step_log.history
+
+    @property
+    def seconds(self) -> float:
+        """Seconds spent training, without evaluation, checkpoints and pictures."""
+        return self.step_log.seconds
+
+    def __iter__(self):
+        self.step_log.start_clock()
+        for step in range(self.first, self.steps):
+            self.step, self.at_checkpoint = step, False
+            yield step
+            if self.at_checkpoint:  # evaluation, checkpoint and pictures are done
+                self.step_log.start_clock()
+        self.progress.close()
+
+    def log(self, numbers: dict):
+        """The step's numbers ({name: number or 0-d tensor}), averaged over the processes."""
+        numbers = parallel.average({name: torch.as_tensor(value).item()
+                                    for name, value in numbers.items()})
+        for name, value in numbers.items():
+            check_finite(value, self.step + 1, f"{self.desc} {name}")
+        self.step_log.add(numbers)
+        self.progress.update(1, **{name: round(value, 4) for name, value in numbers.items()})
+        done = self.step + 1
+        self.at_checkpoint = done % self.every == 0 or done == self.steps
+        if self.at_checkpoint:
+            self.step_log.commit(done)
+
+    def save_checkpoint(self):
+        done = self.step + 1
+        state = {"command": self.command, "seed": self.seed,
+                 "settings": dataclasses.asdict(self.settings), "step": done,
+                 "history": self.history, "seconds": self.seconds, **self.record,
+                 **{name: part.state_dict() for name, part in self.state.items()}}
+        util.save_checkpoint(state, self.checkpoint)
+        if new_best_fid(self.history, done):
+            util.save_checkpoint(state, self.checkpoint.with_name("best.pt"))
+        parallel.barrier()  # rank 0's checkpoint exists for every process from here on
+        self.progress.note(f"{self.desc} {done}/{self.steps}: " + ", ".join(
+            f"{name} {values[-1]:.4g}" for name, values in self.history.items()
+            if name not in ("step", "fid_step") and values))
+
+
+def new_best_fid(history: dict, step: int) -> bool:
+    """Was an FID measured at this step, lower than every earlier one? (best.pt)"""
+    scores = history.get("fid")
+    return bool(scores) and history["fid_step"][-1] == step and scores[-1] == min(scores)
