@@ -36,23 +36,25 @@ from PIL import Image
 from torch.optim.optimizer import (register_optimizer_step_post_hook,
                                    register_optimizer_step_pre_hook)
 
-import bench
-import classifier
-import data
-import ddpm
-import gan
-import hog
-import metrics
-import nets
-import parallel
-import plots
-import reports
-import run
-import training
-import tsne
-import uda
+# the project's modules in import order (each after those it imports); the sections
+# below follow this order
 import util
+import parallel
+import nets
+import data
+import plots
+import tsne
+import training
+import metrics
+import hog
+import classifier
+import reports
+import gan
 import vae
+import ddpm
+import uda
+import run
+import bench
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 
@@ -80,7 +82,10 @@ def one_line_error(capsys, argv) -> str:
     return lines[-1]
 
 
-# ============================================================================ data: formats
+# ============================================================================ shared stubs
+# Tiny data and settings, stub networks and recorders that several sections use.
+
+
 def write_idx(path: Path, array: np.ndarray):
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
     opener = gzip.open if path.suffix == ".gz" else open
@@ -100,218 +105,6 @@ def make_mnist(root: Path, count=6, gz=True, folder="mnist"):
     return images, labels
 
 
-@pytest.mark.parametrize("gz,folder", [(True, "mnist"), (False, "MNIST/raw")])
-def test_mnist_idx_loads_exact_pixels_as_rgb_in_unit_range(tmp_path, gz, folder):
-    images, labels = make_mnist(tmp_path, gz=gz, folder=folder)
-    ds = data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "cache")
-    batch = ds.images()
-    assert batch.shape == (6, 3, 28, 28) and batch.dtype == torch.float32
-    assert torch.equal(ds.labels, torch.from_numpy(labels).long())
-    expected = torch.from_numpy(images).float() / 127.5 - 1
-    assert torch.allclose(batch[:, 0], expected) and torch.equal(batch[:, 0], batch[:, 2])
-    assert torch.equal(data.to_uint8(batch[:, :1]), ds.pixels)  # exact round trip
-
-
-def test_truncated_idx_gives_one_line_error(tmp_path, capsys):
-    make_mnist(tmp_path)
-    path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
-    raw = gzip.decompress(path.read_bytes())
-    path.write_bytes(gzip.compress(raw[:-100]))
-    line = one_line_error(capsys, ["data", "--name", "mnist", "--data-root", str(tmp_path),
-                                   "--cache", str(tmp_path / "c"), "--out", str(tmp_path)])
-    assert "truncated" in line and "download it again" in line
-
-
-def test_usps_libsvm_values_map_to_bytes_and_labels_shift(tmp_path):
-    (tmp_path / "usps").mkdir()
-    # two images: first has pixel 1 = -1 and pixel 256 = 1, the rest omitted (= 0)
-    text = "1 1:-1 256:1\n10 2:0.5\n"
-    for name in ("usps.bz2", "usps.t.bz2"):
-        (tmp_path / "usps" / name).write_bytes(bz2.compress(text.encode()))
-    ds = data.load("usps", "test", tmp_path, image_size=22, download=False, cache_dir="")
-    assert ds.labels.tolist() == [0, 9]
-    first = ds.pixels[0, 0]  # the 16x16 digit sits inside a 3-pixel black border
-    assert first[3, 3] == 0 and first[18, 18] == 255 and first[8, 8] == 128  # (v+1)*127.5
-    assert ds.pixels[1, 0, 3, 4] == round(1.5 * 127.5)
-    assert first[:3].sum() == first[19:].sum() == first[:, :3].sum() == first[:, 19:].sum() == 0
-    assert data.load("usps", "test", tmp_path, download=False, cache_dir="") \
-        .pixels.shape == (2, 1, 28, 28)
-
-
-# A MATLAB v5 file written by scipy.io.savemat(..., do_compression=True) (the reference
-# writer): X = (arange(180) * 7 % 251) as uint8 (4, 3, 3, 5), y = [10, 1, 2, 9, 10] double.
-SCIPY_MAT = (
-    "TUFUTEFCIDUuMCBNQVQtZmlsZSBQbGF0Zm9ybTogcG9zaXgsIENyZWF0ZWQgb246IFN1biBOb3YgMjIgMTU6MDA6"
-    "MTAgMjAyNgAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAABSU0PAAAA"
-    "7AAAAHic42NgYPgAxGxAzAHEnAwQwArEAkDMAsTMUAwSYwTCCCDNBMRbQAqtyzZmLrkvdYnXo1k5buaVnuNMtl8N"
-    "spe5Ne75vv6VaoJEcN9JdqfaHQWrnyneFPHv0kpdcHvyOU4XRvOitb4dh5m3fdRJl4+aeoHPs2V/+aa3Gg+kwyYa"
-    "5ix/NOuqgDezXeWWkP5TrHt/GOepJc65LhrQfaxu5xf950qxMyyK171ceEc8iMu1YXf0tIs8R1isSnUzFt+TCZ90"
-    "tvUAg9k7zZT59lVbP6x4LBcp6NN+KGnuDeHTbI41JvmrnoKcDQD1ylbgDwAAADQAAAB4nONjYGCIAGI2IOaA0iDA"
-    "CuWDaEYwZmSoBNKcQKzBAAMqDhD6gz1UAMpXcoDJAwCGUQPT")
-SCIPY_X = (np.arange(180, dtype=np.uint8) * 7 % 251).reshape(4, 3, 3, 5)
-
-
-def test_mat_reader_matches_scipy_compressed_file(tmp_path):
-    path = tmp_path / "x.mat"
-    path.write_bytes(base64.b64decode(SCIPY_MAT))
-    arrays = data.read_mat(path)
-    assert arrays["X"].dtype == np.uint8 and np.array_equal(arrays["X"], SCIPY_X)
-    assert arrays["y"].dtype == np.float64 and arrays["y"].ravel().tolist() == [10, 1, 2, 9, 10]
-
-
-def test_svhn_transposes_images_and_maps_label_10_to_0(tmp_path):
-    (tmp_path / "svhn").mkdir()
-    for name in ("train_32x32.mat", "test_32x32.mat"):
-        (tmp_path / "svhn" / name).write_bytes(base64.b64decode(SCIPY_MAT))
-    ds = data.load("svhn", "train", tmp_path, download=False, cache_dir="")
-    assert ds.labels.tolist() == [0, 1, 2, 9, 0] and ds.pixels.shape == (5, 3, 28, 28)
-    arrays, _ = data._svhn(tmp_path, "train", download=False)
-    # (H, W, C, N) -> (N, C, H, W): pixel [n, c, h, w] is X[h, w, c, n]
-    assert np.array_equal(arrays["pixels"], SCIPY_X.transpose(3, 2, 0, 1))
-
-
-def test_truncated_mat_gives_clear_error(tmp_path):
-    path = tmp_path / "x.mat"
-    path.write_bytes(base64.b64decode(SCIPY_MAT)[:-40])
-    with pytest.raises(util.UserError, match="truncated or damaged"):
-        data.read_mat(path)
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def make_mnistm_tar(path: Path, count=4):
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
-    with tarfile.open(path, "w:gz") as bundle:
-        for part in ("train", "test"):
-            members = {f"mnist_m/mnist_m_{part}/{i:08d}.png": png_bytes(images[i])
-                       for i in range(count)}
-            members[f"mnist_m/mnist_m_{part}_labels.txt"] = "".join(
-                f"{i:08d}.png {(3 * i) % 10}\n" for i in range(count)).encode()
-            for name, blob in members.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(blob)
-                bundle.addfile(info, io.BytesIO(blob))
-    return images
-
-
-def test_mnistm_from_archive_and_from_folder_agree_with_the_pngs(tmp_path):
-    (tmp_path / "mnist_m").mkdir()
-    images = make_mnistm_tar(tmp_path / "mnist_m" / "mnist_m.tar.gz")
-    from_tar = data.load("mnistm", "test", tmp_path, image_size=32, download=False,
-                         cache_dir="")
-    assert torch.equal(from_tar.pixels, torch.from_numpy(images).permute(0, 3, 1, 2))
-    assert from_tar.labels.tolist() == [0, 3, 6, 9]
-    data.safe_extract(tmp_path / "mnist_m" / "mnist_m.tar.gz", tmp_path / "mnist_m")
-    (tmp_path / "mnist_m" / "mnist_m.tar.gz").unlink()
-    from_folder = data.load("mnistm", "test", tmp_path, image_size=32, download=False,
-                            cache_dir="")
-    assert torch.equal(from_folder.pixels, from_tar.pixels)
-    assert data.load("mnistm", "test", tmp_path, download=False, cache_dir="") \
-        .pixels.shape == (4, 3, 28, 28)
-
-
-def test_mnistm_release_tensor_archive_loads(tmp_path):
-    images = torch.randint(0, 256, (3, 28, 28, 3), dtype=torch.uint8)
-    labels = torch.tensor([7, 0, 2])
-    staging = tmp_path / "staging"
-    staging.mkdir()
-    torch.save((images, labels), staging / "mnist_m_train.pt")
-    (tmp_path / "mnist_m").mkdir()
-    with tarfile.open(tmp_path / "mnist_m" / "mnist_m_train.pt.tar.gz", "w:gz") as bundle:
-        bundle.add(staging / "mnist_m_train.pt", arcname="mnist_m_train.pt")
-    ds = data.load("mnistm", "train", tmp_path, download=False, cache_dir="")
-    assert torch.equal(ds.pixels, images.permute(0, 3, 1, 2)) and ds.labels.tolist() == [7, 0, 2]
-
-
-def make_celeba(root: Path, present=("000001.jpg", "000003.jpg", "000004.jpg")):
-    """Annotations for five faces, images for only three of them, as in a subset."""
-    folder = root / "celeba"
-    folder.mkdir(parents=True)
-    names = [f"{i:06d}.jpg" for i in range(1, 6)]
-    attribute_names = ["Male", "Smiling"]
-    rows = [f"{n} {' '.join('1' if (i + j) % 2 else '-1' for j in range(2))}"
-            for i, n in enumerate(names)]
-    (folder / "list_attr_celeba.txt").write_text(
-        f"{len(names)}\n{' '.join(attribute_names)}\n" + "\n".join(rows) + "\n")
-    (folder / "list_eval_partition.txt").write_text(
-        "".join(f"{n} {0 if i < 3 else 2}\n" for i, n in enumerate(names)))
-    with zipfile.ZipFile(folder / "img_align_celeba.zip", "w") as bundle:
-        for i, name in enumerate(present):
-            face = np.full((218, 178, 3), 40 * (i + 1), np.uint8)
-            face[:20] = 255  # a band cut away by the center crop
-            buffer = io.BytesIO()
-            Image.fromarray(face).save(buffer, format="JPEG", quality=95)
-            bundle.writestr(f"img_align_celeba/{name}", buffer.getvalue())
-
-
-def test_celeba_joins_attributes_to_present_images_and_center_crops(tmp_path):
-    make_celeba(tmp_path)
-    train = data.load("celeba", "train", tmp_path, image_size=16, attribute="Smiling",
-                      download=False, cache_dir="")
-    assert train.names == ["000001.jpg", "000003.jpg"]  # 000002 has no image
-    assert train.labels.tolist() == [1, 1] and train.attributes.tolist() == [[0, 1], [0, 1]]
-    assert train.pixels.shape == (2, 3, 16, 16) and train.attribute_names == ["Male", "Smiling"]
-    # the white band at the top is outside the centered 178x178 square
-    assert (train.pixels[0].float() - 40).abs().max() <= 3
-    test = data.load("celeba", "test", tmp_path, image_size=16, download=False, cache_dir="")
-    assert test.names == ["000004.jpg"] and test.labels is None
-
-
-def make_course_folder(root: Path, with_labels=True):
-    (root / "data").mkdir(parents=True)
-    for i in range(3):
-        Image.fromarray(np.full((28, 28, 3), 50 * i, np.uint8)).save(root / "data" / f"{i:05d}.png")
-    header = "image_name,label\n" if with_labels else "image_name\n"
-    body = "".join(f"{i:05d}.png{f',{i + 4}' if with_labels else ''}\n" for i in range(3))
-    (root / "train.csv").write_text(header + body)
-    (root / "val.csv").write_text(header + body.splitlines(True)[0])
-
-
-def test_course_csv_layout_labels_names_and_val_as_test(tmp_path):
-    make_course_folder(tmp_path / "svhn")
-    train = data.load(str(tmp_path / "svhn"), "train", cache_dir=tmp_path / "cache")
-    assert train.labels.tolist() == [4, 5, 6] and train.names[0] == "00000.png"
-    assert train.pixels[2].float().mean() == 100
-    test = data.load(str(tmp_path / "svhn"), "test", cache_dir=tmp_path / "cache")
-    assert len(test) == 1 and test.names == ["00000.png"]
-
-
-def test_course_csv_without_labels_and_plain_image_folder(tmp_path):
-    make_course_folder(tmp_path / "digits", with_labels=False)
-    ds = data.load(str(tmp_path / "digits"), "train", cache_dir="")
-    assert ds.labels is None and len(ds) == 3
-    faces = data.load(str(tmp_path / "digits" / "data"), "train", image_size=8, cache_dir="")
-    assert faces.labels is None and faces.pixels.shape == (3, 3, 8, 8)
-
-
-def test_course_csv_with_missing_images_names_the_folder(tmp_path, capsys):
-    make_course_folder(tmp_path / "d")
-    (tmp_path / "d" / "data" / "00001.png").unlink()
-    line = one_line_error(capsys, ["data", "--name", str(tmp_path / "d"), "--cache", "",
-                                   "--out", str(tmp_path)])
-    assert "missing" in line and "00001.png" in line
-
-
-def test_empty_folder_and_unknown_name_say_what_to_give(tmp_path, capsys):
-    (tmp_path / "empty").mkdir()
-    line = one_line_error(capsys, ["data", "--name", str(tmp_path / "empty"),
-                                   "--out", str(tmp_path)])
-    assert "train.csv" in line
-    assert "use one of mnist" in one_line_error(capsys, ["data", "--name", "cifar"])
-
-
-def test_missing_data_folder_without_download_says_what_to_do(tmp_path, capsys):
-    line = one_line_error(capsys, ["data", "--name", "mnist", "--no-download",
-                                   "--data-root", str(tmp_path / "nowhere")])
-    assert "--data-root" in line
-
-
-# ============================================================================ data: downloads
 def fake_network(monkeypatch, payload: bytes | None):
     """Replace the one network call; payload None means 'offline'."""
     def stream(url, path):
@@ -321,239 +114,208 @@ def fake_network(monkeypatch, payload: bytes | None):
     monkeypatch.setattr(data, "_stream_to", stream)
 
 
-def test_download_checks_md5_then_renames(tmp_path, monkeypatch):
-    fake_network(monkeypatch, b"hello")
-    target = data.download_file(["http://x/f"], tmp_path / "f.bin",
-                                md5="5d41402abc4b2a76b9719d911017c592")  # md5("hello")
-    assert target.read_bytes() == b"hello" and not (tmp_path / "f.bin.part").exists()
+def image_folder(folder: Path, count: int = 3, size: int = 16) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (size, size, 3), np.uint8)) \
+            .save(folder / f"{i}.png")
+    return folder
 
 
-def test_download_with_wrong_md5_keeps_nothing_and_says_so(tmp_path, monkeypatch):
-    fake_network(monkeypatch, b"not the file")
-    with pytest.raises(util.UserError, match="corrupt") as error:
-        data.download_file(["http://x/f"], tmp_path / "f.bin", md5="0" * 32)
-    assert str(tmp_path / "f.bin") in str(error.value)
-    assert list(tmp_path.iterdir()) == []
+class PooledFeatures(nn.Module):
+    """A cheap stand-in for Inception in the tracker tests (Inception itself is checked
+    against pytorch-fid above): 4x4 average pools of the [0, 1] input, 48 features."""
+
+    def forward(self, images):
+        return F.adaptive_avg_pool2d(images, 4).flatten(1)
 
 
-def test_offline_download_names_the_file_to_place_by_hand(tmp_path, monkeypatch, capsys):
-    fake_network(monkeypatch, None)
-    line = one_line_error(capsys, ["data", "--name", "usps", "--data-root", str(tmp_path),
-                                   "--out", str(tmp_path)])
-    assert "by hand" in line and str(tmp_path / "usps" / "usps.bz2") in line
+@pytest.fixture
+def cheap_fid(tmp_path, monkeypatch):
+    """load_fid_inception gives PooledFeatures; returns the path of its 'weights' file."""
+    weights = tmp_path / "stand-in.pth"
+    weights.write_bytes(b"stand-in weights")
+
+    def load(cache_dir=None, device="cpu", weights=None):
+        network = PooledFeatures()
+        network.weights_file = Path(weights or tmp_path / "stand-in.pth")
+        return network
+    monkeypatch.setattr(metrics, "load_fid_inception", load)
+    return weights
 
 
-def test_downloaded_usps_is_verified_and_loaded(tmp_path, monkeypatch):
-    content = bz2.compress(b"3 1:1\n")
-    monkeypatch.setitem(data.USPS_FILES, "usps.bz2", __import__("hashlib").md5(content).hexdigest())
-    fake_network(monkeypatch, content)
-    ds = data.load("usps", "train", tmp_path, cache_dir="")
-    assert ds.labels.tolist() == [2] and (tmp_path / "usps" / "usps.bz2").exists()
+def own_fid(fake: torch.Tensor, real: torch.Tensor) -> float:
+    """The FID formula on PooledFeatures' features, computed apart from the tracker."""
+    def statistics(images):
+        return metrics.gaussian_statistics(PooledFeatures()((images + 1) / 2).double().numpy())
+    return metrics.frechet_distance(*statistics(fake), *statistics(real))
 
 
-# ============================================================================ data: archives
-def test_truncated_archive_gives_clear_error(tmp_path):
-    archive = tmp_path / "a.tar.gz"
-    make_mnistm_tar(archive, count=30)
-    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
-    with pytest.raises(util.UserError, match="truncated or damaged"):
-        data.safe_extract(archive, tmp_path / "out")
+def clusters(per_cluster=30, dims=10, seed=0):
+    """Three well separated Gaussian blobs with their labels."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 20, (3, dims))
+    X = np.concatenate([c + rng.normal(0, 1, (per_cluster, dims)) for c in centres])
+    return X, np.repeat(np.arange(3), per_cluster)
 
 
-@pytest.mark.parametrize("kind", ["tar", "zip"])
-def test_archive_member_escaping_the_folder_is_refused(tmp_path, kind):
-    archive = tmp_path / f"evil.{kind}"
-    if kind == "tar":
-        with tarfile.open(archive, "w") as bundle:
-            info = tarfile.TarInfo("../escaped.txt")
-            info.size = 2
-            bundle.addfile(info, io.BytesIO(b"hi"))
-    else:
-        with zipfile.ZipFile(archive, "w") as bundle:
-            bundle.writestr("../escaped.txt", "hi")
-    (tmp_path / "out").mkdir()
-    with pytest.raises(util.UserError, match="outside"):
-        data.safe_extract(archive, tmp_path / "out")
-    assert not (tmp_path / "escaped.txt").exists()
+def toy_digits(count=64, seed=0) -> data.ImageSet:
+    """Two classes a small CNN separates at once: dark images (0) and bright ones (1)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % 2
+    pixels = (torch.rand(count, 3, 28, 28, generator=generator) * 100
+              + 150 * labels.view(-1, 1, 1, 1)).to(torch.uint8)
+    return data.ImageSet(pixels, labels, classes=["dark", "bright"])
 
 
-# ============================================================================ data: cache
-def test_second_load_comes_from_cache_until_a_source_changes(tmp_path, monkeypatch):
-    make_mnist(tmp_path)
-    first = data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "c")
-    monkeypatch.setattr(data, "read_idx", lambda path: (_ for _ in ()).throw(
-        AssertionError("decoded again")))
-    second = data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "c")
-    assert torch.equal(first.pixels, second.pixels) and torch.equal(first.labels, second.labels)
-    source = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
-    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
-    with pytest.raises(AssertionError, match="decoded again"):
-        data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "c")
+def toy_domain(count=40, seed=0, inverted=False) -> data.ImageSet:
+    """Ten classes told apart by the row of a bright band; the target domain inverts the
+    colours, a shift a classifier trained on the source does not survive."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % 10
+    pixels = torch.rand(count, 3, 28, 28, generator=generator) * 60
+    rows = 2 * labels + 4
+    pixels[torch.arange(count), :, rows] = 255.0
+    pixels = pixels.to(torch.uint8)
+    return data.ImageSet(255 - pixels if inverted else pixels, labels,
+                         names=[f"{i:05d}.png" for i in range(count)],
+                         classes=[str(d) for d in range(10)])
 
 
-def test_cache_belongs_to_the_data_folder_it_was_decoded_from(tmp_path):
-    """Another copy of a data set, or an empty folder, never gets the first one's cached
-    arrays (they did: the cache was keyed by name, split and size alone)."""
-    cache = tmp_path / "cache"
-    images, _ = make_mnist(tmp_path / "first")
-    first = data.load("mnist", "train", tmp_path / "first", download=False, cache_dir=cache)
-    assert np.array_equal(first.pixels[:, 0].numpy(), images)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(util.UserError, match="MNIST not found"):
-        data.load("mnist", "train", tmp_path / "empty", download=False, cache_dir=cache)
-    make_mnist(tmp_path / "second")
-    write_idx(tmp_path / "second" / "mnist" / "train-images-idx3-ubyte.gz",
-              np.zeros_like(images))
-    second = data.load("mnist", "train", tmp_path / "second", download=False, cache_dir=cache)
-    assert second.pixels.max() == 0
+def toy_load(name, split, image_size):
+    if name == "svhn":
+        raise util.UserError("SVHN not found: expected data/svhn/train_32x32.mat")
+    return toy_domain(seed=len(name) + 10 * (split == "test"), inverted=name != "mnistm")
 
 
-def test_the_default_cache_is_read_at_call_time_and_empty_means_none(tmp_path, private_cache):
-    assert data.cache_folder(None) == private_cache and data.cache_folder("") is None
-    make_mnist(tmp_path)
-    data.load("mnist", "train", tmp_path, download=False)
-    assert any(name.suffix == ".npz" for name in private_cache.iterdir())
+def tiny_uda(**changes) -> "uda.UDASettings":
+    return uda.UDASettings(**{"epochs": 1, "adapt_epochs": 1, "batch_size": 8,
+                              "tsne_points": 20, **changes})
 
 
-def test_a_damaged_cache_file_is_rebuilt_and_said(tmp_path, capsys):
-    images, _ = make_mnist(tmp_path)
-    data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "c")
-    (cached,) = (tmp_path / "c").glob("*.npz")
-    cached.write_bytes(cached.read_bytes()[:100])
-    again = data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "c")
-    assert np.array_equal(again.pixels[:, 0].numpy(), images)
-    assert "is damaged" in capsys.readouterr().err
-    with np.load(cached) as rebuilt:
-        assert rebuilt["pixels"].shape == (6, 1, 28, 28)
+def toy_faces(count=32, size=32) -> data.ImageSet:
+    generator = torch.Generator().manual_seed(0)
+    return data.ImageSet((torch.rand(count, 3, size, size, generator=generator) * 255)
+                         .to(torch.uint8), torch.arange(count) % 2)
 
 
-def test_unknown_split_is_refused_not_served_as_test(tmp_path, capsys):
-    make_mnist(tmp_path)
-    with pytest.raises(util.UserError, match="unknown split 'val' for mnist"):
-        data.load("mnist", "val", tmp_path, download=False, cache_dir="")
-    line = one_line_error(capsys, ["data", "--name", "mnist", "--splits", "train,foo",
-                                   "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
-    assert "unknown split 'foo'" in line and not (tmp_path / "o").exists()  # before loading
+def tiny_gan(**changes) -> "gan.GANSettings":
+    return gan.GANSettings(**{"image_size": 32, "steps": 2, "batch_size": 4,
+                              "sample_every": 1, "fid_images": 0, **changes})
 
 
-# ============================================================================ data: folders
-def test_16_bit_png_is_scaled_by_its_bit_depth(tmp_path):
-    """Pillow's convert('L') clips 16-bit values at 255: 99.6% of a photo turned white."""
-    deep = np.array([[0, 257, 32896, 65535]], np.uint16)            # / 257: 0, 1, 128, 255
-    Image.fromarray(deep).save(tmp_path / "deep.png")
-    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
-    ds = data.load(str(tmp_path), "train", cache_dir="")
-    assert ds.pixels[0, 0, 0].tolist() == [0, 1, 128, 255]
+def tiny_vae(**changes) -> "vae.VAESettings":
+    return vae.VAESettings(**{"latent_dim": 8, "epochs": 2, "batch_size": 8,
+                              "tsne_points": 16, "fid_images": 0, **changes})
 
 
-def test_gray_and_colour_images_in_one_folder_are_served_as_colour(tmp_path):
-    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "a.png")
-    Image.fromarray(np.full((8, 8, 3), (10, 20, 30), np.uint8)).save(tmp_path / "b.png")
-    ds = data.load(str(tmp_path), "train", cache_dir="")
-    assert ds.pixels.shape == (2, 3, 8, 8)
-    assert ds.pixels[0].unique().tolist() == [200] and ds.pixels[1, :, 0, 0].tolist() == [10, 20, 30]
+# Which images and labels each loss sees, which parameters each optimiser moves and by
+# which gradient, which networks stay frozen. Stub networks small enough for a hand-written
+# reference (tiny Linear layers, no batch norm or dropout), optimisers whose every step is
+# recorded, and the reference gradient by autograd of the loss as the paper writes it.
+def recording_sgd(params, lr: float) -> torch.optim.SGD:
+    """Plain SGD (no momentum: the step is exactly -lr * grad) that keeps, at each step,
+    a copy of the gradient of every parameter it holds (zeros where there is none)."""
+    params = list(params)
+    optimizer = torch.optim.SGD(params, lr=lr)
+    optimizer.seen = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: opt.seen.append(
+        [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]))
+    return optimizer
 
 
-@pytest.mark.parametrize("content", [b"not an image", b""])
-def test_an_unreadable_image_in_a_folder_is_named(tmp_path, capsys, content):
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
-    (tmp_path / "b.png").write_bytes(content)
-    line = one_line_error(capsys, ["data", "--name", str(tmp_path), "--splits", "train",
-                                   "--cache", "", "--out", str(tmp_path / "o")])
-    assert "b.png is not a readable image" in line
+def gradients(loss, params) -> list[torch.Tensor]:
+    """d loss / d p for each p (zeros where the loss does not depend on p)."""
+    params = list(params)
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
-def test_a_bad_label_names_its_file_and_line(tmp_path, capsys):
-    make_course_folder(tmp_path / "course")
-    table = tmp_path / "course" / "train.csv"
-    table.write_text(table.read_text().replace("00001.png,5", "00001.png,five"))
-    line = one_line_error(capsys, ["data", "--name", str(tmp_path / "course"), "--cache", "",
-                                   "--out", str(tmp_path / "o")])
-    assert f"{table}, line 3: label 'five'" in line
-    folder = tmp_path / "mnist_m" / "mnist_m"
-    (folder / "mnist_m_train").mkdir(parents=True)
-    for name in ("a.png", "b.png"):
-        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "mnist_m_train" / name)
-    (folder / "mnist_m_train_labels.txt").write_text("a.png 3\n\nb.png -1\n")
-    with pytest.raises(util.UserError, match="labels.txt, line 3: label '-1'"):
-        data.load("mnistm", "train", tmp_path, download=False, cache_dir="")
+def assert_all_close(actual, expected, atol=1e-6, what=""):
+    assert len(actual) == len(expected), what
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        assert torch.allclose(a, e, atol=atol, rtol=1e-5), (what, index, (a - e).abs().max())
 
 
-# ============================================================================ data: image I/O
-def test_make_grid_places_each_image_at_its_padded_cell():
-    images = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 2, 3) + 1
-    grid = data.make_grid(images, nrow=2, padding=1)
-    assert grid.shape == (1, 2 * 3 + 1, 2 * 4 + 1)  # rows*(H+p)+p, cols*(W+p)+p
-    expected = torch.zeros(1, 7, 9)
-    for index in range(3):
-        row, col = divmod(index, 2)
-        expected[0, 1 + row * 3:1 + row * 3 + 2, 1 + col * 4:1 + col * 4 + 3] = index + 1
-    assert torch.equal(grid, expected)
+def parameters_of(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
 
 
-def test_save_grid_and_numbered_images_write_pngs(tmp_path):
-    images = torch.linspace(-1, 1, 5 * 3 * 4 * 4).view(5, 3, 4, 4)
-    grid_path = data.save_grid(images, tmp_path / "grid.png", nrow=5, padding=2)
-    assert Image.open(grid_path).size == (5 * 6 + 2, 6 + 2)
-    paths = data.save_images(images, tmp_path / "gen", [f"{i}_001.png" for i in range(5)])
-    saved = np.asarray(Image.open(paths[4]))
-    assert saved.shape == (4, 4, 3) and saved[-1, -1, -1] == 255
-    assert np.array_equal(saved, data.to_uint8(images[4]).permute(1, 2, 0).numpy())
+class Recorder(nn.Module):
+    """Wraps a network; keeps a copy of every input and output."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.inputs, self.outputs = inner, [], []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        out = self.inner(x)
+        self.outputs.append(out.detach().clone())
+        return out
 
 
-def test_resize_keeps_constant_images_constant():
-    pixels = torch.full((2, 1, 16, 16), 77, dtype=torch.uint8)
-    resized = data.resize(pixels, 28)
-    assert resized.shape == (2, 1, 28, 28) and (resized == 77).all()
+@contextlib.contextmanager
+def optimiser_hooks(before=None, after=None):
+    """Call before(optimizer) and after(optimizer) around every optimiser step taken inside
+    the with block (torch's global hooks: the training loops build their own optimisers)."""
+    handles = [register(lambda optimizer, args, kwargs, call=call: call(optimizer))
+               for register, call in ((register_optimizer_step_pre_hook, before),
+                                      (register_optimizer_step_post_hook, after))
+               if call is not None]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
-def test_batches_cover_every_image_once_in_seeded_order():
-    ds = data.ImageSet(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1),
-                       torch.arange(10))
-    seen = [labels for _, labels in ds.batches(4, generator=torch.Generator().manual_seed(3))]
-    assert [len(b) for b in seen] == [4, 4, 2]
-    assert sorted(torch.cat(seen).tolist()) == list(range(10))
-    again = [labels for _, labels in ds.batches(4, generator=torch.Generator().manual_seed(3))]
-    assert all(torch.equal(a, b) for a, b in zip(seen, again))
+def held(optimizer) -> set:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
-# ============================================================================ data: real files
-@pytest.fixture(scope="session")
-def real_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("real-cache")
+def ids(*modules) -> set:
+    return {id(p) for module in modules for p in module.parameters()}
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
-@pytest.mark.parametrize("name,counts", [("mnist", (60000, 10000)), ("usps", (7291, 2007)),
-                                         ("mnistm", (25000, 9001)), ("celeba", (8000, 2000))])
-def test_real_data_sets_have_published_counts_and_look_like_images(name, counts, real_cache):
-    for split, count in zip(("train", "test"), counts):
-        ds = data.load(name, split, SHARED_DATA, download=False, cache_dir=real_cache)
-        assert len(ds) == count
-        assert ds.pixels.shape[-1] == (64 if name == "celeba" else 28)
-        sample = ds.images(slice(0, 500))
-        assert sample.min() >= -1 and sample.max() <= 1 and sample.max() > 0.9
-        per_image_spread = sample.flatten(1).std(dim=1)
-        assert (per_image_spread > 0.05).all(), "an all-constant image"
-        if name == "celeba":
-            assert len(ds.attribute_names) == 40 and ds.attributes.shape == (count, 40)
-        else:
-            assert torch.bincount(ds.labels, minlength=10).min() > count // 20
+def moving_average(initial, snapshots, decay):
+    """nets.update_ema applied after step k = 0, 1, ...: d = min(decay, (1 + k) / (10 + k))."""
+    average = [p.clone() for p in initial]
+    for k, current in enumerate(snapshots):
+        d = min(decay, (1 + k) / (10 + k))
+        average = [d * a + (1 - d) * c for a, c in zip(average, current)]
+    return average
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
-def test_real_usps_digits_are_as_tall_as_mnist_digits(real_cache):
-    """The MNIST framing (data.mnist_framed): at 28x28 both kinds of digit are ~20 pixels
-    tall; USPS resized without the border would be 28."""
-    def mean_height(name):
-        ink = data.load(name, "test", SHARED_DATA, download=False, cache_dir=real_cache) \
-            .images(slice(0, 1000)).mean(dim=1) > 0                   # (1000, 28, 28)
-        return ink.any(dim=2).float().sum(dim=1).mean().item()
-    usps, mnist = mean_height("usps"), mean_height("mnist")
-    assert abs(usps - mnist) < 1.5 and 18 < mnist < 22
+def labels_fit(images: torch.Tensor, labels: torch.Tensor) -> bool:
+    """toy_domain draws class k as a band at row 2k + 4 (bright, or dark when inverted)."""
+    rows = images.mean(dim=(1, 3))                                        # (B, 28)
+    band = torch.where(images.mean(dim=(1, 2, 3))[:, None] < 0, rows, -rows).argmax(dim=1)
+    return torch.equal(band, 2 * labels.cpu() + 4)
+
+
+def alone_equals_in_batch(function, batch: torch.Tensor, atol: float = 1e-5) -> bool:
+    """function of each row alone equals its row of function(batch): eval mode, no batch
+    statistics, no dropout mask that depends on the batch."""
+    together = function(batch)
+    alone = torch.cat([function(batch[i:i + 1]) for i in range(len(batch))])
+    return torch.allclose(together, alone, atol=atol)
 
 
 # ============================================================================ util
+# Pins errors, progress, atomic files, checkpoints, locks, devices, seeds.
+
+
+class RunsCode:
+    """Unpickling this calls Path.touch(marker): what a crafted checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
 def test_progress_prints_rate_and_eta_lines_when_not_a_terminal():
     stream = io.StringIO()
     progress = util.Progress(range(4), "train", interval=0.0, stream=stream)
@@ -572,20 +334,6 @@ def test_progress_of_a_resumed_run_rates_only_the_new_steps(monkeypatch):
     progress.update(20)  # 20 new steps in 10 s: 2 it/s, 20 left, ETA 10 s
     line = progress.line()
     assert "80% 80/100" in line and "2.00 it/s" in line and "<00:10" in line, line
-
-
-def test_step_log_means_between_commits_and_time_without_pauses(monkeypatch):
-    clock = iter([0.0, 4.0, 100.0, 103.0])  # trains 0-4 s, pictures 4-100 s, trains 3 s
-    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
-    log = training.StepLog({"step": [10], "loss": [9.0]}, seconds=50.0)  # resumed at step 10
-    for loss in (1.0, 2.0, 6.0):
-        log.add({"loss": loss})
-    log.commit(13)
-    log.start_clock()
-    log.add({"loss": 5.0})
-    log.commit(14)
-    assert log.history == {"step": [10, 13, 14], "loss": [9.0, 3.0, 5.0]}
-    assert log.seconds == 50.0 + 4.0 + 3.0
 
 
 def test_checkpoint_write_is_atomic_and_damage_is_reported(tmp_path, monkeypatch):
@@ -617,16 +365,6 @@ def test_arrays_are_written_atomically_through_a_per_process_temporary(tmp_path,
     with np.load(path) as stored:
         assert {k: stored[k].tolist() for k in stored} == {k: v.tolist() for k, v in arrays.items()}
     assert temporaries == [f"cache.npz.{os.getpid()}.tmp"] and os.listdir(tmp_path) == ["cache.npz"]
-
-
-class RunsCode:
-    """Unpickling this calls Path.touch(marker): what a crafted checkpoint could do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return Path.touch, (self.marker,)
 
 
 def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path, capsys):
@@ -688,12 +426,6 @@ def test_device_choice_and_errors():
             util.choose_device("cuda")
 
 
-def test_nan_loss_is_a_user_error():
-    training.check_finite(torch.tensor(1.0), step=3)
-    with pytest.raises(util.UserError, match="diverged"):
-        training.check_finite(torch.tensor(float("nan")), step=3)
-
-
 def test_seed_makes_torch_and_numpy_repeat():
     util.seed_everything(5)
     first = torch.rand(3), np.random.rand(3)
@@ -701,234 +433,303 @@ def test_seed_makes_torch_and_numpy_repeat():
     assert torch.equal(first[0], torch.rand(3)) and np.array_equal(first[1], np.random.rand(3))
 
 
-# ============================================================================ run.py
-def test_dataclass_fields_become_flags_and_back():
-    import argparse
-    parser = argparse.ArgumentParser()
-    run.add_flags(parser, run.Common)
-    args = parser.parse_args(["--data-root", "x", "--seed", "7", "--no-download"])
-    common = run.settings_from(args, run.Common)
-    assert (common.data_root, common.seed, common.download) == ("x", 7, False)
+# ============================================================================ parallel
+# Pins each process's share of the batch and its random numbers; 1 and N processes alike.
 
 
-def test_data_command_prints_counts_and_writes_preview(tmp_path, capsys):
-    make_mnist(tmp_path)
-    assert run.main(["data", "--name", "mnist", "--data-root", str(tmp_path), "--no-download",
-                     "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "out")]) == 0
-    printed = capsys.readouterr().out
-    assert "mnist [train]: 6 images" in printed and "0: 1  1: 1" in printed
-    assert Image.open(tmp_path / "out" / "data" / "mnist-test-preview.png").size == (6 * 30 + 2, 32)
+def digit_folder(root: Path, count: int = 16, inverted: bool = False) -> str:
+    """toy_domain's digits as a course folder (data/*.png, train.csv, val.csv)."""
+    digits = toy_domain(count, inverted=inverted)
+    (root / "data").mkdir(parents=True)
+    data.save_images(digits.pixels.float() / 127.5 - 1, root / "data", digits.names)
+    rows = "".join(f"{name},{int(label)}\n" for name, label in zip(digits.names, digits.labels))
+    for split in ("train", "val"):
+        (root / f"{split}.csv").write_text("image_name,label\n" + rows)
+    return str(root)
 
 
-def image_folder(folder: Path, count: int = 3, size: int = 16) -> Path:
+def free_port() -> int:
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        return handle.getsockname()[1]
+
+
+def rank_main(rank: int, world: int, port: int, argv: list, folder: str, die_at: int):
+    """One process of a torchrun-like launch (the environment torchrun sets), running
+    run.main(argv); its stderr goes to FOLDER/rank{rank}.err, its exit code to
+    FOLDER/rank{rank}.code. die_at: process 1 is killed at that step."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), DLCV_DIST_TIMEOUT="60")
+    torch.set_num_threads(1)
+    if die_at and rank == 1:
+        real_add = training.StepLog.add
+
+        def add(log, numbers):
+            if len(log.history["step"]) + 1 >= die_at:  # a commit a step (--sample-every 1)
+                os._exit(9)  # as if killed: no message, no clean-up
+            real_add(log, numbers)
+        training.StepLog.add = add
+    sys.stderr = open(Path(folder) / f"rank{rank}.err", "w", buffering=1)  # for the test
+    code = run.main(argv)
+    (Path(folder) / f"rank{rank}.code").write_text(str(code))
+
+
+def launch(argv: list, folder: Path, world: int = 2, die_at: int = 0) -> list[int]:
+    """run.main(argv) in `world` fresh processes joined by gloo on localhost, as
+    torchrun --nproc_per_node world would start them; their exit codes by rank."""
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (size, size, 3), np.uint8)) \
-            .save(folder / f"{i}.png")
-    return folder
+    context, port = multiprocessing.get_context("spawn"), free_port()
+    processes = [context.Process(target=rank_main,
+                                 args=(r, world, port, [str(a) for a in argv], str(folder),
+                                       die_at)) for r in range(world)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=240)
+        assert process.exitcode is not None, "a process hung"
+    return [int((folder / f"rank{r}.code").read_text()) if (folder / f"rank{r}.code").exists()
+            else processes[r].exitcode for r in range(world)]
 
 
-def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
-    """(command line, what its one error line must say): ordinary mistakes."""
-    a_file = tmp / "a_file"
-    a_file.write_text("x")
-    garbage = tmp / "garbage.pth"
-    garbage.write_bytes(b"\x80\x02 not torch")
-    foreign = tmp / "foreign.pth"
-    torch.save({"weight": torch.ones(2)}, foreign)
-    faces = str(image_folder(tmp / "faces"))
-    few, nan, mismatch, broken = (tmp / f"{name}.npz" for name in
-                                  ("few", "nan", "mismatch", "broken"))
-    broken.write_bytes(b"PK\x03\x04 not a zip")
-    np.savez(few, features=np.random.default_rng(0).normal(size=(10, 3)))
-    np.savez(nan, features=np.array([[0.0, 1.0]] * 40 + [[np.nan, 0.0]]))
-    np.savez(mismatch, features=np.zeros((40, 3)), labels=np.zeros(39))
-    return [
-        (["gan", "--steps", "0"], "--steps 0: give a whole number of at least 1"),
-        (["ddpm", "--steps", "-5"], "--steps -5"),
-        (["vae", "--epochs", "0"], "--epochs 0"),
-        (["uda", "--batch-size", "0"], "--batch-size 0"),
-        (["classifier", "--lr", "nan"], "--lr nan: give a finite number"),
-        (["vae", "--lr", "inf"], "--lr inf: give a finite number"),
-        (["uda", "--lr", "-0.1"], "--lr -0.1: give a number above 0"),
-        (["uda", "--method", "gta", "--gta-lr", "0"], "--gta-lr 0.0: give a number above 0"),
-        (["uda", "--confidence", "1.5"], "--confidence 1.5: give a number from 0 to 1"),
-        (["uda", "--consistency-weight", "-1"], "--consistency-weight -1.0: give a number of "
-                                                "at least 0"),
-        (["gan", "--image-size", "0"], "--image-size 0"),
-        (["data", "--name", "mnist", "--image-size", "-28"], "--image-size -28"),
-        (["gan", "--image-size", "48"], "the gan networks take 32 or 64"),
-        (["uda", "--image-size", "32"], "the uda networks take 28"),
-        (["gan", "--limit", "-1"], "--limit -1: give a whole number of at least 0"),
-        (["gan", "--generate", "-3"], "--generate -3"),
-        (["ddpm", "--generate", "--per-digit", "0"], "--per-digit 0"),
-        (["gan", "--seed", "-1"], "--seed -1"),
-        (["gan", "--seed", str(2**32)], "below 2**32"),
-        (["ddpm", "--drop-class", "1.5"], "--drop-class 1.5: give a number from 0 to 1"),
-        (["ddpm", "--sampling-steps", "2000"], "more than --timesteps 1000"),
-        (["ddpm", "--dropout", "1"], "--dropout 1.0: give a rate below 1"),
-        (["gan", "--steps", "ten"], "invalid int value: 'ten'"),
-        (["gan", "--variant", "c"], "invalid choice: 'c'"),
-        (["uda", "--method", "mmd"], "invalid choice: 'mmd'"),
-        (["tsne", "mnist", "--perplexity", "0"], "--perplexity 0.0: give a number above 0"),
-        (["data", "--name", "mnist", "--out", str(a_file)], "--out"),
-        (["data", "--name", "mnist", "--cache", str(a_file)], "--cache"),
-        (["data", "--name", "mnist", "--data-root", str(a_file)], "--data-root"),
-        (["data", "--name", faces, "--out", str(a_file / "sub")], "Not a directory"),
-        (["uda", "--predict", faces, "--ckpt", str(foreign), "--csv", faces], "--csv"),
-        (["classify", "--folder", str(a_file)], "is not a folder"),
-        (["fid", faces, faces, "--weights", str(tmp / "missing.pth")], "not found"),
-        (["fid", faces, faces, "--weights", str(garbage)], "not the pytorch-fid Inception"),
-        (["fid", faces, faces, "--weights", str(foreign)], "not the pytorch-fid Inception"),
-        (["gan", "--data", faces, "--image-size", "32", "--weights", str(garbage)],
-         "not the pytorch-fid Inception"),
-        (["vae", "--fid-images", "1"], "--fid-images 1: FID fits a covariance"),
-        (["gan", "--generate", "2", "--ckpt", str(foreign)], "not by 'run.py gan'"),
-        (["tsne", str(few)], "10 points are too few for perplexity 30"),
-        (["tsne", str(nan)], "1 of 41 feature rows hold NaN"),
-        (["tsne", str(mismatch)], "'labels' has 39 entries for 40 rows"),
-        (["tsne", str(broken)], "cannot be read as an .npz"),
-    ]
+def weights_of(checkpoint: Path, key: str) -> dict:
+    return {name: value.float() for name, value in
+            torch.load(checkpoint, weights_only=True)[key].items()
+            if value.is_floating_point()}
 
 
-def test_a_preset_sets_defaults_that_flags_beside_it_override():
-    plain, preset = run.parse(["ddpm"]), run.parse(["ddpm", "--preset", "cpu", "--steps", "10"])
-    assert (plain.width, plain.steps, plain.guidance) == (64, 30000, 2.0)
-    assert (preset.width, preset.steps, preset.guidance, preset.lr) == (32, 10, 6.0, 1e-3)
-    for settings_class, presets in ((gan.GANSettings, gan.PRESETS),  # real settings only
-                                    (vae.VAESettings, vae.PRESETS),
-                                    (ddpm.DDPMSettings, ddpm.PRESETS)):
-        choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(settings_class)
-                   if "choices" in f.metadata}  # argparse does not check a default's choice
-        for values in presets.values():
-            settings_class(**values)
-            for name, value in values.items():
-                assert name not in choices or value in choices[name], (name, value)
+def relative_difference(one: dict, two: dict, start: dict) -> float:
+    """||w_2 - w_1|| / ||w_1 - w_0||: how far two runs' weights lie apart, measured
+    against how far training moved them (w_0: the initial weights). Adam's first steps
+    are about lr sign(gradient), so rounding can flip a few steps of near-zero gradients:
+    equal runs stay near 0.01 here, per-process batch-norm statistics reach 0.3."""
+    def norm(pairs):
+        return math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in pairs))
+    names = [name for name in start if name in one]
+    return norm((two[n], one[n]) for n in names) / norm((one[n], start[n]) for n in names)
 
 
-def test_bad_input_ends_in_one_error_line_and_exit_code_2(tmp_path, capsys):
-    for argv, expected in bad_inputs(tmp_path):
-        capsys.readouterr()
-        line = one_line_error(capsys, argv + (["--out", str(tmp_path / "out")]
-                                              if "--out" not in argv else []))
-        assert expected in line, (argv, line)
-    written = [path for path in (tmp_path / "out").rglob("*") if path.is_file()]
-    assert written == []  # each refused before it wrote anything
+GAN_FLAGS = ["--image-size", "32", "--steps", "3", "--batch-size", "4", "--sample-every", "1",
+             "--fid-images", "0", "--no-download"]
 
 
-def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, capsys, monkeypatch):
-    faces = str(image_folder(tmp_path / "faces"))
-    assert run.main(["data", "--name", faces, "--splits", "train", "--cache", "",
-                     "--out", str(tmp_path / "o")]) == 0
-    preview = tmp_path / "o" / "data" / "faces-train-preview.png"
-    before = preview.read_bytes()
-
-    def full(source, target):
-        raise OSError(errno.ENOSPC, "No space left on device", str(target))
-    monkeypatch.setattr(os, "replace", full)  # pictures too are written atomically
-    line = one_line_error(capsys, ["data", "--name", faces, "--splits", "train",
-                                   "--cache", "", "--out", str(tmp_path / "o")])
-    assert "No space left on device" in line and "free disk space" in line
-    assert preview.read_bytes() == before
+def assert_same_run(one: Path, two: Path, key: str, start: dict):
+    """The runs in folders one and two (checkpoint.pt) are the same run: the first step's
+    logged numbers agree closely (a wrong share of the batch moves them by percents), and
+    the weights after all steps too (per-process batch-norm statistics: 0.3 or more)."""
+    first = [torch.load(folder / "checkpoint.pt", weights_only=True)["history"]
+             for folder in (one, two)]
+    assert first[0]["step"] == first[1]["step"]
+    for name, values in first[0].items():
+        if name != "step":  # losses, and accuracies (dropout left on would move them)
+            assert values[0] == pytest.approx(first[1][name][0], rel=1e-4, abs=1e-6), name
+    weights = [weights_of(folder / "checkpoint.pt", key) for folder in (one, two)]
+    assert relative_difference(*weights, start) < 0.05
 
 
-def test_resume_refuses_another_commands_checkpoint_and_changed_flags(tmp_path):
-    gan.train(toy_faces(), None, tiny_gan(), tmp_path, "cpu", seed=0)
-    with pytest.raises(util.UserError, match=r"--seed 0 \(now 1\)"):
-        gan.train(toy_faces(), None, tiny_gan(resume=True), tmp_path, "cpu", seed=1)
-    with pytest.raises(util.UserError, match=r"--batch-size 4 \(now 8\)"):
-        gan.train(toy_faces(), None, tiny_gan(resume=True, batch_size=8), tmp_path, "cpu", 0)
-    with pytest.raises(util.UserError, match=r"--variant b \(now a\)"):
-        gan.train(toy_faces(), None, tiny_gan(resume=True, variant="a"), tmp_path, "cpu", 0)
-    with pytest.raises(util.UserError, match="written by 'run.py gan', not by 'run.py vae'"):
-        vae.train(toy_faces(8, 64), toy_faces(8, 64), tiny_vae(resume=True), tmp_path,
-                  "cpu", 0)
-    longer = gan.train(toy_faces(), None, tiny_gan(resume=True, steps=3), tmp_path, "cpu", 0)
-    assert longer["steps"] == 3  # --steps may grow: the run continues
+def torchrun(argv: list, nproc: int = 2, timeout: int = 300):
+    """python -m torch.distributed.run --standalone --nproc_per_node N run.py ARGV: the
+    real launcher, on localhost."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         str(nproc), "run.py", *map(str, argv)], cwd=Path(__file__).resolve().parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=timeout)
 
 
-def test_a_diverged_vae_stops_without_saving_nan_weights(tmp_path):
-    """--lr inf once ended with exit 0 and a checkpoint of NaN tensors."""
-    with pytest.raises(util.UserError, match="NaN or infinite|became nan"):
-        vae.train(toy_faces(8, 64), toy_faces(8, 64), tiny_vae(lr=float("inf"), epochs=1),
-                  tmp_path, "cpu", seed=0)
-    assert not (tmp_path / "checkpoint.pt").exists()
-    assert not (tmp_path / "results.json").exists()
+def fake_world(monkeypatch, world: int, rank: int):
+    monkeypatch.setattr(parallel, "world", lambda: world)
+    monkeypatch.setattr(parallel, "rank", lambda: rank)
 
 
-def test_warnings_for_adapting_a_domain_to_itself_and_fid_of_other_sizes(tmp_path, capsys):
-    assert run.main(["uda", "--src", "usps", "--tgt", "usps", "--no-download",
-                     "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[0].startswith("warning: --src and --tgt are both usps")
-    assert len(lines) == 2 and lines[1].startswith("error: data folder")
-    weights = tmp_path / "w.pth"
+def test_random_shift_moves_content_by_the_drawn_amount():
+    image = torch.full((1, 3, 28, 28), -1.0)
+    image[:, :, 12:16, 10:14] = 1.0  # a bright square away from the borders
+    shifted = classifier.random_shift(image, 0.1, torch.Generator().manual_seed(1))
+    drawn = (torch.rand(1, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 0.2
+    mass = (image[0, 0] + 1), (shifted[0, 0] + 1)
+    coords = torch.arange(28.0)
+
+    def centroid(m):
+        return torch.stack([(m.sum(0) * coords).sum(), (m.sum(1) * coords).sum()]) / m.sum()
+    moved = centroid(mass[1]) - centroid(mass[0])  # (x, y) in pixels
+    assert torch.allclose(moved, -drawn[0] * 28 / 2, atol=1e-3)
+    assert torch.equal(classifier.random_shift(image, 0.0), image)
+
+
+@pytest.mark.parametrize("variant", ["a", "b", "wgan-gp", "hacks"])
+def test_two_processes_train_the_same_gan_as_one(tmp_path, variant):
+    """Every draw of the global batch split, batch norm over both shares, G and D each a
+    replica: the 3 steps of 2 processes are those of 1 (variant a: batch norm in D, b:
+    spectral norm and DiffAugment, wgan-gp: the penalty's double backward, hacks: noisy
+    and flipped targets, instance noise and dropout)."""
+    faces = str(image_folder(tmp_path / "faces", 8, 32))
+    argv = ["gan", "--variant", variant, "--data", faces, *GAN_FLAGS]
+    assert run.main(argv + ["--out", str(tmp_path / "one")]) == 0
+    assert launch(argv + ["--out", tmp_path / "two"], tmp_path / "logs") == [0, 0]
+    settings = gan.GANSettings(**torch.load(tmp_path / "one" / f"gan_{variant}" /
+                                            "checkpoint.pt", weights_only=True)["settings"])
     torch.manual_seed(0)
-    torch.save(metrics.FIDInception().state_dict(), weights)
-    small, large = image_folder(tmp_path / "small", 2, 8), image_folder(tmp_path / "large", 2, 16)
-    capsys.readouterr()
-    assert run.main(["fid", str(small), str(large), "--weights", str(weights),
-                     "--cache", ""]) == 0
-    assert "warning: the folders hold images of 8 and 16 pixels a side" in capsys.readouterr().err
+    start = {k: v.float() for k, v in gan.GAN(settings).state_dict().items()
+             if v.is_floating_point()}
+    assert_same_run(tmp_path / "one" / f"gan_{variant}", tmp_path / "two" / f"gan_{variant}",
+                    "gan", start)
+    assert (tmp_path / "two" / f"gan_{variant}" / "samples.png").is_file()
+    assert (tmp_path / "logs" / "rank1.err").read_text() == ""  # rank 0 alone speaks
 
 
-def test_a_run_without_fid_weights_says_fid_skipped(tmp_path, capsys, monkeypatch):
-    fake_network(monkeypatch, None)
-    faces = str(image_folder(tmp_path / "faces", 4, 32))
-    assert run.main(["gan", "--data", faces, "--image-size", "32", "--steps", "1",
-                     "--batch-size", "4", "--sample-every", "1", "--fid-images", "4",
-                     "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")]) == 0
-    out = capsys.readouterr().out
-    assert "FID skipped (could not download" in out and "None" not in out
+def test_torchrun_ddpm_equals_one_process_resumes_and_writes_the_same_1000_images(tmp_path):
+    """Under the real torchrun, 2 processes train the DDPM (dropout masks drawn for the
+    global batch) as 1 does, a run stopped at step 2 and resumed equals one that was not,
+    and the 1000 course images, sampled half by each process, carry the same names and
+    pixels as those of 1 process."""
+    digits = digit_folder(tmp_path / "digits")
+    argv = ["ddpm", "--data", digits, "--timesteps", "20", "--width", "8", "--batch-size",
+            "4", "--sample-every", "1", "--sampling-steps", "2", "--fid-images", "0",
+            "--amp", "off", "--no-download"]
+    assert run.main(argv + ["--steps", "3", "--out", str(tmp_path / "one")]) == 0
+    first = torchrun(argv + ["--steps", "2", "--out", tmp_path / "two"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = torchrun(argv + ["--steps", "3", "--resume", "--out", tmp_path / "two"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and resumed.stdout.count("done:") == 1
+    _, settings = ddpm.load(tmp_path / "one" / "ddpm" / "checkpoint.pt", "cpu")
+    torch.manual_seed(0)
+    start = {k: v.float() for k, v in ddpm.Diffusion(settings).state_dict().items()}
+    assert_same_run(tmp_path / "one" / "ddpm", tmp_path / "two" / "ddpm", "model", start)
+    images = [sorted((tmp_path / run_ / "ddpm" / "images").iterdir()) for run_ in ("one", "two")]
+    assert [p.name for p in images[0]] == [p.name for p in images[1]] and len(images[0]) == 1000
+    for mine, theirs in zip(images[0][::97], images[1][::97]):
+        difference = np.abs(np.asarray(Image.open(mine), int) - np.asarray(Image.open(theirs), int))
+        assert difference.max() <= 2, mine.name
 
 
-def test_bench_data_times_a_first_and_a_cached_load(tmp_path, capsys):
-    import bench
-    make_mnist(tmp_path)
-    bench.main(["data", "--data-root", str(tmp_path)])
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("mnist train: 6 images, first load")
-    assert any(line.startswith("usps train: skipped (USPS not found") for line in lines)
+def test_two_processes_train_the_same_vae_uda_and_classifier_as_one(tmp_path):
+    """Batch norm over both shares, dropout masks of the global batch, gradient reversal
+    inside DANN's graph, ADDA's two phases (F_s and C frozen, F_t and D replicas): each
+    model's 2-process run is its 1-process run."""
+    faces = str(image_folder(tmp_path / "faces", 8, 64))
+    source, target = digit_folder(tmp_path / "src"), digit_folder(tmp_path / "tgt", inverted=True)
+    commands = {  # folder of the checkpoint, key of its weights, model for the start
+        "vae": (["vae", "--data", faces, "--epochs", "1", "--batch-size", "4", "--latent-dim",
+                 "8", "--fid-images", "0", "--tsne-points", "0"], "vae_lambda1", "model",
+                lambda: nets.VAE(8)),
+        "uda": (["uda", "--method", "all", "--src", source, "--tgt", target, "--epochs", "1",
+                 "--adapt-epochs", "1", "--batch-size", "8", "--tsne-points", "8",
+                 "--confidence", "0.2"],  # self-ensembling's consistency terms take part
+                "uda", "networks", None),
+        "classifier": (["classifier", "--data", source, "--epochs", "1", "--batch-size", "8"],
+                       "classifier", "network", lambda: nets.digit_classifier()),
+    }
+    for name, (argv, folder, key, build) in commands.items():
+        argv = argv + ["--no-download"]
+        assert run.main(argv + ["--out", str(tmp_path / "one")]) == 0, name
+        assert launch(argv + ["--out", tmp_path / "two"], tmp_path / name) == [0, 0], name
+        runs = [(tmp_path / "one" / folder, tmp_path / "two" / folder, build)]
+        if name == "uda":
+            scenario = f"{Path(source).name}-{Path(target).name}"
+            runs = [(tmp_path / "one" / folder / scenario / method,
+                     tmp_path / "two" / folder / scenario / method,
+                     functools.partial(uda.Networks, method)) for method in uda.METHODS]
+        for one, two, build_model in runs:
+            torch.manual_seed(0)
+            start = {k: v.float() for k, v in build_model().state_dict().items()
+                     if v.is_floating_point()}
+            assert_same_run(one, two, key, start)
+    assert (tmp_path / "two" / "uda" / scenario / "dann" / "tsne_domain.png").is_file()
+    confident = torch.load(tmp_path / "one" / "uda" / scenario / "self-ensembling" /
+                           "checkpoint.pt", weights_only=True)["history"]["confident"]
+    assert confident[0] > 0  # the class balance and its batch mean over processes
 
 
-def test_bench_uda_times_the_steps_of_each_method_it_names(capsys, monkeypatch):
-    import bench
-    seen = []
-    real_train = uda.train
-    monkeypatch.setattr(uda, "train", lambda domains, settings, *args, **kwargs: (
-        seen.append((settings.method, len(domains.source_train))),
-        real_train(domains, settings, *args, **kwargs))[1])
-    bench.main(["uda", "--methods", "source,dann", "--steps", "2", "--threads", "1"])
-    lines = [line for line in capsys.readouterr().out.splitlines() if " s a step" in line]
-    assert seen == [("source", 256), ("dann", 256)]  # 2 steps of 128 images a domain
-    assert [line.split(":")[0] for line in lines] == ["source", "dann"]
+def test_a_process_that_dies_ends_the_run_with_one_line_and_keeps_the_checkpoint(tmp_path):
+    """Process 1 is killed at step 3: process 0 does not hang, it says in one line what
+    happened and what to do, exits with 2, and the checkpoint of step 2 stays readable."""
+    faces = str(image_folder(tmp_path / "faces", 8, 32))
+    argv = ["gan", "--variant", "b", "--data", faces, *GAN_FLAGS, "--steps", "6", "--out",
+            tmp_path / "two"]
+    codes = launch(argv, tmp_path / "logs", die_at=3)
+    assert codes[0] == 2 and codes[1] != 0
+    lines = (tmp_path / "logs" / "rank0.err").read_text().strip().splitlines()
+    assert lines[-1].startswith("error: the processes of this torchrun lost each other")
+    assert "--resume" in lines[-1] and not any("Traceback" in line for line in lines)
+    state = util.load_checkpoint(tmp_path / "two" / "gan_b" / "checkpoint.pt")
+    assert state["step"] == 2
+
+
+def test_torchrun_refuses_an_uneven_batch_missing_gpus_or_backend_and_one_process_commands(
+        tmp_path, monkeypatch, capsys):
+    """Each a one-line error with exit 2, said by rank 0 alone."""
+    faces = str(image_folder(tmp_path / "faces", 8, 32))
+    argv = ["gan", "--data", faces, *GAN_FLAGS, "--batch-size", "5", "--out", tmp_path / "o"]
+    assert launch(argv, tmp_path / "batch") == [2, 2]
+    said = [(tmp_path / "batch" / f"rank{r}.err").read_text() for r in (0, 1)]
+    assert said[0].strip().splitlines()[-1] == ("error: --batch-size 5 does not split over 2 "
+                                                "processes: use a multiple of 2")
+    assert said[1] == ""
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, without starting anything
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert "torchrun started 2 processes on a machine with 1 GPUs" in one_line_error(
+        capsys, ["gan", "--device", "cuda", "--data", faces, *GAN_FLAGS])
+    monkeypatch.setattr(torch.distributed, "is_backend_available", lambda name: False)
+    assert "this torch build has no 'gloo' backend" in one_line_error(
+        capsys, ["gan", "--device", "cpu", "--data", faces, *GAN_FLAGS])
+    assert "'run.py fid' runs in one process" in one_line_error(
+        capsys, ["fid", faces, faces])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_rows_give_each_process_its_contiguous_share_of_the_global_batch(monkeypatch, world):
+    batch = torch.arange(8 * 3).view(8, 3)
+    shares = []
+    for rank in range(world):
+        fake_world(monkeypatch, world, rank)
+        shares.append(parallel.rows(batch))
+    assert torch.equal(torch.cat(shares), batch)  # in order, each row once
+    assert all(len(share) == 8 // world for share in shares)
+    fake_world(monkeypatch, 3, 0)
+    with pytest.raises(util.UserError, match="does not split into 3 equal shares"):
+        parallel.rows(batch)
+
+
+def test_random_draws_the_global_batch_and_keeps_this_processs_rows(monkeypatch):
+    """With N processes each draws count * N rows from the same stream and keeps its own,
+    so together they hold exactly the numbers one process draws for the whole batch;
+    indices are drawn for the global batch size."""
+    fake_world(monkeypatch, 1, 0)
+    one = parallel.Random(7)
+    whole = [one.randn(6, 2), one.rand(6), one.randint(0, 5, (6, 3)), one.indices(50, 6)]
+    for world in (2, 3):
+        shares = []
+        for rank in range(world):
+            fake_world(monkeypatch, world, rank)
+            rng = parallel.Random(7)
+            count = 6 // world
+            shares.append([rng.randn(count, 2), rng.rand(count), rng.randint(0, 5, (count, 3)),
+                           rng.indices(50, 6)])
+        for index, expected in enumerate(whole):
+            assert torch.equal(torch.cat([share[index] for share in shares]), expected)
+    fake_world(monkeypatch, 1, 0)
+    generator = torch.Generator().manual_seed(7)
+    assert torch.equal(whole[0], torch.randn(6, 2, generator=generator))  # torch's draw
+
+
+def test_random_state_round_trips_through_a_checkpoint():
+    rng = parallel.Random(3)
+    rng.randn(5)
+    state = rng.state_dict()
+    expected = rng.rand(4)
+    other = parallel.Random(99)
+    other.load_state_dict(state)
+    assert torch.equal(other.rand(4), expected)
 
 
 # ============================================================================ nets
-def test_dcgan_parameter_counts_match_the_seed_reports():
-    assert sum(p.numel() for p in nets.dcgan_generator().parameters()) == 3_576_704
-    assert sum(p.numel() for p in nets.dcgan_discriminator().parameters()) == 2_765_568
-    z = torch.randn(2, 100, 1, 1)
-    assert nets.dcgan_generator()(z).shape == (2, 3, 64, 64)
-    assert nets.dcgan_discriminator()(torch.randn(2, 3, 64, 64)).shape == (2, 1, 1, 1)
+# Pins the building blocks against torch's own; each architecture's shapes and sizes.
 
 
-def test_summary_rows_match_the_network():
-    model = nets.dcgan_discriminator()
-    table = nets.summary(model, (3, 64, 64))
-    assert "Total params: 2,765,568" in table and "Trainable params: 2,765,568" in table
-    assert "Conv2d-1" in table and "[-1, 64, 32, 32]" in table and "[-1, 1, 1, 1]" in table
-    rows = [line for line in table.splitlines() if line.strip().split("-")[0] in
-            ("Conv2d", "BatchNorm2d", "LeakyReLU")]
-    assert len(rows) == len([m for m in model.modules() if not list(m.children())])
-    # torchsummary's memory lines: params 2,765,568 * 4 bytes = 10.55 MB
-    assert "Params size (MB): 10.55" in table and "Input size (MB): 0.05" in table
-    frozen = nets.dcgan_generator()
-    frozen[0].weight.requires_grad_(False)
-    assert "Non-trainable params: 819,200" in nets.summary(frozen, (100, 1, 1))
-
-
-# ============================================================================ nets: DCGAN
 def saved_layout(rows) -> dict:
     """{state_dict key: shape} of an nn.Sequential given as (index, kind, c_in, c_out) rows:
     the layout that checkpoints saved by the earlier, looped DCGAN builders hold."""
@@ -983,6 +784,29 @@ VARIANT_NORMS = [("a", "spectral", "batch"), ("b", "batch", "batch"),
                  ("acgan", "spectral", "spectral")]
 
 
+def test_dcgan_parameter_counts_match_the_seed_reports():
+    assert sum(p.numel() for p in nets.dcgan_generator().parameters()) == 3_576_704
+    assert sum(p.numel() for p in nets.dcgan_discriminator().parameters()) == 2_765_568
+    z = torch.randn(2, 100, 1, 1)
+    assert nets.dcgan_generator()(z).shape == (2, 3, 64, 64)
+    assert nets.dcgan_discriminator()(torch.randn(2, 3, 64, 64)).shape == (2, 1, 1, 1)
+
+
+def test_summary_rows_match_the_network():
+    model = nets.dcgan_discriminator()
+    table = nets.summary(model, (3, 64, 64))
+    assert "Total params: 2,765,568" in table and "Trainable params: 2,765,568" in table
+    assert "Conv2d-1" in table and "[-1, 64, 32, 32]" in table and "[-1, 1, 1, 1]" in table
+    rows = [line for line in table.splitlines() if line.strip().split("-")[0] in
+            ("Conv2d", "BatchNorm2d", "LeakyReLU")]
+    assert len(rows) == len([m for m in model.modules() if not list(m.children())])
+    # torchsummary's memory lines: params 2,765,568 * 4 bytes = 10.55 MB
+    assert "Params size (MB): 10.55" in table and "Input size (MB): 0.05" in table
+    frozen = nets.dcgan_generator()
+    frozen[0].weight.requires_grad_(False)
+    assert "Non-trainable params: 819,200" in nets.summary(frozen, (100, 1, 1))
+
+
 @pytest.mark.parametrize("image_size", [64, 32])
 @pytest.mark.parametrize("variant, d_norm, norm", VARIANT_NORMS)
 def test_written_out_dcgan_keeps_the_saved_state_dict_layout(image_size, variant, d_norm,
@@ -1032,7 +856,6 @@ def test_dcgan_refuses_sizes_it_has_no_layers_for(build):
         build(image_size=48)
 
 
-# ============================================================================ nets: summary
 def test_summary_forward_shows_only_the_layers_it_runs():
     model = nets.VAE(latent_dim=8)
     table = nets.summary(model, (3, 64, 64), forward=model.encode)
@@ -1051,78 +874,926 @@ def test_summary_repeats_extra_inputs_over_the_batch():
     assert f"Total params: {sum(p.numel() for p in unet.parameters()):,}" in table
 
 
-# ============================================================================ run.py summary
-# Parameters per printed table, hand-computed where the sum is short:
-# - vae encoder: convs 3*32*16 + 32*64*16 + 64*128*16 + 128*256*16 = 689,664, batch norm
-#   2 (32 + 64 + 128 + 256) = 960, mu and log sigma^2 2 (4096*512 + 512) = 4,195,328.
-#   decoder: 512*4096 + 4096 = 2,101,248, transposed convs 256*128*16 + 128*64*16
-#   + 64*32*16 + 32*3*16 + 3 = 689,667, batch norm 2 (128 + 64 + 32) = 448.
-# - uda features: 3*64*25 + 64 + BN 128 + 64*50*25 + 50 + BN 100 = 85,142;
-#   label classifier: 800*100 + 100 + BN 200 + 100*100 + 100 + BN 200 + 100*10 + 10 = 91,610;
-#   DANN domain classifier: 800*100 + 100 + BN 200 + 100 + 1 = 80,401;
-#   ADDA discriminator: 800*500 + 500 + 500*500 + 500 + 500 + 1 = 651,501;
-#   GTA generator (width 32, z of 100): (800 + 11 + 100)*128*9 + 128*64*9 + 64*32*16
-#   + 32*3*16 + BN 2 (128 + 64 + 32) = 1,157,952;
-#   GTA discriminator: 3*32*9 + 32 + 32*64*9 + 64 + 64*128*9 + 128 + 128*64*9 + 64
-#   + BN 2 (32 + 64 + 128 + 64) + 64 + 1 + 64*10 + 10 = 168,331.
-# - classifier: 3*32*9 + 64 + 32*32*9 + 64 + 32*64*9 + 128 + 64*64*9 + 128
-#   + 3136*256 + 256 + 256*10 + 10 = 871,402.
-# - b: a's networks. ACGAN: z has 2 more channels (+ 2*512*16 in G), D 2 outputs
-#   (+ 512*16; batch norm leaves the convolutions without bias).
-# - ddpm: the default U-Net (width 64, 10 classes + the 'no class' token), as summed by torch.
-SUMMARY_TOTALS = [
-    ("gan", "a", [3_576_704, 2_765_568]),
-    ("gan", "b", [3_576_704, 2_765_568]),
-    ("gan", "acgan", [3_593_088, 2_773_760]),
-    ("vae", None, [4_885_952, 2_791_363]),
-    ("ddpm", None, [3_946_435]),
-    ("uda", None, [85_142, 91_610, 80_401, 651_501, 1_157_952, 168_331]),
-    ("classifier", None, [871_402]),
-]
+def test_gradient_reversal_is_identity_forward_and_minus_lambda_backward():
+    x = torch.randn(5, 3, requires_grad=True)
+    weights = torch.randn(5, 3)
+    reversed_ = nets.grad_reverse(x, 0.7)
+    assert torch.equal(reversed_, x)
+    (reversed_ * weights).sum().backward()
+    reference = x.detach().clone().requires_grad_(True)
+    (-0.7 * reference * weights).sum().backward()  # autograd of -lambda x
+    assert torch.allclose(x.grad, reference.grad, atol=0)
 
 
-@pytest.mark.parametrize("name, variant, totals", SUMMARY_TOTALS)
-def test_every_summary_prints_its_networks_parameters(name, variant, totals, capsys):
-    assert run.main(["summary", name] + (["--variant", variant] if variant else [])) == 0
-    out = capsys.readouterr().out
-    printed = [int(n.replace(",", "")) for n in re.findall(r"^Total params: ([\d,]+)$", out,
-                                                           flags=re.M)]
-    assert printed == totals
-    # one titled table a network; together they hold the networks the command trains
-    # (the VAE's two halves add up to the whole VAE)
-    assert len([line for line in out.splitlines() if line.startswith(name)]) == len(totals)
-    assert sum(printed) == sum(p.numel() for network in TRAINED_NETWORKS[name](variant)
-                               for p in network.parameters())
+@pytest.mark.parametrize("layer", [torch.nn.Linear(20, 7), torch.nn.Conv2d(3, 8, 4),
+                                   torch.nn.ConvTranspose2d(8, 5, 4)], ids=lambda m: type(m).__name__)
+def test_spectral_norm_matches_torch(layer):
+    ours = nets.spectral_norm(copy.deepcopy(layer))
+    theirs = torch.nn.utils.spectral_norm(copy.deepcopy(layer))
+    with torch.no_grad():  # identical weights (deep copies) and identical u, v
+        ours.weight_u.copy_(theirs.weight_u)
+        ours.weight_v.copy_(theirs.weight_v)
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    x = torch.randn(2, 20) if isinstance(layer, torch.nn.Linear) else torch.randn(2, 8, 8, 8)[:, :layer.in_channels]
+    for _ in range(3):  # training-mode forwards move u
+        assert torch.allclose(ours(x), theirs(x), atol=1e-6)
+        assert torch.allclose(ours.weight, theirs.weight, atol=1e-7)
+        assert torch.allclose(ours.weight_u, theirs.weight_u, atol=1e-7)
+    ours.eval(), theirs.eval()
+    u = ours.weight_u.clone()
+    assert torch.allclose(ours(x), theirs(x), atol=1e-6) and torch.equal(ours.weight_u, u)
+    ours(x).sum().backward()  # the gradient reaches the raw weight
+    assert ours.weight_orig.grad is not None and ours.weight_orig.grad.abs().sum() > 0
 
 
-TRAINED_NETWORKS = {
-    "gan": lambda variant: (lambda model: [model.generator, model.discriminator])(
-        gan.GAN(gan.GANSettings(variant=variant))),
-    "vae": lambda _: [nets.VAE(vae.VAESettings().latent_dim)],
-    "ddpm": lambda _: [ddpm.Diffusion(ddpm.DDPMSettings()).network],
-    "uda": lambda _: [uda.Networks("source").features, uda.Networks("source").classifier,
-                      uda.Networks("dann").domain, uda.Networks("adda").domain,
-                      uda.Networks("gta").generator, uda.Networks("gta").discriminator],
-    "classifier": lambda _: [nets.digit_classifier()],
-}
+def test_spectral_norm_sigma_converges_to_the_largest_singular_value():
+    layer = nets.spectral_norm(torch.nn.Conv2d(16, 32, 3), n_power_iterations=1)
+    x = torch.randn(1, 16, 5, 5)
+    for _ in range(200):
+        layer(x)
+    largest = torch.linalg.matrix_norm(layer.weight_orig.detach().flatten(1), ord=2)
+    sigma = layer.weight_orig.detach().flatten(1).norm() / layer.weight.detach().flatten(1).norm()
+    assert torch.isclose(sigma, largest, rtol=1e-5)
+    assert torch.isclose(torch.linalg.matrix_norm(layer.weight.detach().flatten(1), ord=2),
+                         torch.tensor(1.0), rtol=1e-5)
 
 
-def test_summary_of_gan_shows_the_variant_that_run_py_gan_trains(capsys):
-    assert run.main(["summary", "gan"]) == 0
-    default = gan.GANSettings().variant
-    assert capsys.readouterr().out.splitlines()[0] == f"gan variant {default}: generator"
+@pytest.mark.parametrize("step", [5, 100_000])
+def test_ema_update_is_the_moving_average_with_warm_up(step):
+    model = gan.GAN(gan.GANSettings(variant="b", image_size=32))
+    before = [p.clone() for p in model.ema.parameters()]
+    with torch.no_grad():
+        for p in model.generator.parameters():
+            p.add_(1.0)
+    model.generator.train()(torch.randn(4, 100, 1, 1))  # new batch-norm statistics
+    model.update_ema(step=step, decay=0.999)
+    d = min(0.999, (1 + step) / (10 + step))  # 6 / 15 while warming up
+    for old, new, current in zip(before, model.ema.parameters(), model.generator.parameters()):
+        assert torch.allclose(new, d * old + (1 - d) * current)
+    for averaged, current in zip(model.ema.buffers(), model.generator.buffers()):
+        assert torch.equal(averaged, current)
 
 
-@pytest.mark.parametrize("argv, names", [
-    (["summary", "gpt"], "gan, vae, ddpm, uda, classifier"),
-    (["summary", "gan", "--variant", "c"], "a, b, acgan"),
-    (["summary", "vae", "--variant", "a"], "--variant is for gan"),
-])
-def test_unknown_architecture_names_the_choices(argv, names, capsys):
-    assert names in one_line_error(capsys, argv)
+def test_recompute_batch_norm_equals_torchs_swa_update_bn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 5), nn.BatchNorm1d(5, momentum=0.3))
+    batches = [torch.randn(8, 3, 8, 8) * 3 + 1 for _ in range(5)]
+    reference = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn([(batch,) for batch in batches], reference)
+    nets.recompute_batch_norm(model.train(), batches)
+    assert not model.training and model[5].momentum == 0.3
+    for ours, theirs in zip(model.buffers(), reference.buffers()):
+        assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-# ============================================================================ metrics: FID
+def test_recompute_batch_norm_turns_dropout_off():
+    model = nn.Sequential(nn.Dropout(0.5), nn.BatchNorm1d(3))
+    batches = [torch.randn(64, 3) * 2 + 1 for _ in range(4)]
+    nets.recompute_batch_norm(model, batches)
+    # dropout would double the variance; without it the statistics are those of the inputs
+    assert torch.allclose(model[1].running_mean, torch.stack(batches).mean(dim=(0, 1)))
+    assert torch.allclose(model[1].running_var,
+                          torch.stack([b.var(dim=0) for b in batches]).mean(dim=0))
+
+
+def test_timestep_embedding_is_the_transformer_sinusoid():
+    embedding = nets.timestep_embedding(torch.tensor([0, 3]), 8)
+    frequencies = 10000 ** (-torch.arange(4) / 4)
+    assert torch.allclose(embedding[1], torch.cat([torch.sin(3 * frequencies),
+                                                   torch.cos(3 * frequencies)]))
+    assert torch.equal(embedding[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(6, 4), nn.Conv2d(2, 3, 3),
+                                   nn.ConvTranspose2d(3, 2, 3)], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("training", [True, False])
+def test_spectral_norm_gradient_flows_through_sigma_as_torchs_does(layer, training):
+    """d/dW of f(W / sigma(W)) includes the term through sigma = u^T W v; a sigma computed
+    from a detached W gives another gradient, which this test tells apart."""
+    torch.manual_seed(0)
+    ours = nets.spectral_norm(copy.deepcopy(layer)).train(training)
+    theirs = torch.nn.utils.spectral_norm(copy.deepcopy(layer)).train(training)
+    with torch.no_grad():
+        ours.weight_u.copy_(theirs.weight_u)
+        ours.weight_v.copy_(theirs.weight_v)
+    x = torch.randn(2, 6) if isinstance(layer, nn.Linear) else torch.randn(2, layer.in_channels,
+                                                                           5, 5)
+    cotangent = torch.randn_like(copy.deepcopy(theirs)(x))
+    (theirs(x) * cotangent).sum().backward()
+    (ours(x) * cotangent).sum().backward()
+    assert torch.allclose(ours.weight_orig.grad, theirs.weight_orig.grad, atol=1e-6)
+    # the gradient with sigma held constant, (dL/dW_sn) / sigma, differs: the test can fail
+    w_sn = theirs.weight.detach().requires_grad_(True)
+    sigma = (theirs.weight_orig.detach().flatten() @ w_sn.detach().flatten()) / \
+        w_sn.detach().flatten().pow(2).sum()
+    out = (F.linear(x, w_sn, theirs.bias) if isinstance(layer, nn.Linear) else
+           F.conv2d(x, w_sn, theirs.bias) if isinstance(layer, nn.Conv2d) else
+           F.conv_transpose2d(x, w_sn, theirs.bias))
+    (out * cotangent).sum().backward()
+    assert not torch.allclose(w_sn.grad / sigma, theirs.weight_orig.grad, atol=1e-4)
+
+
+def test_standardise_gives_each_image_zero_mean_and_unit_variance():
+    images = torch.rand(3, 3, 5, 5) * torch.tensor([1.0, 5.0, 0.5])[:, None, None, None]
+    standardised = nets.Standardise()(images + 7.0)  # brightness and contrast are gone
+    assert torch.allclose(standardised.mean(dim=(1, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(standardised.std(dim=(1, 2, 3)), torch.ones(3), atol=1e-3)
+    assert torch.allclose(nets.Standardise()(-images), -nets.Standardise()(images), atol=1e-6)
+
+
+def test_dcgan_discriminator_norm_choices_and_the_spectral_flag_agree():
+    def layout(network):
+        return {key: tuple(value.shape) for key, value in network.state_dict().items()}
+    assert layout(nets.dcgan_discriminator(norm="spectral")) == \
+        layout(nets.dcgan_discriminator(norm="spectral"))
+    assert layout(nets.dcgan_discriminator(norm="batch")) == layout(nets.dcgan_discriminator())
+    # norm "none": the spectral D's convolutions with biases, without u and v
+    assert layout(nets.dcgan_discriminator(norm="none")) == {
+        key.replace("weight_orig", "weight"): shape
+        for key, shape in layout(nets.dcgan_discriminator(norm="spectral")).items()
+        if not key.endswith(("weight_u", "weight_v"))}
+    with pytest.raises(ValueError, match="batch, spectral or none"):
+        nets.dcgan_discriminator(norm="layer")
+
+
+# ============================================================================ data
+# Pins every file format byte for byte, downloads, archives, the cache, folders, grids.
+
+
+# A MATLAB v5 file written by scipy.io.savemat(..., do_compression=True) (the reference
+# writer): X = (arange(180) * 7 % 251) as uint8 (4, 3, 3, 5), y = [10, 1, 2, 9, 10] double.
+SCIPY_MAT = (
+    "TUFUTEFCIDUuMCBNQVQtZmlsZSBQbGF0Zm9ybTogcG9zaXgsIENyZWF0ZWQgb246IFN1biBOb3YgMjIgMTU6MDA6"
+    "MTAgMjAyNgAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAABSU0PAAAA"
+    "7AAAAHic42NgYPgAxGxAzAHEnAwQwArEAkDMAsTMUAwSYwTCCCDNBMRbQAqtyzZmLrkvdYnXo1k5buaVnuNMtl8N"
+    "spe5Ne75vv6VaoJEcN9JdqfaHQWrnyneFPHv0kpdcHvyOU4XRvOitb4dh5m3fdRJl4+aeoHPs2V/+aa3Gg+kwyYa"
+    "5ix/NOuqgDezXeWWkP5TrHt/GOepJc65LhrQfaxu5xf950qxMyyK171ceEc8iMu1YXf0tIs8R1isSnUzFt+TCZ90"
+    "tvUAg9k7zZT59lVbP6x4LBcp6NN+KGnuDeHTbI41JvmrnoKcDQD1ylbgDwAAADQAAAB4nONjYGCIAGI2IOaA0iDA"
+    "CuWDaEYwZmSoBNKcQKzBAAMqDhD6gz1UAMpXcoDJAwCGUQPT")
+
+
+SCIPY_X = (np.arange(180, dtype=np.uint8) * 7 % 251).reshape(4, 3, 3, 5)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_mnistm_tar(path: Path, count=4):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+    with tarfile.open(path, "w:gz") as bundle:
+        for part in ("train", "test"):
+            members = {f"mnist_m/mnist_m_{part}/{i:08d}.png": png_bytes(images[i])
+                       for i in range(count)}
+            members[f"mnist_m/mnist_m_{part}_labels.txt"] = "".join(
+                f"{i:08d}.png {(3 * i) % 10}\n" for i in range(count)).encode()
+            for name, blob in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                bundle.addfile(info, io.BytesIO(blob))
+    return images
+
+
+def make_celeba(root: Path, present=("000001.jpg", "000003.jpg", "000004.jpg")):
+    """Annotations for five faces, images for only three of them, as in a subset."""
+    folder = root / "celeba"
+    folder.mkdir(parents=True)
+    names = [f"{i:06d}.jpg" for i in range(1, 6)]
+    attribute_names = ["Male", "Smiling"]
+    rows = [f"{n} {' '.join('1' if (i + j) % 2 else '-1' for j in range(2))}"
+            for i, n in enumerate(names)]
+    (folder / "list_attr_celeba.txt").write_text(
+        f"{len(names)}\n{' '.join(attribute_names)}\n" + "\n".join(rows) + "\n")
+    (folder / "list_eval_partition.txt").write_text(
+        "".join(f"{n} {0 if i < 3 else 2}\n" for i, n in enumerate(names)))
+    with zipfile.ZipFile(folder / "img_align_celeba.zip", "w") as bundle:
+        for i, name in enumerate(present):
+            face = np.full((218, 178, 3), 40 * (i + 1), np.uint8)
+            face[:20] = 255  # a band cut away by the center crop
+            buffer = io.BytesIO()
+            Image.fromarray(face).save(buffer, format="JPEG", quality=95)
+            bundle.writestr(f"img_align_celeba/{name}", buffer.getvalue())
+
+
+def make_course_folder(root: Path, with_labels=True):
+    (root / "data").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((28, 28, 3), 50 * i, np.uint8)).save(root / "data" / f"{i:05d}.png")
+    header = "image_name,label\n" if with_labels else "image_name\n"
+    body = "".join(f"{i:05d}.png{f',{i + 4}' if with_labels else ''}\n" for i in range(3))
+    (root / "train.csv").write_text(header + body)
+    (root / "val.csv").write_text(header + body.splitlines(True)[0])
+
+
+@pytest.fixture(scope="session")
+def real_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("real-cache")
+
+
+@pytest.mark.parametrize("gz,folder", [(True, "mnist"), (False, "MNIST/raw")])
+def test_mnist_idx_loads_exact_pixels_as_rgb_in_unit_range(tmp_path, gz, folder):
+    images, labels = make_mnist(tmp_path, gz=gz, folder=folder)
+    ds = data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "cache")
+    batch = ds.images()
+    assert batch.shape == (6, 3, 28, 28) and batch.dtype == torch.float32
+    assert torch.equal(ds.labels, torch.from_numpy(labels).long())
+    expected = torch.from_numpy(images).float() / 127.5 - 1
+    assert torch.allclose(batch[:, 0], expected) and torch.equal(batch[:, 0], batch[:, 2])
+    assert torch.equal(data.to_uint8(batch[:, :1]), ds.pixels)  # exact round trip
+
+
+def test_truncated_idx_gives_one_line_error(tmp_path, capsys):
+    make_mnist(tmp_path)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:-100]))
+    line = one_line_error(capsys, ["data", "--name", "mnist", "--data-root", str(tmp_path),
+                                   "--cache", str(tmp_path / "c"), "--out", str(tmp_path)])
+    assert "truncated" in line and "download it again" in line
+
+
+def test_usps_libsvm_values_map_to_bytes_and_labels_shift(tmp_path):
+    (tmp_path / "usps").mkdir()
+    # two images: first has pixel 1 = -1 and pixel 256 = 1, the rest omitted (= 0)
+    text = "1 1:-1 256:1\n10 2:0.5\n"
+    for name in ("usps.bz2", "usps.t.bz2"):
+        (tmp_path / "usps" / name).write_bytes(bz2.compress(text.encode()))
+    ds = data.load("usps", "test", tmp_path, image_size=22, download=False, cache_dir="")
+    assert ds.labels.tolist() == [0, 9]
+    first = ds.pixels[0, 0]  # the 16x16 digit sits inside a 3-pixel black border
+    assert first[3, 3] == 0 and first[18, 18] == 255 and first[8, 8] == 128  # (v+1)*127.5
+    assert ds.pixels[1, 0, 3, 4] == round(1.5 * 127.5)
+    assert first[:3].sum() == first[19:].sum() == first[:, :3].sum() == first[:, 19:].sum() == 0
+    assert data.load("usps", "test", tmp_path, download=False, cache_dir="") \
+        .pixels.shape == (2, 1, 28, 28)
+
+
+def test_mat_reader_matches_scipy_compressed_file(tmp_path):
+    path = tmp_path / "x.mat"
+    path.write_bytes(base64.b64decode(SCIPY_MAT))
+    arrays = data.read_mat(path)
+    assert arrays["X"].dtype == np.uint8 and np.array_equal(arrays["X"], SCIPY_X)
+    assert arrays["y"].dtype == np.float64 and arrays["y"].ravel().tolist() == [10, 1, 2, 9, 10]
+
+
+def test_svhn_transposes_images_and_maps_label_10_to_0(tmp_path):
+    (tmp_path / "svhn").mkdir()
+    for name in ("train_32x32.mat", "test_32x32.mat"):
+        (tmp_path / "svhn" / name).write_bytes(base64.b64decode(SCIPY_MAT))
+    ds = data.load("svhn", "train", tmp_path, download=False, cache_dir="")
+    assert ds.labels.tolist() == [0, 1, 2, 9, 0] and ds.pixels.shape == (5, 3, 28, 28)
+    arrays, _ = data._svhn(tmp_path, "train", download=False)
+    # (H, W, C, N) -> (N, C, H, W): pixel [n, c, h, w] is X[h, w, c, n]
+    assert np.array_equal(arrays["pixels"], SCIPY_X.transpose(3, 2, 0, 1))
+
+
+def test_truncated_mat_gives_clear_error(tmp_path):
+    path = tmp_path / "x.mat"
+    path.write_bytes(base64.b64decode(SCIPY_MAT)[:-40])
+    with pytest.raises(util.UserError, match="truncated or damaged"):
+        data.read_mat(path)
+
+
+def test_mnistm_from_archive_and_from_folder_agree_with_the_pngs(tmp_path):
+    (tmp_path / "mnist_m").mkdir()
+    images = make_mnistm_tar(tmp_path / "mnist_m" / "mnist_m.tar.gz")
+    from_tar = data.load("mnistm", "test", tmp_path, image_size=32, download=False,
+                         cache_dir="")
+    assert torch.equal(from_tar.pixels, torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert from_tar.labels.tolist() == [0, 3, 6, 9]
+    data.safe_extract(tmp_path / "mnist_m" / "mnist_m.tar.gz", tmp_path / "mnist_m")
+    (tmp_path / "mnist_m" / "mnist_m.tar.gz").unlink()
+    from_folder = data.load("mnistm", "test", tmp_path, image_size=32, download=False,
+                            cache_dir="")
+    assert torch.equal(from_folder.pixels, from_tar.pixels)
+    assert data.load("mnistm", "test", tmp_path, download=False, cache_dir="") \
+        .pixels.shape == (4, 3, 28, 28)
+
+
+def test_mnistm_release_tensor_archive_loads(tmp_path):
+    images = torch.randint(0, 256, (3, 28, 28, 3), dtype=torch.uint8)
+    labels = torch.tensor([7, 0, 2])
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    torch.save((images, labels), staging / "mnist_m_train.pt")
+    (tmp_path / "mnist_m").mkdir()
+    with tarfile.open(tmp_path / "mnist_m" / "mnist_m_train.pt.tar.gz", "w:gz") as bundle:
+        bundle.add(staging / "mnist_m_train.pt", arcname="mnist_m_train.pt")
+    ds = data.load("mnistm", "train", tmp_path, download=False, cache_dir="")
+    assert torch.equal(ds.pixels, images.permute(0, 3, 1, 2)) and ds.labels.tolist() == [7, 0, 2]
+
+
+def test_celeba_joins_attributes_to_present_images_and_center_crops(tmp_path):
+    make_celeba(tmp_path)
+    train = data.load("celeba", "train", tmp_path, image_size=16, attribute="Smiling",
+                      download=False, cache_dir="")
+    assert train.names == ["000001.jpg", "000003.jpg"]  # 000002 has no image
+    assert train.labels.tolist() == [1, 1] and train.attributes.tolist() == [[0, 1], [0, 1]]
+    assert train.pixels.shape == (2, 3, 16, 16) and train.attribute_names == ["Male", "Smiling"]
+    # the white band at the top is outside the centered 178x178 square
+    assert (train.pixels[0].float() - 40).abs().max() <= 3
+    test = data.load("celeba", "test", tmp_path, image_size=16, download=False, cache_dir="")
+    assert test.names == ["000004.jpg"] and test.labels is None
+
+
+def test_course_csv_layout_labels_names_and_val_as_test(tmp_path):
+    make_course_folder(tmp_path / "svhn")
+    train = data.load(str(tmp_path / "svhn"), "train", cache_dir=tmp_path / "cache")
+    assert train.labels.tolist() == [4, 5, 6] and train.names[0] == "00000.png"
+    assert train.pixels[2].float().mean() == 100
+    test = data.load(str(tmp_path / "svhn"), "test", cache_dir=tmp_path / "cache")
+    assert len(test) == 1 and test.names == ["00000.png"]
+
+
+def test_course_csv_without_labels_and_plain_image_folder(tmp_path):
+    make_course_folder(tmp_path / "digits", with_labels=False)
+    ds = data.load(str(tmp_path / "digits"), "train", cache_dir="")
+    assert ds.labels is None and len(ds) == 3
+    faces = data.load(str(tmp_path / "digits" / "data"), "train", image_size=8, cache_dir="")
+    assert faces.labels is None and faces.pixels.shape == (3, 3, 8, 8)
+
+
+def test_course_csv_with_missing_images_names_the_folder(tmp_path, capsys):
+    make_course_folder(tmp_path / "d")
+    (tmp_path / "d" / "data" / "00001.png").unlink()
+    line = one_line_error(capsys, ["data", "--name", str(tmp_path / "d"), "--cache", "",
+                                   "--out", str(tmp_path)])
+    assert "missing" in line and "00001.png" in line
+
+
+def test_empty_folder_and_unknown_name_say_what_to_give(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    line = one_line_error(capsys, ["data", "--name", str(tmp_path / "empty"),
+                                   "--out", str(tmp_path)])
+    assert "train.csv" in line
+    assert "use one of mnist" in one_line_error(capsys, ["data", "--name", "cifar"])
+
+
+def test_missing_data_folder_without_download_says_what_to_do(tmp_path, capsys):
+    line = one_line_error(capsys, ["data", "--name", "mnist", "--no-download",
+                                   "--data-root", str(tmp_path / "nowhere")])
+    assert "--data-root" in line
+
+
+def test_download_checks_md5_then_renames(tmp_path, monkeypatch):
+    fake_network(monkeypatch, b"hello")
+    target = data.download_file(["http://x/f"], tmp_path / "f.bin",
+                                md5="5d41402abc4b2a76b9719d911017c592")  # md5("hello")
+    assert target.read_bytes() == b"hello" and not (tmp_path / "f.bin.part").exists()
+
+
+def test_download_with_wrong_md5_keeps_nothing_and_says_so(tmp_path, monkeypatch):
+    fake_network(monkeypatch, b"not the file")
+    with pytest.raises(util.UserError, match="corrupt") as error:
+        data.download_file(["http://x/f"], tmp_path / "f.bin", md5="0" * 32)
+    assert str(tmp_path / "f.bin") in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_offline_download_names_the_file_to_place_by_hand(tmp_path, monkeypatch, capsys):
+    fake_network(monkeypatch, None)
+    line = one_line_error(capsys, ["data", "--name", "usps", "--data-root", str(tmp_path),
+                                   "--out", str(tmp_path)])
+    assert "by hand" in line and str(tmp_path / "usps" / "usps.bz2") in line
+
+
+def test_downloaded_usps_is_verified_and_loaded(tmp_path, monkeypatch):
+    content = bz2.compress(b"3 1:1\n")
+    monkeypatch.setitem(data.USPS_FILES, "usps.bz2", __import__("hashlib").md5(content).hexdigest())
+    fake_network(monkeypatch, content)
+    ds = data.load("usps", "train", tmp_path, cache_dir="")
+    assert ds.labels.tolist() == [2] and (tmp_path / "usps" / "usps.bz2").exists()
+
+
+def test_truncated_archive_gives_clear_error(tmp_path):
+    archive = tmp_path / "a.tar.gz"
+    make_mnistm_tar(archive, count=30)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(util.UserError, match="truncated or damaged"):
+        data.safe_extract(archive, tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_archive_member_escaping_the_folder_is_refused(tmp_path, kind):
+    archive = tmp_path / f"evil.{kind}"
+    if kind == "tar":
+        with tarfile.open(archive, "w") as bundle:
+            info = tarfile.TarInfo("../escaped.txt")
+            info.size = 2
+            bundle.addfile(info, io.BytesIO(b"hi"))
+    else:
+        with zipfile.ZipFile(archive, "w") as bundle:
+            bundle.writestr("../escaped.txt", "hi")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(util.UserError, match="outside"):
+        data.safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_second_load_comes_from_cache_until_a_source_changes(tmp_path, monkeypatch):
+    make_mnist(tmp_path)
+    first = data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "c")
+    monkeypatch.setattr(data, "read_idx", lambda path: (_ for _ in ()).throw(
+        AssertionError("decoded again")))
+    second = data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "c")
+    assert torch.equal(first.pixels, second.pixels) and torch.equal(first.labels, second.labels)
+    source = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="decoded again"):
+        data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "c")
+
+
+def test_cache_belongs_to_the_data_folder_it_was_decoded_from(tmp_path):
+    """Another copy of a data set, or an empty folder, never gets the first one's cached
+    arrays (they did: the cache was keyed by name, split and size alone)."""
+    cache = tmp_path / "cache"
+    images, _ = make_mnist(tmp_path / "first")
+    first = data.load("mnist", "train", tmp_path / "first", download=False, cache_dir=cache)
+    assert np.array_equal(first.pixels[:, 0].numpy(), images)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(util.UserError, match="MNIST not found"):
+        data.load("mnist", "train", tmp_path / "empty", download=False, cache_dir=cache)
+    make_mnist(tmp_path / "second")
+    write_idx(tmp_path / "second" / "mnist" / "train-images-idx3-ubyte.gz",
+              np.zeros_like(images))
+    second = data.load("mnist", "train", tmp_path / "second", download=False, cache_dir=cache)
+    assert second.pixels.max() == 0
+
+
+def test_the_default_cache_is_read_at_call_time_and_empty_means_none(tmp_path, private_cache):
+    assert data.cache_folder(None) == private_cache and data.cache_folder("") is None
+    make_mnist(tmp_path)
+    data.load("mnist", "train", tmp_path, download=False)
+    assert any(name.suffix == ".npz" for name in private_cache.iterdir())
+
+
+def test_a_damaged_cache_file_is_rebuilt_and_said(tmp_path, capsys):
+    images, _ = make_mnist(tmp_path)
+    data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "c")
+    (cached,) = (tmp_path / "c").glob("*.npz")
+    cached.write_bytes(cached.read_bytes()[:100])
+    again = data.load("mnist", "train", tmp_path, download=False, cache_dir=tmp_path / "c")
+    assert np.array_equal(again.pixels[:, 0].numpy(), images)
+    assert "is damaged" in capsys.readouterr().err
+    with np.load(cached) as rebuilt:
+        assert rebuilt["pixels"].shape == (6, 1, 28, 28)
+
+
+def test_unknown_split_is_refused_not_served_as_test(tmp_path, capsys):
+    make_mnist(tmp_path)
+    with pytest.raises(util.UserError, match="unknown split 'val' for mnist"):
+        data.load("mnist", "val", tmp_path, download=False, cache_dir="")
+    line = one_line_error(capsys, ["data", "--name", "mnist", "--splits", "train,foo",
+                                   "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "unknown split 'foo'" in line and not (tmp_path / "o").exists()  # before loading
+
+
+def test_16_bit_png_is_scaled_by_its_bit_depth(tmp_path):
+    """Pillow's convert('L') clips 16-bit values at 255: 99.6% of a photo turned white."""
+    deep = np.array([[0, 257, 32896, 65535]], np.uint16)            # / 257: 0, 1, 128, 255
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    ds = data.load(str(tmp_path), "train", cache_dir="")
+    assert ds.pixels[0, 0, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_gray_and_colour_images_in_one_folder_are_served_as_colour(tmp_path):
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((8, 8, 3), (10, 20, 30), np.uint8)).save(tmp_path / "b.png")
+    ds = data.load(str(tmp_path), "train", cache_dir="")
+    assert ds.pixels.shape == (2, 3, 8, 8)
+    assert ds.pixels[0].unique().tolist() == [200] and ds.pixels[1, :, 0, 0].tolist() == [10, 20, 30]
+
+
+@pytest.mark.parametrize("content", [b"not an image", b""])
+def test_an_unreadable_image_in_a_folder_is_named(tmp_path, capsys, content):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(content)
+    line = one_line_error(capsys, ["data", "--name", str(tmp_path), "--splits", "train",
+                                   "--cache", "", "--out", str(tmp_path / "o")])
+    assert "b.png is not a readable image" in line
+
+
+def test_a_bad_label_names_its_file_and_line(tmp_path, capsys):
+    make_course_folder(tmp_path / "course")
+    table = tmp_path / "course" / "train.csv"
+    table.write_text(table.read_text().replace("00001.png,5", "00001.png,five"))
+    line = one_line_error(capsys, ["data", "--name", str(tmp_path / "course"), "--cache", "",
+                                   "--out", str(tmp_path / "o")])
+    assert f"{table}, line 3: label 'five'" in line
+    folder = tmp_path / "mnist_m" / "mnist_m"
+    (folder / "mnist_m_train").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "mnist_m_train" / name)
+    (folder / "mnist_m_train_labels.txt").write_text("a.png 3\n\nb.png -1\n")
+    with pytest.raises(util.UserError, match="labels.txt, line 3: label '-1'"):
+        data.load("mnistm", "train", tmp_path, download=False, cache_dir="")
+
+
+def test_make_grid_places_each_image_at_its_padded_cell():
+    images = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 2, 3) + 1
+    grid = data.make_grid(images, nrow=2, padding=1)
+    assert grid.shape == (1, 2 * 3 + 1, 2 * 4 + 1)  # rows*(H+p)+p, cols*(W+p)+p
+    expected = torch.zeros(1, 7, 9)
+    for index in range(3):
+        row, col = divmod(index, 2)
+        expected[0, 1 + row * 3:1 + row * 3 + 2, 1 + col * 4:1 + col * 4 + 3] = index + 1
+    assert torch.equal(grid, expected)
+
+
+def test_save_grid_and_numbered_images_write_pngs(tmp_path):
+    images = torch.linspace(-1, 1, 5 * 3 * 4 * 4).view(5, 3, 4, 4)
+    grid_path = data.save_grid(images, tmp_path / "grid.png", nrow=5, padding=2)
+    assert Image.open(grid_path).size == (5 * 6 + 2, 6 + 2)
+    paths = data.save_images(images, tmp_path / "gen", [f"{i}_001.png" for i in range(5)])
+    saved = np.asarray(Image.open(paths[4]))
+    assert saved.shape == (4, 4, 3) and saved[-1, -1, -1] == 255
+    assert np.array_equal(saved, data.to_uint8(images[4]).permute(1, 2, 0).numpy())
+
+
+def test_resize_keeps_constant_images_constant():
+    pixels = torch.full((2, 1, 16, 16), 77, dtype=torch.uint8)
+    resized = data.resize(pixels, 28)
+    assert resized.shape == (2, 1, 28, 28) and (resized == 77).all()
+
+
+def test_batches_cover_every_image_once_in_seeded_order():
+    ds = data.ImageSet(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1),
+                       torch.arange(10))
+    seen = [labels for _, labels in ds.batches(4, generator=torch.Generator().manual_seed(3))]
+    assert [len(b) for b in seen] == [4, 4, 2]
+    assert sorted(torch.cat(seen).tolist()) == list(range(10))
+    again = [labels for _, labels in ds.batches(4, generator=torch.Generator().manual_seed(3))]
+    assert all(torch.equal(a, b) for a, b in zip(seen, again))
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
+@pytest.mark.parametrize("name,counts", [("mnist", (60000, 10000)), ("usps", (7291, 2007)),
+                                         ("mnistm", (25000, 9001)), ("celeba", (8000, 2000))])
+def test_real_data_sets_have_published_counts_and_look_like_images(name, counts, real_cache):
+    for split, count in zip(("train", "test"), counts):
+        ds = data.load(name, split, SHARED_DATA, download=False, cache_dir=real_cache)
+        assert len(ds) == count
+        assert ds.pixels.shape[-1] == (64 if name == "celeba" else 28)
+        sample = ds.images(slice(0, 500))
+        assert sample.min() >= -1 and sample.max() <= 1 and sample.max() > 0.9
+        per_image_spread = sample.flatten(1).std(dim=1)
+        assert (per_image_spread > 0.05).all(), "an all-constant image"
+        if name == "celeba":
+            assert len(ds.attribute_names) == 40 and ds.attributes.shape == (count, 40)
+        else:
+            assert torch.bincount(ds.labels, minlength=10).min() > count // 20
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
+def test_real_usps_digits_are_as_tall_as_mnist_digits(real_cache):
+    """The MNIST framing (data.mnist_framed): at 28x28 both kinds of digit are ~20 pixels
+    tall; USPS resized without the border would be 28."""
+    def mean_height(name):
+        ink = data.load(name, "test", SHARED_DATA, download=False, cache_dir=real_cache) \
+            .images(slice(0, 1000)).mean(dim=1) > 0                   # (1000, 28, 28)
+        return ink.any(dim=2).float().sum(dim=1).mean().item()
+    usps, mnist = mean_height("usps"), mean_height("mnist")
+    assert abs(usps - mnist) < 1.5 and 18 < mnist < 22
+
+
+# ============================================================================ plots
+# Pins ticks, lines, scatter points and grid labels where the axes say.
+
+
+def test_line_plot_takes_one_x_per_series(tmp_path):
+    plots.line_plot({"a": [3, 2], "b": [4, 3, 1]}, tmp_path / "p.png",
+                    x={"a": [10, 20], "b": [5, 15, 40]}, title="t")
+    assert Image.open(tmp_path / "p.png").size[0] > 100
+
+
+def test_nice_ticks_are_round_steps_covering_the_range():
+    assert plots.nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert plots.nice_ticks(-3, 47) == [0, 10, 20, 30, 40]
+    assert plots.nice_ticks(5, 5) == [4.6, 4.8, 5.0, 5.2, 5.4]  # a point: widened by 1
+
+
+def test_grid_labels_sit_beside_their_rows_and_above_their_columns(tmp_path):
+    cell, padding = 20, 2
+    grid = data.grid_image(torch.ones(6, 3, cell, cell), nrow=3)  # white cells
+    labelled = plots.label_grid(grid, cell, rows=["first", "second"],
+                                columns=["a", "b", "c"], title="a title")
+    ink = np.asarray(labelled.convert("L")) < 128
+    left = ink.shape[1] - (3 * (cell + padding) + padding)  # the label column's width
+    top = ink.shape[0] - (2 * (cell + padding) + padding)   # title and column labels
+    assert top == 38 and ink[:18].any()                      # the title line
+    for column in range(3):  # some ink above each column's centre
+        centre = left + padding + column * (cell + padding) + cell // 2
+        assert ink[20:top, centre - 4:centre + 4].any(), column
+    for row in range(2):     # some ink left of each row, level with it
+        middle = top + padding + row * (cell + padding) + cell // 2
+        assert ink[middle - 4:middle + 4, :left].any(), row
+
+
+def test_line_plot_draws_each_series_in_its_colour(tmp_path):
+    path = plots.line_plot({"loss": [3.0, 2.0, 1.0], "accuracy": [0.1, 0.5, 0.9]},
+                           tmp_path / "curves.png", title="training", ylabel="value")
+    image = np.asarray(Image.open(path))
+    colours = {tuple(int(c[k:k + 2], 16) for k in (1, 3, 5)) for c in plots.TAB10[:2]}
+    present = {tuple(p) for p in image.reshape(-1, 3)}
+    assert image.shape[0] == 420 and image.shape[1] > 640 and colours <= present
+
+
+def test_scatter_plot_puts_points_where_the_axes_say(tmp_path):
+    points = np.array([[0.0, 0.0], [10.0, 10.0]])
+    figure_path = plots.scatter_plot(points, [0, 3], tmp_path / "s.png", title="t-SNE",
+                                     names=["zero", "one", "two", "three"])
+    image = np.asarray(Image.open(figure_path))
+    figure = plots.Figure((-0.3, 10.3), (-0.3, 10.3), size=(640, 600),
+                          legend=["zero", "three"])
+    px, py = figure.to_pixels(points[:, 0], points[:, 1])
+    red = (0xd6, 0x27, 0x28)  # tab10 colour of label 3
+    blue = (0x1f, 0x77, 0xb4)
+    assert tuple(image[int(round(py[0])), int(round(px[0]))]) == blue
+    assert tuple(image[int(round(py[1])), int(round(px[1]))]) == red
+
+
+# ============================================================================ tsne
+# Pins affinities, gradients and the optimiser against definitions and autograd.
+
+
+def brute_force_trustworthiness(X, Y, k):
+    """The definition, written out with loops."""
+    n = len(X)
+    data_order = [list(np.argsort(((X - X[i]) ** 2).sum(1), kind="stable")) for i in range(n)]
+    map_order = [np.argsort(((Y - Y[i]) ** 2).sum(1), kind="stable") for i in range(n)]
+    total = 0
+    for i in range(n):
+        data_nearest = set(data_order[i][1:k + 1])
+        for j in map_order[i][1:k + 1]:
+            if j not in data_nearest:
+                total += data_order[i].index(j) - k
+    return 1 - 2 / (n * k * (2 * n - 3 * k - 1)) * total
+
+
+def test_conditional_probabilities_reach_the_requested_perplexity():
+    X, _ = clusters()
+    distances = tsne.squared_distances(X, X)[~np.eye(len(X), dtype=bool)].reshape(len(X), -1)
+    P = tsne.conditional_probabilities(distances, perplexity=12.0)
+    entropy = -(P * np.log(np.maximum(P, 1e-300))).sum(axis=1)
+    assert np.allclose(P.sum(axis=1), 1) and np.allclose(np.exp(entropy), 12.0, rtol=1e-4)
+
+
+def test_exact_affinities_are_symmetric_normalised_and_zero_on_the_diagonal():
+    X, _ = clusters()
+    P = tsne.exact_affinities(X, 10.0)
+    assert np.allclose(P, P.T) and np.isclose(P.sum(), 1) and np.all(np.diag(P) == 0)
+
+
+def test_sparse_affinities_equal_exact_ones_when_every_point_is_a_neighbour():
+    X, _ = clusters(per_cluster=10)  # 30 points, k = min(29, 3 * 10 + 1) = 29: all of them
+    rows, cols, values = tsne.sparse_affinities(X, 10.0)
+    dense = np.zeros((30, 30))
+    dense[rows, cols] = values
+    assert np.allclose(dense, tsne.exact_affinities(X, 10.0), atol=1e-12)
+
+
+def test_nearest_neighbours_match_a_full_sort():
+    X = np.random.default_rng(2).normal(size=(50, 3))
+    indices, distances = tsne.nearest_neighbours(X, 5, chunk=7)
+    full = ((X[:, None] - X[None]) ** 2).sum(-1)
+    np.fill_diagonal(full, np.inf)
+    assert np.array_equal(indices, np.argsort(full, axis=1)[:, :5])
+    assert np.allclose(distances, np.sort(full, axis=1)[:, :5])
+
+
+def test_exact_gradient_and_kl_match_autograd():
+    X, _ = clusters(per_cluster=8)
+    P = tsne.exact_affinities(X, 5.0)
+    Y = np.random.default_rng(3).normal(size=(len(X), 2))
+    gradient, kl = tsne.exact_gradient(Y, P)
+    y = torch.tensor(Y, requires_grad=True)
+    p = torch.tensor(P)
+    off = ~torch.eye(len(X), dtype=torch.bool)
+    kernel = (1 / (1 + ((y[:, None] - y[None]) ** 2).sum(-1)))[off]
+    q = kernel / kernel.sum()
+    torch_kl = (torch.special.xlogy(p[off], p[off]) - p[off] * torch.log(q)).sum()
+    torch_kl.backward()
+    assert np.isclose(kl, torch_kl.item()) and np.allclose(gradient, y.grad.numpy(), atol=1e-9)
+
+
+@pytest.mark.parametrize("scale,tolerance", [(1.0, 0.01), (5.0, 0.1)])
+def test_interpolated_gradient_approximates_the_exact_one(scale, tolerance):
+    X = np.random.default_rng(4).normal(size=(400, 5))
+    P = tsne.exact_affinities(X, 30.0)
+    rows, cols = np.nonzero(P)
+    Y = np.random.default_rng(5).normal(0, scale, (400, 2))
+    exact, exact_kl = tsne.exact_gradient(Y, P)
+    approximate, approximate_kl = tsne.InterpolatedGradient(rows, cols, P[rows, cols])(Y)
+    assert np.linalg.norm(approximate - exact) / np.linalg.norm(exact) < tolerance
+    assert abs(approximate_kl - exact_kl) / exact_kl < tolerance
+    with ThreadPoolExecutor(1) as worker:  # the threaded split gives the same numbers
+        threaded = tsne.InterpolatedGradient(rows, cols, P[rows, cols], worker)(Y)
+    assert np.array_equal(threaded[0], approximate) and threaded[1] == approximate_kl
+
+
+def test_grid_convolution_is_exact_for_a_tiny_map():
+    """Points within a fraction of a grid cell: cubic interpolation of the smooth kernel
+    is exact to ~1e-9, so phi1 equals the brute-force sum of (1 + r^2)^-1."""
+    Y = np.random.default_rng(6).normal(0, 0.01, (30, 2))
+    grid = tsne.Grid(Y)
+    k1 = grid.kernel_spectrum(lambda r2: 1 / (1 + r2))
+    spectrum = grid.spectra(grid.spread(np.ones((30, 1))))
+    (phi1,) = grid.gather(spectrum * k1)
+    assert np.allclose(phi1, (1 / (1 + tsne.squared_distances(Y, Y))).sum(axis=1), rtol=1e-7)
+
+
+def test_grid_total_by_parseval_equals_the_sum_of_the_gathered_field():
+    Y = np.random.default_rng(7).uniform(0, 30, (40, 2))
+    grid = tsne.Grid(Y)
+    k1 = grid.kernel_spectrum(lambda r2: 1 / (1 + r2))
+    spectrum = grid.spectra(grid.spread(np.ones((40, 1))))
+    assert np.isclose(grid.total(spectrum[0], k1), grid.gather(spectrum * k1).sum(),
+                      rtol=1e-10)
+
+
+def test_grid_self_interaction_is_a_lone_charge_seen_by_itself():
+    Y = np.random.default_rng(8).uniform(0, 20, (5, 2))
+    grid = tsne.Grid(Y)
+    kernel = (lambda r2: 1 / (1 + r2))
+    spectrum = grid.kernel_spectrum(kernel)
+    alone = grid.gather(grid.spectra(grid.spread(np.eye(5))) * spectrum).diagonal()
+    assert np.allclose(grid.self_interaction(kernel), alone, rtol=1e-10)
+
+
+def test_pca_initialisation_has_std_1e4_on_the_first_axis():
+    X, _ = clusters()
+    Y = tsne.pca_initialisation(X)
+    assert Y.shape == (90, 2) and np.isclose(Y[:, 0].std(), 1e-4)
+
+
+@pytest.mark.parametrize("method", ["exact", "fft"])
+def test_tsne_separates_clusters_and_repeats_for_a_seed(method):
+    X, labels = clusters()
+    Y, kl = tsne.tsne(X, perplexity=10.0, method=method, iterations=400, return_kl=True)
+    assert Y.shape == (90, 2) and np.isfinite(kl) and kl < 1.0
+    # a random map scores 1/3; a point on a cluster's rim may see a neighbour across
+    assert tsne.knn_accuracy(Y, labels, k=5) >= 0.97
+    assert tsne.trustworthiness(X, Y, k=5) > 0.9
+    assert np.array_equal(Y, tsne.tsne(X, perplexity=10.0, method=method, iterations=400))
+
+
+def test_trustworthiness_matches_its_definition():
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(60, 4))
+    Y = X[:, :2] + rng.normal(0, 0.5, (60, 2))
+    assert np.isclose(tsne.trustworthiness(X, Y, 5), brute_force_trustworthiness(X, Y, 5))
+    assert np.isclose(tsne.trustworthiness(X, X, 5), 1.0)
+
+
+def test_trustworthiness_refuses_k_of_half_the_points_and_the_command_lowers_k(tmp_path):
+    """With 14 points and k = 12 it used to report 1.0119: the score is only normalised
+    to [0, 1] for k < N / 2."""
+    X, _ = clusters(per_cluster=5)
+    Y = X[:, :2]
+    assert tsne.max_trustworthiness_k(14) == 6 and tsne.max_trustworthiness_k(15) == 7
+    with pytest.raises(ValueError, match="1 <= k < 7"):
+        tsne.trustworthiness(X[:14], Y[:14], 7)
+    np.savez(tmp_path / "f.npz", features=X[:14])
+    assert run.main(["tsne", str(tmp_path / "f.npz"), "--perplexity", "4",
+                     "--iterations", "300", "--out", str(tmp_path)]) == 0
+    results = __import__("json").loads((tmp_path / "tsne" / "results.json").read_text())
+    assert results["trustworthiness_k"] == 6 and 0 <= results["trustworthiness"] <= 1
+
+
+def test_knn_accuracy_on_two_groups():
+    Y = np.column_stack([[0.0, 1, 2, 3, 100, 101, 102, 103], np.zeros(8)])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 0])
+    # k = 3: every point's neighbours are the rest of its group; only the 0 at 103 is
+    # outvoted by its three neighbours labelled 1
+    assert tsne.knn_accuracy(Y, labels, k=3) == 7 / 8
+
+
+def test_tsne_exaggerates_p_for_the_first_iterations_with_momentum_half_then_0_8():
+    """gradient(Y, exaggeration, with_kl) gets EARLY_EXAGGERATION (12) for iterations
+    0 .. EXAGGERATION_ITERATIONS - 1 (250) and 1 after. Momentum: where the gradient is 0
+    the update is momentum times the last one, 0.5 up to iteration 249 and 0.8 from 250."""
+    assert tsne.EARLY_EXAGGERATION == 12.0 and tsne.EXAGGERATION_ITERATIONS == 250
+    kicks = {0, 248}  # a unit gradient at these iterations, zero elsewhere
+    exaggerations, positions = [], []
+
+    def gradient(Y, exaggeration, with_kl):
+        positions.append(Y.copy())
+        exaggerations.append(exaggeration)
+        return (np.ones_like(Y) if len(exaggerations) - 1 in kicks else np.zeros_like(Y)), 0.0
+    Y, _ = tsne.optimise(np.zeros((4, 2)), gradient, 253, 1.0)
+    assert exaggerations == [12.0] * 250 + [1.0] * 3
+    positions.append(Y)
+    updates = np.diff(np.array(positions)[:, 0, 0])                  # update of iteration k
+    assert np.isclose(updates[1] / updates[0], 0.5)                  # early
+    assert np.isclose(updates[249] / updates[248], 0.5)              # still early at 249
+    assert np.isclose(updates[250] / updates[249], 0.8)              # late from 250
+    assert np.isclose(updates[252] / updates[251], 0.8)
+
+
+@pytest.mark.parametrize("method", ["exact", "interpolated"])
+def test_exaggeration_multiplies_the_attraction_and_not_the_repulsion(method):
+    """With P exaggerated by a, dC/dY = 4 sum_j (a p_ij - q_ij) K_ij (y_i - y_j): the
+    gradient of a sum p_ij (-log K_ij) + log Z, by autograd."""
+    X = np.random.default_rng(4).normal(size=(150, 5))
+    P = tsne.exact_affinities(X, 20.0)
+    Y = np.random.default_rng(5).normal(size=(150, 2))
+    y, p = torch.tensor(Y, requires_grad=True), torch.tensor(P)
+    kernel = 1 / (1 + ((y[:, None] - y[None]) ** 2).sum(-1))
+    off = ~torch.eye(150, dtype=torch.bool)
+    (12.0 * (-p[off] * kernel[off].log()).sum() + kernel[off].sum().log()).backward()
+    if method == "exact":
+        gradient, _ = tsne.exact_gradient(Y, P, 12.0)
+        assert np.allclose(gradient, y.grad.numpy(), atol=1e-10)
+    else:
+        rows, cols = np.nonzero(P)
+        gradient, _ = tsne.InterpolatedGradient(rows, cols, P[rows, cols])(Y, 12.0)
+        assert np.linalg.norm(gradient - y.grad.numpy()) / np.linalg.norm(y.grad.numpy()) < 0.01
+
+
+def test_tsne_update_is_momentum_minus_learning_rate_times_gain_times_gradient():
+    """Jacobs' gains: a coordinate's gain shrinks (x 0.8) while its gradient keeps the sign
+    of its last update, grows (+ 0.2) otherwise (also on the first step), never below 0.01;
+    update = momentum * update - learning_rate * gain * gradient; Y += update."""
+    rng = np.random.default_rng(0)
+    grads = rng.normal(size=(6, 5, 2))
+    calls = []
+
+    def gradient(Y, exaggeration, with_kl):
+        calls.append(Y.copy())
+        return grads[len(calls) - 1], 0.0
+    Y0 = rng.normal(size=(5, 2))
+    Y, _ = tsne.optimise(Y0.copy(), gradient, 6, 3.0)
+    expected, update, gains = Y0.copy(), np.zeros_like(Y0), np.ones_like(Y0)
+    for g in grads:
+        gains = np.where(update * g > 0, gains * 0.8, gains + 0.2).clip(min=0.01)
+        update = 0.5 * update - 3.0 * gains * g
+        expected = expected + update
+    assert np.allclose(Y, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("count", [100, 3000])
+def test_tsne_learning_rate_auto_is_n_over_12_over_4_at_least_50(monkeypatch, count):
+    """sklearn's 'auto' rule (Belkina et al. 2019): max(N / early exaggeration / 4, 50)."""
+    seen = []
+    monkeypatch.setattr(tsne, "optimise", lambda Y, gradient, iterations, learning_rate,
+                        progress=None: seen.append(learning_rate) or (Y, 0.0))
+    tsne.tsne(np.random.default_rng(0).normal(size=(count, 3)), iterations=1)
+    assert seen == [max(count / 12 / 4, 50.0)]
+
+
+# ============================================================================ training
+# Pins the run around every loop: step log, NaN stop, best.pt.
+
+
+def test_step_log_means_between_commits_and_time_without_pauses(monkeypatch):
+    clock = iter([0.0, 4.0, 100.0, 103.0])  # trains 0-4 s, pictures 4-100 s, trains 3 s
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    log = training.StepLog({"step": [10], "loss": [9.0]}, seconds=50.0)  # resumed at step 10
+    for loss in (1.0, 2.0, 6.0):
+        log.add({"loss": loss})
+    log.commit(13)
+    log.start_clock()
+    log.add({"loss": 5.0})
+    log.commit(14)
+    assert log.history == {"step": [10, 13, 14], "loss": [9.0, 3.0, 5.0]}
+    assert log.seconds == 50.0 + 4.0 + 3.0
+
+
+def test_nan_loss_is_a_user_error():
+    training.check_finite(torch.tensor(1.0), step=3)
+    with pytest.raises(util.UserError, match="diverged"):
+        training.check_finite(torch.tensor(float("nan")), step=3)
+
+
+def test_run_writes_best_pt_only_when_an_fid_beats_every_earlier_one(tmp_path):
+    layer = nn.Linear(2, 1)
+    scores = {2: 5.0, 4: 3.0, 6: 4.0}  # measured at steps 2, 4 and 6 only
+    best_steps = []
+    run = training.Run(tmp_path, "test", tiny_gan(), 0, "cpu", state={"layer": layer},
+                       steps=7, every=1)
+    for step in run:
+        run.log({"loss": 0.0})
+        if run.at_checkpoint:
+            if step + 1 in scores:
+                run.history.setdefault("fid", []).append(scores[step + 1])
+                run.history.setdefault("fid_step", []).append(step + 1)
+            if (tmp_path / "best.pt").exists():
+                best_steps.append(util.load_checkpoint(tmp_path / "best.pt")["step"])
+            run.save_checkpoint()
+    assert util.load_checkpoint(tmp_path / "best.pt")["step"] == 4
+    # seen before each checkpoint: none until step 2, then 2 (steps 3, 4), then 4 for good
+    assert best_steps == [2, 2, 4, 4, 4]
+
+
+# ============================================================================ metrics
+# Pins FID's Inception against pytorch-fid, the Frechet distance, the held-out cache.
+
+
 REFERENCE = Path(__file__).resolve().parent.parent / "shared" / "reference" \
     / "fid_inception_seed0.npz"
 
@@ -1240,83 +1911,6 @@ def test_fid_command_saves_statistics_and_compares(tmp_path, capsys, monkeypatch
     assert abs(fid) < 1e-6
 
 
-# ------------------------------------------------- FID while training (metrics.FIDTracker)
-class PooledFeatures(nn.Module):
-    """A cheap stand-in for Inception in the tracker tests (Inception itself is checked
-    against pytorch-fid above): 4x4 average pools of the [0, 1] input, 48 features."""
-
-    def forward(self, images):
-        return F.adaptive_avg_pool2d(images, 4).flatten(1)
-
-
-@pytest.fixture
-def cheap_fid(tmp_path, monkeypatch):
-    """load_fid_inception gives PooledFeatures; returns the path of its 'weights' file."""
-    weights = tmp_path / "stand-in.pth"
-    weights.write_bytes(b"stand-in weights")
-
-    def load(cache_dir=None, device="cpu", weights=None):
-        network = PooledFeatures()
-        network.weights_file = Path(weights or tmp_path / "stand-in.pth")
-        return network
-    monkeypatch.setattr(metrics, "load_fid_inception", load)
-    return weights
-
-
-def own_fid(fake: torch.Tensor, real: torch.Tensor) -> float:
-    """The FID formula on PooledFeatures' features, computed apart from the tracker."""
-    def statistics(images):
-        return metrics.gaussian_statistics(PooledFeatures()((images + 1) / 2).double().numpy())
-    return metrics.frechet_distance(*statistics(fake), *statistics(real))
-
-
-@pytest.mark.parametrize("variant", ["a", "b"])
-def test_gan_fid_curve_is_of_the_fixed_samples_of_each_checkpoint_against_all_held_out(
-        tmp_path, cheap_fid, variant):
-    """At each checkpoint: FID of fid_images samples (z from seed + 2, the EMA generator
-    for b) against every held-out face; final = last point, best.pt = the lowest.
-    Catches: FID against the training faces or only fid_images of the held-out ones,
-    other z at each checkpoint, the FID of weights other than those saved, best.pt
-    written at the highest FID or at every checkpoint."""
-    held_out = data.ImageSet(toy_faces(10).pixels.flip(0))  # not the training faces
-    results = gan.train(toy_faces(), held_out, tiny_gan(variant=variant, steps=3,
-                                                        fid_images=6),
-                        tmp_path, "cpu", 0, weights=cheap_fid)
-    curve = results["fid_curve"]
-    assert curve["step"] == [1, 2, 3] and curve["images"] == 6
-    assert results["fid"] == curve["fid"][-1] and results["best_fid"] == min(curve["fid"])
-    assert results["fid_real_images"] == 10 and results["fid_weights"].startswith("stand-in")
-    for name, step in (("checkpoint.pt", 3), ("best.pt", results["best_fid_step"])):
-        model, settings = gan.load(tmp_path / name, "cpu")
-        assert util.load_checkpoint(tmp_path / name)["step"] == step
-        fake = torch.cat([model.sample(*batch) for batch in gan.noise_batches(settings, 6, 2)])
-        assert own_fid(fake, held_out.images()) == pytest.approx(curve["fid"][step - 1],
-                                                                 rel=1e-6)
-    assert (tmp_path / "fid.png").is_file()
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["best_fid_step"] == curve["step"][int(np.argmin(curve["fid"]))]
-
-
-def test_run_writes_best_pt_only_when_an_fid_beats_every_earlier_one(tmp_path):
-    layer = nn.Linear(2, 1)
-    scores = {2: 5.0, 4: 3.0, 6: 4.0}  # measured at steps 2, 4 and 6 only
-    best_steps = []
-    run = training.Run(tmp_path, "test", tiny_gan(), 0, "cpu", state={"layer": layer},
-                       steps=7, every=1)
-    for step in run:
-        run.log({"loss": 0.0})
-        if run.at_checkpoint:
-            if step + 1 in scores:
-                run.history.setdefault("fid", []).append(scores[step + 1])
-                run.history.setdefault("fid_step", []).append(step + 1)
-            if (tmp_path / "best.pt").exists():
-                best_steps.append(util.load_checkpoint(tmp_path / "best.pt")["step"])
-            run.save_checkpoint()
-    assert util.load_checkpoint(tmp_path / "best.pt")["step"] == 4
-    # seen before each checkpoint: none until step 2, then 2 (steps 3, 4), then 4 for good
-    assert best_steps == [2, 2, 4, 4, 4]
-
-
 def test_held_out_statistics_are_computed_once_then_read_from_the_cache(tmp_path, cheap_fid,
                                                                          monkeypatch, capsys):
     real, other = toy_faces(8), data.ImageSet(toy_faces(8).pixels.flip(0))
@@ -1337,64 +1931,10 @@ def test_held_out_statistics_are_computed_once_then_read_from_the_cache(tmp_path
     assert len(list(cache.glob("fid_real_*.npz"))) == 2
 
 
-def test_vae_fid_every_k_epochs_and_of_the_reconstructions(tmp_path, cheap_fid):
-    faces, test = toy_faces(16, 64), data.ImageSet(toy_faces(12, 64).pixels.flip(0))
-    results = vae.train(faces, test, tiny_vae(epochs=3, fid_every=2, fid_images=10,
-                                              tsne_points=0), tmp_path, "cpu", 0,
-                        weights=cheap_fid)
-    assert results["fid_curve"]["step"] == [4, 6]  # 2 steps an epoch: epochs 2 and 3
-    model = util.load_trained(tmp_path / "checkpoint.pt", "cpu", vae.VAESettings,
-                              lambda s: nets.VAE(s.latent_dim), "model", "vae")[0]
-    assert results["fid"] == pytest.approx(own_fid(torch.cat(
-        [vae.decode(model, z) for z in vae.prior_samples(10, 8, 0 + 1)]), test.images()), rel=1e-6)
-    first_ten = test.subset(torch.arange(10))
-    assert results["reconstruction_fid"] == pytest.approx(
-        own_fid(vae.reconstructions(model, first_ten), test.images()), rel=1e-6)
+# ============================================================================ hog
+# Pins HOG features against a pixel-by-pixel reference, the SVM, the detector.
 
 
-def test_ddpm_fid_of_the_1000_course_digits_beside_the_curve(tmp_path, cheap_fid):
-    test = toy_domain(12, seed=1)
-    _, settings = tiny_diffusion(steps=2, width=8, sampling_steps=2, fid_images=10)
-    results = ddpm.train(toy_domain(16), test, settings, tmp_path, "cpu", 0, weights=cheap_fid)
-    assert results["fid_curve"]["step"] == [1, 2] and results["fid_curve"]["images"] == 10
-    model, trained = ddpm.load(tmp_path / "checkpoint.pt", "cpu")
-    _, labels = reports.course_names()
-    course = torch.cat([ddpm.sample(model, trained, *batch)[0]
-                        for batch in ddpm.label_batches(labels, 0)])
-    assert results["course_digits_fid"] == pytest.approx(own_fid(course, test.images()),
-                                                         rel=1e-6)
-    assert results["fid"] == results["fid_curve"]["fid"][-1] and results["fid_images"] == 10
-    digits = torch.cat([ddpm.sample(model, trained, *batch)[0]
-                        for batch in ddpm.label_batches(torch.arange(10) % 10, 0 + 1)])
-    assert results["fid_curve"]["fid"][-1] == pytest.approx(own_fid(digits, test.images()),
-                                                            rel=1e-6)
-
-
-def test_curves_draws_the_fid_curves_of_several_runs_in_one_picture(tmp_path, capsys,
-                                                                     monkeypatch):
-    drawn = {}
-    monkeypatch.setattr(plots, "line_plot", lambda series, path, **kw: drawn.update(
-        series=series, x=kw["x"], path=path))
-    for name, steps, fids in (("gan_a", [250, 500], [300.0, 250.0]),
-                              ("gan_b", [250, 500, 750], [280.0, 200.0, 150.0])):
-        util.write_json({"fid_curve": {"images": 500, "step": steps, "fid": fids}},
-                        tmp_path / name / "results.json")
-    assert run.main(["curves", str(tmp_path / "gan_a"), str(tmp_path / "gan_b"),
-                     "--to", str(tmp_path / "fid.png")]) == 0
-    assert drawn["series"] == {"gan_a (500 samples)": [300.0, 250.0],
-                               "gan_b (500 samples)": [280.0, 200.0, 150.0]}
-    assert drawn["x"]["gan_b (500 samples)"] == [250, 500, 750]
-    util.write_json({"fid": None}, tmp_path / "no_fid" / "results.json")
-    assert "has no FID curve" in one_line_error(capsys, ["curves", str(tmp_path / "no_fid")])
-
-
-def test_line_plot_takes_one_x_per_series(tmp_path):
-    plots.line_plot({"a": [3, 2], "b": [4, 3, 1]}, tmp_path / "p.png",
-                    x={"a": [10, 20], "b": [5, 15, 40]}, title="t")
-    assert Image.open(tmp_path / "p.png").size[0] > 100
-
-
-# ------------------------------------------------- face rate: the HOG detector
 def own_cell_histograms(image: np.ndarray, cell=4, bins=9) -> np.ndarray:
     """Dalal & Triggs' cell histograms pixel by pixel: (C, H, W) -> (bins, H/cell, W/cell)."""
     channels, height, width = image.shape
@@ -1412,6 +1952,20 @@ def own_cell_histograms(image: np.ndarray, cell=4, bins=9) -> np.ndarray:
             histograms[centre_below % bins, y // cell, x // cell] += magnitude * (1 - share_above)
             histograms[(centre_below + 1) % bins, y // cell, x // cell] += magnitude * share_above
     return histograms
+
+
+def synthetic_faces(count: int, seed: int) -> torch.Tensor:
+    """A toy 'face' at 64x64: a light disc with two dark eyes and a mouth, on noise."""
+    generator = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    centre = 32 + torch.randint(-2, 3, (count, 2, 1, 1), generator=generator)
+    cy, cx = centre[:, 0], centre[:, 1]
+    disc = ((y - cy) ** 2 + (x - cx) ** 2 < 26 ** 2).float()
+    eyes = sum(((y - cy + 8) ** 2 + (x - cx - dx) ** 2 < 16).float() for dx in (-10, 10))
+    mouth = ((y - cy - 12).abs() < 2).float() * ((x - cx).abs() < 9).float()
+    face = 0.8 * disc - 1.5 * (eyes + mouth) * disc - 0.4
+    noise = torch.rand(count, 3, 64, 64, generator=generator) * 0.2
+    return (face[:, None].expand(-1, 3, -1, -1) + noise).clamp(-1, 1)
 
 
 def test_hog_cell_histograms_match_a_pixel_by_pixel_reference():
@@ -1482,20 +2036,6 @@ def test_scrambled_faces_keep_every_tile_in_a_new_order():
         assert torch.equal(before[before[:, 0].argsort()], after[after[:, 0].argsort()])
 
 
-def synthetic_faces(count: int, seed: int) -> torch.Tensor:
-    """A toy 'face' at 64x64: a light disc with two dark eyes and a mouth, on noise."""
-    generator = torch.Generator().manual_seed(seed)
-    y, x = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
-    centre = 32 + torch.randint(-2, 3, (count, 2, 1, 1), generator=generator)
-    cy, cx = centre[:, 0], centre[:, 1]
-    disc = ((y - cy) ** 2 + (x - cx) ** 2 < 26 ** 2).float()
-    eyes = sum(((y - cy + 8) ** 2 + (x - cx - dx) ** 2 < 16).float() for dx in (-10, 10))
-    mouth = ((y - cy - 12).abs() < 2).float() * ((x - cx).abs() < 9).float()
-    face = 0.8 * disc - 1.5 * (eyes + mouth) * disc - 0.4
-    noise = torch.rand(count, 3, 64, 64, generator=generator) * 0.2
-    return (face[:, None].expand(-1, 3, -1, -1) + noise).clamp(-1, 1)
-
-
 def test_face_detector_finds_toy_faces_not_noise_and_facerate_writes_its_rate(tmp_path, capsys):
     """The whole pipeline on toy faces; the threshold is set on held-back non-faces, and
     the command's rate is the detector's on the folder."""
@@ -1520,251 +2060,8 @@ def test_face_detector_finds_toy_faces_not_noise_and_facerate_writes_its_rate(tm
     assert "--detector" in line and "not found" in line
 
 
-# ============================================================================ tsne
-def clusters(per_cluster=30, dims=10, seed=0):
-    """Three well separated Gaussian blobs with their labels."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(0, 20, (3, dims))
-    X = np.concatenate([c + rng.normal(0, 1, (per_cluster, dims)) for c in centres])
-    return X, np.repeat(np.arange(3), per_cluster)
-
-
-def test_conditional_probabilities_reach_the_requested_perplexity():
-    X, _ = clusters()
-    distances = tsne.squared_distances(X, X)[~np.eye(len(X), dtype=bool)].reshape(len(X), -1)
-    P = tsne.conditional_probabilities(distances, perplexity=12.0)
-    entropy = -(P * np.log(np.maximum(P, 1e-300))).sum(axis=1)
-    assert np.allclose(P.sum(axis=1), 1) and np.allclose(np.exp(entropy), 12.0, rtol=1e-4)
-
-
-def test_exact_affinities_are_symmetric_normalised_and_zero_on_the_diagonal():
-    X, _ = clusters()
-    P = tsne.exact_affinities(X, 10.0)
-    assert np.allclose(P, P.T) and np.isclose(P.sum(), 1) and np.all(np.diag(P) == 0)
-
-
-def test_sparse_affinities_equal_exact_ones_when_every_point_is_a_neighbour():
-    X, _ = clusters(per_cluster=10)  # 30 points, k = min(29, 3 * 10 + 1) = 29: all of them
-    rows, cols, values = tsne.sparse_affinities(X, 10.0)
-    dense = np.zeros((30, 30))
-    dense[rows, cols] = values
-    assert np.allclose(dense, tsne.exact_affinities(X, 10.0), atol=1e-12)
-
-
-def test_nearest_neighbours_match_a_full_sort():
-    X = np.random.default_rng(2).normal(size=(50, 3))
-    indices, distances = tsne.nearest_neighbours(X, 5, chunk=7)
-    full = ((X[:, None] - X[None]) ** 2).sum(-1)
-    np.fill_diagonal(full, np.inf)
-    assert np.array_equal(indices, np.argsort(full, axis=1)[:, :5])
-    assert np.allclose(distances, np.sort(full, axis=1)[:, :5])
-
-
-def test_exact_gradient_and_kl_match_autograd():
-    X, _ = clusters(per_cluster=8)
-    P = tsne.exact_affinities(X, 5.0)
-    Y = np.random.default_rng(3).normal(size=(len(X), 2))
-    gradient, kl = tsne.exact_gradient(Y, P)
-    y = torch.tensor(Y, requires_grad=True)
-    p = torch.tensor(P)
-    off = ~torch.eye(len(X), dtype=torch.bool)
-    kernel = (1 / (1 + ((y[:, None] - y[None]) ** 2).sum(-1)))[off]
-    q = kernel / kernel.sum()
-    torch_kl = (torch.special.xlogy(p[off], p[off]) - p[off] * torch.log(q)).sum()
-    torch_kl.backward()
-    assert np.isclose(kl, torch_kl.item()) and np.allclose(gradient, y.grad.numpy(), atol=1e-9)
-
-
-@pytest.mark.parametrize("scale,tolerance", [(1.0, 0.01), (5.0, 0.1)])
-def test_interpolated_gradient_approximates_the_exact_one(scale, tolerance):
-    X = np.random.default_rng(4).normal(size=(400, 5))
-    P = tsne.exact_affinities(X, 30.0)
-    rows, cols = np.nonzero(P)
-    Y = np.random.default_rng(5).normal(0, scale, (400, 2))
-    exact, exact_kl = tsne.exact_gradient(Y, P)
-    approximate, approximate_kl = tsne.InterpolatedGradient(rows, cols, P[rows, cols])(Y)
-    assert np.linalg.norm(approximate - exact) / np.linalg.norm(exact) < tolerance
-    assert abs(approximate_kl - exact_kl) / exact_kl < tolerance
-    with ThreadPoolExecutor(1) as worker:  # the threaded split gives the same numbers
-        threaded = tsne.InterpolatedGradient(rows, cols, P[rows, cols], worker)(Y)
-    assert np.array_equal(threaded[0], approximate) and threaded[1] == approximate_kl
-
-
-def test_grid_convolution_is_exact_for_a_tiny_map():
-    """Points within a fraction of a grid cell: cubic interpolation of the smooth kernel
-    is exact to ~1e-9, so phi1 equals the brute-force sum of (1 + r^2)^-1."""
-    Y = np.random.default_rng(6).normal(0, 0.01, (30, 2))
-    grid = tsne.Grid(Y)
-    k1 = grid.kernel_spectrum(lambda r2: 1 / (1 + r2))
-    spectrum = grid.spectra(grid.spread(np.ones((30, 1))))
-    (phi1,) = grid.gather(spectrum * k1)
-    assert np.allclose(phi1, (1 / (1 + tsne.squared_distances(Y, Y))).sum(axis=1), rtol=1e-7)
-
-
-def test_grid_total_by_parseval_equals_the_sum_of_the_gathered_field():
-    Y = np.random.default_rng(7).uniform(0, 30, (40, 2))
-    grid = tsne.Grid(Y)
-    k1 = grid.kernel_spectrum(lambda r2: 1 / (1 + r2))
-    spectrum = grid.spectra(grid.spread(np.ones((40, 1))))
-    assert np.isclose(grid.total(spectrum[0], k1), grid.gather(spectrum * k1).sum(),
-                      rtol=1e-10)
-
-
-def test_grid_self_interaction_is_a_lone_charge_seen_by_itself():
-    Y = np.random.default_rng(8).uniform(0, 20, (5, 2))
-    grid = tsne.Grid(Y)
-    kernel = (lambda r2: 1 / (1 + r2))
-    spectrum = grid.kernel_spectrum(kernel)
-    alone = grid.gather(grid.spectra(grid.spread(np.eye(5))) * spectrum).diagonal()
-    assert np.allclose(grid.self_interaction(kernel), alone, rtol=1e-10)
-
-
-def test_pca_initialisation_has_std_1e4_on_the_first_axis():
-    X, _ = clusters()
-    Y = tsne.pca_initialisation(X)
-    assert Y.shape == (90, 2) and np.isclose(Y[:, 0].std(), 1e-4)
-
-
-@pytest.mark.parametrize("method", ["exact", "fft"])
-def test_tsne_separates_clusters_and_repeats_for_a_seed(method):
-    X, labels = clusters()
-    Y, kl = tsne.tsne(X, perplexity=10.0, method=method, iterations=400, return_kl=True)
-    assert Y.shape == (90, 2) and np.isfinite(kl) and kl < 1.0
-    # a random map scores 1/3; a point on a cluster's rim may see a neighbour across
-    assert tsne.knn_accuracy(Y, labels, k=5) >= 0.97
-    assert tsne.trustworthiness(X, Y, k=5) > 0.9
-    assert np.array_equal(Y, tsne.tsne(X, perplexity=10.0, method=method, iterations=400))
-
-
-def brute_force_trustworthiness(X, Y, k):
-    """The definition, written out with loops."""
-    n = len(X)
-    data_order = [list(np.argsort(((X - X[i]) ** 2).sum(1), kind="stable")) for i in range(n)]
-    map_order = [np.argsort(((Y - Y[i]) ** 2).sum(1), kind="stable") for i in range(n)]
-    total = 0
-    for i in range(n):
-        data_nearest = set(data_order[i][1:k + 1])
-        for j in map_order[i][1:k + 1]:
-            if j not in data_nearest:
-                total += data_order[i].index(j) - k
-    return 1 - 2 / (n * k * (2 * n - 3 * k - 1)) * total
-
-
-def test_trustworthiness_matches_its_definition():
-    rng = np.random.default_rng(7)
-    X = rng.normal(size=(60, 4))
-    Y = X[:, :2] + rng.normal(0, 0.5, (60, 2))
-    assert np.isclose(tsne.trustworthiness(X, Y, 5), brute_force_trustworthiness(X, Y, 5))
-    assert np.isclose(tsne.trustworthiness(X, X, 5), 1.0)
-
-
-def test_trustworthiness_refuses_k_of_half_the_points_and_the_command_lowers_k(tmp_path):
-    """With 14 points and k = 12 it used to report 1.0119: the score is only normalised
-    to [0, 1] for k < N / 2."""
-    X, _ = clusters(per_cluster=5)
-    Y = X[:, :2]
-    assert tsne.max_trustworthiness_k(14) == 6 and tsne.max_trustworthiness_k(15) == 7
-    with pytest.raises(ValueError, match="1 <= k < 7"):
-        tsne.trustworthiness(X[:14], Y[:14], 7)
-    np.savez(tmp_path / "f.npz", features=X[:14])
-    assert run.main(["tsne", str(tmp_path / "f.npz"), "--perplexity", "4",
-                     "--iterations", "300", "--out", str(tmp_path)]) == 0
-    results = __import__("json").loads((tmp_path / "tsne" / "results.json").read_text())
-    assert results["trustworthiness_k"] == 6 and 0 <= results["trustworthiness"] <= 1
-
-
-def test_knn_accuracy_on_two_groups():
-    Y = np.column_stack([[0.0, 1, 2, 3, 100, 101, 102, 103], np.zeros(8)])
-    labels = np.array([0, 0, 0, 0, 1, 1, 1, 0])
-    # k = 3: every point's neighbours are the rest of its group; only the 0 at 103 is
-    # outvoted by its three neighbours labelled 1
-    assert tsne.knn_accuracy(Y, labels, k=3) == 7 / 8
-
-
-# ============================================================================ plots
-def test_nice_ticks_are_round_steps_covering_the_range():
-    assert plots.nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    assert plots.nice_ticks(-3, 47) == [0, 10, 20, 30, 40]
-    assert plots.nice_ticks(5, 5) == [4.6, 4.8, 5.0, 5.2, 5.4]  # a point: widened by 1
-
-
-def test_grid_labels_sit_beside_their_rows_and_above_their_columns(tmp_path):
-    cell, padding = 20, 2
-    grid = data.grid_image(torch.ones(6, 3, cell, cell), nrow=3)  # white cells
-    labelled = plots.label_grid(grid, cell, rows=["first", "second"],
-                                columns=["a", "b", "c"], title="a title")
-    ink = np.asarray(labelled.convert("L")) < 128
-    left = ink.shape[1] - (3 * (cell + padding) + padding)  # the label column's width
-    top = ink.shape[0] - (2 * (cell + padding) + padding)   # title and column labels
-    assert top == 38 and ink[:18].any()                      # the title line
-    for column in range(3):  # some ink above each column's centre
-        centre = left + padding + column * (cell + padding) + cell // 2
-        assert ink[20:top, centre - 4:centre + 4].any(), column
-    for row in range(2):     # some ink left of each row, level with it
-        middle = top + padding + row * (cell + padding) + cell // 2
-        assert ink[middle - 4:middle + 4, :left].any(), row
-
-
-def test_line_plot_draws_each_series_in_its_colour(tmp_path):
-    path = plots.line_plot({"loss": [3.0, 2.0, 1.0], "accuracy": [0.1, 0.5, 0.9]},
-                           tmp_path / "curves.png", title="training", ylabel="value")
-    image = np.asarray(Image.open(path))
-    colours = {tuple(int(c[k:k + 2], 16) for k in (1, 3, 5)) for c in plots.TAB10[:2]}
-    present = {tuple(p) for p in image.reshape(-1, 3)}
-    assert image.shape[0] == 420 and image.shape[1] > 640 and colours <= present
-
-
-def test_scatter_plot_puts_points_where_the_axes_say(tmp_path):
-    points = np.array([[0.0, 0.0], [10.0, 10.0]])
-    figure_path = plots.scatter_plot(points, [0, 3], tmp_path / "s.png", title="t-SNE",
-                                     names=["zero", "one", "two", "three"])
-    image = np.asarray(Image.open(figure_path))
-    figure = plots.Figure((-0.3, 10.3), (-0.3, 10.3), size=(640, 600),
-                          legend=["zero", "three"])
-    px, py = figure.to_pixels(points[:, 0], points[:, 1])
-    red = (0xd6, 0x27, 0x28)  # tab10 colour of label 3
-    blue = (0x1f, 0x77, 0xb4)
-    assert tuple(image[int(round(py[0])), int(round(px[0]))]) == blue
-    assert tuple(image[int(round(py[1])), int(round(px[1]))]) == red
-
-
-def test_tsne_command_embeds_saved_features_and_writes_plot_and_results(tmp_path, capsys):
-    X, labels = clusters()
-    np.savez(tmp_path / "features.npz", features=X, labels=labels)
-    assert run.main(["tsne", str(tmp_path / "features.npz"), "--out", str(tmp_path),
-                     "--iterations", "400", "--perplexity", "10"]) == 0
-    results = __import__("json").loads((tmp_path / "tsne" / "results.json").read_text())
-    assert results["points"] == 90 and results["knn10_accuracy"] == 1.0
-    assert np.load(tmp_path / "tsne" / "embedding.npz")["embedding"].shape == (90, 2)
-    assert Image.open(tmp_path / "tsne" / "tsne.png").size[1] == 600
-    capsys.readouterr()
-    line = one_line_error(capsys, ["tsne", str(tmp_path / "features.npz"), "--key", "x"])
-    assert "has no array 'x'" in line
-
-
-# ============================================================================ metrics: classifier
-def test_random_shift_moves_content_by_the_drawn_amount():
-    image = torch.full((1, 3, 28, 28), -1.0)
-    image[:, :, 12:16, 10:14] = 1.0  # a bright square away from the borders
-    shifted = classifier.random_shift(image, 0.1, torch.Generator().manual_seed(1))
-    drawn = (torch.rand(1, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1) * 0.2
-    mass = (image[0, 0] + 1), (shifted[0, 0] + 1)
-    coords = torch.arange(28.0)
-
-    def centroid(m):
-        return torch.stack([(m.sum(0) * coords).sum(), (m.sum(1) * coords).sum()]) / m.sum()
-    moved = centroid(mass[1]) - centroid(mass[0])  # (x, y) in pixels
-    assert torch.allclose(moved, -drawn[0] * 28 / 2, atol=1e-3)
-    assert torch.equal(classifier.random_shift(image, 0.0), image)
-
-
-def toy_digits(count=64, seed=0) -> data.ImageSet:
-    """Two classes a small CNN separates at once: dark images (0) and bright ones (1)."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(count) % 2
-    pixels = (torch.rand(count, 3, 28, 28, generator=generator) * 100
-              + 150 * labels.view(-1, 1, 1, 1)).to(torch.uint8)
-    return data.ImageSet(pixels, labels, classes=["dark", "bright"])
+# ============================================================================ classifier
+# Pins the digit classifier's shifts, step and resume; predictions in eval mode.
 
 
 def test_classifier_run_writes_every_file_and_learns_a_toy_task(tmp_path):
@@ -1798,76 +2095,84 @@ def test_resumed_classifier_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         assert torch.equal(whole[name], parts[name]), name
 
 
-def test_classify_command_reads_digits_from_file_names(tmp_path, capsys):
-    settings = classifier.ClassifierSettings(epochs=2, batch_size=16, lr=3e-3)
-    classifier.train(toy_digits(), toy_digits(seed=1), settings,
-                             tmp_path / "classifier", "cpu", seed=0)
-    images = toy_digits(6, seed=2)
-    names = [f"{int(label)}_{i:03d}.png" for i, label in enumerate(images.labels)]
-    names[0] = "1" + names[0][1:]  # a dark image filed as bright: one wrong answer
-    folder = tmp_path / "generated"
-    data.save_images(images.images(), folder, names)
-    assert run.main(["classify", "--folder", str(folder), "--out", str(tmp_path)]) == 0
-    assert "accuracy 0.8333 (5/6)" in capsys.readouterr().out
-    for wrong in ("x_001.png", "10.png"):  # 10.png was counted as a 1
-        data.save_images(images.images(slice(0, 1)), folder, [wrong])
-        line = one_line_error(capsys, ["classify", "--folder", str(folder), "--out",
-                                       str(tmp_path)])
-        assert f"'{wrong}' is not named by its digit" in line and "3_042.png" in line
-        (folder / wrong).unlink()
+def test_classifier_step_descends_label_smoothed_cross_entropy_of_shifted_digits_one_cycle(
+        tmp_path, monkeypatch):
+    """The digit evaluator's step: AdamW with the settings' weight decay, the one-cycle
+    learning rate, the gradient of CE with label smoothing 0.1 of the network on randomly
+    shifted images (none is a raw training image) and their own labels (toy_digits: dark 0,
+    bright 1)."""
+    networks = []
+
+    def tiny_classifier(classes=10, **kwargs):
+        torch.manual_seed(0)
+        networks.append(Recorder(nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, classes))))
+        return networks[-1]
+    monkeypatch.setattr(nets, "digit_classifier", tiny_classifier)
+    train = toy_digits(32)
+    settings = classifier.ClassifierSettings(epochs=2, batch_size=8, lr=0.01, weight_decay=0.02)
+    reference = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], 0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(reference, 0.01, total_steps=2 * 4)
+    one_cycle = []  # torch's one-cycle learning rates for 2 epochs of 4 steps
+    for _ in range(2 * 4):
+        one_cycle.append(reference.param_groups[0]["lr"])
+        reference.step()
+        schedule.step()
+    raw = train.images()
+    checked = []
+
+    def before(optimizer):
+        network = networks[0]
+        images = network.inputs[-1]
+        assert isinstance(optimizer, torch.optim.AdamW) and held(optimizer) == ids(network)
+        for group in optimizer.param_groups:
+            assert math.isclose(group["lr"], one_cycle[len(checked)], rel_tol=1e-9)
+            assert group["weight_decay"] == 0.02
+        assert not any(torch.equal(image, other) for image in images for other in raw)
+        labels = (images.mean(dim=(1, 2, 3)) > 0).long()
+        loss = F.cross_entropy(network.inner(images), labels, label_smoothing=0.1)
+        assert_all_close([p.grad for p in network.parameters()],
+                         gradients(loss, network.inner.parameters()), what=len(checked))
+        checked.append(len(images))
+    with optimiser_hooks(before):
+        classifier.train(train, toy_digits(8, seed=1), settings, tmp_path, "cpu", 0)
+    assert checked == [8] * 8
 
 
-# ============================================================================ uda
-def test_gradient_reversal_is_identity_forward_and_minus_lambda_backward():
-    x = torch.randn(5, 3, requires_grad=True)
-    weights = torch.randn(5, 3)
-    reversed_ = nets.grad_reverse(x, 0.7)
-    assert torch.equal(reversed_, x)
-    (reversed_ * weights).sum().backward()
-    reference = x.detach().clone().requires_grad_(True)
-    (-0.7 * reference * weights).sum().backward()  # autograd of -lambda x
-    assert torch.allclose(x.grad, reference.grad, atol=0)
+def test_classifier_uda_and_fid_features_predict_each_image_on_its_own():
+    """classifier.predict (the digit accuracy, UDA's evaluation) and FID's Inception run in
+    eval mode: batch norm's running statistics, no dropout."""
+    network = nets.digit_classifier(classes=10)
+    network.train()(torch.randn(32, 3, 28, 28) + 3)  # running statistics far from the data
+    network.train()
+    digits = toy_domain(12)
+    together = classifier.predict(network, digits)
+    alone = torch.cat([classifier.predict(network, digits.subset(torch.tensor([i])))
+                       for i in range(12)])
+    assert torch.equal(together, alone) and not network.training
+    nets_ = uda.Networks("dann")
+    nets_.train()
+    logits = nn.Sequential(nets_.features, nets_.classifier)
+    logits(torch.randn(16, 3, 28, 28) + 2)  # running statistics
+    nets_.train()
+    assert torch.equal(uda.predict(nets_.features, nets_.classifier, digits),
+                       torch.cat([uda.predict(nets_.features, nets_.classifier,
+                                              digits.subset(torch.tensor([i])))
+                                  for i in range(12)]))
+    features = reports.embed(nets_.features.train(), digits)
+    assert np.allclose(features[4:5], reports.embed(nets_.features.train(),
+                                                    digits.subset(torch.tensor([4]))),
+                       atol=1e-5)
+    inception = metrics.for_inference(metrics.FIDInception(), "cpu")
+    inception.train()
+    images = torch.rand(3, 3, 8, 8) * 2 - 1
+    features = metrics.inception_features(metrics.for_inference(inception, "cpu"), images,
+                                          batch_size=3)
+    assert np.allclose(features[1:2], metrics.inception_features(inception, images[1:2]),
+                       atol=1e-4)
 
 
-def test_dann_schedules_match_their_closed_forms():
-    progress = np.linspace(0, 1, 11)
-    lambdas = np.array([uda.grl_lambda(p) for p in progress])
-    assert np.allclose(lambdas, np.tanh(5 * progress))  # 2 / (1 + e^-10p) - 1 = tanh(5p)
-    assert lambdas[0] == 0 and np.isclose(lambdas[-1], 0.9999092, atol=1e-7)
-    assert uda.annealed_lr(0.01, 0) == 0.01
-    assert np.isclose(uda.annealed_lr(0.01, 1), 0.01 / 11 ** 0.75)
-
-
-def test_entropy_is_log_k_for_uniform_and_zero_for_certain_predictions():
-    assert torch.isclose(uda.entropy(torch.zeros(4, 10)), torch.tensor(np.log(10.0)).float())
-    assert uda.entropy(torch.tensor([[50.0, 0.0, 0.0]])) < 1e-12
-    p = torch.tensor([0.2, 0.3, 0.5])
-    assert torch.isclose(uda.entropy(p.log()[None]), -(p * p.log()).sum())
-
-
-def toy_domain(count=40, seed=0, inverted=False) -> data.ImageSet:
-    """Ten classes told apart by the row of a bright band; the target domain inverts the
-    colours, a shift a classifier trained on the source does not survive."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(count) % 10
-    pixels = torch.rand(count, 3, 28, 28, generator=generator) * 60
-    rows = 2 * labels + 4
-    pixels[torch.arange(count), :, rows] = 255.0
-    pixels = pixels.to(torch.uint8)
-    return data.ImageSet(255 - pixels if inverted else pixels, labels,
-                         names=[f"{i:05d}.png" for i in range(count)],
-                         classes=[str(d) for d in range(10)])
-
-
-def toy_load(name, split, image_size):
-    if name == "svhn":
-        raise util.UserError("SVHN not found: expected data/svhn/train_32x32.mat")
-    return toy_domain(seed=len(name) + 10 * (split == "test"), inverted=name != "mnistm")
-
-
-def tiny_uda(**changes) -> "uda.UDASettings":
-    return uda.UDASettings(**{"epochs": 1, "adapt_epochs": 1, "batch_size": 8,
-                              "tsne_points": 20, **changes})
+# ============================================================================ reports
+# Pins labelled grids written once, the UDA tables, the csv, every promised file.
 
 
 def test_every_method_writes_every_promised_file(tmp_path):
@@ -1883,16 +2188,6 @@ def test_every_method_writes_every_promised_file(tmp_path):
     assert not (tmp_path / "dann" / "generated.png").exists()
     table = (tmp_path / "results.md").read_text()
     assert "| ADDA | " in table and f"({rows['adda']['correct']}/40)" in table
-
-
-def test_a_quick_run_on_fewer_images_than_a_batch_works(tmp_path):
-    """uda --limit 100 with --batch-size 128 crashed in torch.cat (no full batch)."""
-    settings = tiny_uda(src="mnistm", tgt="usps", batch_size=64, limit=12, tsne_points=0)
-    rows = run.uda_methods(settings, ("dann",), toy_load, tmp_path, "cpu", seed=0)
-    assert rows["dann"]["total"] == 12
-    source, target = uda.paired_indices(12, 5, 64, torch.Generator().manual_seed(0))
-    assert source.shape == target.shape == (1, 12)
-    assert sorted(source[0].tolist()) == list(range(12)) and set(target[0].tolist()) == set(range(5))
 
 
 def test_table_reports_a_scenario_with_missing_data_and_runs_the_rest(tmp_path):
@@ -1923,206 +2218,116 @@ def test_predictions_csv_has_the_course_header_and_one_row_per_image(tmp_path, c
         images.names[:5]
 
 
-@pytest.mark.parametrize("method", ["adda"])  # on the toy data, DANN's two differ in 0-1 images
-def test_uda_reports_and_predicts_with_the_weight_average(tmp_path, method):
-    settings = tiny_uda(src="mnistm", tgt="usps", method=method, tsne_points=0)
-    domains = uda.load_domains(settings, toy_load)
-    uda.train(domains, settings, tmp_path, "cpu", seed=0)
-    state = util.load_checkpoint(tmp_path / "checkpoint.pt")
-
-    def predictions(key):
-        nets_ = uda.Networks(method)
-        nets_.load_state_dict(state[key])
-        return classifier.predict(torch.nn.Sequential(nets_.target_encoder(),
-                                                      nets_.classifier), domains.target_test)
-    averaged = predictions("average")
-    assert not torch.equal(averaged, predictions("networks"))  # the last weights differ
-    saved = [int(line.split(",")[1]) for line in
-             (tmp_path / "predictions.csv").read_text().splitlines()[1:]]
-    assert saved == averaged.tolist()
-    model, _ = uda.load_for_prediction(tmp_path / "checkpoint.pt", "cpu")
-    assert torch.equal(classifier.predict(model, domains.target_test), averaged)
-
-
-@pytest.mark.parametrize("method, encoder, domains_seen, frozen", [
-    ("source", "features", ["source"], False),
-    ("dann", "features", ["source", "target"], False),
-    ("adda", "target_features", ["target"], False),
-    ("adda", "features", ["source"], True),  # F_s: frozen at its pre-trained average
-    ("gta", "features", ["source", "target"], False),
-    ("self-ensembling", "features", ["target"], False)])  # the teacher's target batches
-def test_weight_average_has_batch_norm_statistics_of_its_own_weights(
-        tmp_path, method, encoder, domains_seen, frozen):
-    settings = tiny_uda(src="mnistm", tgt="usps", method=method, tsne_points=0)
-    domains = uda.load_domains(settings, toy_load)
-    uda.train(domains, settings, tmp_path, "cpu", seed=0)
-    state = util.load_checkpoint(tmp_path / "checkpoint.pt")
-    average, last = uda.Networks(method), uda.Networks(method)
-    average.load_state_dict(state["average"])
-    last.load_state_dict(state["networks"])
-    first = 1 if method == "self-ensembling" else 0  # after self-ensembling's Standardise
-    before, conv, norm = getattr(average, encoder)[:first], *getattr(average, encoder)[
-        first:first + 2]
-    images = torch.cat([getattr(domains, f"{name}_train").images() for name in domains_seen])
-    with torch.no_grad():  # the first batch norm's mean: of the averaged convolution's output
-        expected = conv(before(images)).mean(dim=(0, 2, 3))
-    assert torch.allclose(norm.running_mean, expected, atol=1e-5)
-    assert torch.allclose(getattr(last, encoder)[first + 1].running_mean, expected,
-                          atol=1e-5) == frozen
-
-
-def test_adda_adaptation_freezes_source_nets_and_drops_no_target_features():
-    nets_ = uda.Networks("adda")
-    uda.freeze_source_side(nets_)
-    assert not nets_.features.training and not nets_.classifier.training
-    target = nets_.target_features
-    norms = [m for m in target.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert norms and all(m.training for m in norms)  # F_t: batch statistics of the target
-    x = torch.randn(8, 3, 28, 28)
-    torch.manual_seed(0)
-    first = target(x)
-    torch.manual_seed(1)
-    assert torch.equal(first, target(x))  # no dropout mask the discriminator could see
-    nets_.train()  # the other methods' mode
-    torch.manual_seed(1)
-    assert not torch.equal(nets_.features(x), nets_.features(x))  # dropout on in training
-
-
-def test_dann_step_reverses_the_domain_gradient_with_the_given_strength():
-    """F's gradient of the DANN step = grad(class loss) - reversal * grad(domain loss)."""
-    generator = torch.Generator().manual_seed(1)
-    source, target = (torch.randn(6, 3, 28, 28, generator=generator) for _ in "st")
-    labels, is_source = torch.arange(6), torch.cat([torch.ones(6), torch.zeros(6)])
-
-    def fresh_nets():
-        torch.manual_seed(0)
-        return uda.Networks("dann").eval()  # eval: both passes see the same network
-
-    def step_gradient(reversal):
-        nets_ = fresh_nets()
-        optimizer = torch.optim.SGD(nets_.parameters(), lr=0.0)
-        uda.dann_step(nets_, source, labels, target, optimizer, reversal)
-        return nets_.features[0].weight.grad
-
-    nets_ = fresh_nets()  # the domain loss's own gradient, by autograd, without the GRL
-    logits = nets_.domain(torch.cat([nets_.features(source), nets_.features(target)]))
-    domain_loss = (F.binary_cross_entropy_with_logits(logits[:6, 0], is_source[:6])
-                   + F.binary_cross_entropy_with_logits(logits[6:, 0], is_source[6:]))
-    domain_gradient, = torch.autograd.grad(domain_loss, nets_.features[0].weight)
-    class_gradient = step_gradient(0.0)
-    assert domain_gradient.abs().max() > 1e-3 * class_gradient.abs().max()
-    assert torch.allclose(step_gradient(0.7), class_gradient - 0.7 * domain_gradient,
-                          atol=1e-6)
-
-
-def test_dann_step_normalises_each_domain_with_its_own_batch_statistics():
-    """Source, then target through F: the running mean of F's first batch norm takes two
-    momentum updates, m = 0.9 (0.1 mean_source) + 0.1 mean_target."""
-    torch.manual_seed(0)
-    nets_ = uda.Networks("dann")
-    source, target = torch.randn(4, 3, 28, 28), torch.randn(4, 3, 28, 28) + 1.0
-    with torch.no_grad():
-        source_mean, target_mean = (nets_.features[0](x).mean(dim=(0, 2, 3))
-                                    for x in (source, target))
-    optimizer = torch.optim.SGD(nets_.parameters(), lr=0.0)
-    uda.dann_step(nets_, source, torch.arange(4), target, optimizer, reversal=1.0)
-    assert torch.allclose(nets_.features[1].running_mean,
-                          0.9 * 0.1 * source_mean + 0.1 * target_mean, atol=1e-6)
-
-
-def test_gta_discriminator_sees_real_generated_source_and_generated_target_apart():
-    """D's batch norm normalises each batch with its own statistics: the real source,
-    the source's and the target's generated images go through D one batch at a time,
-    three times in D's step and twice (the generated ones) against the updated D."""
-    torch.manual_seed(0)
-    nets_ = uda.Networks("gta")
-    sizes = []
-    nets_.discriminator.trunk.register_forward_hook(
-        lambda module, inputs, output: sizes.append(len(inputs[0])))
-    source, target = torch.randn(4, 3, 28, 28), torch.randn(4, 3, 28, 28)
-    optimizers = {name: torch.optim.SGD(module.parameters(), lr=0.0) for name, module in (
-        ("discriminator", nets_.discriminator), ("generator", nets_.generator),
-        ("embedding", nn.Sequential(nets_.features, nets_.classifier)))}
-    uda.gta_step(nets_, nets_.discriminator, source, torch.arange(4), target,
-                 torch.randn(8, uda.GTA_NOISE), optimizers, 0.1, 0.3)
-    assert sizes == [4] * 5
-
-
-@pytest.mark.parametrize("method", ["dann", "adda", "gta", "self-ensembling"])
-def test_resumed_uda_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, method):
-    # a low confidence threshold, so that self-ensembling's consistency terms take part
-    settings = tiny_uda(src="mnistm", tgt="usps", method=method, epochs=2, tsne_points=0,
-                        confidence=0.2)
-    domains = uda.load_domains(settings, toy_load)
-    uda.train(domains, settings, tmp_path / "whole", "cpu", seed=1)
-
-    def interrupt(*args, **kwargs):  # stop right after the first epoch's checkpoint
-        raise KeyboardInterrupt
-    with monkeypatch.context() as patch:
-        patch.setattr(reports, "uda_curves", interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            uda.train(domains, settings, tmp_path / "parts", "cpu", seed=1)
-    uda.train(domains, dataclasses.replace(settings, resume=True), tmp_path / "parts",
-              "cpu", seed=1)
-    whole = util.load_checkpoint(tmp_path / "whole" / "checkpoint.pt")
-    parts = util.load_checkpoint(tmp_path / "parts" / "checkpoint.pt")
-    assert parts["step"] == whole["step"] == (5 if method == "adda" else 10)  # 40 / 8 a epoch
-    for key in ("networks", "average"):
-        for name, tensor in whole[key].items():
-            assert torch.equal(tensor, parts[key][name]), (key, name)
-
-
-def test_adda_started_from_the_source_only_run_equals_adda_from_scratch(tmp_path):
-    """ADDA's pre-training repeats the source-only run step for step (annealing included),
-    so `--method all` may start ADDA from that run's checkpoint."""
-    settings = tiny_uda(src="mnistm", tgt="usps", epochs=2, anneal=True, tsne_points=0)
-    domains = uda.load_domains(settings, toy_load)
-    uda.train(domains, dataclasses.replace(settings, method="source"), tmp_path / "source", "cpu", 3)
-    adda = dataclasses.replace(settings, method="adda")
-    scratch = uda.train(domains, adda, tmp_path / "scratch", "cpu", 3)
-    reused = uda.train(domains, adda, tmp_path / "reused", "cpu", 3,
-                       source_only=tmp_path / "source" / "checkpoint.pt")
-    assert reused["target_accuracy"] == scratch["target_accuracy"]
-    whole, started = (util.load_checkpoint(tmp_path / name / "checkpoint.pt")
-                      for name in ("scratch", "reused"))
-    assert whole["history"] == started["history"] and started["step"] == 5  # adaptation
-    for key in ("networks", "average"):
-        for name, tensor in whole[key].items():
-            assert torch.equal(tensor, started[key][name]), (key, name)
+def test_reports_label_a_grid_in_memory_and_write_it_once(tmp_path, monkeypatch):
+    """The grid, its labels and title are one picture, written by one atomic write (no
+    unlabelled grid on disk in between)."""
+    writes, real_replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda source, target: writes.append(Path(target))
+                        or real_replace(source, target))  # the atomic writes' renames
+    images = torch.linspace(-1, 1, 4).view(4, 1, 1, 1).expand(4, 3, 8, 8)
+    path = reports.save_grid(images, tmp_path / "g.png", nrow=2, rows=["a", "b"],
+                             title="a title")
+    assert writes == [path]
+    saved = np.asarray(Image.open(path).convert("RGB"))
+    grid = np.asarray(data.grid_image(images, nrow=2))
+    assert saved.shape[0] > grid.shape[0] and saved.shape[1] > grid.shape[1]  # the labels
+    height, width = grid.shape[:2]
+    assert any((saved[-height:, left:left + width] == grid).all()  # the grid under the title,
+               for left in range(saved.shape[1] - width + 1))  # right of the row labels
 
 
 # ============================================================================ gan
-@pytest.mark.parametrize("layer", [torch.nn.Linear(20, 7), torch.nn.Conv2d(3, 8, 4),
-                                   torch.nn.ConvTranspose2d(8, 5, 4)], ids=lambda m: type(m).__name__)
-def test_spectral_norm_matches_torch(layer):
-    ours = nets.spectral_norm(copy.deepcopy(layer))
-    theirs = torch.nn.utils.spectral_norm(copy.deepcopy(layer))
-    with torch.no_grad():  # identical weights (deep copies) and identical u, v
-        ours.weight_u.copy_(theirs.weight_u)
-        ours.weight_v.copy_(theirs.weight_v)
-    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
-    x = torch.randn(2, 20) if isinstance(layer, torch.nn.Linear) else torch.randn(2, 8, 8, 8)[:, :layer.in_channels]
-    for _ in range(3):  # training-mode forwards move u
-        assert torch.allclose(ours(x), theirs(x), atol=1e-6)
-        assert torch.allclose(ours.weight, theirs.weight, atol=1e-7)
-        assert torch.allclose(ours.weight_u, theirs.weight_u, atol=1e-7)
-    ours.eval(), theirs.eval()
-    u = ours.weight_u.clone()
-    assert torch.allclose(ours(x), theirs(x), atol=1e-6) and torch.equal(ours.weight_u, u)
-    ours(x).sum().backward()  # the gradient reaches the raw weight
-    assert ours.weight_orig.grad is not None and ours.weight_orig.grad.abs().sum() > 0
+# Pins losses, DiffAugment, each variant's step with stub players, the loop's wiring.
 
 
-def test_spectral_norm_sigma_converges_to_the_largest_singular_value():
-    layer = nets.spectral_norm(torch.nn.Conv2d(16, 32, 3), n_power_iterations=1)
-    x = torch.randn(1, 16, 5, 5)
-    for _ in range(200):
-        layer(x)
-    largest = torch.linalg.matrix_norm(layer.weight_orig.detach().flatten(1), ord=2)
-    sigma = layer.weight_orig.detach().flatten(1).norm() / layer.weight.detach().flatten(1).norm()
-    assert torch.isclose(sigma, largest, rtol=1e-5)
-    assert torch.isclose(torch.linalg.matrix_norm(layer.weight.detach().flatten(1), ord=2),
-                         torch.tensor(1.0), rtol=1e-5)
+SIDE, LATENT = 8, 4  # the stub networks' image side and z size
+
+
+def stub_players(model: "gan.GAN", side: int = SIDE) -> "gan.GAN":
+    """Make G and D one Linear layer each (no batch norm: a reference can score images in
+    any grouping), wrapped to record what they are given."""
+    outputs = 2 if model.attribute_channels else 1
+    torch.manual_seed(0)
+    model.generator = Recorder(nn.Sequential(
+        nn.Flatten(), nn.Linear(LATENT + model.attribute_channels, 3 * side * side), nn.Tanh(),
+        nn.Unflatten(1, (3, side, side))))                                # (B, 3, S, S)
+    model.discriminator = Recorder(nn.Sequential(
+        nn.Flatten(), nn.Linear(3 * side * side, outputs), nn.Unflatten(1, (outputs, 1, 1))))
+    with torch.no_grad():  # scores on both sides of +-1, where the hinge bends
+        model.discriminator.inner[1].weight.mul_(6)
+    return model
+
+
+def stub_gan(variant: str) -> tuple["gan.GAN", "gan.GANSettings"]:
+    settings = tiny_gan(variant=variant, latent_dim=LATENT)
+    return stub_players(gan.GAN(settings)), settings
+
+
+def stub_augment(images, policy, generator):
+    """A deterministic, differentiable stand-in for DiffAugment: mirror and dim."""
+    return images.flip(3) * 0.5 + 0.25
+
+
+def real_batch(count=6):
+    generator = torch.Generator().manual_seed(7)
+    return torch.rand(count, 3, SIDE, SIDE, generator=generator) * 2 - 1
+
+
+def linear_critic_gan(settings):
+    """gan.GAN with its critic replaced by D(x) = <w, x>, whose every number is known."""
+    model = gan.GAN(settings)
+    model.discriminator = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 1, bias=False))
+    with torch.no_grad():
+        model.discriminator[1].weight.normal_(0, 0.05)  # ||w|| about 2.8
+    return model
+
+
+def hacks_step(monkeypatch=None, noise_std=0.0, seed=0, **changes):
+    """One gan.train_step of variant hacks on 8 toy faces, D wrapped in a Recorder; with
+    monkeypatch, also the targets D's loss was given. -> (D, real images, numbers, targets)"""
+    settings = tiny_gan(variant="hacks", batch_size=8, **changes)
+    torch.manual_seed(seed)
+    model = gan.GAN(settings).train()
+    model.discriminator = Recorder(model.discriminator)
+    given = []
+    if monkeypatch is not None:
+        loss = gan.discriminator_loss
+
+        def recorded(real_logits, fake_logits, hinge, targets=None):
+            given.append(targets)
+            return loss(real_logits, fake_logits, hinge, targets=targets)
+        monkeypatch.setattr(gan, "discriminator_loss", recorded)
+    real = toy_faces().images(slice(0, 8))
+    numbers = gan.train_step(model, gan.build_optimizers(model, settings), real, None,
+                             settings, parallel.Random(seed), noise_std=noise_std)
+    return model.discriminator, real, numbers, given
+
+
+@pytest.mark.parametrize("variant", ["a", "b"])
+def test_gan_fid_curve_is_of_the_fixed_samples_of_each_checkpoint_against_all_held_out(
+        tmp_path, cheap_fid, variant):
+    """At each checkpoint: FID of fid_images samples (z from seed + 2, the EMA generator
+    for b) against every held-out face; final = last point, best.pt = the lowest.
+    Catches: FID against the training faces or only fid_images of the held-out ones,
+    other z at each checkpoint, the FID of weights other than those saved, best.pt
+    written at the highest FID or at every checkpoint."""
+    held_out = data.ImageSet(toy_faces(10).pixels.flip(0))  # not the training faces
+    results = gan.train(toy_faces(), held_out, tiny_gan(variant=variant, steps=3,
+                                                        fid_images=6),
+                        tmp_path, "cpu", 0, weights=cheap_fid)
+    curve = results["fid_curve"]
+    assert curve["step"] == [1, 2, 3] and curve["images"] == 6
+    assert results["fid"] == curve["fid"][-1] and results["best_fid"] == min(curve["fid"])
+    assert results["fid_real_images"] == 10 and results["fid_weights"].startswith("stand-in")
+    for name, step in (("checkpoint.pt", 3), ("best.pt", results["best_fid_step"])):
+        model, settings = gan.load(tmp_path / name, "cpu")
+        assert util.load_checkpoint(tmp_path / name)["step"] == step
+        fake = torch.cat([model.sample(*batch) for batch in gan.noise_batches(settings, 6, 2)])
+        assert own_fid(fake, held_out.images()) == pytest.approx(curve["fid"][step - 1],
+                                                                 rel=1e-6)
+    assert (tmp_path / "fid.png").is_file()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["best_fid_step"] == curve["step"][int(np.argmin(curve["fid"]))]
 
 
 def test_gan_losses_match_their_formulas():
@@ -2161,22 +2366,6 @@ def test_cutout_zeroes_one_half_side_square_and_augmentations_pass_gradients():
     assert images.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("step", [5, 100_000])
-def test_ema_update_is_the_moving_average_with_warm_up(step):
-    model = gan.GAN(gan.GANSettings(variant="b", image_size=32))
-    before = [p.clone() for p in model.ema.parameters()]
-    with torch.no_grad():
-        for p in model.generator.parameters():
-            p.add_(1.0)
-    model.generator.train()(torch.randn(4, 100, 1, 1))  # new batch-norm statistics
-    model.update_ema(step=step, decay=0.999)
-    d = min(0.999, (1 + step) / (10 + step))  # 6 / 15 while warming up
-    for old, new, current in zip(before, model.ema.parameters(), model.generator.parameters()):
-        assert torch.allclose(new, d * old + (1 - d) * current)
-    for averaged, current in zip(model.ema.buffers(), model.generator.buffers()):
-        assert torch.equal(averaged, current)
-
-
 @pytest.mark.parametrize("variant", ["b", "acgan"])
 def test_ema_generator_gets_batch_norm_statistics_that_fit_its_weights(variant):
     torch.manual_seed(0)
@@ -2193,40 +2382,6 @@ def test_ema_generator_gets_batch_norm_statistics_that_fit_its_weights(variant):
     before = gap()
     model.refresh_ema_statistics(gan.GANSettings(variant=variant, image_size=32), seed=0)
     assert gap() < before / 5  # what is left: 1,024 z against 256 estimate the statistics
-
-
-def test_recompute_batch_norm_equals_torchs_swa_update_bn():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 6 * 6, 5), nn.BatchNorm1d(5, momentum=0.3))
-    batches = [torch.randn(8, 3, 8, 8) * 3 + 1 for _ in range(5)]
-    reference = copy.deepcopy(model)
-    torch.optim.swa_utils.update_bn([(batch,) for batch in batches], reference)
-    nets.recompute_batch_norm(model.train(), batches)
-    assert not model.training and model[5].momentum == 0.3
-    for ours, theirs in zip(model.buffers(), reference.buffers()):
-        assert torch.allclose(ours, theirs, atol=1e-6)
-
-
-def test_recompute_batch_norm_turns_dropout_off():
-    model = nn.Sequential(nn.Dropout(0.5), nn.BatchNorm1d(3))
-    batches = [torch.randn(64, 3) * 2 + 1 for _ in range(4)]
-    nets.recompute_batch_norm(model, batches)
-    # dropout would double the variance; without it the statistics are those of the inputs
-    assert torch.allclose(model[1].running_mean, torch.stack(batches).mean(dim=(0, 1)))
-    assert torch.allclose(model[1].running_var,
-                          torch.stack([b.var(dim=0) for b in batches]).mean(dim=0))
-
-
-def toy_faces(count=32, size=32) -> data.ImageSet:
-    generator = torch.Generator().manual_seed(0)
-    return data.ImageSet((torch.rand(count, 3, size, size, generator=generator) * 255)
-                         .to(torch.uint8), torch.arange(count) % 2)
-
-
-def tiny_gan(**changes) -> "gan.GANSettings":
-    return gan.GANSettings(**{"image_size": 32, "steps": 2, "batch_size": 4,
-                              "sample_every": 1, "fid_images": 0, **changes})
 
 
 @pytest.mark.parametrize("variant", ["a", "b", "acgan"])
@@ -2285,356 +2440,6 @@ def test_nan_loss_stops_the_gan_and_keeps_the_last_good_checkpoint(tmp_path, mon
     with pytest.raises(util.UserError, match="diverged"):
         gan.train(toy_faces(), None, tiny_gan(variant="a", steps=5), tmp_path, "cpu", 0)
     assert util.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
-
-
-# ============================================================================ ddpm
-@pytest.mark.parametrize("T", [10, 1000])
-def test_linear_and_cosine_schedules_match_their_closed_forms(T):
-    linear = ddpm.NoiseSchedule(T, "linear")
-    assert len(linear.betas) == T and linear.betas[0] == 1e-4 and linear.betas[-1] == 0.02
-    assert torch.allclose(linear.alphas_cumprod[2], (1 - linear.betas[:3]).prod())
-    cosine = ddpm.NoiseSchedule(T, "cosine")
-    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-    for t in (1, T // 2, T - 1):  # alpha_bar_t = f(t) / f(0) where beta is not clipped
-        assert math.isclose(cosine.alphas_cumprod[t - 1].item(), f(t) / f(0), rel_tol=1e-9)
-    assert cosine.betas.max() <= 0.999 and math.isclose(cosine.betas[-1].item(), 0.999)
-
-
-def test_q_sample_has_the_closed_form_mean_and_variance():
-    schedule = ddpm.NoiseSchedule(100, "linear")
-    x0 = torch.full((20000, 1, 1, 1), 0.7)
-    t = torch.full((20000,), 60)
-    x_t = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
-    alpha_bar = schedule.alphas_cumprod[59].item()
-    assert abs(x_t.mean().item() - math.sqrt(alpha_bar) * 0.7) < 4 * math.sqrt((1 - alpha_bar) / 20000)
-    assert abs(x_t.var().item() - (1 - alpha_bar)) < 0.03 * (1 - alpha_bar)
-    assert torch.allclose(schedule.predict_x0(x_t, t, (x_t - math.sqrt(alpha_bar) * x0)
-                                              / math.sqrt(1 - alpha_bar)), x0, atol=1e-5)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
-    x_t = schedule.q_sample(x0, t, noise)   # predict_eps recovers the noise q_sample added
-    assert torch.allclose(schedule.predict_eps(x_t, t, x0), noise, atol=1e-4)
-
-
-def test_posterior_is_the_gaussian_product_of_prior_and_likelihood():
-    """q(x_{t-1} | x_t, x_0) is proportional to q(x_t | x_{t-1}) q(x_{t-1} | x_0): precisions
-    add, 1/var = alpha_t / beta_t + 1 / (1 - abar_{t-1}), and the mean is the
-    precision-weighted average."""
-    schedule = ddpm.NoiseSchedule(50, "cosine")
-    x0, x_t = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
-    for step in (2, 17, 50):
-        t = torch.full((4,), step)
-        i = step - 1
-        alpha, beta = schedule.alphas[i].item(), schedule.betas[i].item()
-        abar_prev = schedule.alphas_cumprod_prev[i].item()
-        precision = alpha / beta + 1 / (1 - abar_prev)
-        mean_expected = (math.sqrt(alpha) / beta * x_t + math.sqrt(abar_prev) / (1 - abar_prev)
-                         * x0) / precision
-        mean, variance = schedule.posterior(x0, x_t, t)
-        assert torch.allclose(mean, mean_expected, atol=1e-6)
-        assert torch.allclose(variance, torch.full_like(variance, 1 / precision), rtol=1e-6)
-
-
-def skip_course_digits(monkeypatch):
-    """ddpm.train without its final 1000 images, their grades and results.json."""
-    monkeypatch.setattr(ddpm, "course_digits", lambda *args, **kwargs: (None, None, 0.0))
-    monkeypatch.setattr(reports, "ddpm_results", lambda *args, **kwargs: {})
-
-
-def tiny_diffusion(**changes) -> "ddpm.Diffusion":
-    settings = ddpm.DDPMSettings(**{"timesteps": 20, "width": 16, "steps": 2, "batch_size": 4,
-                                    "sample_every": 1, "sampling_steps": 4, "fid_images": 0,
-                                    "amp": "off", **changes})
-    torch.manual_seed(0)
-    return ddpm.Diffusion(settings), settings
-
-
-def test_ddim_with_eta_zero_is_deterministic_and_eta_one_is_not():
-    model, settings = tiny_diffusion()
-    labels = torch.arange(3)
-    first = ddpm.sample_ddim(model, labels, 1.0, torch.Generator().manual_seed(1), 4, 0.0)[0]
-    x_T = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
-    again = ddpm.sample_ddim(model, labels, 1.0, torch.Generator().manual_seed(1), 4, 0.0)[0]
-    assert torch.equal(first, again)
-    # deterministic means: only x_T is random; a generator with the same first draw
-    # but different later draws gives the same image
-    rng = torch.Generator().manual_seed(1)
-    rng_state = rng.get_state()
-    assert torch.equal(torch.randn(3, 3, 28, 28, generator=rng), x_T)
-    rng.set_state(rng_state)
-    noisy = ddpm.sample_ddim(model, labels, 1.0, rng, 4, 1.0)[0]
-    assert not torch.allclose(noisy, first)
-    assert ddpm.ddim_timesteps(1000, 5) == [1000, 750, 500, 251, 1]
-
-
-def test_ddim_timesteps_start_at_T_even_for_one_step_and_count_the_sampler_steps():
-    """One DDIM step goes from pure noise, t = T, to x_0; more steps than T drop repeats."""
-    assert ddpm.ddim_timesteps(1000, 1) == [1000]
-    assert ddpm.ddim_timesteps(10, 30) == list(range(10, 0, -1))
-    settings = ddpm.DDPMSettings(timesteps=10, sampling_steps=4)
-    assert ddpm.sampler_steps(settings) == len(ddpm.ddim_timesteps(10, 4)) == 4
-    assert ddpm.sampler_steps(dataclasses.replace(settings, sampler="ddpm")) == 10
-
-
-def test_ddim_with_all_timesteps_and_eta_one_is_ancestral_sampling():
-    """With S = T and eta = 1, sigma_t^2 = beta~_t and the DDIM mean equals the posterior
-    mean: the two samplers must produce the same images from the same noise."""
-    model, settings = tiny_diffusion(timesteps=8)
-    labels = torch.tensor([1, 7])
-    ddim = ddpm.sample_ddim(model, labels, 0.5, torch.Generator().manual_seed(3), 8, 1.0)[0]
-    ancestral = ddpm.sample_ddpm(model, labels, 0.5, torch.Generator().manual_seed(3))[0]
-    assert torch.allclose(ddim, ancestral, atol=1e-4)
-
-
-def test_guidance_formula_and_zero_guidance_is_the_conditional_prediction():
-    conditional, unconditional = torch.randn(2, 3), torch.randn(2, 3)
-    assert torch.allclose(ddpm.guide(conditional, unconditional, 2.0),
-                          3 * conditional - 2 * unconditional)
-    assert torch.equal(ddpm.guide(conditional, unconditional, 0.0), conditional)
-
-
-def test_ddpm_autocasts_to_bfloat16_on_the_cpu_only_when_asked():
-    """--amp auto leaves a CPU in float32 (bfloat16 is emulated, 10x slower, on AVX2)."""
-    x = torch.randn(2, 4)
-    for amp, dtype in (("auto", torch.float32), ("off", torch.float32), ("on", torch.bfloat16)):
-        with ddpm.autocast("cpu", amp):
-            assert (x @ x.T).dtype == dtype, amp
-
-
-def test_ddpm_amp_is_on_for_a_cuda_gpu_unless_off_and_on_a_cpu_only_when_asked():
-    enabled = {(device, amp) for device in ("cuda", "cpu", "mps")
-               for amp in ("auto", "on", "off") if ddpm.amp_enabled(device, amp)}
-    assert enabled == {("cuda", "auto"), ("cuda", "on"), ("cpu", "on")}
-
-
-def test_timestep_embedding_is_the_transformer_sinusoid():
-    embedding = nets.timestep_embedding(torch.tensor([0, 3]), 8)
-    frequencies = 10000 ** (-torch.arange(4) / 4)
-    assert torch.allclose(embedding[1], torch.cat([torch.sin(3 * frequencies),
-                                                   torch.cos(3 * frequencies)]))
-    assert torch.equal(embedding[0], torch.tensor([0.0] * 4 + [1.0] * 4))
-
-
-def test_ddpm_run_writes_course_images_grid_strip_curve_and_resumes(tmp_path, monkeypatch,
-                                                                    capsys):
-    digits = toy_domain(16)
-    _, settings = tiny_diffusion(steps=3, width=8, sampling_steps=2)
-    results = ddpm.train(digits, None, settings, tmp_path / "whole", "cpu", seed=2)
-    names = sorted(p.name for p in (tmp_path / "whole" / "images").iterdir())
-    assert len(names) == 1000 and names[0] == "0_001.png" and names[-1] == "9_100.png"
-    assert names.count("3_042.png") == 1
-    for name in ("grid.png", "reverse_process.png", "loss.png", "checkpoint.pt", "results.json"):
-        assert (tmp_path / "whole" / name).is_file(), name
-    grid = Image.open(tmp_path / "whole" / "grid.png")   # title above, digits on the left
-    assert grid.size[1] == 20 + 10 * 30 + 2 and grid.size[0] > 10 * 30 + 2
-    strip = Image.open(tmp_path / "whole" / "reverse_process.png")  # x3, title and t labels
-    assert strip.size[1] == 20 + 18 + 3 * 28 + 4 and strip.size[0] >= 6 * (3 * 28 + 2) + 2
-    assert results["digit_accuracy"] is None and "no classifier" in \
-        results["digit_accuracy_unavailable"]
-    folder = tmp_path / "deliverable"
-    assert run.main(["ddpm", "--generate", "--ckpt", str(tmp_path / "whole" / "checkpoint.pt"),
-                     "--out", str(folder), "--per-digit", "2"]) == 0
-    assert sorted(p.name for p in folder.iterdir()) == [f"{d}_00{i}.png" for d in range(10)
-                                                        for i in (1, 2)]
-    steps = len(ddpm.ddim_timesteps(settings.timesteps, 50))  # the flag's default S
-    assert f"ddim sampling: 100% {steps}/{steps}" in capsys.readouterr().err  # one batch
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-    with monkeypatch.context() as patch:
-        patch.setattr(ddpm, "reverse_process", interrupt)  # after the step-1 checkpoint
-        with pytest.raises(KeyboardInterrupt):
-            ddpm.train(digits, None, settings, tmp_path / "parts", "cpu", seed=2)
-    skip_course_digits(monkeypatch)
-    ddpm.train(digits, None, dataclasses.replace(settings, resume=True), tmp_path / "parts",
-               "cpu", seed=2)
-    whole = util.load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
-    parts = util.load_checkpoint(tmp_path / "parts" / "checkpoint.pt")["model"]
-    for name, tensor in whole.items():
-        assert torch.equal(tensor, parts[name]), name
-
-
-# ============================================================================ vae
-def test_kl_term_matches_torch_distributions_and_a_monte_carlo_estimate():
-    mu, logvar = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
-    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
-    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
-    closed = torch.distributions.kl_divergence(q, p).sum(dim=1)
-    assert torch.allclose(vae.kl_divergence(mu, logvar), closed)
-    z = q.sample((200_000,))                                    # (S, 3, 5)
-    monte_carlo = (q.log_prob(z) - p.log_prob(z)).sum(dim=2).mean(dim=0)
-    assert torch.allclose(vae.kl_divergence(mu, logvar), monte_carlo, rtol=0.03, atol=0.02)
-
-
-def test_reparameterisation_passes_gradients_to_mu_and_logvar():
-    mu = torch.zeros(2, 4, requires_grad=True)
-    logvar = torch.zeros(2, 4, requires_grad=True)
-    eps = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
-    z = vae.reparameterise(mu, logvar, eps)
-    assert torch.allclose(z, eps)  # mu = 0, sigma = 1
-    z.sum().backward()
-    assert torch.equal(mu.grad, torch.ones(2, 4))               # dz/dmu = 1
-    assert torch.allclose(logvar.grad, 0.5 * eps)                # dz/dlogvar = eps sigma / 2
-
-
-def tiny_vae(**changes) -> "vae.VAESettings":
-    return vae.VAESettings(**{"latent_dim": 8, "epochs": 2, "batch_size": 8,
-                              "tsne_points": 16, "fid_images": 0, **changes})
-
-
-def test_a_tiny_vae_run_writes_every_file_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    faces, test = toy_faces(24, 64), toy_faces(16, 64)
-    results = vae.train(faces, test, tiny_vae(), tmp_path / "whole", "cpu", seed=0)
-    for name in ("mse.png", "kl.png", "reconstructions.png", "samples.png",
-                 "interpolation.png", "tsne.png", "checkpoint.pt", "results.json"):
-        assert (tmp_path / "whole" / name).is_file(), name
-    assert results["epochs"] == 2 and results["test_mse"] > 0
-    assert Image.open(tmp_path / "whole" / "interpolation.png").size == (10 * 66 + 2, 68)
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-    with monkeypatch.context() as patch:
-        patch.setattr(reports, "vae_curves", interrupt)  # right after the first checkpoint
-        with pytest.raises(KeyboardInterrupt):
-            vae.train(faces, test, tiny_vae(), tmp_path / "parts", "cpu", seed=0)
-    vae.train(faces, test, tiny_vae(resume=True), tmp_path / "parts", "cpu", seed=0)
-    whole = util.load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
-    parts = util.load_checkpoint(tmp_path / "parts" / "checkpoint.pt")["model"]
-    for name, tensor in whole.items():
-        assert torch.equal(tensor, parts[name]), name
-
-
-def test_kl_warm_up_grows_lambda_linearly():
-    settings = vae.VAESettings(kl_weight=2.0, warmup_epochs=4)
-    assert vae.kl_weight_at(settings, 0, 0.0) == 0.0
-    assert vae.kl_weight_at(settings, 1, 0.5) == 2.0 * 1.5 / 4
-    assert vae.kl_weight_at(settings, 7, 0.0) == 2.0
-
-
-# ============================================================================ training steps
-# Which images and labels each loss sees, which parameters each optimiser moves and by
-# which gradient, which networks stay frozen. Stub networks small enough for a hand-written
-# reference (tiny Linear layers, no batch norm or dropout), optimisers whose every step is
-# recorded, and the reference gradient by autograd of the loss as the paper writes it.
-def recording_sgd(params, lr: float) -> torch.optim.SGD:
-    """Plain SGD (no momentum: the step is exactly -lr * grad) that keeps, at each step,
-    a copy of the gradient of every parameter it holds (zeros where there is none)."""
-    params = list(params)
-    optimizer = torch.optim.SGD(params, lr=lr)
-    optimizer.seen = []
-    optimizer.register_step_pre_hook(lambda opt, args, kwargs: opt.seen.append(
-        [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]))
-    return optimizer
-
-
-def gradients(loss, params) -> list[torch.Tensor]:
-    """d loss / d p for each p (zeros where the loss does not depend on p)."""
-    params = list(params)
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-
-def assert_all_close(actual, expected, atol=1e-6, what=""):
-    assert len(actual) == len(expected), what
-    for index, (a, e) in enumerate(zip(actual, expected)):
-        assert torch.allclose(a, e, atol=atol, rtol=1e-5), (what, index, (a - e).abs().max())
-
-
-def parameters_of(module: nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in module.parameters()]
-
-
-class Recorder(nn.Module):
-    """Wraps a network; keeps a copy of every input and output."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner, self.inputs, self.outputs = inner, [], []
-
-    def forward(self, x):
-        self.inputs.append(x.detach().clone())
-        out = self.inner(x)
-        self.outputs.append(out.detach().clone())
-        return out
-
-
-@contextlib.contextmanager
-def optimiser_hooks(before=None, after=None):
-    """Call before(optimizer) and after(optimizer) around every optimiser step taken inside
-    the with block (torch's global hooks: the training loops build their own optimisers)."""
-    handles = [register(lambda optimizer, args, kwargs, call=call: call(optimizer))
-               for register, call in ((register_optimizer_step_pre_hook, before),
-                                      (register_optimizer_step_post_hook, after))
-               if call is not None]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def held(optimizer) -> set:
-    return {id(p) for group in optimizer.param_groups for p in group["params"]}
-
-
-def ids(*modules) -> set:
-    return {id(p) for module in modules for p in module.parameters()}
-
-
-def moving_average(initial, snapshots, decay):
-    """nets.update_ema applied after step k = 0, 1, ...: d = min(decay, (1 + k) / (10 + k))."""
-    average = [p.clone() for p in initial]
-    for k, current in enumerate(snapshots):
-        d = min(decay, (1 + k) / (10 + k))
-        average = [d * a + (1 - d) * c for a, c in zip(average, current)]
-    return average
-
-
-def domain_of(images: torch.Tensor) -> str:
-    """toy_domain: the source (mnistm) is dark with a bright band, the target inverted."""
-    means = images.mean(dim=(1, 2, 3))
-    assert bool((means < 0).all()) or bool((means > 0).all()), "a batch mixes domains"
-    return "source" if means[0] < 0 else "target"
-
-
-def labels_fit(images: torch.Tensor, labels: torch.Tensor) -> bool:
-    """toy_domain draws class k as a band at row 2k + 4 (bright, or dark when inverted)."""
-    rows = images.mean(dim=(1, 3))                                        # (B, 28)
-    band = torch.where(images.mean(dim=(1, 2, 3))[:, None] < 0, rows, -rows).argmax(dim=1)
-    return torch.equal(band, 2 * labels.cpu() + 4)
-
-
-# ============================================================================ gan
-SIDE, LATENT = 8, 4  # the stub networks' image side and z size
-
-
-def stub_players(model: "gan.GAN", side: int = SIDE) -> "gan.GAN":
-    """Make G and D one Linear layer each (no batch norm: a reference can score images in
-    any grouping), wrapped to record what they are given."""
-    outputs = 2 if model.attribute_channels else 1
-    torch.manual_seed(0)
-    model.generator = Recorder(nn.Sequential(
-        nn.Flatten(), nn.Linear(LATENT + model.attribute_channels, 3 * side * side), nn.Tanh(),
-        nn.Unflatten(1, (3, side, side))))                                # (B, 3, S, S)
-    model.discriminator = Recorder(nn.Sequential(
-        nn.Flatten(), nn.Linear(3 * side * side, outputs), nn.Unflatten(1, (outputs, 1, 1))))
-    with torch.no_grad():  # scores on both sides of +-1, where the hinge bends
-        model.discriminator.inner[1].weight.mul_(6)
-    return model
-
-
-def stub_gan(variant: str) -> tuple["gan.GAN", "gan.GANSettings"]:
-    settings = tiny_gan(variant=variant, latent_dim=LATENT)
-    return stub_players(gan.GAN(settings)), settings
-
-
-def stub_augment(images, policy, generator):
-    """A deterministic, differentiable stand-in for DiffAugment: mirror and dim."""
-    return images.flip(3) * 0.5 + 0.25
-
-
-def real_batch(count=6):
-    generator = torch.Generator().manual_seed(7)
-    return torch.rand(count, 3, SIDE, SIDE, generator=generator) * 2 - 1
 
 
 @pytest.mark.parametrize("variant", ["a", "b", "acgan"])
@@ -2799,37 +2604,460 @@ def test_gan_training_steps_on_dataset_faces_with_their_attributes_and_averages_
                      moving_average(models[0].initial, after, 0.5), what="EMA of G")
 
 
-# ============================================================================ nets: spectral norm
-@pytest.mark.parametrize("layer", [nn.Linear(6, 4), nn.Conv2d(2, 3, 3),
-                                   nn.ConvTranspose2d(3, 2, 3)], ids=lambda m: type(m).__name__)
-@pytest.mark.parametrize("training", [True, False])
-def test_spectral_norm_gradient_flows_through_sigma_as_torchs_does(layer, training):
-    """d/dW of f(W / sigma(W)) includes the term through sigma = u^T W v; a sigma computed
-    from a detached W gives another gradient, which this test tells apart."""
-    torch.manual_seed(0)
-    ours = nets.spectral_norm(copy.deepcopy(layer)).train(training)
-    theirs = torch.nn.utils.spectral_norm(copy.deepcopy(layer)).train(training)
+def test_gradient_penalty_of_a_linear_critic_is_norm_of_w_minus_1_squared():
+    # D(x) = <w, x> has gradient w everywhere, so the penalty is (||w|| - 1)^2 whatever
+    # the samples, and its gradient in w is 2 (||w|| - 1) w / ||w||
+    critic = nn.Linear(12, 1, bias=False)
     with torch.no_grad():
-        ours.weight_u.copy_(theirs.weight_u)
-        ours.weight_v.copy_(theirs.weight_v)
-    x = torch.randn(2, 6) if isinstance(layer, nn.Linear) else torch.randn(2, layer.in_channels,
-                                                                           5, 5)
-    cotangent = torch.randn_like(copy.deepcopy(theirs)(x))
-    (theirs(x) * cotangent).sum().backward()
-    (ours(x) * cotangent).sum().backward()
-    assert torch.allclose(ours.weight_orig.grad, theirs.weight_orig.grad, atol=1e-6)
-    # the gradient with sigma held constant, (dL/dW_sn) / sigma, differs: the test can fail
-    w_sn = theirs.weight.detach().requires_grad_(True)
-    sigma = (theirs.weight_orig.detach().flatten() @ w_sn.detach().flatten()) / \
-        w_sn.detach().flatten().pow(2).sum()
-    out = (F.linear(x, w_sn, theirs.bias) if isinstance(layer, nn.Linear) else
-           F.conv2d(x, w_sn, theirs.bias) if isinstance(layer, nn.Conv2d) else
-           F.conv_transpose2d(x, w_sn, theirs.bias))
-    (out * cotangent).sum().backward()
-    assert not torch.allclose(w_sn.grad / sigma, theirs.weight_orig.grad, atol=1e-4)
+        critic.weight.mul_(3.0)
+    w = critic.weight.detach().flatten()
+    penalty = gan.gradient_penalty(critic, torch.randn(5, 12), torch.randn(5, 12),
+                                   parallel.Random(0))
+    assert torch.isclose(penalty, (w.norm() - 1) ** 2, rtol=1e-5)
+    penalty.backward()  # needs create_graph=True: the penalty is a function of w
+    assert torch.allclose(critic.weight.grad.flatten(), 2 * (w.norm() - 1) * w / w.norm(),
+                          atol=1e-6)
+
+
+def test_gradient_penalty_is_taken_per_sample_at_eps_x_plus_1_minus_eps_fake():
+    # D(x) = ||x||^2 / 2 has gradient x: the penalty is the mean of (||xhat_i|| - 1)^2,
+    # xhat_i = eps_i x_i + (1 - eps_i) x~_i, one eps_i ~ U[0, 1] per sample from rng
+    real, fake = torch.randn(6, 4), torch.randn(6, 4) * 3
+    penalty = gan.gradient_penalty(lambda x: 0.5 * (x ** 2).sum(dim=1), real, fake,
+                                   parallel.Random(5))
+    eps = torch.rand(6, 1, generator=torch.Generator().manual_seed(5))
+    x_hat = eps * real + (1 - eps) * fake
+    assert torch.isclose(penalty, ((x_hat.norm(dim=1) - 1) ** 2).mean(), rtol=1e-5)
+
+
+def test_wgan_gp_critic_has_no_batch_norm_and_scores_each_image_alone():
+    critic = gan.GAN(tiny_gan(variant="wgan-gp")).discriminator.train()
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.Dropout)) for m in critic.modules())
+    convs = [m for m in critic.modules() if isinstance(m, nn.Conv2d)]
+    assert all(conv.bias is not None for conv in convs)  # nothing cancels the biases
+    images = torch.randn(5, 3, 32, 32)
+    # the penalty's per-sample gradients need this: a score does not depend on the batch
+    assert torch.allclose(critic(images)[:2], critic(images[:2]), atol=1e-6)
+
+
+def test_one_critic_step_descends_the_wgan_gp_loss_and_g_ascends_the_critic():
+    settings = tiny_gan(variant="wgan-gp", n_critic=1)
+    model = linear_critic_gan(settings).train()
+    fakes = []
+    model.generator.register_forward_hook(lambda module, inputs, output: fakes.append(output))
+    real = toy_faces().images(slice(0, 4))
+    w = model.discriminator[1].weight.detach().flatten().clone()
+    optimizers = {"discriminator": torch.optim.SGD(model.discriminator.parameters(), lr=0.1),
+                  "generator": torch.optim.SGD(model.generator.parameters(), lr=0.0)}
+    numbers = gan.wgan_gp_step(model, optimizers, lambda: real, settings,
+                               parallel.Random(0))
+    real_mean, fake_mean = real.flatten(1).mean(0), fakes[0].detach().flatten(1).mean(0)
+    # E[D(x)] - E[D(x~)] = <w, E[x] - E[x~]>; the penalty (||w|| - 1)^2;
+    # L_D = E[D(x~)] - E[D(x)] + 10 (||w|| - 1)^2
+    wasserstein, penalty = w @ (real_mean - fake_mean), (w.norm() - 1) ** 2
+    assert torch.isclose(numbers["wasserstein"], wasserstein, atol=1e-5)
+    assert torch.isclose(numbers["penalty"], penalty, rtol=1e-5)
+    assert torch.isclose(numbers["loss_d"], -wasserstein + 10 * penalty, rtol=1e-5)
+    # one SGD step on L_D: grad_w = E[x~] - E[x] + 10 * 2 (||w|| - 1) w / ||w||
+    gradient = fake_mean - real_mean + 20 * (w.norm() - 1) * w / w.norm()
+    w_after = model.discriminator[1].weight.detach().flatten()
+    assert torch.allclose(w_after, w - 0.1 * gradient, atol=1e-6)
+    # G's loss -E[D(G(z))], scored by the updated critic, on new z
+    assert torch.isclose(numbers["loss_g"], -(w_after @ fakes[1].detach().flatten(1).mean(0)),
+                         atol=1e-5)
+    assert not torch.equal(fakes[0], fakes[1])
+
+
+def test_wgan_gp_step_takes_n_critic_steps_each_on_its_own_batch_and_z():
+    settings = tiny_gan(variant="wgan-gp", n_critic=3)
+    model = gan.GAN(settings).train()
+    optimizers = gan.build_optimizers(model, settings)
+    steps = {name: 0 for name in optimizers}
+    for name, optimizer in optimizers.items():
+        def counted(*args, name=name, step=optimizer.step, **kwargs):
+            steps[name] += 1
+            return step(*args, **kwargs)
+        optimizer.step = counted
+    noise = []
+    model.generator.register_forward_hook(lambda module, inputs, output:
+                                          noise.append(inputs[0].flatten(1)))
+    faces, batches = toy_faces(), []
+
+    def real_batch():
+        batches.append(faces.images(slice(4 * len(batches), 4 * len(batches) + 4)))
+        return batches[-1]
+    gan.wgan_gp_step(model, optimizers, real_batch, settings, parallel.Random(0))
+    assert steps == {"discriminator": 3, "generator": 1} and len(batches) == 3
+    assert len(noise) == 4 and len({tuple(z[0].tolist()) for z in noise}) == 4  # 3 + G's
+
+
+def test_wgan_gp_and_hacks_use_their_papers_adam_settings():
+    for variant, lr, betas in (("wgan-gp", 1e-4, (0.0, 0.9)), ("hacks", 2e-4, (0.5, 0.999))):
+        settings = tiny_gan(variant=variant)
+        optimizers = gan.build_optimizers(gan.GAN(settings), settings)
+        for optimizer in optimizers.values():
+            assert isinstance(optimizer, torch.optim.Adam)
+            assert (optimizer.defaults["lr"], optimizer.defaults["betas"]) == (lr, betas)
+
+
+@pytest.mark.parametrize("variant", ["wgan-gp", "hacks"])
+def test_a_tiny_run_of_the_new_variants_writes_curves_that_fit_them(tmp_path, monkeypatch,
+                                                                    variant):
+    drawn, line_plot = {}, plots.line_plot
+
+    def recorded(series, path, title="", **options):
+        drawn[Path(path).name] = (sorted(series), title)
+        return line_plot(series, path, title=title, **options)
+    monkeypatch.setattr(plots, "line_plot", recorded)
+    results = gan.train(toy_faces(), None, tiny_gan(variant=variant, n_critic=2), tmp_path,
+                        "cpu", 0)
+    assert results["steps"] == 2
+    for name in ["samples.png", "loss.png", "d_outputs.png", "checkpoint.pt", "results.json"]:
+        assert (tmp_path / name).is_file(), name
+    if variant == "wgan-gp":  # the critic's score is no probability: no sigmoid of it
+        assert drawn["d_outputs.png"] == (
+            ["E[D(x)] - E[D(G(z))]"], "GAN variant wgan-gp: the critic's Wasserstein estimate")
+        assert drawn["loss.png"][0] == ["D loss", "G loss", "gradient penalty"]
+        assert {"final_wasserstein", "final_penalty"} <= set(results)
+    else:
+        assert drawn["d_outputs.png"] == (["D(G(z))", "D(x)"],
+                                          "GAN variant hacks: sigmoid of D's score")
+    folder = tmp_path / "faces"  # the checkpoint loads back into the variant's networks
+    assert run.main(["gan", "--generate", "3", "--ckpt", str(tmp_path / "checkpoint.pt"),
+                     "--out", str(folder)]) == 0
+    assert len(list(folder.iterdir())) == 3
+
+
+def test_bce_against_soft_targets_matches_its_formula():
+    real, fake = torch.randn(6), torch.randn(6)
+    ones, zeros = torch.ones(6), torch.zeros(6)
+    assert torch.isclose(gan.discriminator_loss(real, fake, False, targets=(ones, zeros)),
+                         gan.discriminator_loss(real, fake, False))
+    t = torch.full((6,), 0.9)  # -t log sigmoid(l) - (1 - t) log(1 - sigmoid(l)), fakes t = 0
+    by_hand = (-(t * torch.sigmoid(real).log() + (1 - t) * (1 - torch.sigmoid(real)).log())
+               - (1 - torch.sigmoid(fake)).log()).mean()
+    assert torch.isclose(gan.discriminator_loss(real, fake, False, targets=(t, zeros)), by_hand)
+
+
+def test_hacks_trains_d_toward_smoothed_noisy_real_targets_and_zero_for_fakes(monkeypatch):
+    _, _, _, targets = hacks_step(monkeypatch, label_flip=0.0)
+    (real_targets, fake_targets), = targets
+    assert real_targets.shape == fake_targets.shape == (8,)
+    assert ((real_targets >= 0.9 - 0.1) & (real_targets <= 0.9)).all()  # smoothed ...
+    assert real_targets.std() > 0.01                                     # ... and noisy
+    assert torch.equal(fake_targets, torch.zeros(8))                    # one-sided
+
+
+def test_hacks_flips_the_share_of_targets_it_is_given(monkeypatch):
+    _, _, _, targets = hacks_step(monkeypatch, label_flip=1.0)  # every target swapped
+    (real_targets, fake_targets), = targets
+    assert torch.equal(real_targets, torch.zeros(8))
+    assert ((fake_targets >= 0.8) & (fake_targets <= 0.9)).all()
+    settings = tiny_gan(variant="hacks", label_flip=0.05)
+    real_targets, fake_targets = gan.discriminator_targets(
+        20_000, settings, parallel.Random(0))
+    # 5% of each; the binomial's standard deviation is 0.0015, so 0.01 is 6 of them
+    assert abs((real_targets == 0).float().mean() - 0.05) < 0.01
+    assert abs((fake_targets > 0).float().mean() - 0.05) < 0.01
+    kept = real_targets[real_targets > 0]  # U[0.8, 0.9]: mean 0.85, spanning the interval
+    assert kept.min() >= 0.8 and kept.max() <= 0.9 and abs(kept.mean() - 0.85) < 0.002
+    assert kept.min() < 0.801 and kept.max() > 0.899
+
+
+def test_hacks_generator_keeps_the_non_saturating_loss_with_target_1():
+    seen, _, numbers, _ = hacks_step()
+    g_scores = seen.outputs[2].flatten()  # D's scores of the fakes in G's step
+    assert torch.isclose(numbers["loss_g"],
+                         F.binary_cross_entropy_with_logits(g_scores, torch.ones(8)))
+
+
+def test_instance_noise_falls_linearly_from_its_setting_to_zero(tmp_path, monkeypatch):
+    settings = tiny_gan(variant="hacks", steps=10, instance_noise=0.2)
+    assert [gan.instance_noise_std(t, settings) for t in (0, 5, 10)] == [0.2, 0.1, 0.0]
+    assert gan.instance_noise_std(0, tiny_gan(variant="a")) == 0.0
+    given, step = [], gan.train_step
+
+    def recorded(*args, noise_std, **kwargs):
+        given.append(noise_std)
+        return step(*args, noise_std=noise_std, **kwargs)
+    monkeypatch.setattr(gan, "train_step", recorded)
+    gan.train(toy_faces(), None, tiny_gan(variant="hacks", steps=2, sample_every=2,
+                                          instance_noise=0.2), tmp_path, "cpu", 0)
+    assert given == [0.2, 0.1]  # sigma_0 (1 - t / T) at t = 0 and t = T - 1 = 1
+
+
+def test_every_image_hacks_d_sees_carries_the_instance_noise():
+    # the same step with noise_std 0 and 0.5 draws the same n: D sees x + 0.5 n instead of x
+    clean, real, _, _ = hacks_step(noise_std=0.0)
+    noisy, _, _, _ = hacks_step(noise_std=0.5)
+    assert torch.equal(clean.inputs[0], real)
+    assert len(noisy.inputs) == 3  # real and fake in D's step, fake in G's step
+    for with_noise, without in zip(noisy.inputs, clean.inputs):
+        noise = with_noise - without
+        assert abs(noise.std() - 0.5) < 0.02 and abs(noise.mean()) < 0.02
+    assert not torch.equal(noisy.inputs[1] - clean.inputs[1], noisy.inputs[2] - clean.inputs[2])
+
+
+def test_other_variants_see_no_instance_noise():
+    settings = tiny_gan(variant="a", batch_size=4)
+    torch.manual_seed(0)
+    model = gan.GAN(settings).train()
+    model.discriminator = Recorder(model.discriminator)
+    real = toy_faces().images(slice(0, 4))
+    gan.train_step(model, gan.build_optimizers(model, settings), real, None, settings,
+                   parallel.Random(0), noise_std=0.5)
+    assert torch.equal(model.discriminator.inputs[0], real)
+
+
+@pytest.mark.parametrize("image_size, dropouts", [(32, 3), (64, 4)])
+def test_dropout_sits_after_each_leaky_relu_of_hacks_d_only_and_acts_in_training(image_size,
+                                                                                 dropouts):
+    for variant in gan.VARIANTS:
+        layers = list(gan.GAN(tiny_gan(variant=variant, image_size=image_size))
+                      .discriminator)
+        found = [(i, m.p) for i, m in enumerate(layers) if isinstance(m, nn.Dropout)]
+        if variant != "hacks":
+            assert found == [], variant
+            continue
+        assert [p for _, p in found] == [0.3] * dropouts
+        assert all(isinstance(layers[i - 1], nn.LeakyReLU) for i, _ in found)
+        assert len(found) == sum(isinstance(m, nn.LeakyReLU) for m in layers)
+    discriminator = gan.GAN(tiny_gan(variant="hacks", image_size=image_size)).discriminator
+    images = torch.randn(4, 3, image_size, image_size)
+    discriminator.eval()
+    assert torch.equal(discriminator(images), discriminator(images))
+    discriminator.train()
+    assert not torch.equal(discriminator(images), discriminator(images))
+
+
+@pytest.mark.parametrize("variant", ["a", "b"])
+def test_a_gan_sample_depends_on_its_own_z_alone_even_after_training(variant):
+    """G in train mode would normalise each sample with its batch's statistics. The
+    generator used for results (the EMA for b) samples in eval mode, whatever mode
+    training left it in."""
+    model = gan.GAN(tiny_gan(variant=variant))
+    model.train()
+    model.generator(torch.randn(8, 100, 1, 1))  # running statistics that are not 0 and 1
+    if model.ema is not None:
+        model.update_ema(0, 0.999)
+    model.train()
+    assert alone_equals_in_batch(lambda z: model.sample(z), torch.randn(6, 100))
+
+
+def test_gan_training_refreshes_the_averages_statistics_before_fid_and_pictures(
+        tmp_path, cheap_fid, monkeypatch):
+    """At each checkpoint of b: the EMA generator's batch-norm statistics, then its FID,
+    then the checkpoint and the pictures (the red cast of RESULTS.md came from copied
+    statistics)."""
+    calls = []
+    for module, name in ((gan.GAN, "refresh_ema_statistics"), (metrics.FIDTracker, "measure"),
+                         (training.Run, "save_checkpoint"), (reports, "gan_pictures")):
+        original = getattr(module, name)
+
+        def recorded(*args, original=original, name=name, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, name, recorded)
+    gan.train(toy_faces(), toy_faces(6), tiny_gan(variant="b", steps=2, sample_every=1,
+                                                 fid_images=4), tmp_path, "cpu", 0,
+              weights=cheap_fid)
+    assert calls == ["refresh_ema_statistics", "measure", "save_checkpoint",
+                     "gan_pictures"] * 2
+
+
+# ============================================================================ vae
+# Pins the ELBO's terms, the reparameterisation, the step and loop, eval-mode sampling.
+
+
+class StubVAE(nn.Module):
+    """encode: a Linear map to (mu, logvar); decode: a Linear map back to the image."""
+
+    def __init__(self, latent_dim=3, side=8):
+        super().__init__()
+        self.to_code = nn.Sequential(nn.Flatten(), nn.Linear(3 * side * side, 2 * latent_dim))
+        self.from_code = nn.Sequential(nn.Linear(latent_dim, 3 * side * side), nn.Tanh(),
+                                       nn.Unflatten(1, (3, side, side)))
+        self.codes = []
+
+    def encode(self, x):
+        return self.to_code(x).chunk(2, dim=1)
+
+    def decode(self, z):
+        self.codes.append(z.detach().clone())
+        return self.from_code(z)
+
+
+def test_vae_fid_every_k_epochs_and_of_the_reconstructions(tmp_path, cheap_fid):
+    faces, test = toy_faces(16, 64), data.ImageSet(toy_faces(12, 64).pixels.flip(0))
+    results = vae.train(faces, test, tiny_vae(epochs=3, fid_every=2, fid_images=10,
+                                              tsne_points=0), tmp_path, "cpu", 0,
+                        weights=cheap_fid)
+    assert results["fid_curve"]["step"] == [4, 6]  # 2 steps an epoch: epochs 2 and 3
+    # best.pt: the checkpoint of the lowest FID, saved after that FID was measured
+    assert util.load_checkpoint(tmp_path / "best.pt")["step"] == results["best_fid_step"]
+    model = util.load_trained(tmp_path / "checkpoint.pt", "cpu", vae.VAESettings,
+                              lambda s: nets.VAE(s.latent_dim), "model", "vae")[0]
+    assert results["fid"] == pytest.approx(own_fid(torch.cat(
+        [vae.decode(model, z) for z in vae.prior_samples(10, 8, 0 + 1)]), test.images()), rel=1e-6)
+    first_ten = test.subset(torch.arange(10))
+    assert results["reconstruction_fid"] == pytest.approx(
+        own_fid(vae.reconstructions(model, first_ten), test.images()), rel=1e-6)
+
+
+def test_kl_term_matches_torch_distributions_and_a_monte_carlo_estimate():
+    mu, logvar = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    closed = torch.distributions.kl_divergence(q, p).sum(dim=1)
+    assert torch.allclose(vae.kl_divergence(mu, logvar), closed)
+    z = q.sample((200_000,))                                    # (S, 3, 5)
+    monte_carlo = (q.log_prob(z) - p.log_prob(z)).sum(dim=2).mean(dim=0)
+    assert torch.allclose(vae.kl_divergence(mu, logvar), monte_carlo, rtol=0.03, atol=0.02)
+
+
+def test_reparameterisation_passes_gradients_to_mu_and_logvar():
+    mu = torch.zeros(2, 4, requires_grad=True)
+    logvar = torch.zeros(2, 4, requires_grad=True)
+    eps = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    z = vae.reparameterise(mu, logvar, eps)
+    assert torch.allclose(z, eps)  # mu = 0, sigma = 1
+    z.sum().backward()
+    assert torch.equal(mu.grad, torch.ones(2, 4))               # dz/dmu = 1
+    assert torch.allclose(logvar.grad, 0.5 * eps)                # dz/dlogvar = eps sigma / 2
+
+
+def test_a_tiny_vae_run_writes_every_file_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    faces, test = toy_faces(24, 64), toy_faces(16, 64)
+    results = vae.train(faces, test, tiny_vae(), tmp_path / "whole", "cpu", seed=0)
+    for name in ("mse.png", "kl.png", "reconstructions.png", "samples.png",
+                 "interpolation.png", "tsne.png", "checkpoint.pt", "results.json"):
+        assert (tmp_path / "whole" / name).is_file(), name
+    assert results["epochs"] == 2 and results["test_mse"] > 0
+    assert Image.open(tmp_path / "whole" / "interpolation.png").size == (10 * 66 + 2, 68)
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(reports, "vae_curves", interrupt)  # right after the first checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            vae.train(faces, test, tiny_vae(), tmp_path / "parts", "cpu", seed=0)
+    vae.train(faces, test, tiny_vae(resume=True), tmp_path / "parts", "cpu", seed=0)
+    whole = util.load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
+    parts = util.load_checkpoint(tmp_path / "parts" / "checkpoint.pt")["model"]
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, parts[name]), name
+
+
+def test_kl_warm_up_grows_lambda_linearly():
+    settings = vae.VAESettings(kl_weight=2.0, warmup_epochs=4)
+    assert vae.kl_weight_at(settings, 0, 0.0) == 0.0
+    assert vae.kl_weight_at(settings, 1, 0.5) == 2.0 * 1.5 / 4
+    assert vae.kl_weight_at(settings, 7, 0.0) == 2.0
+
+
+def test_vae_losses_sum_the_squared_error_over_each_image_and_average_over_the_batch():
+    """reconstruction = mean over images of sum over pixels of (x^ - x)^2, KL the closed
+    form summed over dimensions and averaged, mse = reconstruction / pixels per image; the
+    decoder gets z = mu + exp(logvar / 2) eps with the eps given."""
+    torch.manual_seed(0)
+    model = StubVAE()
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    eps = torch.randn(4, 3, generator=torch.Generator().manual_seed(3))
+    terms = vae.losses(model, x, eps)
+    mu, logvar = model.encode(x)
+    z = mu + (0.5 * logvar).exp() * eps
+    assert torch.allclose(model.codes[0], z, atol=1e-6)
+    squared = (model.from_code(z) - x).pow(2)
+    assert torch.isclose(terms["reconstruction"], squared.sum(dim=(1, 2, 3)).mean(), rtol=1e-5)
+    assert torch.isclose(terms["mse"], squared.mean(), rtol=1e-5)
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(dim=1).mean()
+    assert torch.isclose(terms["kl"], kl, rtol=1e-5)
+
+
+def test_reparameterised_samples_have_mean_mu_and_standard_deviation_exp_half_logvar():
+    count = 40_000
+    mu = torch.tensor([1.5, -2.0]).expand(count, 2)
+    logvar = torch.tensor([0.25, 4.0]).log().expand(count, 2)             # sigma 0.5 and 2
+    eps = torch.randn(count, 2, generator=torch.Generator().manual_seed(0))
+    z = vae.reparameterise(mu, logvar, eps)
+    assert torch.allclose(z.mean(dim=0), torch.tensor([1.5, -2.0]), atol=0.05)
+    assert torch.allclose(z.std(dim=0), torch.tensor([0.5, 2.0]), rtol=0.03)
+
+
+def test_vae_training_descends_reconstruction_plus_the_warmed_up_lambda_times_kl(
+        tmp_path, monkeypatch):
+    """Each optimiser step's gradient is d/dtheta [reconstruction + lambda KL] of that
+    step's losses, lambda = kl_weight * min(1, (epoch + step / steps) / warmup_epochs).
+    Catches lambda not applied (or not warmed up), and the per-pixel MSE as the loss."""
+    torch.manual_seed(0)
+    model = StubVAE(side=16)
+    monkeypatch.setattr(nets, "VAE", lambda *args, **kwargs: model)
+    pending, checked = [], []
+    real_losses = vae.losses
+
+    def losses(network, x, eps):
+        terms = real_losses(network, x, eps)
+        if torch.is_grad_enabled() and network.training:
+            params = list(model.parameters())
+            pending.append((gradients(terms["reconstruction"], params),
+                            gradients(terms["kl"], params)))
+        return terms
+    monkeypatch.setattr(vae, "losses", losses)
+    weights = [0.0, 0.125, 0.25, 0.375]  # kl_weight 0.5, warm-up 2 epochs of 2 steps
+
+    def check(optimizer):
+        assert len(pending) == 1
+        reconstruction, kl = pending.pop()
+        weight = weights[len(checked)]
+        assert_all_close([p.grad for p in model.parameters()],
+                         [r + weight * k for r, k in zip(reconstruction, kl)], atol=1e-5,
+                         what=f"step {len(checked)}")
+        checked.append(weight)
+    with optimiser_hooks(before=check):
+        vae.train(toy_faces(16, 16), toy_faces(8, 16), vae.VAESettings(
+            latent_dim=3, epochs=2, batch_size=8, kl_weight=0.5, warmup_epochs=2,
+            tsne_points=0), tmp_path, "cpu", seed=0)
+    assert checked == weights and not pending
+
+
+def test_vae_decodes_encodes_and_evaluates_each_face_on_its_own():
+    model = nets.VAE(8)
+    model.train()
+    model.decode(model.encode(torch.rand(16, 3, 64, 64) * 2 - 1)[0])  # running statistics
+    faces = data.ImageSet((torch.rand(5, 3, 64, 64) * 255).to(torch.uint8))
+    assert alone_equals_in_batch(lambda z: vae.decode(model, z), torch.randn(5, 8))
+    model.train()
+    rebuilt = vae.reconstructions(model, faces)
+    assert torch.allclose(rebuilt[1:2], vae.reconstructions(model, faces.subset(
+        torch.tensor([1]))), atol=1e-5)
+    model.train()
+    codes = vae.latent_codes(model, faces)
+    assert torch.allclose(codes[3:4], vae.latent_codes(model, faces.subset(torch.tensor([3]))),
+                          atol=1e-5)
+    model.train()
+    interpolated = vae.interpolation(model, faces.images()[0], faces.images()[1])
+    assert not model.training and torch.allclose(interpolated[0:1], vae.decode(
+        model, model.encode(faces.images()[:1])[0]), atol=1e-5)
 
 
 # ============================================================================ ddpm
+# Pins schedules, posterior, loss, guidance and samplers against closed forms; the loop.
+
+
+def skip_course_digits(monkeypatch):
+    """ddpm.train without its final 1000 images, their grades and results.json."""
+    monkeypatch.setattr(ddpm, "course_digits", lambda *args, **kwargs: (None, None, 0.0))
+    monkeypatch.setattr(reports, "ddpm_results", lambda *args, **kwargs: {})
+
+
+def tiny_diffusion(**changes) -> "ddpm.Diffusion":
+    settings = ddpm.DDPMSettings(**{"timesteps": 20, "width": 16, "steps": 2, "batch_size": 4,
+                                    "sample_every": 1, "sampling_steps": 4, "fid_images": 0,
+                                    "amp": "off", **changes})
+    torch.manual_seed(0)
+    return ddpm.Diffusion(settings), settings
+
+
 class PredictsX0(nn.Module):
     """eps_theta that claims x_0 = 0.05 c (c = 10, the null class: 0.5) whatever x_t:
     eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t), with abar_t = alphas_cumprod[t - 1]."""
@@ -2855,6 +3083,181 @@ def guided_x0(labels, w):
     """The x_0 of guided eps: eps is affine in the claimed x_0, so guidance mixes the x_0s:
     (1 + w) 0.05 c - w 0.05 * 10."""
     return ((1 + w) * 0.05 * labels.float() - w * 0.5).view(-1, 1, 1, 1)
+
+
+class TinyEps(nn.Module):
+    """A stand-in for the U-Net: eps(x, t, c) = a x + b_c + t / 1000, c in 0 .. CLASSES."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+        self.shift = nn.Embedding(ddpm.CLASSES + 1, 3)
+
+    def forward(self, x, t, labels):
+        return self.scale * x + self.shift(labels)[:, :, None, None] \
+            + t.float().view(-1, 1, 1, 1) / 1000
+
+
+def test_ddpm_fid_of_the_1000_course_digits_beside_the_curve(tmp_path, cheap_fid):
+    test = toy_domain(12, seed=1)
+    _, settings = tiny_diffusion(steps=2, width=8, sampling_steps=2, fid_images=10)
+    results = ddpm.train(toy_domain(16), test, settings, tmp_path, "cpu", 0, weights=cheap_fid)
+    assert results["fid_curve"]["step"] == [1, 2] and results["fid_curve"]["images"] == 10
+    assert util.load_checkpoint(tmp_path / "best.pt")["step"] == results["best_fid_step"]
+    model, trained = ddpm.load(tmp_path / "checkpoint.pt", "cpu")
+    _, labels = reports.course_names()
+    course = torch.cat([ddpm.sample(model, trained, *batch)[0]
+                        for batch in ddpm.label_batches(labels, 0)])
+    assert results["course_digits_fid"] == pytest.approx(own_fid(course, test.images()),
+                                                         rel=1e-6)
+    assert results["fid"] == results["fid_curve"]["fid"][-1] and results["fid_images"] == 10
+    digits = torch.cat([ddpm.sample(model, trained, *batch)[0]
+                        for batch in ddpm.label_batches(torch.arange(10) % 10, 0 + 1)])
+    assert results["fid_curve"]["fid"][-1] == pytest.approx(own_fid(digits, test.images()),
+                                                            rel=1e-6)
+
+
+@pytest.mark.parametrize("T", [10, 1000])
+def test_linear_and_cosine_schedules_match_their_closed_forms(T):
+    linear = ddpm.NoiseSchedule(T, "linear")
+    assert len(linear.betas) == T and linear.betas[0] == 1e-4 and linear.betas[-1] == 0.02
+    assert torch.allclose(linear.alphas_cumprod[2], (1 - linear.betas[:3]).prod())
+    cosine = ddpm.NoiseSchedule(T, "cosine")
+    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    for t in (1, T // 2, T - 1):  # alpha_bar_t = f(t) / f(0) where beta is not clipped
+        assert math.isclose(cosine.alphas_cumprod[t - 1].item(), f(t) / f(0), rel_tol=1e-9)
+    assert cosine.betas.max() <= 0.999 and math.isclose(cosine.betas[-1].item(), 0.999)
+
+
+def test_q_sample_has_the_closed_form_mean_and_variance():
+    schedule = ddpm.NoiseSchedule(100, "linear")
+    x0 = torch.full((20000, 1, 1, 1), 0.7)
+    t = torch.full((20000,), 60)
+    x_t = schedule.q_sample(x0, t, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
+    alpha_bar = schedule.alphas_cumprod[59].item()
+    assert abs(x_t.mean().item() - math.sqrt(alpha_bar) * 0.7) < 4 * math.sqrt((1 - alpha_bar) / 20000)
+    assert abs(x_t.var().item() - (1 - alpha_bar)) < 0.03 * (1 - alpha_bar)
+    assert torch.allclose(schedule.predict_x0(x_t, t, (x_t - math.sqrt(alpha_bar) * x0)
+                                              / math.sqrt(1 - alpha_bar)), x0, atol=1e-5)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    x_t = schedule.q_sample(x0, t, noise)   # predict_eps recovers the noise q_sample added
+    assert torch.allclose(schedule.predict_eps(x_t, t, x0), noise, atol=1e-4)
+
+
+def test_posterior_is_the_gaussian_product_of_prior_and_likelihood():
+    """q(x_{t-1} | x_t, x_0) is proportional to q(x_t | x_{t-1}) q(x_{t-1} | x_0): precisions
+    add, 1/var = alpha_t / beta_t + 1 / (1 - abar_{t-1}), and the mean is the
+    precision-weighted average."""
+    schedule = ddpm.NoiseSchedule(50, "cosine")
+    x0, x_t = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    for step in (2, 17, 50):
+        t = torch.full((4,), step)
+        i = step - 1
+        alpha, beta = schedule.alphas[i].item(), schedule.betas[i].item()
+        abar_prev = schedule.alphas_cumprod_prev[i].item()
+        precision = alpha / beta + 1 / (1 - abar_prev)
+        mean_expected = (math.sqrt(alpha) / beta * x_t + math.sqrt(abar_prev) / (1 - abar_prev)
+                         * x0) / precision
+        mean, variance = schedule.posterior(x0, x_t, t)
+        assert torch.allclose(mean, mean_expected, atol=1e-6)
+        assert torch.allclose(variance, torch.full_like(variance, 1 / precision), rtol=1e-6)
+
+
+def test_ddim_with_eta_zero_is_deterministic_and_eta_one_is_not():
+    model, settings = tiny_diffusion()
+    labels = torch.arange(3)
+    first = ddpm.sample_ddim(model, labels, 1.0, torch.Generator().manual_seed(1), 4, 0.0)[0]
+    x_T = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    again = ddpm.sample_ddim(model, labels, 1.0, torch.Generator().manual_seed(1), 4, 0.0)[0]
+    assert torch.equal(first, again)
+    # deterministic means: only x_T is random; a generator with the same first draw
+    # but different later draws gives the same image
+    rng = torch.Generator().manual_seed(1)
+    rng_state = rng.get_state()
+    assert torch.equal(torch.randn(3, 3, 28, 28, generator=rng), x_T)
+    rng.set_state(rng_state)
+    noisy = ddpm.sample_ddim(model, labels, 1.0, rng, 4, 1.0)[0]
+    assert not torch.allclose(noisy, first)
+    assert ddpm.ddim_timesteps(1000, 5) == [1000, 750, 500, 251, 1]
+
+
+def test_ddim_timesteps_start_at_T_even_for_one_step_and_count_the_sampler_steps():
+    """One DDIM step goes from pure noise, t = T, to x_0; more steps than T drop repeats."""
+    assert ddpm.ddim_timesteps(1000, 1) == [1000]
+    assert ddpm.ddim_timesteps(10, 30) == list(range(10, 0, -1))
+    settings = ddpm.DDPMSettings(timesteps=10, sampling_steps=4)
+    assert ddpm.sampler_steps(settings) == len(ddpm.ddim_timesteps(10, 4)) == 4
+    assert ddpm.sampler_steps(dataclasses.replace(settings, sampler="ddpm")) == 10
+
+
+def test_ddim_with_all_timesteps_and_eta_one_is_ancestral_sampling():
+    """With S = T and eta = 1, sigma_t^2 = beta~_t and the DDIM mean equals the posterior
+    mean: the two samplers must produce the same images from the same noise."""
+    model, settings = tiny_diffusion(timesteps=8)
+    labels = torch.tensor([1, 7])
+    ddim = ddpm.sample_ddim(model, labels, 0.5, torch.Generator().manual_seed(3), 8, 1.0)[0]
+    ancestral = ddpm.sample_ddpm(model, labels, 0.5, torch.Generator().manual_seed(3))[0]
+    assert torch.allclose(ddim, ancestral, atol=1e-4)
+
+
+def test_guidance_formula_and_zero_guidance_is_the_conditional_prediction():
+    conditional, unconditional = torch.randn(2, 3), torch.randn(2, 3)
+    assert torch.allclose(ddpm.guide(conditional, unconditional, 2.0),
+                          3 * conditional - 2 * unconditional)
+    assert torch.equal(ddpm.guide(conditional, unconditional, 0.0), conditional)
+
+
+def test_ddpm_autocasts_to_bfloat16_on_the_cpu_only_when_asked():
+    """--amp auto leaves a CPU in float32 (bfloat16 is emulated, 10x slower, on AVX2)."""
+    x = torch.randn(2, 4)
+    for amp, dtype in (("auto", torch.float32), ("off", torch.float32), ("on", torch.bfloat16)):
+        with ddpm.autocast("cpu", amp):
+            assert (x @ x.T).dtype == dtype, amp
+
+
+def test_ddpm_amp_is_on_for_a_cuda_gpu_unless_off_and_on_a_cpu_only_when_asked():
+    enabled = {(device, amp) for device in ("cuda", "cpu", "mps")
+               for amp in ("auto", "on", "off") if ddpm.amp_enabled(device, amp)}
+    assert enabled == {("cuda", "auto"), ("cuda", "on"), ("cpu", "on")}
+
+
+def test_ddpm_run_writes_course_images_grid_strip_curve_and_resumes(tmp_path, monkeypatch,
+                                                                    capsys):
+    digits = toy_domain(16)
+    _, settings = tiny_diffusion(steps=3, width=8, sampling_steps=2)
+    results = ddpm.train(digits, None, settings, tmp_path / "whole", "cpu", seed=2)
+    names = sorted(p.name for p in (tmp_path / "whole" / "images").iterdir())
+    assert len(names) == 1000 and names[0] == "0_001.png" and names[-1] == "9_100.png"
+    assert names.count("3_042.png") == 1
+    for name in ("grid.png", "reverse_process.png", "loss.png", "checkpoint.pt", "results.json"):
+        assert (tmp_path / "whole" / name).is_file(), name
+    grid = Image.open(tmp_path / "whole" / "grid.png")   # title above, digits on the left
+    assert grid.size[1] == 20 + 10 * 30 + 2 and grid.size[0] > 10 * 30 + 2
+    strip = Image.open(tmp_path / "whole" / "reverse_process.png")  # x3, title and t labels
+    assert strip.size[1] == 20 + 18 + 3 * 28 + 4 and strip.size[0] >= 6 * (3 * 28 + 2) + 2
+    assert results["digit_accuracy"] is None and "no classifier" in \
+        results["digit_accuracy_unavailable"]
+    folder = tmp_path / "deliverable"
+    assert run.main(["ddpm", "--generate", "--ckpt", str(tmp_path / "whole" / "checkpoint.pt"),
+                     "--out", str(folder), "--per-digit", "2"]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == [f"{d}_00{i}.png" for d in range(10)
+                                                        for i in (1, 2)]
+    steps = len(ddpm.ddim_timesteps(settings.timesteps, 50))  # the flag's default S
+    assert f"ddim sampling: 100% {steps}/{steps}" in capsys.readouterr().err  # one batch
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(ddpm, "reverse_process", interrupt)  # after the step-1 checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            ddpm.train(digits, None, settings, tmp_path / "parts", "cpu", seed=2)
+    skip_course_digits(monkeypatch)
+    ddpm.train(digits, None, dataclasses.replace(settings, resume=True), tmp_path / "parts",
+               "cpu", seed=2)
+    whole = util.load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
+    parts = util.load_checkpoint(tmp_path / "parts" / "checkpoint.pt")["model"]
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, parts[name]), name
 
 
 def test_min_snr_weighting_scales_each_images_error_by_min_snr_5_over_snr():
@@ -3035,19 +3438,6 @@ def test_ancestral_sampling_steps_through_the_posterior_of_the_guided_x0():
     assert torch.allclose(x, x0.expand_as(x), atol=1e-5)
 
 
-class TinyEps(nn.Module):
-    """A stand-in for the U-Net: eps(x, t, c) = a x + b_c + t / 1000, c in 0 .. CLASSES."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(0.5))
-        self.shift = nn.Embedding(ddpm.CLASSES + 1, 3)
-
-    def forward(self, x, t, labels):
-        return self.scale * x + self.shift(labels)[:, :, None, None] \
-            + t.float().view(-1, 1, 1, 1) / 1000
-
-
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_ddpm_training_warms_up_the_lr_descends_the_networks_loss_and_averages_it(
         tmp_path, monkeypatch, schedule):
@@ -3095,7 +3485,52 @@ def test_ddpm_training_warms_up_the_lr_descends_the_networks_loss_and_averages_i
                      moving_average(model.initial, model.after, 0.5), what="EMA")
 
 
+def test_ddpm_guidance_uses_the_ema_network_without_dropout():
+    """Sampling with dropout on would give each call (and each image) its own mask."""
+    model, _ = tiny_diffusion(dropout=0.5)
+    model.ema.train()
+    x, t, labels = torch.randn(4, 3, 28, 28), torch.full((4,), 7), torch.arange(4)
+    first = model.guided_eps(x, t, labels, 2.0)
+    assert torch.equal(first, model.guided_eps(x, t, labels, 2.0)) and not model.ema.training
+    assert torch.allclose(first[2:3], model.guided_eps(x[2:3], t[2:3], labels[2:3], 2.0),
+                          atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_samplers_clip_the_predicted_x0_to_the_data_range(sampler):
+    """A network whose noise implies x_0 = +-3, outside the data's [-1, 1]: both samplers
+    end at x_0 clipped to +-1 (DDIM's last step t -> 0 and DDPM's t = 1 return x^_0)."""
+    model, settings = tiny_diffusion(timesteps=10, sampler=sampler, sampling_steps=3,
+                                     guidance=0.0)
+
+    class ClaimsThree(nn.Module):
+        def forward(self, x, t, labels):
+            abar = model.schedule.alphas_cumprod[t - 1].float().view(-1, 1, 1, 1)
+            x0 = torch.where(labels.view(-1, 1, 1, 1) % 2 == 0, 3.0, -3.0)
+            return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+    model.ema = ClaimsThree()
+    images, _ = ddpm.sample(model, settings, torch.tensor([0, 1]), seed=0)
+    assert torch.allclose(images[0], torch.ones(3, 28, 28), atol=1e-4)
+    assert torch.allclose(images[1], -torch.ones(3, 28, 28), atol=1e-4)
+
+
+def test_an_unknown_sampler_is_refused():
+    model, settings = tiny_diffusion(sampler="euler")
+    with pytest.raises(util.UserError, match="unknown --sampler 'euler'"):
+        ddpm.sample(model, settings, torch.tensor([0]), seed=0)
+
+
 # ============================================================================ uda
+# Pins what each method's losses see and move, the average and its statistics, resume.
+
+
+def domain_of(images: torch.Tensor) -> str:
+    """toy_domain: the source (mnistm) is dark with a bright band, the target inverted."""
+    means = images.mean(dim=(1, 2, 3))
+    assert bool((means < 0).all()) or bool((means > 0).all()), "a batch mixes domains"
+    return "source" if means[0] < 0 else "target"
+
+
 def stub_uda_networks(method: str) -> "uda.Networks":
     """Networks with one-Linear F, C and D (no batch norm, no dropout) on 4x4 images."""
     nets_ = uda.Networks(method)
@@ -3119,6 +3554,302 @@ def two_domains(count=6):
 def own_entropy(logits):
     p = logits.softmax(dim=1)
     return -(p * p.log()).sum(dim=1).mean()
+
+
+class TwoHeads(nn.Module):
+    """A stub GTA discriminator: one Linear trunk on the flattened image, a data logit
+    and class logits."""
+
+    def __init__(self, pixels: int, classes: int = 10):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(pixels, 5), nn.Tanh())
+        self.data, self.classes = nn.Linear(5, 1), nn.Linear(5, classes)
+
+    def forward(self, images):
+        features = self.trunk(images)
+        return self.data(features).squeeze(1), self.classes(features)
+
+
+def stub_generator(embedding: int, noise: int, side: int) -> nn.Module:
+    """[F(x), one-hot of 11, z] (B, E + 11 + Z, 1, 1) -> image (B, 3, side, side)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(embedding + 11 + noise, 3 * side * side),
+                         nn.Tanh(), nn.Unflatten(1, (3, side, side)))
+
+
+def own_augment_reference(images, matrix, offset, flips, noise, noise_std):
+    """French et al.'s augmentation pixel by pixel: output pixel p (x, y) takes the input
+    at M (p - c) + c + t, c the centre, bilinearly, outside points clamped to the border;
+    then the flip, then noise_std times the image's standard deviation times the noise."""
+    count, channels, side, _ = images.shape
+    centre = (side - 1) / 2
+    moved = torch.zeros_like(images)
+    for n in range(count):
+        for y in range(side):
+            for x in range(side):
+                sx, sy = (matrix[n] @ torch.tensor([x - centre, y - centre])
+                          + centre + offset[n]).tolist()
+                sx, sy = min(max(sx, 0.0), side - 1.0), min(max(sy, 0.0), side - 1.0)
+                x0, y0 = min(int(sx), side - 2), min(int(sy), side - 2)
+                fx, fy = sx - x0, sy - y0
+                moved[n, :, y, x] = ((1 - fx) * (1 - fy) * images[n, :, y0, x0]
+                                     + fx * (1 - fy) * images[n, :, y0, x0 + 1]
+                                     + (1 - fx) * fy * images[n, :, y0 + 1, x0]
+                                     + fx * fy * images[n, :, y0 + 1, x0 + 1])
+    moved = torch.where(flips, -moved, moved)
+    return moved + noise_std * moved.std(dim=(1, 2, 3), keepdim=True) * noise
+
+
+def small_uda_networks(monkeypatch):
+    """uda.Networks with F = Linear + batch norm on the flattened 28x28 image, C and D one
+    Linear each: fast, and F's batch-norm statistics still show whether it was frozen."""
+    real_networks = uda.Networks
+
+    def small(method, *args, **kwargs):
+        nets_ = real_networks(method, *args, **kwargs)
+        torch.manual_seed(0)
+        nets_.features = nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 8),
+                                       nn.BatchNorm1d(8), nn.ReLU())
+        nets_.classifier, nets_.domain = nn.Linear(8, 10), nn.Linear(8, 1)
+        if nets_.target_features is not None:
+            nets_.target_features = copy.deepcopy(nets_.features)
+            with torch.no_grad():
+                nets_.target_features[1].weight.add_(0.1)  # F_t starts unlike F_s
+        if nets_.generator is not None:
+            nets_.generator = stub_generator(8, uda.GTA_NOISE, 28)
+            nets_.discriminator = TwoHeads(3 * 28 * 28)
+        return nets_
+    monkeypatch.setattr(uda, "Networks", small)
+
+
+def record_steps(monkeypatch) -> list:
+    """Wrap uda's five step functions: each call appends (name, its arguments by name,
+    with "lrs": the optimisers' learning rates, "after": the weights of the encoder (F, or
+    F_t in adda_step) and C after the step, and "before": theirs before the first call of
+    that step); the first adda_step also keeps copies of F_s, C and F_t as they start."""
+    calls = []
+    for name in ("classify_step", "dann_step", "adda_step", "gta_step", "self_ensembling_step"):
+        real = getattr(uda, name)
+
+        def recording(*args, _real=real, _name=name, **kwargs):
+            bound = inspect.signature(_real).bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            if _name == "self_ensembling_step":
+                arguments["nets_"] = arguments["student"]
+                arguments["teacher_weights"] = parameters_of(nn.Sequential(
+                    arguments["teacher"].features, arguments["teacher"].classifier))
+            if _name == "adda_step" and not any(n == "adda_step" for n, _ in calls):
+                arguments["start"] = {part: copy.deepcopy(getattr(arguments["nets_"], part)
+                                                          .state_dict())
+                                      for part in ("features", "classifier", "target_features")}
+            nets_ = arguments["nets_"]
+            model = nn.Sequential(nets_.target_features if _name == "adda_step"
+                                  else nets_.features, nets_.classifier)
+            if not any(n == _name for n, _ in calls):
+                arguments["before"] = parameters_of(model)
+            arguments["lrs"] = [group["lr"] for optimizer in (
+                [arguments["optimizer"]] if "optimizer" in arguments else
+                arguments["optimizers"].values()) for group in optimizer.param_groups]
+            calls.append((_name, arguments))
+            losses = _real(*args, **kwargs)
+            arguments["after"] = parameters_of(model)
+            return losses
+        monkeypatch.setattr(uda, name, recording)
+    return calls
+
+
+def test_dann_schedules_match_their_closed_forms():
+    progress = np.linspace(0, 1, 11)
+    lambdas = np.array([uda.grl_lambda(p) for p in progress])
+    assert np.allclose(lambdas, np.tanh(5 * progress))  # 2 / (1 + e^-10p) - 1 = tanh(5p)
+    assert lambdas[0] == 0 and np.isclose(lambdas[-1], 0.9999092, atol=1e-7)
+    assert uda.annealed_lr(0.01, 0) == 0.01
+    assert np.isclose(uda.annealed_lr(0.01, 1), 0.01 / 11 ** 0.75)
+
+
+def test_entropy_is_log_k_for_uniform_and_zero_for_certain_predictions():
+    assert torch.isclose(uda.entropy(torch.zeros(4, 10)), torch.tensor(np.log(10.0)).float())
+    assert uda.entropy(torch.tensor([[50.0, 0.0, 0.0]])) < 1e-12
+    p = torch.tensor([0.2, 0.3, 0.5])
+    assert torch.isclose(uda.entropy(p.log()[None]), -(p * p.log()).sum())
+
+
+def test_a_quick_run_on_fewer_images_than_a_batch_works(tmp_path):
+    """uda --limit 100 with --batch-size 128 crashed in torch.cat (no full batch)."""
+    settings = tiny_uda(src="mnistm", tgt="usps", batch_size=64, limit=12, tsne_points=0)
+    rows = run.uda_methods(settings, ("dann",), toy_load, tmp_path, "cpu", seed=0)
+    assert rows["dann"]["total"] == 12
+    source, target = uda.paired_indices(12, 5, 64, torch.Generator().manual_seed(0))
+    assert source.shape == target.shape == (1, 12)
+    assert sorted(source[0].tolist()) == list(range(12)) and set(target[0].tolist()) == set(range(5))
+
+
+@pytest.mark.parametrize("method", ["adda"])  # on the toy data, DANN's two differ in 0-1 images
+def test_uda_reports_and_predicts_with_the_weight_average(tmp_path, method):
+    settings = tiny_uda(src="mnistm", tgt="usps", method=method, tsne_points=0)
+    domains = uda.load_domains(settings, toy_load)
+    uda.train(domains, settings, tmp_path, "cpu", seed=0)
+    state = util.load_checkpoint(tmp_path / "checkpoint.pt")
+
+    def predictions(key):
+        nets_ = uda.Networks(method)
+        nets_.load_state_dict(state[key])
+        return classifier.predict(torch.nn.Sequential(nets_.target_encoder(),
+                                                      nets_.classifier), domains.target_test)
+    averaged = predictions("average")
+    assert not torch.equal(averaged, predictions("networks"))  # the last weights differ
+    saved = [int(line.split(",")[1]) for line in
+             (tmp_path / "predictions.csv").read_text().splitlines()[1:]]
+    assert saved == averaged.tolist()
+    model, _ = uda.load_for_prediction(tmp_path / "checkpoint.pt", "cpu")
+    assert torch.equal(classifier.predict(model, domains.target_test), averaged)
+
+
+@pytest.mark.parametrize("method, encoder, domains_seen, frozen", [
+    ("source", "features", ["source"], False),
+    ("dann", "features", ["source", "target"], False),
+    ("adda", "target_features", ["target"], False),
+    ("adda", "features", ["source"], True),  # F_s: frozen at its pre-trained average
+    ("gta", "features", ["source", "target"], False),
+    ("self-ensembling", "features", ["target"], False)])  # the teacher's target batches
+def test_weight_average_has_batch_norm_statistics_of_its_own_weights(
+        tmp_path, method, encoder, domains_seen, frozen):
+    settings = tiny_uda(src="mnistm", tgt="usps", method=method, tsne_points=0)
+    domains = uda.load_domains(settings, toy_load)
+    uda.train(domains, settings, tmp_path, "cpu", seed=0)
+    state = util.load_checkpoint(tmp_path / "checkpoint.pt")
+    average, last = uda.Networks(method), uda.Networks(method)
+    average.load_state_dict(state["average"])
+    last.load_state_dict(state["networks"])
+    first = 1 if method == "self-ensembling" else 0  # after self-ensembling's Standardise
+    before, conv, norm = getattr(average, encoder)[:first], *getattr(average, encoder)[
+        first:first + 2]
+    images = torch.cat([getattr(domains, f"{name}_train").images() for name in domains_seen])
+    with torch.no_grad():  # the first batch norm's mean: of the averaged convolution's output
+        expected = conv(before(images)).mean(dim=(0, 2, 3))
+    assert torch.allclose(norm.running_mean, expected, atol=1e-5)
+    assert torch.allclose(getattr(last, encoder)[first + 1].running_mean, expected,
+                          atol=1e-5) == frozen
+
+
+def test_adda_adaptation_freezes_source_nets_and_drops_no_target_features():
+    nets_ = uda.Networks("adda")
+    uda.freeze_source_side(nets_)
+    assert not nets_.features.training and not nets_.classifier.training
+    target = nets_.target_features
+    norms = [m for m in target.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.training for m in norms)  # F_t: batch statistics of the target
+    x = torch.randn(8, 3, 28, 28)
+    torch.manual_seed(0)
+    first = target(x)
+    torch.manual_seed(1)
+    assert torch.equal(first, target(x))  # no dropout mask the discriminator could see
+    nets_.train()  # the other methods' mode
+    torch.manual_seed(1)
+    assert not torch.equal(nets_.features(x), nets_.features(x))  # dropout on in training
+
+
+def test_dann_step_reverses_the_domain_gradient_with_the_given_strength():
+    """F's gradient of the DANN step = grad(class loss) - reversal * grad(domain loss)."""
+    generator = torch.Generator().manual_seed(1)
+    source, target = (torch.randn(6, 3, 28, 28, generator=generator) for _ in "st")
+    labels, is_source = torch.arange(6), torch.cat([torch.ones(6), torch.zeros(6)])
+
+    def fresh_nets():
+        torch.manual_seed(0)
+        return uda.Networks("dann").eval()  # eval: both passes see the same network
+
+    def step_gradient(reversal):
+        nets_ = fresh_nets()
+        optimizer = torch.optim.SGD(nets_.parameters(), lr=0.0)
+        uda.dann_step(nets_, source, labels, target, optimizer, reversal)
+        return nets_.features[0].weight.grad
+
+    nets_ = fresh_nets()  # the domain loss's own gradient, by autograd, without the GRL
+    logits = nets_.domain(torch.cat([nets_.features(source), nets_.features(target)]))
+    domain_loss = (F.binary_cross_entropy_with_logits(logits[:6, 0], is_source[:6])
+                   + F.binary_cross_entropy_with_logits(logits[6:, 0], is_source[6:]))
+    domain_gradient, = torch.autograd.grad(domain_loss, nets_.features[0].weight)
+    class_gradient = step_gradient(0.0)
+    assert domain_gradient.abs().max() > 1e-3 * class_gradient.abs().max()
+    assert torch.allclose(step_gradient(0.7), class_gradient - 0.7 * domain_gradient,
+                          atol=1e-6)
+
+
+def test_dann_step_normalises_each_domain_with_its_own_batch_statistics():
+    """Source, then target through F: the running mean of F's first batch norm takes two
+    momentum updates, m = 0.9 (0.1 mean_source) + 0.1 mean_target."""
+    torch.manual_seed(0)
+    nets_ = uda.Networks("dann")
+    source, target = torch.randn(4, 3, 28, 28), torch.randn(4, 3, 28, 28) + 1.0
+    with torch.no_grad():
+        source_mean, target_mean = (nets_.features[0](x).mean(dim=(0, 2, 3))
+                                    for x in (source, target))
+    optimizer = torch.optim.SGD(nets_.parameters(), lr=0.0)
+    uda.dann_step(nets_, source, torch.arange(4), target, optimizer, reversal=1.0)
+    assert torch.allclose(nets_.features[1].running_mean,
+                          0.9 * 0.1 * source_mean + 0.1 * target_mean, atol=1e-6)
+
+
+def test_gta_discriminator_sees_real_generated_source_and_generated_target_apart():
+    """D's batch norm normalises each batch with its own statistics: the real source,
+    the source's and the target's generated images go through D one batch at a time,
+    three times in D's step and twice (the generated ones) against the updated D."""
+    torch.manual_seed(0)
+    nets_ = uda.Networks("gta")
+    sizes = []
+    nets_.discriminator.trunk.register_forward_hook(
+        lambda module, inputs, output: sizes.append(len(inputs[0])))
+    source, target = torch.randn(4, 3, 28, 28), torch.randn(4, 3, 28, 28)
+    optimizers = {name: torch.optim.SGD(module.parameters(), lr=0.0) for name, module in (
+        ("discriminator", nets_.discriminator), ("generator", nets_.generator),
+        ("embedding", nn.Sequential(nets_.features, nets_.classifier)))}
+    uda.gta_step(nets_, nets_.discriminator, source, torch.arange(4), target,
+                 torch.randn(8, uda.GTA_NOISE), optimizers, 0.1, 0.3)
+    assert sizes == [4] * 5
+
+
+@pytest.mark.parametrize("method", ["dann", "adda", "gta", "self-ensembling"])
+def test_resumed_uda_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, method):
+    # a low confidence threshold, so that self-ensembling's consistency terms take part
+    settings = tiny_uda(src="mnistm", tgt="usps", method=method, epochs=2, tsne_points=0,
+                        confidence=0.2)
+    domains = uda.load_domains(settings, toy_load)
+    uda.train(domains, settings, tmp_path / "whole", "cpu", seed=1)
+
+    def interrupt(*args, **kwargs):  # stop right after the first epoch's checkpoint
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(reports, "uda_curves", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            uda.train(domains, settings, tmp_path / "parts", "cpu", seed=1)
+    uda.train(domains, dataclasses.replace(settings, resume=True), tmp_path / "parts",
+              "cpu", seed=1)
+    whole = util.load_checkpoint(tmp_path / "whole" / "checkpoint.pt")
+    parts = util.load_checkpoint(tmp_path / "parts" / "checkpoint.pt")
+    assert parts["step"] == whole["step"] == (5 if method == "adda" else 10)  # 40 / 8 a epoch
+    for key in ("networks", "average"):
+        for name, tensor in whole[key].items():
+            assert torch.equal(tensor, parts[key][name]), (key, name)
+
+
+def test_adda_started_from_the_source_only_run_equals_adda_from_scratch(tmp_path):
+    """ADDA's pre-training repeats the source-only run step for step (annealing included),
+    so `--method all` may start ADDA from that run's checkpoint."""
+    settings = tiny_uda(src="mnistm", tgt="usps", epochs=2, anneal=True, tsne_points=0)
+    domains = uda.load_domains(settings, toy_load)
+    uda.train(domains, dataclasses.replace(settings, method="source"), tmp_path / "source", "cpu", 3)
+    adda = dataclasses.replace(settings, method="adda")
+    scratch = uda.train(domains, adda, tmp_path / "scratch", "cpu", 3)
+    reused = uda.train(domains, adda, tmp_path / "reused", "cpu", 3,
+                       source_only=tmp_path / "source" / "checkpoint.pt")
+    assert reused["target_accuracy"] == scratch["target_accuracy"]
+    whole, started = (util.load_checkpoint(tmp_path / name / "checkpoint.pt")
+                      for name in ("scratch", "reused"))
+    assert whole["history"] == started["history"] and started["step"] == 5  # adaptation
+    for key in ("networks", "average"):
+        for name, tensor in whole[key].items():
+            assert torch.equal(tensor, started[key][name]), (key, name)
 
 
 def test_classify_step_descends_the_cross_entropy_of_the_images_and_labels_given():
@@ -3202,26 +3933,6 @@ def test_adda_step_trains_d_on_source_1_target_0_then_f_t_toward_1_against_the_n
     assert_all_close(parameters_of(Fs) + parameters_of(C), frozen, atol=0, what="frozen")
     assert math.isclose(float(losses["domain"].detach()), domain_loss.item(), rel_tol=1e-5)
     assert math.isclose(float(losses["encoder"].detach()), encoder_loss.item(), rel_tol=1e-5)
-
-
-class TwoHeads(nn.Module):
-    """A stub GTA discriminator: one Linear trunk on the flattened image, a data logit
-    and class logits."""
-
-    def __init__(self, pixels: int, classes: int = 10):
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(pixels, 5), nn.Tanh())
-        self.data, self.classes = nn.Linear(5, 1), nn.Linear(5, classes)
-
-    def forward(self, images):
-        features = self.trunk(images)
-        return self.data(features).squeeze(1), self.classes(features)
-
-
-def stub_generator(embedding: int, noise: int, side: int) -> nn.Module:
-    """[F(x), one-hot of 11, z] (B, E + 11 + Z, 1, 1) -> image (B, 3, side, side)."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(embedding + 11 + noise, 3 * side * side),
-                         nn.Tanh(), nn.Unflatten(1, (3, side, side)))
 
 
 def test_gta_step_trains_d_then_g_and_f_c_against_the_updated_d():
@@ -3326,29 +4037,6 @@ def test_self_ensembling_step_matches_the_papers_loss_on_the_augmentations_it_na
         assert math.isclose(float(losses[name].detach()), value.item(), rel_tol=1e-5), name
 
 
-def own_augment_reference(images, matrix, offset, flips, noise, noise_std):
-    """French et al.'s augmentation pixel by pixel: output pixel p (x, y) takes the input
-    at M (p - c) + c + t, c the centre, bilinearly, outside points clamped to the border;
-    then the flip, then noise_std times the image's standard deviation times the noise."""
-    count, channels, side, _ = images.shape
-    centre = (side - 1) / 2
-    moved = torch.zeros_like(images)
-    for n in range(count):
-        for y in range(side):
-            for x in range(side):
-                sx, sy = (matrix[n] @ torch.tensor([x - centre, y - centre])
-                          + centre + offset[n]).tolist()
-                sx, sy = min(max(sx, 0.0), side - 1.0), min(max(sy, 0.0), side - 1.0)
-                x0, y0 = min(int(sx), side - 2), min(int(sy), side - 2)
-                fx, fy = sx - x0, sy - y0
-                moved[n, :, y, x] = ((1 - fx) * (1 - fy) * images[n, :, y0, x0]
-                                     + fx * (1 - fy) * images[n, :, y0, x0 + 1]
-                                     + (1 - fx) * fy * images[n, :, y0 + 1, x0]
-                                     + fx * fy * images[n, :, y0 + 1, x0 + 1])
-    moved = torch.where(flips, -moved, moved)
-    return moved + noise_std * moved.std(dim=(1, 2, 3), keepdim=True) * noise
-
-
 def test_augment_deforms_shifts_flips_and_noises_each_image_by_its_own_draw():
     """Against a pixel-by-pixel bilinear reference, with the random numbers drawn in the
     same order: the 2x2 deformation, the shift in pixels (not in affine_grid's [-1, 1]
@@ -3365,14 +4053,6 @@ def test_augment_deforms_shifts_flips_and_noises_each_image_by_its_own_draw():
     assert 0 < int(flips.sum()) < 4
 
 
-def test_standardise_gives_each_image_zero_mean_and_unit_variance():
-    images = torch.rand(3, 3, 5, 5) * torch.tensor([1.0, 5.0, 0.5])[:, None, None, None]
-    standardised = nets.Standardise()(images + 7.0)  # brightness and contrast are gone
-    assert torch.allclose(standardised.mean(dim=(1, 2, 3)), torch.zeros(3), atol=1e-5)
-    assert torch.allclose(standardised.std(dim=(1, 2, 3)), torch.ones(3), atol=1e-3)
-    assert torch.allclose(nets.Standardise()(-images), -nets.Standardise()(images), atol=1e-6)
-
-
 def test_gta_networks_have_the_shapes_their_losses_need():
     nets_ = uda.Networks("gta")
     features = torch.randn(5, 800)
@@ -3382,65 +4062,6 @@ def test_gta_networks_have_the_shapes_their_losses_need():
     assert images.shape == (5, 3, 28, 28) and images.abs().max() <= 1
     data_logits, class_logits = nets_.discriminator(images)
     assert data_logits.shape == (5,) and class_logits.shape == (5, 10)
-
-
-def small_uda_networks(monkeypatch):
-    """uda.Networks with F = Linear + batch norm on the flattened 28x28 image, C and D one
-    Linear each: fast, and F's batch-norm statistics still show whether it was frozen."""
-    real_networks = uda.Networks
-
-    def small(method, *args, **kwargs):
-        nets_ = real_networks(method, *args, **kwargs)
-        torch.manual_seed(0)
-        nets_.features = nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 8),
-                                       nn.BatchNorm1d(8), nn.ReLU())
-        nets_.classifier, nets_.domain = nn.Linear(8, 10), nn.Linear(8, 1)
-        if nets_.target_features is not None:
-            nets_.target_features = copy.deepcopy(nets_.features)
-            with torch.no_grad():
-                nets_.target_features[1].weight.add_(0.1)  # F_t starts unlike F_s
-        if nets_.generator is not None:
-            nets_.generator = stub_generator(8, uda.GTA_NOISE, 28)
-            nets_.discriminator = TwoHeads(3 * 28 * 28)
-        return nets_
-    monkeypatch.setattr(uda, "Networks", small)
-
-
-def record_steps(monkeypatch) -> list:
-    """Wrap uda's five step functions: each call appends (name, its arguments by name,
-    with "lrs": the optimisers' learning rates, "after": the weights of the encoder (F, or
-    F_t in adda_step) and C after the step, and "before": theirs before the first call of
-    that step); the first adda_step also keeps copies of F_s, C and F_t as they start."""
-    calls = []
-    for name in ("classify_step", "dann_step", "adda_step", "gta_step", "self_ensembling_step"):
-        real = getattr(uda, name)
-
-        def recording(*args, _real=real, _name=name, **kwargs):
-            bound = inspect.signature(_real).bind(*args, **kwargs)
-            bound.apply_defaults()
-            arguments = dict(bound.arguments)
-            if _name == "self_ensembling_step":
-                arguments["nets_"] = arguments["student"]
-                arguments["teacher_weights"] = parameters_of(nn.Sequential(
-                    arguments["teacher"].features, arguments["teacher"].classifier))
-            if _name == "adda_step" and not any(n == "adda_step" for n, _ in calls):
-                arguments["start"] = {part: copy.deepcopy(getattr(arguments["nets_"], part)
-                                                          .state_dict())
-                                      for part in ("features", "classifier", "target_features")}
-            nets_ = arguments["nets_"]
-            model = nn.Sequential(nets_.target_features if _name == "adda_step"
-                                  else nets_.features, nets_.classifier)
-            if not any(n == _name for n, _ in calls):
-                arguments["before"] = parameters_of(model)
-            arguments["lrs"] = [group["lr"] for optimizer in (
-                [arguments["optimizer"]] if "optimizer" in arguments else
-                arguments["optimizers"].values()) for group in optimizer.param_groups]
-            calls.append((_name, arguments))
-            losses = _real(*args, **kwargs)
-            arguments["after"] = parameters_of(model)
-            return losses
-        monkeypatch.setattr(uda, name, recording)
-    return calls
 
 
 @pytest.mark.parametrize("method", ["source", "target", "dann", "dann-ent", "adda", "gta",
@@ -3572,345 +4193,321 @@ def test_adda_adapts_f_t_from_a_copy_of_the_pretrained_f_s_while_f_s_and_c_stay_
     assert not same(nets_.target_features.state_dict(), start["target_features"])
 
 
-# ============================================================================ vae
-class StubVAE(nn.Module):
-    """encode: a Linear map to (mu, logvar); decode: a Linear map back to the image."""
-
-    def __init__(self, latent_dim=3, side=8):
-        super().__init__()
-        self.to_code = nn.Sequential(nn.Flatten(), nn.Linear(3 * side * side, 2 * latent_dim))
-        self.from_code = nn.Sequential(nn.Linear(latent_dim, 3 * side * side), nn.Tanh(),
-                                       nn.Unflatten(1, (3, side, side)))
-        self.codes = []
-
-    def encode(self, x):
-        return self.to_code(x).chunk(2, dim=1)
-
-    def decode(self, z):
-        self.codes.append(z.detach().clone())
-        return self.from_code(z)
-
-
-def test_vae_losses_sum_the_squared_error_over_each_image_and_average_over_the_batch():
-    """reconstruction = mean over images of sum over pixels of (x^ - x)^2, KL the closed
-    form summed over dimensions and averaged, mse = reconstruction / pixels per image; the
-    decoder gets z = mu + exp(logvar / 2) eps with the eps given."""
-    torch.manual_seed(0)
-    model = StubVAE()
-    x = torch.rand(4, 3, 8, 8) * 2 - 1
-    eps = torch.randn(4, 3, generator=torch.Generator().manual_seed(3))
-    terms = vae.losses(model, x, eps)
-    mu, logvar = model.encode(x)
-    z = mu + (0.5 * logvar).exp() * eps
-    assert torch.allclose(model.codes[0], z, atol=1e-6)
-    squared = (model.from_code(z) - x).pow(2)
-    assert torch.isclose(terms["reconstruction"], squared.sum(dim=(1, 2, 3)).mean(), rtol=1e-5)
-    assert torch.isclose(terms["mse"], squared.mean(), rtol=1e-5)
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(dim=1).mean()
-    assert torch.isclose(terms["kl"], kl, rtol=1e-5)
-
-
-def test_reparameterised_samples_have_mean_mu_and_standard_deviation_exp_half_logvar():
-    count = 40_000
-    mu = torch.tensor([1.5, -2.0]).expand(count, 2)
-    logvar = torch.tensor([0.25, 4.0]).log().expand(count, 2)             # sigma 0.5 and 2
-    eps = torch.randn(count, 2, generator=torch.Generator().manual_seed(0))
-    z = vae.reparameterise(mu, logvar, eps)
-    assert torch.allclose(z.mean(dim=0), torch.tensor([1.5, -2.0]), atol=0.05)
-    assert torch.allclose(z.std(dim=0), torch.tensor([0.5, 2.0]), rtol=0.03)
-
-
-def test_vae_training_descends_reconstruction_plus_the_warmed_up_lambda_times_kl(
-        tmp_path, monkeypatch):
-    """Each optimiser step's gradient is d/dtheta [reconstruction + lambda KL] of that
-    step's losses, lambda = kl_weight * min(1, (epoch + step / steps) / warmup_epochs).
-    Catches lambda not applied (or not warmed up), and the per-pixel MSE as the loss."""
-    torch.manual_seed(0)
-    model = StubVAE(side=16)
-    monkeypatch.setattr(nets, "VAE", lambda *args, **kwargs: model)
-    pending, checked = [], []
-    real_losses = vae.losses
-
-    def losses(network, x, eps):
-        terms = real_losses(network, x, eps)
-        if torch.is_grad_enabled() and network.training:
-            params = list(model.parameters())
-            pending.append((gradients(terms["reconstruction"], params),
-                            gradients(terms["kl"], params)))
-        return terms
-    monkeypatch.setattr(vae, "losses", losses)
-    weights = [0.0, 0.125, 0.25, 0.375]  # kl_weight 0.5, warm-up 2 epochs of 2 steps
-
-    def check(optimizer):
-        assert len(pending) == 1
-        reconstruction, kl = pending.pop()
-        weight = weights[len(checked)]
-        assert_all_close([p.grad for p in model.parameters()],
-                         [r + weight * k for r, k in zip(reconstruction, kl)], atol=1e-5,
-                         what=f"step {len(checked)}")
-        checked.append(weight)
-    with optimiser_hooks(before=check):
-        vae.train(toy_faces(16, 16), toy_faces(8, 16), vae.VAESettings(
-            latent_dim=3, epochs=2, batch_size=8, kl_weight=0.5, warmup_epochs=2,
-            tsne_points=0), tmp_path, "cpu", seed=0)
-    assert checked == weights and not pending
-
-
-# ============================================================================ tsne
-def test_tsne_exaggerates_p_for_the_first_iterations_with_momentum_half_then_0_8():
-    """gradient(Y, exaggeration, with_kl) gets EARLY_EXAGGERATION (12) for iterations
-    0 .. EXAGGERATION_ITERATIONS - 1 (250) and 1 after. Momentum: where the gradient is 0
-    the update is momentum times the last one, 0.5 up to iteration 249 and 0.8 from 250."""
-    assert tsne.EARLY_EXAGGERATION == 12.0 and tsne.EXAGGERATION_ITERATIONS == 250
-    kicks = {0, 248}  # a unit gradient at these iterations, zero elsewhere
-    exaggerations, positions = [], []
-
-    def gradient(Y, exaggeration, with_kl):
-        positions.append(Y.copy())
-        exaggerations.append(exaggeration)
-        return (np.ones_like(Y) if len(exaggerations) - 1 in kicks else np.zeros_like(Y)), 0.0
-    Y, _ = tsne.optimise(np.zeros((4, 2)), gradient, 253, 1.0)
-    assert exaggerations == [12.0] * 250 + [1.0] * 3
-    positions.append(Y)
-    updates = np.diff(np.array(positions)[:, 0, 0])                  # update of iteration k
-    assert np.isclose(updates[1] / updates[0], 0.5)                  # early
-    assert np.isclose(updates[249] / updates[248], 0.5)              # still early at 249
-    assert np.isclose(updates[250] / updates[249], 0.8)              # late from 250
-    assert np.isclose(updates[252] / updates[251], 0.8)
-
-
-@pytest.mark.parametrize("method", ["exact", "interpolated"])
-def test_exaggeration_multiplies_the_attraction_and_not_the_repulsion(method):
-    """With P exaggerated by a, dC/dY = 4 sum_j (a p_ij - q_ij) K_ij (y_i - y_j): the
-    gradient of a sum p_ij (-log K_ij) + log Z, by autograd."""
-    X = np.random.default_rng(4).normal(size=(150, 5))
-    P = tsne.exact_affinities(X, 20.0)
-    Y = np.random.default_rng(5).normal(size=(150, 2))
-    y, p = torch.tensor(Y, requires_grad=True), torch.tensor(P)
-    kernel = 1 / (1 + ((y[:, None] - y[None]) ** 2).sum(-1))
-    off = ~torch.eye(150, dtype=torch.bool)
-    (12.0 * (-p[off] * kernel[off].log()).sum() + kernel[off].sum().log()).backward()
-    if method == "exact":
-        gradient, _ = tsne.exact_gradient(Y, P, 12.0)
-        assert np.allclose(gradient, y.grad.numpy(), atol=1e-10)
-    else:
-        rows, cols = np.nonzero(P)
-        gradient, _ = tsne.InterpolatedGradient(rows, cols, P[rows, cols])(Y, 12.0)
-        assert np.linalg.norm(gradient - y.grad.numpy()) / np.linalg.norm(y.grad.numpy()) < 0.01
-
-
-def test_tsne_update_is_momentum_minus_learning_rate_times_gain_times_gradient():
-    """Jacobs' gains: a coordinate's gain shrinks (x 0.8) while its gradient keeps the sign
-    of its last update, grows (+ 0.2) otherwise (also on the first step), never below 0.01;
-    update = momentum * update - learning_rate * gain * gradient; Y += update."""
-    rng = np.random.default_rng(0)
-    grads = rng.normal(size=(6, 5, 2))
+@pytest.mark.parametrize("method", ["dann", "self-ensembling"])
+def test_uda_refreshes_the_averages_statistics_before_each_evaluation(tmp_path, monkeypatch,
+                                                                      method):
+    """At each epoch's end the average (self-ensembling's teacher) gets batch-norm
+    statistics of its own weights before it is evaluated and saved."""
     calls = []
+    for module, name in ((uda, "refresh_statistics"), (uda, "predict"),
+                         (training.Run, "save_checkpoint")):
+        original = getattr(module, name)
 
-    def gradient(Y, exaggeration, with_kl):
-        calls.append(Y.copy())
-        return grads[len(calls) - 1], 0.0
-    Y0 = rng.normal(size=(5, 2))
-    Y, _ = tsne.optimise(Y0.copy(), gradient, 6, 3.0)
-    expected, update, gains = Y0.copy(), np.zeros_like(Y0), np.ones_like(Y0)
-    for g in grads:
-        gains = np.where(update * g > 0, gains * 0.8, gains + 0.2).clip(min=0.01)
-        update = 0.5 * update - 3.0 * gains * g
-        expected = expected + update
-    assert np.allclose(Y, expected, atol=1e-12)
-
-
-# ============================================================================ metrics: classifier
-def test_classifier_step_descends_label_smoothed_cross_entropy_of_shifted_digits_one_cycle(
-        tmp_path, monkeypatch):
-    """The digit evaluator's step: AdamW with the settings' weight decay, the one-cycle
-    learning rate, the gradient of CE with label smoothing 0.1 of the network on randomly
-    shifted images (none is a raw training image) and their own labels (toy_digits: dark 0,
-    bright 1)."""
-    networks = []
-
-    def tiny_classifier(classes=10, **kwargs):
-        torch.manual_seed(0)
-        networks.append(Recorder(nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, classes))))
-        return networks[-1]
-    monkeypatch.setattr(nets, "digit_classifier", tiny_classifier)
-    train = toy_digits(32)
-    settings = classifier.ClassifierSettings(epochs=2, batch_size=8, lr=0.01, weight_decay=0.02)
-    reference = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], 0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(reference, 0.01, total_steps=2 * 4)
-    one_cycle = []  # torch's one-cycle learning rates for 2 epochs of 4 steps
-    for _ in range(2 * 4):
-        one_cycle.append(reference.param_groups[0]["lr"])
-        reference.step()
-        schedule.step()
-    raw = train.images()
-    checked = []
-
-    def before(optimizer):
-        network = networks[0]
-        images = network.inputs[-1]
-        assert isinstance(optimizer, torch.optim.AdamW) and held(optimizer) == ids(network)
-        for group in optimizer.param_groups:
-            assert math.isclose(group["lr"], one_cycle[len(checked)], rel_tol=1e-9)
-            assert group["weight_decay"] == 0.02
-        assert not any(torch.equal(image, other) for image in images for other in raw)
-        labels = (images.mean(dim=(1, 2, 3)) > 0).long()
-        loss = F.cross_entropy(network.inner(images), labels, label_smoothing=0.1)
-        assert_all_close([p.grad for p in network.parameters()],
-                         gradients(loss, network.inner.parameters()), what=len(checked))
-        checked.append(len(images))
-    with optimiser_hooks(before):
-        classifier.train(train, toy_digits(8, seed=1), settings, tmp_path, "cpu", 0)
-    assert checked == [8] * 8
+        def recorded(*args, original=original, name=name, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, name, recorded)
+    settings = tiny_uda(src="mnistm", tgt="usps", method=method, epochs=2, tsne_points=0)
+    uda.train(uda.load_domains(settings, toy_load), settings, tmp_path, "cpu", seed=0)
+    epoch = ["refresh_statistics", "predict", "predict", "save_checkpoint"]
+    assert calls == epoch * 2 + ["predict"]  # and the final predictions
 
 
-# ============================================================================ gan: WGAN-GP
-def test_gradient_penalty_of_a_linear_critic_is_norm_of_w_minus_1_squared():
-    # D(x) = <w, x> has gradient w everywhere, so the penalty is (||w|| - 1)^2 whatever
-    # the samples, and its gradient in w is 2 (||w|| - 1) w / ||w||
-    critic = nn.Linear(12, 1, bias=False)
-    with torch.no_grad():
-        critic.weight.mul_(3.0)
-    w = critic.weight.detach().flatten()
-    penalty = gan.gradient_penalty(critic, torch.randn(5, 12), torch.randn(5, 12),
-                                   parallel.Random(0))
-    assert torch.isclose(penalty, (w.norm() - 1) ** 2, rtol=1e-5)
-    penalty.backward()  # needs create_graph=True: the penalty is a function of w
-    assert torch.allclose(critic.weight.grad.flatten(), 2 * (w.norm() - 1) * w / w.norm(),
-                          atol=1e-6)
+# ============================================================================ run
+# Pins flags, presets, one-line errors with exit 2, summaries, the commands' files.
 
 
-def test_gradient_penalty_is_taken_per_sample_at_eps_x_plus_1_minus_eps_fake():
-    # D(x) = ||x||^2 / 2 has gradient x: the penalty is the mean of (||xhat_i|| - 1)^2,
-    # xhat_i = eps_i x_i + (1 - eps_i) x~_i, one eps_i ~ U[0, 1] per sample from rng
-    real, fake = torch.randn(6, 4), torch.randn(6, 4) * 3
-    penalty = gan.gradient_penalty(lambda x: 0.5 * (x ** 2).sum(dim=1), real, fake,
-                                   parallel.Random(5))
-    eps = torch.rand(6, 1, generator=torch.Generator().manual_seed(5))
-    x_hat = eps * real + (1 - eps) * fake
-    assert torch.isclose(penalty, ((x_hat.norm(dim=1) - 1) ** 2).mean(), rtol=1e-5)
+def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
+    """(command line, what its one error line must say): ordinary mistakes."""
+    a_file = tmp / "a_file"
+    a_file.write_text("x")
+    garbage = tmp / "garbage.pth"
+    garbage.write_bytes(b"\x80\x02 not torch")
+    foreign = tmp / "foreign.pth"
+    torch.save({"weight": torch.ones(2)}, foreign)
+    faces = str(image_folder(tmp / "faces"))
+    few, nan, mismatch, broken = (tmp / f"{name}.npz" for name in
+                                  ("few", "nan", "mismatch", "broken"))
+    broken.write_bytes(b"PK\x03\x04 not a zip")
+    np.savez(few, features=np.random.default_rng(0).normal(size=(10, 3)))
+    np.savez(nan, features=np.array([[0.0, 1.0]] * 40 + [[np.nan, 0.0]]))
+    np.savez(mismatch, features=np.zeros((40, 3)), labels=np.zeros(39))
+    return [
+        (["gan", "--steps", "0"], "--steps 0: give a whole number of at least 1"),
+        (["ddpm", "--steps", "-5"], "--steps -5"),
+        (["vae", "--epochs", "0"], "--epochs 0"),
+        (["uda", "--batch-size", "0"], "--batch-size 0"),
+        (["classifier", "--lr", "nan"], "--lr nan: give a finite number"),
+        (["vae", "--lr", "inf"], "--lr inf: give a finite number"),
+        (["uda", "--lr", "-0.1"], "--lr -0.1: give a number above 0"),
+        (["uda", "--method", "gta", "--gta-lr", "0"], "--gta-lr 0.0: give a number above 0"),
+        (["uda", "--confidence", "1.5"], "--confidence 1.5: give a number from 0 to 1"),
+        (["uda", "--consistency-weight", "-1"], "--consistency-weight -1.0: give a number of "
+                                                "at least 0"),
+        (["gan", "--image-size", "0"], "--image-size 0"),
+        (["data", "--name", "mnist", "--image-size", "-28"], "--image-size -28"),
+        (["gan", "--image-size", "48"], "the gan networks take 32 or 64"),
+        (["uda", "--image-size", "32"], "the uda networks take 28"),
+        (["gan", "--limit", "-1"], "--limit -1: give a whole number of at least 0"),
+        (["gan", "--generate", "-3"], "--generate -3"),
+        (["ddpm", "--generate", "--per-digit", "0"], "--per-digit 0"),
+        (["gan", "--seed", "-1"], "--seed -1"),
+        (["gan", "--seed", str(2**32)], "below 2**32"),
+        (["ddpm", "--drop-class", "1.5"], "--drop-class 1.5: give a number from 0 to 1"),
+        (["ddpm", "--sampling-steps", "2000"], "more than --timesteps 1000"),
+        (["ddpm", "--dropout", "1"], "--dropout 1.0: give a rate below 1"),
+        (["gan", "--steps", "ten"], "invalid int value: 'ten'"),
+        (["gan", "--variant", "c"], "invalid choice: 'c'"),
+        (["uda", "--method", "mmd"], "invalid choice: 'mmd'"),
+        (["tsne", "mnist", "--perplexity", "0"], "--perplexity 0.0: give a number above 0"),
+        (["data", "--name", "mnist", "--out", str(a_file)], "--out"),
+        (["data", "--name", "mnist", "--cache", str(a_file)], "--cache"),
+        (["data", "--name", "mnist", "--data-root", str(a_file)], "--data-root"),
+        (["data", "--name", faces, "--out", str(a_file / "sub")], "Not a directory"),
+        (["uda", "--predict", faces, "--ckpt", str(foreign), "--csv", faces], "--csv"),
+        (["classify", "--folder", str(a_file)], "is not a folder"),
+        (["fid", faces, faces, "--weights", str(tmp / "missing.pth")], "not found"),
+        (["fid", faces, faces, "--weights", str(garbage)], "not the pytorch-fid Inception"),
+        (["fid", faces, faces, "--weights", str(foreign)], "not the pytorch-fid Inception"),
+        (["gan", "--data", faces, "--image-size", "32", "--weights", str(garbage)],
+         "not the pytorch-fid Inception"),
+        (["vae", "--fid-images", "1"], "--fid-images 1: FID fits a covariance"),
+        (["gan", "--generate", "2", "--ckpt", str(foreign)], "not by 'run.py gan'"),
+        (["tsne", str(few)], "10 points are too few for perplexity 30"),
+        (["tsne", str(nan)], "1 of 41 feature rows hold NaN"),
+        (["tsne", str(mismatch)], "'labels' has 39 entries for 40 rows"),
+        (["tsne", str(broken)], "cannot be read as an .npz"),
+    ]
 
 
-def test_wgan_gp_critic_has_no_batch_norm_and_scores_each_image_alone():
-    critic = gan.GAN(tiny_gan(variant="wgan-gp")).discriminator.train()
-    assert not any(isinstance(m, (nn.BatchNorm2d, nn.Dropout)) for m in critic.modules())
-    convs = [m for m in critic.modules() if isinstance(m, nn.Conv2d)]
-    assert all(conv.bias is not None for conv in convs)  # nothing cancels the biases
-    images = torch.randn(5, 3, 32, 32)
-    # the penalty's per-sample gradients need this: a score does not depend on the batch
-    assert torch.allclose(critic(images)[:2], critic(images[:2]), atol=1e-6)
+# Parameters per printed table, hand-computed where the sum is short:
+# - vae encoder: convs 3*32*16 + 32*64*16 + 64*128*16 + 128*256*16 = 689,664, batch norm
+#   2 (32 + 64 + 128 + 256) = 960, mu and log sigma^2 2 (4096*512 + 512) = 4,195,328.
+#   decoder: 512*4096 + 4096 = 2,101,248, transposed convs 256*128*16 + 128*64*16
+#   + 64*32*16 + 32*3*16 + 3 = 689,667, batch norm 2 (128 + 64 + 32) = 448.
+# - uda features: 3*64*25 + 64 + BN 128 + 64*50*25 + 50 + BN 100 = 85,142;
+#   label classifier: 800*100 + 100 + BN 200 + 100*100 + 100 + BN 200 + 100*10 + 10 = 91,610;
+#   DANN domain classifier: 800*100 + 100 + BN 200 + 100 + 1 = 80,401;
+#   ADDA discriminator: 800*500 + 500 + 500*500 + 500 + 500 + 1 = 651,501;
+#   GTA generator (width 32, z of 100): (800 + 11 + 100)*128*9 + 128*64*9 + 64*32*16
+#   + 32*3*16 + BN 2 (128 + 64 + 32) = 1,157,952;
+#   GTA discriminator: 3*32*9 + 32 + 32*64*9 + 64 + 64*128*9 + 128 + 128*64*9 + 64
+#   + BN 2 (32 + 64 + 128 + 64) + 64 + 1 + 64*10 + 10 = 168,331.
+# - classifier: 3*32*9 + 64 + 32*32*9 + 64 + 32*64*9 + 128 + 64*64*9 + 128
+#   + 3136*256 + 256 + 256*10 + 10 = 871,402.
+# - b: a's networks. ACGAN: z has 2 more channels (+ 2*512*16 in G), D 2 outputs
+#   (+ 512*16; batch norm leaves the convolutions without bias).
+# - ddpm: the default U-Net (width 64, 10 classes + the 'no class' token), as summed by torch.
+SUMMARY_TOTALS = [
+    ("gan", "a", [3_576_704, 2_765_568]),
+    ("gan", "b", [3_576_704, 2_765_568]),
+    ("gan", "acgan", [3_593_088, 2_773_760]),
+    ("vae", None, [4_885_952, 2_791_363]),
+    ("ddpm", None, [3_946_435]),
+    ("uda", None, [85_142, 91_610, 80_401, 651_501, 1_157_952, 168_331]),
+    ("classifier", None, [871_402]),
+]
 
 
-def test_dcgan_discriminator_norm_choices_and_the_spectral_flag_agree():
-    def layout(network):
-        return {key: tuple(value.shape) for key, value in network.state_dict().items()}
-    assert layout(nets.dcgan_discriminator(norm="spectral")) == \
-        layout(nets.dcgan_discriminator(norm="spectral"))
-    assert layout(nets.dcgan_discriminator(norm="batch")) == layout(nets.dcgan_discriminator())
-    # norm "none": the spectral D's convolutions with biases, without u and v
-    assert layout(nets.dcgan_discriminator(norm="none")) == {
-        key.replace("weight_orig", "weight"): shape
-        for key, shape in layout(nets.dcgan_discriminator(norm="spectral")).items()
-        if not key.endswith(("weight_u", "weight_v"))}
-    with pytest.raises(ValueError, match="batch, spectral or none"):
-        nets.dcgan_discriminator(norm="layer")
+TRAINED_NETWORKS = {
+    "gan": lambda variant: (lambda model: [model.generator, model.discriminator])(
+        gan.GAN(gan.GANSettings(variant=variant))),
+    "vae": lambda _: [nets.VAE(vae.VAESettings().latent_dim)],
+    "ddpm": lambda _: [ddpm.Diffusion(ddpm.DDPMSettings()).network],
+    "uda": lambda _: [uda.Networks("source").features, uda.Networks("source").classifier,
+                      uda.Networks("dann").domain, uda.Networks("adda").domain,
+                      uda.Networks("gta").generator, uda.Networks("gta").discriminator],
+    "classifier": lambda _: [nets.digit_classifier()],
+}
 
 
-def linear_critic_gan(settings):
-    """gan.GAN with its critic replaced by D(x) = <w, x>, whose every number is known."""
-    model = gan.GAN(settings)
-    model.discriminator = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 1, bias=False))
-    with torch.no_grad():
-        model.discriminator[1].weight.normal_(0, 0.05)  # ||w|| about 2.8
-    return model
+def test_dataclass_fields_become_flags_and_back():
+    import argparse
+    parser = argparse.ArgumentParser()
+    run.add_flags(parser, run.Common)
+    args = parser.parse_args(["--data-root", "x", "--seed", "7", "--no-download"])
+    common = run.settings_from(args, run.Common)
+    assert (common.data_root, common.seed, common.download) == ("x", 7, False)
 
 
-def test_one_critic_step_descends_the_wgan_gp_loss_and_g_ascends_the_critic():
-    settings = tiny_gan(variant="wgan-gp", n_critic=1)
-    model = linear_critic_gan(settings).train()
-    fakes = []
-    model.generator.register_forward_hook(lambda module, inputs, output: fakes.append(output))
-    real = toy_faces().images(slice(0, 4))
-    w = model.discriminator[1].weight.detach().flatten().clone()
-    optimizers = {"discriminator": torch.optim.SGD(model.discriminator.parameters(), lr=0.1),
-                  "generator": torch.optim.SGD(model.generator.parameters(), lr=0.0)}
-    numbers = gan.wgan_gp_step(model, optimizers, lambda: real, settings,
-                               parallel.Random(0))
-    real_mean, fake_mean = real.flatten(1).mean(0), fakes[0].detach().flatten(1).mean(0)
-    # E[D(x)] - E[D(x~)] = <w, E[x] - E[x~]>; the penalty (||w|| - 1)^2;
-    # L_D = E[D(x~)] - E[D(x)] + 10 (||w|| - 1)^2
-    wasserstein, penalty = w @ (real_mean - fake_mean), (w.norm() - 1) ** 2
-    assert torch.isclose(numbers["wasserstein"], wasserstein, atol=1e-5)
-    assert torch.isclose(numbers["penalty"], penalty, rtol=1e-5)
-    assert torch.isclose(numbers["loss_d"], -wasserstein + 10 * penalty, rtol=1e-5)
-    # one SGD step on L_D: grad_w = E[x~] - E[x] + 10 * 2 (||w|| - 1) w / ||w||
-    gradient = fake_mean - real_mean + 20 * (w.norm() - 1) * w / w.norm()
-    w_after = model.discriminator[1].weight.detach().flatten()
-    assert torch.allclose(w_after, w - 0.1 * gradient, atol=1e-6)
-    # G's loss -E[D(G(z))], scored by the updated critic, on new z
-    assert torch.isclose(numbers["loss_g"], -(w_after @ fakes[1].detach().flatten(1).mean(0)),
-                         atol=1e-5)
-    assert not torch.equal(fakes[0], fakes[1])
+def test_data_command_prints_counts_and_writes_preview(tmp_path, capsys):
+    make_mnist(tmp_path)
+    assert run.main(["data", "--name", "mnist", "--data-root", str(tmp_path), "--no-download",
+                     "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "mnist [train]: 6 images" in printed and "0: 1  1: 1" in printed
+    assert Image.open(tmp_path / "out" / "data" / "mnist-test-preview.png").size == (6 * 30 + 2, 32)
 
 
-def test_wgan_gp_step_takes_n_critic_steps_each_on_its_own_batch_and_z():
-    settings = tiny_gan(variant="wgan-gp", n_critic=3)
-    model = gan.GAN(settings).train()
-    optimizers = gan.build_optimizers(model, settings)
-    steps = {name: 0 for name in optimizers}
-    for name, optimizer in optimizers.items():
-        def counted(*args, name=name, step=optimizer.step, **kwargs):
-            steps[name] += 1
-            return step(*args, **kwargs)
-        optimizer.step = counted
-    noise = []
-    model.generator.register_forward_hook(lambda module, inputs, output:
-                                          noise.append(inputs[0].flatten(1)))
-    faces, batches = toy_faces(), []
-
-    def real_batch():
-        batches.append(faces.images(slice(4 * len(batches), 4 * len(batches) + 4)))
-        return batches[-1]
-    gan.wgan_gp_step(model, optimizers, real_batch, settings, parallel.Random(0))
-    assert steps == {"discriminator": 3, "generator": 1} and len(batches) == 3
-    assert len(noise) == 4 and len({tuple(z[0].tolist()) for z in noise}) == 4  # 3 + G's
+def test_a_preset_sets_defaults_that_flags_beside_it_override():
+    plain, preset = run.parse(["ddpm"]), run.parse(["ddpm", "--preset", "cpu", "--steps", "10"])
+    assert (plain.width, plain.steps, plain.guidance) == (64, 30000, 2.0)
+    assert (preset.width, preset.steps, preset.guidance, preset.lr) == (32, 10, 6.0, 1e-3)
+    for settings_class, presets in ((gan.GANSettings, gan.PRESETS),  # real settings only
+                                    (vae.VAESettings, vae.PRESETS),
+                                    (ddpm.DDPMSettings, ddpm.PRESETS)):
+        choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(settings_class)
+                   if "choices" in f.metadata}  # argparse does not check a default's choice
+        for values in presets.values():
+            settings_class(**values)
+            for name, value in values.items():
+                assert name not in choices or value in choices[name], (name, value)
 
 
-def test_wgan_gp_and_hacks_use_their_papers_adam_settings():
-    for variant, lr, betas in (("wgan-gp", 1e-4, (0.0, 0.9)), ("hacks", 2e-4, (0.5, 0.999))):
-        settings = tiny_gan(variant=variant)
-        optimizers = gan.build_optimizers(gan.GAN(settings), settings)
-        for optimizer in optimizers.values():
-            assert isinstance(optimizer, torch.optim.Adam)
-            assert (optimizer.defaults["lr"], optimizer.defaults["betas"]) == (lr, betas)
+def test_bad_input_ends_in_one_error_line_and_exit_code_2(tmp_path, capsys):
+    for argv, expected in bad_inputs(tmp_path):
+        capsys.readouterr()
+        line = one_line_error(capsys, argv + (["--out", str(tmp_path / "out")]
+                                              if "--out" not in argv else []))
+        assert expected in line, (argv, line)
+    written = [path for path in (tmp_path / "out").rglob("*") if path.is_file()]
+    assert written == []  # each refused before it wrote anything
 
 
-@pytest.mark.parametrize("variant", ["wgan-gp", "hacks"])
-def test_a_tiny_run_of_the_new_variants_writes_curves_that_fit_them(tmp_path, monkeypatch,
-                                                                    variant):
-    drawn, line_plot = {}, plots.line_plot
+def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, capsys, monkeypatch):
+    faces = str(image_folder(tmp_path / "faces"))
+    assert run.main(["data", "--name", faces, "--splits", "train", "--cache", "",
+                     "--out", str(tmp_path / "o")]) == 0
+    preview = tmp_path / "o" / "data" / "faces-train-preview.png"
+    before = preview.read_bytes()
 
-    def recorded(series, path, title="", **options):
-        drawn[Path(path).name] = (sorted(series), title)
-        return line_plot(series, path, title=title, **options)
-    monkeypatch.setattr(plots, "line_plot", recorded)
-    results = gan.train(toy_faces(), None, tiny_gan(variant=variant, n_critic=2), tmp_path,
-                        "cpu", 0)
-    assert results["steps"] == 2
-    for name in ["samples.png", "loss.png", "d_outputs.png", "checkpoint.pt", "results.json"]:
-        assert (tmp_path / name).is_file(), name
-    if variant == "wgan-gp":  # the critic's score is no probability: no sigmoid of it
-        assert drawn["d_outputs.png"] == (
-            ["E[D(x)] - E[D(G(z))]"], "GAN variant wgan-gp: the critic's Wasserstein estimate")
-        assert drawn["loss.png"][0] == ["D loss", "G loss", "gradient penalty"]
-        assert {"final_wasserstein", "final_penalty"} <= set(results)
-    else:
-        assert drawn["d_outputs.png"] == (["D(G(z))", "D(x)"],
-                                          "GAN variant hacks: sigmoid of D's score")
-    folder = tmp_path / "faces"  # the checkpoint loads back into the variant's networks
-    assert run.main(["gan", "--generate", "3", "--ckpt", str(tmp_path / "checkpoint.pt"),
-                     "--out", str(folder)]) == 0
-    assert len(list(folder.iterdir())) == 3
+    def full(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+    monkeypatch.setattr(os, "replace", full)  # pictures too are written atomically
+    line = one_line_error(capsys, ["data", "--name", faces, "--splits", "train",
+                                   "--cache", "", "--out", str(tmp_path / "o")])
+    assert "No space left on device" in line and "free disk space" in line
+    assert preview.read_bytes() == before
+
+
+def test_resume_refuses_another_commands_checkpoint_and_changed_flags(tmp_path):
+    gan.train(toy_faces(), None, tiny_gan(), tmp_path, "cpu", seed=0)
+    with pytest.raises(util.UserError, match=r"--seed 0 \(now 1\)"):
+        gan.train(toy_faces(), None, tiny_gan(resume=True), tmp_path, "cpu", seed=1)
+    with pytest.raises(util.UserError, match=r"--batch-size 4 \(now 8\)"):
+        gan.train(toy_faces(), None, tiny_gan(resume=True, batch_size=8), tmp_path, "cpu", 0)
+    with pytest.raises(util.UserError, match=r"--variant b \(now a\)"):
+        gan.train(toy_faces(), None, tiny_gan(resume=True, variant="a"), tmp_path, "cpu", 0)
+    with pytest.raises(util.UserError, match="written by 'run.py gan', not by 'run.py vae'"):
+        vae.train(toy_faces(8, 64), toy_faces(8, 64), tiny_vae(resume=True), tmp_path,
+                  "cpu", 0)
+    longer = gan.train(toy_faces(), None, tiny_gan(resume=True, steps=3), tmp_path, "cpu", 0)
+    assert longer["steps"] == 3  # --steps may grow: the run continues
+
+
+def test_a_diverged_vae_stops_without_saving_nan_weights(tmp_path):
+    """--lr inf once ended with exit 0 and a checkpoint of NaN tensors."""
+    with pytest.raises(util.UserError, match="NaN or infinite|became nan"):
+        vae.train(toy_faces(8, 64), toy_faces(8, 64), tiny_vae(lr=float("inf"), epochs=1),
+                  tmp_path, "cpu", seed=0)
+    assert not (tmp_path / "checkpoint.pt").exists()
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_warnings_for_adapting_a_domain_to_itself_and_fid_of_other_sizes(tmp_path, capsys):
+    assert run.main(["uda", "--src", "usps", "--tgt", "usps", "--no-download",
+                     "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("warning: --src and --tgt are both usps")
+    assert len(lines) == 2 and lines[1].startswith("error: data folder")
+    weights = tmp_path / "w.pth"
+    torch.manual_seed(0)
+    torch.save(metrics.FIDInception().state_dict(), weights)
+    small, large = image_folder(tmp_path / "small", 2, 8), image_folder(tmp_path / "large", 2, 16)
+    capsys.readouterr()
+    assert run.main(["fid", str(small), str(large), "--weights", str(weights),
+                     "--cache", ""]) == 0
+    assert "warning: the folders hold images of 8 and 16 pixels a side" in capsys.readouterr().err
+
+
+def test_a_run_without_fid_weights_says_fid_skipped(tmp_path, capsys, monkeypatch):
+    fake_network(monkeypatch, None)
+    faces = str(image_folder(tmp_path / "faces", 4, 32))
+    assert run.main(["gan", "--data", faces, "--image-size", "32", "--steps", "1",
+                     "--batch-size", "4", "--sample-every", "1", "--fid-images", "4",
+                     "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "FID skipped (could not download" in out and "None" not in out
+
+
+@pytest.mark.parametrize("name, variant, totals", SUMMARY_TOTALS)
+def test_every_summary_prints_its_networks_parameters(name, variant, totals, capsys):
+    assert run.main(["summary", name] + (["--variant", variant] if variant else [])) == 0
+    out = capsys.readouterr().out
+    printed = [int(n.replace(",", "")) for n in re.findall(r"^Total params: ([\d,]+)$", out,
+                                                           flags=re.M)]
+    assert printed == totals
+    # one titled table a network; together they hold the networks the command trains
+    # (the VAE's two halves add up to the whole VAE)
+    assert len([line for line in out.splitlines() if line.startswith(name)]) == len(totals)
+    assert sum(printed) == sum(p.numel() for network in TRAINED_NETWORKS[name](variant)
+                               for p in network.parameters())
+
+
+def test_summary_of_gan_shows_the_variant_that_run_py_gan_trains(capsys):
+    assert run.main(["summary", "gan"]) == 0
+    default = gan.GANSettings().variant
+    assert capsys.readouterr().out.splitlines()[0] == f"gan variant {default}: generator"
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["summary", "gpt"], "gan, vae, ddpm, uda, classifier"),
+    (["summary", "gan", "--variant", "c"], "a, b, acgan"),
+    (["summary", "vae", "--variant", "a"], "--variant is for gan"),
+])
+def test_unknown_architecture_names_the_choices(argv, names, capsys):
+    assert names in one_line_error(capsys, argv)
+
+
+def test_curves_draws_the_fid_curves_of_several_runs_in_one_picture(tmp_path, capsys,
+                                                                     monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(plots, "line_plot", lambda series, path, **kw: drawn.update(
+        series=series, x=kw["x"], path=path))
+    for name, steps, fids in (("gan_a", [250, 500], [300.0, 250.0]),
+                              ("gan_b", [250, 500, 750], [280.0, 200.0, 150.0])):
+        util.write_json({"fid_curve": {"images": 500, "step": steps, "fid": fids}},
+                        tmp_path / name / "results.json")
+    assert run.main(["curves", str(tmp_path / "gan_a"), str(tmp_path / "gan_b"),
+                     "--to", str(tmp_path / "fid.png")]) == 0
+    assert drawn["series"] == {"gan_a (500 samples)": [300.0, 250.0],
+                               "gan_b (500 samples)": [280.0, 200.0, 150.0]}
+    assert drawn["x"]["gan_b (500 samples)"] == [250, 500, 750]
+    util.write_json({"fid": None}, tmp_path / "no_fid" / "results.json")
+    assert "has no FID curve" in one_line_error(capsys, ["curves", str(tmp_path / "no_fid")])
+
+
+def test_tsne_command_embeds_saved_features_and_writes_plot_and_results(tmp_path, capsys):
+    X, labels = clusters()
+    np.savez(tmp_path / "features.npz", features=X, labels=labels)
+    assert run.main(["tsne", str(tmp_path / "features.npz"), "--out", str(tmp_path),
+                     "--iterations", "400", "--perplexity", "10"]) == 0
+    results = __import__("json").loads((tmp_path / "tsne" / "results.json").read_text())
+    assert results["points"] == 90 and results["knn10_accuracy"] == 1.0
+    assert np.load(tmp_path / "tsne" / "embedding.npz")["embedding"].shape == (90, 2)
+    assert Image.open(tmp_path / "tsne" / "tsne.png").size[1] == 600
+    capsys.readouterr()
+    line = one_line_error(capsys, ["tsne", str(tmp_path / "features.npz"), "--key", "x"])
+    assert "has no array 'x'" in line
+
+
+def test_classify_command_reads_digits_from_file_names(tmp_path, capsys):
+    settings = classifier.ClassifierSettings(epochs=2, batch_size=16, lr=3e-3)
+    classifier.train(toy_digits(), toy_digits(seed=1), settings,
+                             tmp_path / "classifier", "cpu", seed=0)
+    images = toy_digits(6, seed=2)
+    names = [f"{int(label)}_{i:03d}.png" for i, label in enumerate(images.labels)]
+    names[0] = "1" + names[0][1:]  # a dark image filed as bright: one wrong answer
+    folder = tmp_path / "generated"
+    data.save_images(images.images(), folder, names)
+    assert run.main(["classify", "--folder", str(folder), "--out", str(tmp_path)]) == 0
+    assert "accuracy 0.8333 (5/6)" in capsys.readouterr().out
+    for wrong in ("x_001.png", "10.png"):  # 10.png was counted as a 1
+        data.save_images(images.images(slice(0, 1)), folder, [wrong])
+        line = one_line_error(capsys, ["classify", "--folder", str(folder), "--out",
+                                       str(tmp_path)])
+        assert f"'{wrong}' is not named by its digit" in line and "3_042.png" in line
+        (folder / wrong).unlink()
 
 
 # Hand-counted: G as in variant a (3,576,704). The WGAN-GP critic is the spectral-norm D
@@ -3965,349 +4562,27 @@ def test_gan_refuses_recipe_settings_out_of_range(changes, message, tmp_path, ca
     assert message in line  # refused by run.validate, before any data is read
 
 
-# ============================================================================ gan: hacks
-def hacks_step(monkeypatch=None, noise_std=0.0, seed=0, **changes):
-    """One gan.train_step of variant hacks on 8 toy faces, D wrapped in a Recorder; with
-    monkeypatch, also the targets D's loss was given. -> (D, real images, numbers, targets)"""
-    settings = tiny_gan(variant="hacks", batch_size=8, **changes)
-    torch.manual_seed(seed)
-    model = gan.GAN(settings).train()
-    model.discriminator = Recorder(model.discriminator)
-    given = []
-    if monkeypatch is not None:
-        loss = gan.discriminator_loss
-
-        def recorded(real_logits, fake_logits, hinge, targets=None):
-            given.append(targets)
-            return loss(real_logits, fake_logits, hinge, targets=targets)
-        monkeypatch.setattr(gan, "discriminator_loss", recorded)
-    real = toy_faces().images(slice(0, 8))
-    numbers = gan.train_step(model, gan.build_optimizers(model, settings), real, None,
-                             settings, parallel.Random(seed), noise_std=noise_std)
-    return model.discriminator, real, numbers, given
+# ============================================================================ bench
+# Pins the benchmarks' commands.
 
 
-def test_bce_against_soft_targets_matches_its_formula():
-    real, fake = torch.randn(6), torch.randn(6)
-    ones, zeros = torch.ones(6), torch.zeros(6)
-    assert torch.isclose(gan.discriminator_loss(real, fake, False, targets=(ones, zeros)),
-                         gan.discriminator_loss(real, fake, False))
-    t = torch.full((6,), 0.9)  # -t log sigmoid(l) - (1 - t) log(1 - sigmoid(l)), fakes t = 0
-    by_hand = (-(t * torch.sigmoid(real).log() + (1 - t) * (1 - torch.sigmoid(real)).log())
-               - (1 - torch.sigmoid(fake)).log()).mean()
-    assert torch.isclose(gan.discriminator_loss(real, fake, False, targets=(t, zeros)), by_hand)
+def test_bench_data_times_a_first_and_a_cached_load(tmp_path, capsys):
+    import bench
+    make_mnist(tmp_path)
+    bench.main(["data", "--data-root", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("mnist train: 6 images, first load")
+    assert any(line.startswith("usps train: skipped (USPS not found") for line in lines)
 
 
-def test_hacks_trains_d_toward_smoothed_noisy_real_targets_and_zero_for_fakes(monkeypatch):
-    _, _, _, targets = hacks_step(monkeypatch, label_flip=0.0)
-    (real_targets, fake_targets), = targets
-    assert real_targets.shape == fake_targets.shape == (8,)
-    assert ((real_targets >= 0.9 - 0.1) & (real_targets <= 0.9)).all()  # smoothed ...
-    assert real_targets.std() > 0.01                                     # ... and noisy
-    assert torch.equal(fake_targets, torch.zeros(8))                    # one-sided
-
-
-def test_hacks_flips_the_share_of_targets_it_is_given(monkeypatch):
-    _, _, _, targets = hacks_step(monkeypatch, label_flip=1.0)  # every target swapped
-    (real_targets, fake_targets), = targets
-    assert torch.equal(real_targets, torch.zeros(8))
-    assert ((fake_targets >= 0.8) & (fake_targets <= 0.9)).all()
-    settings = tiny_gan(variant="hacks", label_flip=0.05)
-    real_targets, fake_targets = gan.discriminator_targets(
-        20_000, settings, parallel.Random(0))
-    # 5% of each; the binomial's standard deviation is 0.0015, so 0.01 is 6 of them
-    assert abs((real_targets == 0).float().mean() - 0.05) < 0.01
-    assert abs((fake_targets > 0).float().mean() - 0.05) < 0.01
-    kept = real_targets[real_targets > 0]  # U[0.8, 0.9]: mean 0.85, spanning the interval
-    assert kept.min() >= 0.8 and kept.max() <= 0.9 and abs(kept.mean() - 0.85) < 0.002
-    assert kept.min() < 0.801 and kept.max() > 0.899
-
-
-def test_hacks_generator_keeps_the_non_saturating_loss_with_target_1():
-    seen, _, numbers, _ = hacks_step()
-    g_scores = seen.outputs[2].flatten()  # D's scores of the fakes in G's step
-    assert torch.isclose(numbers["loss_g"],
-                         F.binary_cross_entropy_with_logits(g_scores, torch.ones(8)))
-
-
-def test_instance_noise_falls_linearly_from_its_setting_to_zero(tmp_path, monkeypatch):
-    settings = tiny_gan(variant="hacks", steps=10, instance_noise=0.2)
-    assert [gan.instance_noise_std(t, settings) for t in (0, 5, 10)] == [0.2, 0.1, 0.0]
-    assert gan.instance_noise_std(0, tiny_gan(variant="a")) == 0.0
-    given, step = [], gan.train_step
-
-    def recorded(*args, noise_std, **kwargs):
-        given.append(noise_std)
-        return step(*args, noise_std=noise_std, **kwargs)
-    monkeypatch.setattr(gan, "train_step", recorded)
-    gan.train(toy_faces(), None, tiny_gan(variant="hacks", steps=2, sample_every=2,
-                                          instance_noise=0.2), tmp_path, "cpu", 0)
-    assert given == [0.2, 0.1]  # sigma_0 (1 - t / T) at t = 0 and t = T - 1 = 1
-
-
-def test_every_image_hacks_d_sees_carries_the_instance_noise():
-    # the same step with noise_std 0 and 0.5 draws the same n: D sees x + 0.5 n instead of x
-    clean, real, _, _ = hacks_step(noise_std=0.0)
-    noisy, _, _, _ = hacks_step(noise_std=0.5)
-    assert torch.equal(clean.inputs[0], real)
-    assert len(noisy.inputs) == 3  # real and fake in D's step, fake in G's step
-    for with_noise, without in zip(noisy.inputs, clean.inputs):
-        noise = with_noise - without
-        assert abs(noise.std() - 0.5) < 0.02 and abs(noise.mean()) < 0.02
-    assert not torch.equal(noisy.inputs[1] - clean.inputs[1], noisy.inputs[2] - clean.inputs[2])
-
-
-def test_other_variants_see_no_instance_noise():
-    settings = tiny_gan(variant="a", batch_size=4)
-    torch.manual_seed(0)
-    model = gan.GAN(settings).train()
-    model.discriminator = Recorder(model.discriminator)
-    real = toy_faces().images(slice(0, 4))
-    gan.train_step(model, gan.build_optimizers(model, settings), real, None, settings,
-                   parallel.Random(0), noise_std=0.5)
-    assert torch.equal(model.discriminator.inputs[0], real)
-
-
-@pytest.mark.parametrize("image_size, dropouts", [(32, 3), (64, 4)])
-def test_dropout_sits_after_each_leaky_relu_of_hacks_d_only_and_acts_in_training(image_size,
-                                                                                 dropouts):
-    for variant in gan.VARIANTS:
-        layers = list(gan.GAN(tiny_gan(variant=variant, image_size=image_size))
-                      .discriminator)
-        found = [(i, m.p) for i, m in enumerate(layers) if isinstance(m, nn.Dropout)]
-        if variant != "hacks":
-            assert found == [], variant
-            continue
-        assert [p for _, p in found] == [0.3] * dropouts
-        assert all(isinstance(layers[i - 1], nn.LeakyReLU) for i, _ in found)
-        assert len(found) == sum(isinstance(m, nn.LeakyReLU) for m in layers)
-    discriminator = gan.GAN(tiny_gan(variant="hacks", image_size=image_size)).discriminator
-    images = torch.randn(4, 3, image_size, image_size)
-    discriminator.eval()
-    assert torch.equal(discriminator(images), discriminator(images))
-    discriminator.train()
-    assert not torch.equal(discriminator(images), discriminator(images))
-
-
-# ============================================================================ parallel: torchrun
-def digit_folder(root: Path, count: int = 16, inverted: bool = False) -> str:
-    """toy_domain's digits as a course folder (data/*.png, train.csv, val.csv)."""
-    digits = toy_domain(count, inverted=inverted)
-    (root / "data").mkdir(parents=True)
-    data.save_images(digits.pixels.float() / 127.5 - 1, root / "data", digits.names)
-    rows = "".join(f"{name},{int(label)}\n" for name, label in zip(digits.names, digits.labels))
-    for split in ("train", "val"):
-        (root / f"{split}.csv").write_text("image_name,label\n" + rows)
-    return str(root)
-
-
-def free_port() -> int:
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return handle.getsockname()[1]
-
-
-def rank_main(rank: int, world: int, port: int, argv: list, folder: str, die_at: int):
-    """One process of a torchrun-like launch (the environment torchrun sets), running
-    run.main(argv); its stderr goes to FOLDER/rank{rank}.err, its exit code to
-    FOLDER/rank{rank}.code. die_at: process 1 is killed at that step."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world), DLCV_DIST_TIMEOUT="60")
-    torch.set_num_threads(1)
-    if die_at and rank == 1:
-        real_add = training.StepLog.add
-
-        def add(log, numbers):
-            if len(log.history["step"]) + 1 >= die_at:  # a commit a step (--sample-every 1)
-                os._exit(9)  # as if killed: no message, no clean-up
-            real_add(log, numbers)
-        training.StepLog.add = add
-    sys.stderr = open(Path(folder) / f"rank{rank}.err", "w", buffering=1)  # for the test
-    code = run.main(argv)
-    (Path(folder) / f"rank{rank}.code").write_text(str(code))
-
-
-def launch(argv: list, folder: Path, world: int = 2, die_at: int = 0) -> list[int]:
-    """run.main(argv) in `world` fresh processes joined by gloo on localhost, as
-    torchrun --nproc_per_node world would start them; their exit codes by rank."""
-    folder.mkdir(parents=True, exist_ok=True)
-    context, port = multiprocessing.get_context("spawn"), free_port()
-    processes = [context.Process(target=rank_main,
-                                 args=(r, world, port, [str(a) for a in argv], str(folder),
-                                       die_at)) for r in range(world)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=240)
-        assert process.exitcode is not None, "a process hung"
-    return [int((folder / f"rank{r}.code").read_text()) if (folder / f"rank{r}.code").exists()
-            else processes[r].exitcode for r in range(world)]
-
-
-def weights_of(checkpoint: Path, key: str) -> dict:
-    return {name: value.float() for name, value in
-            torch.load(checkpoint, weights_only=True)[key].items()
-            if value.is_floating_point()}
-
-
-def relative_difference(one: dict, two: dict, start: dict) -> float:
-    """||w_2 - w_1|| / ||w_1 - w_0||: how far two runs' weights lie apart, measured
-    against how far training moved them (w_0: the initial weights). Adam's first steps
-    are about lr sign(gradient), so rounding can flip a few steps of near-zero gradients:
-    equal runs stay near 0.01 here, per-process batch-norm statistics reach 0.3."""
-    def norm(pairs):
-        return math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in pairs))
-    names = [name for name in start if name in one]
-    return norm((two[n], one[n]) for n in names) / norm((one[n], start[n]) for n in names)
-
-
-GAN_FLAGS = ["--image-size", "32", "--steps", "3", "--batch-size", "4", "--sample-every", "1",
-             "--fid-images", "0", "--no-download"]
-
-
-def assert_same_run(one: Path, two: Path, key: str, start: dict):
-    """The runs in folders one and two (checkpoint.pt) are the same run: the first step's
-    logged numbers agree closely (a wrong share of the batch moves them by percents), and
-    the weights after all steps too (per-process batch-norm statistics: 0.3 or more)."""
-    first = [torch.load(folder / "checkpoint.pt", weights_only=True)["history"]
-             for folder in (one, two)]
-    assert first[0]["step"] == first[1]["step"]
-    for name, values in first[0].items():
-        if name != "step":  # losses, and accuracies (dropout left on would move them)
-            assert values[0] == pytest.approx(first[1][name][0], rel=1e-4, abs=1e-6), name
-    weights = [weights_of(folder / "checkpoint.pt", key) for folder in (one, two)]
-    assert relative_difference(*weights, start) < 0.05
-
-
-@pytest.mark.parametrize("variant", ["a", "b", "wgan-gp", "hacks"])
-def test_two_processes_train_the_same_gan_as_one(tmp_path, variant):
-    """Every draw of the global batch split, batch norm over both shares, G and D each a
-    replica: the 3 steps of 2 processes are those of 1 (variant a: batch norm in D, b:
-    spectral norm and DiffAugment, wgan-gp: the penalty's double backward, hacks: noisy
-    and flipped targets, instance noise and dropout)."""
-    faces = str(image_folder(tmp_path / "faces", 8, 32))
-    argv = ["gan", "--variant", variant, "--data", faces, *GAN_FLAGS]
-    assert run.main(argv + ["--out", str(tmp_path / "one")]) == 0
-    assert launch(argv + ["--out", tmp_path / "two"], tmp_path / "logs") == [0, 0]
-    settings = gan.GANSettings(**torch.load(tmp_path / "one" / f"gan_{variant}" /
-                                            "checkpoint.pt", weights_only=True)["settings"])
-    torch.manual_seed(0)
-    start = {k: v.float() for k, v in gan.GAN(settings).state_dict().items()
-             if v.is_floating_point()}
-    assert_same_run(tmp_path / "one" / f"gan_{variant}", tmp_path / "two" / f"gan_{variant}",
-                    "gan", start)
-    assert (tmp_path / "two" / f"gan_{variant}" / "samples.png").is_file()
-    assert (tmp_path / "logs" / "rank1.err").read_text() == ""  # rank 0 alone speaks
-
-
-def torchrun(argv: list, nproc: int = 2, timeout: int = 300):
-    """python -m torch.distributed.run --standalone --nproc_per_node N run.py ARGV: the
-    real launcher, on localhost."""
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-         str(nproc), "run.py", *map(str, argv)], cwd=Path(__file__).resolve().parent,
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-        timeout=timeout)
-
-
-def test_torchrun_ddpm_equals_one_process_resumes_and_writes_the_same_1000_images(tmp_path):
-    """Under the real torchrun, 2 processes train the DDPM (dropout masks drawn for the
-    global batch) as 1 does, a run stopped at step 2 and resumed equals one that was not,
-    and the 1000 course images, sampled half by each process, carry the same names and
-    pixels as those of 1 process."""
-    digits = digit_folder(tmp_path / "digits")
-    argv = ["ddpm", "--data", digits, "--timesteps", "20", "--width", "8", "--batch-size",
-            "4", "--sample-every", "1", "--sampling-steps", "2", "--fid-images", "0",
-            "--amp", "off", "--no-download"]
-    assert run.main(argv + ["--steps", "3", "--out", str(tmp_path / "one")]) == 0
-    first = torchrun(argv + ["--steps", "2", "--out", tmp_path / "two"])
-    assert first.returncode == 0, first.stderr[-2000:]
-    resumed = torchrun(argv + ["--steps", "3", "--resume", "--out", tmp_path / "two"])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout and resumed.stdout.count("done:") == 1
-    _, settings = ddpm.load(tmp_path / "one" / "ddpm" / "checkpoint.pt", "cpu")
-    torch.manual_seed(0)
-    start = {k: v.float() for k, v in ddpm.Diffusion(settings).state_dict().items()}
-    assert_same_run(tmp_path / "one" / "ddpm", tmp_path / "two" / "ddpm", "model", start)
-    images = [sorted((tmp_path / run_ / "ddpm" / "images").iterdir()) for run_ in ("one", "two")]
-    assert [p.name for p in images[0]] == [p.name for p in images[1]] and len(images[0]) == 1000
-    for mine, theirs in zip(images[0][::97], images[1][::97]):
-        difference = np.abs(np.asarray(Image.open(mine), int) - np.asarray(Image.open(theirs), int))
-        assert difference.max() <= 2, mine.name
-
-
-def test_two_processes_train_the_same_vae_uda_and_classifier_as_one(tmp_path):
-    """Batch norm over both shares, dropout masks of the global batch, gradient reversal
-    inside DANN's graph, ADDA's two phases (F_s and C frozen, F_t and D replicas): each
-    model's 2-process run is its 1-process run."""
-    faces = str(image_folder(tmp_path / "faces", 8, 64))
-    source, target = digit_folder(tmp_path / "src"), digit_folder(tmp_path / "tgt", inverted=True)
-    commands = {  # folder of the checkpoint, key of its weights, model for the start
-        "vae": (["vae", "--data", faces, "--epochs", "1", "--batch-size", "4", "--latent-dim",
-                 "8", "--fid-images", "0", "--tsne-points", "0"], "vae_lambda1", "model",
-                lambda: nets.VAE(8)),
-        "uda": (["uda", "--method", "all", "--src", source, "--tgt", target, "--epochs", "1",
-                 "--adapt-epochs", "1", "--batch-size", "8", "--tsne-points", "8",
-                 "--confidence", "0.2"],  # self-ensembling's consistency terms take part
-                "uda", "networks", None),
-        "classifier": (["classifier", "--data", source, "--epochs", "1", "--batch-size", "8"],
-                       "classifier", "network", lambda: nets.digit_classifier()),
-    }
-    for name, (argv, folder, key, build) in commands.items():
-        argv = argv + ["--no-download"]
-        assert run.main(argv + ["--out", str(tmp_path / "one")]) == 0, name
-        assert launch(argv + ["--out", tmp_path / "two"], tmp_path / name) == [0, 0], name
-        runs = [(tmp_path / "one" / folder, tmp_path / "two" / folder, build)]
-        if name == "uda":
-            scenario = f"{Path(source).name}-{Path(target).name}"
-            runs = [(tmp_path / "one" / folder / scenario / method,
-                     tmp_path / "two" / folder / scenario / method,
-                     functools.partial(uda.Networks, method)) for method in uda.METHODS]
-        for one, two, build_model in runs:
-            torch.manual_seed(0)
-            start = {k: v.float() for k, v in build_model().state_dict().items()
-                     if v.is_floating_point()}
-            assert_same_run(one, two, key, start)
-    assert (tmp_path / "two" / "uda" / scenario / "dann" / "tsne_domain.png").is_file()
-    confident = torch.load(tmp_path / "one" / "uda" / scenario / "self-ensembling" /
-                           "checkpoint.pt", weights_only=True)["history"]["confident"]
-    assert confident[0] > 0  # the class balance and its batch mean over processes
-
-
-def test_a_process_that_dies_ends_the_run_with_one_line_and_keeps_the_checkpoint(tmp_path):
-    """Process 1 is killed at step 3: process 0 does not hang, it says in one line what
-    happened and what to do, exits with 2, and the checkpoint of step 2 stays readable."""
-    faces = str(image_folder(tmp_path / "faces", 8, 32))
-    argv = ["gan", "--variant", "b", "--data", faces, *GAN_FLAGS, "--steps", "6", "--out",
-            tmp_path / "two"]
-    codes = launch(argv, tmp_path / "logs", die_at=3)
-    assert codes[0] == 2 and codes[1] != 0
-    lines = (tmp_path / "logs" / "rank0.err").read_text().strip().splitlines()
-    assert lines[-1].startswith("error: the processes of this torchrun lost each other")
-    assert "--resume" in lines[-1] and not any("Traceback" in line for line in lines)
-    state = util.load_checkpoint(tmp_path / "two" / "gan_b" / "checkpoint.pt")
-    assert state["step"] == 2
-
-
-def test_torchrun_refuses_an_uneven_batch_missing_gpus_or_backend_and_one_process_commands(
-        tmp_path, monkeypatch, capsys):
-    """Each a one-line error with exit 2, said by rank 0 alone."""
-    faces = str(image_folder(tmp_path / "faces", 8, 32))
-    argv = ["gan", "--data", faces, *GAN_FLAGS, "--batch-size", "5", "--out", tmp_path / "o"]
-    assert launch(argv, tmp_path / "batch") == [2, 2]
-    said = [(tmp_path / "batch" / f"rank{r}.err").read_text() for r in (0, 1)]
-    assert said[0].strip().splitlines()[-1] == ("error: --batch-size 5 does not split over 2 "
-                                                "processes: use a multiple of 2")
-    assert said[1] == ""
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, without starting anything
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert "torchrun started 2 processes on a machine with 1 GPUs" in one_line_error(
-        capsys, ["gan", "--device", "cuda", "--data", faces, *GAN_FLAGS])
-    monkeypatch.setattr(torch.distributed, "is_backend_available", lambda name: False)
-    assert "this torch build has no 'gloo' backend" in one_line_error(
-        capsys, ["gan", "--device", "cpu", "--data", faces, *GAN_FLAGS])
-    assert "'run.py fid' runs in one process" in one_line_error(
-        capsys, ["fid", faces, faces])
+def test_bench_uda_times_the_steps_of_each_method_it_names(capsys, monkeypatch):
+    import bench
+    seen = []
+    real_train = uda.train
+    monkeypatch.setattr(uda, "train", lambda domains, settings, *args, **kwargs: (
+        seen.append((settings.method, len(domains.source_train))),
+        real_train(domains, settings, *args, **kwargs))[1])
+    bench.main(["uda", "--methods", "source,dann", "--steps", "2", "--threads", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if " s a step" in line]
+    assert seen == [("source", 256), ("dann", 256)]  # 2 steps of 128 images a domain
+    assert [line.split(":")[0] for line in lines] == ["source", "dann"]
