@@ -188,6 +188,18 @@ class DDPMSettings:
 
 
 # ============================================================================ model
+def autocast(device, amp: str):
+    """bfloat16 autocast where amp_enabled says so (elsewhere a no-op context)."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type if device_type in ("cpu", "cuda") else "cpu",
+                          dtype=torch.bfloat16, enabled=amp_enabled(device_type, amp))
+
+
+def amp_enabled(device_type: str, amp: str) -> bool:
+    """On a CUDA GPU unless amp is "off"; on the CPU only if amp is "on"; never elsewhere."""
+    return device_type == "cuda" and amp != "off" or device_type == "cpu" and amp == "on"
+
+
 class Diffusion(torch.nn.Module):
     """eps_theta (a U-Net), its EMA copy for sampling, and the schedule."""
 
@@ -250,14 +262,15 @@ def guide(eps_conditional, eps_unconditional, w: float) -> torch.Tensor:
 
 # ============================================================================ samplers
 @torch.no_grad()
-def sample_ddpm(model: Diffusion, labels: torch.Tensor, w: float, rng: torch.Generator,
-                keep_at=(), on_step=lambda: None) -> tuple[torch.Tensor, dict]:
+def sample_ddpm(model: Diffusion, labels: torch.Tensor, w: float,
+                generator: torch.Generator, keep_at=(),
+                on_step=lambda: None) -> tuple[torch.Tensor, dict]:
     """Ancestral sampling, t = T .. 1: x_{t-1} = mu~(x_0(x_t, eps~), x_t) + sqrt(beta~_t) z.
     The predicted x_0 is clipped to [-1, 1] (the data range). Returns x_0 and
     {t: x_t} for the timesteps in keep_at (for the reverse-process strip); on_step() is
     called after each network evaluation (progress display)."""
     device, schedule = labels.device, model.schedule
-    x = pure_noise(len(labels), rng, device)                             # x_T ~ N(0, I)
+    x = pure_noise(len(labels), generator, device)                       # x_T ~ N(0, I)
     kept = {schedule.T: x.clone()} if schedule.T in keep_at else {}
     for timestep in range(schedule.T, 0, -1):
         t = torch.full((len(labels),), timestep, device=device)
@@ -267,7 +280,8 @@ def sample_ddpm(model: Diffusion, labels: torch.Tensor, w: float, rng: torch.Gen
         mean, variance = schedule.posterior(x0, x, t)
         # x_{t-1} = mu~_t + sqrt(beta~_t) z, z ~ N(0, I). At t = 1, beta~_1 = 0: no z is
         # drawn, which also keeps the random stream the same as DDIM's with eta = 1
-        noise = torch.randn(x.shape, generator=rng).to(device) if timestep > 1 else 0.0
+        noise = (torch.randn(x.shape, generator=generator).to(device) if timestep > 1
+                 else 0.0)
         x = mean + variance.sqrt() * noise
         on_step()
         if timestep - 1 in keep_at:
@@ -275,9 +289,9 @@ def sample_ddpm(model: Diffusion, labels: torch.Tensor, w: float, rng: torch.Gen
     return x, kept
 
 
-def pure_noise(count: int, rng: torch.Generator, device) -> torch.Tensor:
+def pure_noise(count: int, generator: torch.Generator, device) -> torch.Tensor:
     """x_T ~ N(0, I), (count, 3, 28, 28), drawn on the CPU so every device gets the same."""
-    return torch.randn(count, *IMAGE_SHAPE, generator=rng).to(device)
+    return torch.randn(count, *IMAGE_SHAPE, generator=generator).to(device)
 
 
 def predict_clipped_x0(schedule: NoiseSchedule, x_t, t, eps) -> torch.Tensor:
@@ -302,12 +316,12 @@ def sampler_steps(settings: DDPMSettings) -> int:
 
 
 @torch.no_grad()
-def sample_ddim(model: Diffusion, labels: torch.Tensor, w: float, rng: torch.Generator,
-                steps: int = 50, eta: float = 0.0, keep_at=(),
+def sample_ddim(model: Diffusion, labels: torch.Tensor, w: float,
+                generator: torch.Generator, steps: int = 50, eta: float = 0.0, keep_at=(),
                 on_step=lambda: None) -> tuple[torch.Tensor, dict]:
     """DDIM on S timesteps; eta = 0 gives a deterministic map from x_T to x_0."""
     device, schedule = labels.device, model.schedule
-    x = pure_noise(len(labels), rng, device)                             # x_T ~ N(0, I)
+    x = pure_noise(len(labels), generator, device)                       # x_T ~ N(0, I)
     timesteps = ddim_timesteps(schedule.T, steps)                        # tau_S > ... > tau_1
     kept = {}
     for index, timestep in enumerate(timesteps):
@@ -324,7 +338,7 @@ def sample_ddim(model: Diffusion, labels: torch.Tensor, w: float, rng: torch.Gen
         #             sqrt(1 - alpha_bar_t / alpha_bar_t')
         sigma = eta * math.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)
                                 * (1 - alpha_bar / alpha_bar_next))
-        noise = torch.randn(x.shape, generator=rng).to(device) if sigma > 0 else 0.0
+        noise = torch.randn(x.shape, generator=generator).to(device) if sigma > 0 else 0.0
         # x_t' = sqrt(alpha_bar_t') x^_0 + sqrt(1 - alpha_bar_t' - sigma^2) eps^ + sigma z
         x = (math.sqrt(alpha_bar_next) * x0
              + math.sqrt(max(1 - alpha_bar_next - sigma ** 2, 0.0)) * eps + sigma * noise)
@@ -338,19 +352,20 @@ def sample(model: Diffusion, settings: DDPMSettings, labels: torch.Tensor, seed:
            keep_at=(), on_step=lambda: None) -> tuple[torch.Tensor, dict]:
     """Images of the given labels by settings.sampler (x_T and z from seed), and the x_t
     kept at keep_at; the labels go to the model's device."""
-    rng = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     labels = labels.to(next(model.parameters()).device)
     if settings.sampler == "ddpm":
-        return sample_ddpm(model, labels, settings.guidance, rng, keep_at, on_step)
+        return sample_ddpm(model, labels, settings.guidance, generator, keep_at, on_step)
     if settings.sampler == "ddim":
-        return sample_ddim(model, labels, settings.guidance, rng, settings.sampling_steps,
-                           settings.eta, keep_at, on_step)
+        return sample_ddim(model, labels, settings.guidance, generator,
+                           settings.sampling_steps, settings.eta, keep_at, on_step)
     raise UserError(f"unknown --sampler '{settings.sampler}': use ddim or ddpm")
 
 
 def label_batches(labels: torch.Tensor, seed: int, batch_size: int = 500) -> list:
-    """Sampling in batches: (labels, seed) of each, batch i drawing from seed + i, so an
-    image's noise depends on its place in the list, not on how batches are shared."""
+    """Sampling in batches: (labels, seed) of each, the batch that starts at image i
+    drawing from seed + i, so an image's noise depends on its place in the list, not on
+    how the batches are shared among processes."""
     return [(labels[i:i + batch_size], seed + i) for i in range(0, len(labels), batch_size)]
 
 
@@ -410,12 +425,15 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
         raise UserError(f"{settings.data} has no labels: the conditional DDPM needs them")
     util.seed_everything(seed)
     model = Diffusion(settings).to(device)
-    replicas = parallel.replicate(model)  # under torchrun: gradients averaged
+    # the model to call for the loss: under torchrun its U-Net is a replica there, whose
+    # gradients are averaged over the processes; the EMA and the samplers use `model`
+    replicas = parallel.replicate(model)
     optimizer = torch.optim.Adam(model.network.parameters(), settings.lr)
     rng = Random(seed, device)  # data order, t, noise, dropped classes
     digits = digits.to(device)
     fid = metrics.fid_tracker(real_test, settings.fid_images, settings.sample_every, device,
                               cache_dir, weights)
+    # with --resume, every part of `state` comes back from the checkpoint here
     run = training.Run(out, "ddpm", settings, seed, device,
                        state={"model": model, "optimizer": optimizer, "rng": rng},
                        steps=settings.steps, every=settings.sample_every, desc="DDPM",
@@ -423,9 +441,9 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
     for step in run:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(settings, step)
-        indices = rng.indices(len(digits), settings.batch_size)
+        indices = rng.indices(len(digits), settings.batch_size)  # the global batch's share
         torch.manual_seed(util.stream_seed(seed, step))  # dropout: the same after a resume
-        model.network.train()
+        model.network.train()  # dropout on
         loss = replicas.loss(digits.images(indices), digits.labels[indices], rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -439,7 +457,7 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
                 fid.measure(run.history, step + 1,
                             lambda batch: sample(model, settings, *batch)[0],
                             label_batches(labels, seed + 1))
-            run.save_checkpoint()
+            run.save_checkpoint()  # after the FID: best.pt is the lowest FID's
             reports.ddpm_pictures(out, settings, run.history, fid, sampler_steps(settings),
                                   *reverse_process(model, settings, seed))
     images, labels, seconds = course_digits(model, settings, seed, Path(out) / "images")
@@ -456,15 +474,3 @@ def summary(settings: DDPMSettings) -> str:
     unet = nets.UNet(width=settings.width, classes=CLASSES)
     return "ddpm: U-Net eps_theta(x_t, t, c)\n" + nets.summary(
         unet, IMAGE_SHAPE, extra_inputs=(torch.tensor(1), torch.tensor(0)))
-
-
-def autocast(device, amp: str):
-    """bfloat16 autocast where amp_enabled says so (elsewhere a no-op context)."""
-    device_type = torch.device(device).type
-    return torch.autocast(device_type if device_type in ("cpu", "cuda") else "cpu",
-                          dtype=torch.bfloat16, enabled=amp_enabled(device_type, amp))
-
-
-def amp_enabled(device_type: str, amp: str) -> bool:
-    """On a CUDA GPU unless amp is "off"; on the CPU only if amp is "on"; never elsewhere."""
-    return device_type == "cuda" and amp != "off" or device_type == "cpu" and amp == "on"

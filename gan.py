@@ -405,7 +405,7 @@ def build_optimizers(gan: GAN, settings: GANSettings) -> dict:
 
 def real_batch(faces: data.ImageSet, settings: GANSettings, rng: Random):
     """batch_size faces drawn with replacement, and (ACGAN) their attributes."""
-    batch = rng.indices(len(faces), settings.batch_size)
+    batch = rng.indices(len(faces), settings.batch_size)  # the global batch's share
     return faces.images(batch), (faces.labels[batch] if settings.variant == "acgan" else None)
 
 
@@ -422,25 +422,30 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
                         "use CelebA (with its list_attr_celeba.txt)")
     util.seed_everything(seed)
     gan = GAN(settings).to(device)
-    players = parallel.replicate(gan)  # G and D, each a replica under torchrun
+    # the model to call in the steps: under torchrun G and D are replicas there, whose
+    # gradients are averaged over the processes; `gan` holds the same weights
+    replicas = parallel.replicate(gan)
     optimizers = build_optimizers(gan, settings)
-    rng = Random(seed, device)  # data order, z, augmentation
+    # data order, z, attributes, augmentation, hacks' targets and noise, WGAN-GP's eps
+    rng = Random(seed, device)
     faces = faces.to(device)
     fid = metrics.fid_tracker(held_out, settings.fid_images, settings.sample_every, device,
                               cache_dir, weights)
+    # with --resume, every part of `state` comes back from the checkpoint here
     run = training.Run(out, "gan", settings, seed, device, state={
         "gan": gan, "rng": rng, "generator_optimizer": optimizers["generator"],
         "discriminator_optimizer": optimizers["discriminator"]}, steps=settings.steps,
         every=settings.sample_every, may_change=("steps", "sample_every"),
         desc=f"GAN {settings.variant}")
     for step in run:
-        gan.train()
-        if settings.variant == "wgan-gp":
-            numbers = wgan_gp_step(players, optimizers,
+        gan.train()  # sampling at the last checkpoint left G (a, hacks) in eval mode
+        if settings.variant == "wgan-gp":  # n_critic real batches, fetched as it needs them
+            numbers = wgan_gp_step(replicas, optimizers,
                                    lambda: real_batch(faces, settings, rng)[0], settings, rng)
         else:
-            numbers = train_step(players, optimizers, *real_batch(faces, settings, rng),
-                                 settings, rng, noise_std=instance_noise_std(step, settings))
+            real, real_attributes = real_batch(faces, settings, rng)
+            numbers = train_step(replicas, optimizers, real, real_attributes, settings, rng,
+                                 noise_std=instance_noise_std(step, settings))
         gan.update_ema(step, settings.ema_decay)
         run.log(numbers)
         if run.at_checkpoint:  # every sample_every steps, and after the last
@@ -450,7 +455,7 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
             if fid.due(step + 1, settings.steps):  # the same z every time: like with like
                 fid.measure(run.history, step + 1, lambda batch: gan.sample(*batch),
                             noise_batches(settings, settings.fid_images, seed + 2))
-            run.save_checkpoint()
+            run.save_checkpoint()  # after the FID: best.pt is the lowest FID's
             reports.gan_pictures(out, settings, run.history, fid, *pictures(gan, settings,
                                                                             seed))
     return reports.gan_results(out, settings, run, fid)

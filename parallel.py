@@ -26,8 +26,8 @@ is the global batch either way, and it must split into N equal shares):
   batch-norm layer therefore becomes a `SharedBatchNorm` (`share_batch_layers`), which
   adds up the per-channel sums of all processes before it normalises: the statistics of
   the global batch, those of 1 process. It matters for each model that has batch norm:
-  the DCGAN discriminator (variant a, hacks) normalises the real and the fake batch
-  separately, the generator's statistics define its samples, the UDA feature extractor
+  the DCGAN discriminator (every variant but wgan-gp, unless --d-norm spectral)
+  normalises the real and the fake batch separately, the generator's statistics define its samples, the UDA feature extractor
   normalises source and target batches separately (DANN depends on it), and the VAE's
   encoder and decoder. The cost is two small all-reduces (a few numbers a channel) per
   layer in each forward pass and two in backward. torch's nn.SyncBatchNorm does the same
@@ -48,9 +48,12 @@ is the global batch either way, and it must split into N equal shares):
   the global batch, `nets.batch_mean`, which a mean of the processes' losses would not
   equal.
 
-The method files name torchrun only where a loop is set up: `replicate` for the model,
-`Random` for the random numbers; their steps, losses and samplers are written as for one
-process. The run around the loop (training.py) logs the means over the processes.
+The method files name torchrun only in their loops: `replicate` where the model is
+built, `Random` for the random numbers, and `rows` where a loop takes its share of a
+batch of data (the VAE's and UDA's epochs); their steps, losses and samplers are written
+as for one process (GTA's step is handed D's plain module for its G and F updates, and
+self-ensembling's class balance uses nets.batch_mean). The run around the loop
+(training.py) logs the means over the processes.
 
 Only rank 0 prints progress and writes files (checkpoints, pictures, results.json); the
 others compute the same numbers and write nothing, and a file rank 0 wrote is read by the
@@ -205,10 +208,10 @@ class Random:
     def randint(self, low: int, high: int, shape) -> torch.Tensor:
         return self._draw(functools.partial(torch.randint, low, high), shape)
 
-    def indices(self, population: int, batch_size: int) -> torch.Tensor:
-        """batch_size indices into `population` images, with replacement (this process's
-        share under torchrun: batch_size is the global batch)."""
-        return rows(torch.randint(population, (batch_size,), generator=self.generator)
+    def indices(self, population: int, global_batch_size: int) -> torch.Tensor:
+        """This process's share of global_batch_size indices into `population` images,
+        drawn with replacement (unlike the draws above, the count is the global batch's)."""
+        return rows(torch.randint(population, (global_batch_size,), generator=self.generator)
                     ).to(self.device)
 
     def state_dict(self) -> torch.Tensor:

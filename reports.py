@@ -2,10 +2,12 @@
 grids, curves, t-SNE plots, each titled and labelled), the homework's files (the 1000
 digits, a predictions csv), the tables and results.json.
 
-The method files call these with the tensors they sampled and the run's history; nothing
-here trains or samples, and no method module is imported, so a method file reads as its
-method. Under torchrun every process may call them: the main process alone writes
-(util), and the t-SNE, the one costly part, runs there alone.
+The method files call these with the tensors they sampled and the run's history; no
+method module is imported, so a method file reads as its method. Nothing here trains;
+it samples only through a function a method file hands it (the DDPM's 1000 digits,
+split across the processes and timed) and embeds test images for the t-SNE. Under
+torchrun every process may call these: the main process alone writes (util), and the
+t-SNE itself runs there alone.
 """
 import time
 from pathlib import Path
@@ -39,7 +41,8 @@ def fid_curve(fid, history: dict, path, title: str):
 
 
 def final_numbers(history: dict) -> dict:
-    """The last logged value of every number but the steps and the FID curve."""
+    """The last point of every curve but the steps and the FID: each a mean over the
+    steps since the checkpoint before (training.StepLog)."""
     return {f"final_{name}": values[-1] for name, values in history.items()
             if name not in ("step", "fid", "fid_step")}
 

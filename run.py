@@ -506,9 +506,9 @@ def uda_methods(settings: uda.UDASettings, methods, load, out: Path, device, see
             print(f"skipping 'target': {settings.tgt} has no labels")
             continue
         print(f"== {reports.TITLES[method]}: {settings.src} -> {settings.tgt}")
-        source_only = out / "source" / "checkpoint.pt" if "source" in rows else None
+        pretrained = out / "source" / "checkpoint.pt" if "source" in rows else None
         rows[method] = uda.train(domains, dataclasses.replace(settings, method=method),
-                                 out / method, device, seed, source_only)
+                                 out / method, device, seed, pretrained)
     util.write_json(rows, out / "results.json")
     util.write_text(reports.scenario_table(rows, settings.src, settings.tgt), out / "results.md")
     return rows

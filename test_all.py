@@ -3634,6 +3634,8 @@ def record_steps(monkeypatch) -> list:
             bound = inspect.signature(_real).bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = dict(bound.arguments)
+            if "networks" in arguments:
+                arguments["nets_"] = arguments["networks"]
             if _name == "self_ensembling_step":
                 arguments["nets_"] = arguments["student"]
                 arguments["teacher_weights"] = parameters_of(nn.Sequential(
@@ -3734,7 +3736,7 @@ def test_weight_average_has_batch_norm_statistics_of_its_own_weights(
 
 def test_adda_adaptation_freezes_source_nets_and_drops_no_target_features():
     nets_ = uda.Networks("adda")
-    uda.freeze_source_side(nets_)
+    uda.set_adaptation_modes(nets_)
     assert not nets_.features.training and not nets_.classifier.training
     target = nets_.target_features
     norms = [m for m in target.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -3842,7 +3844,7 @@ def test_adda_started_from_the_source_only_run_equals_adda_from_scratch(tmp_path
     adda = dataclasses.replace(settings, method="adda")
     scratch = uda.train(domains, adda, tmp_path / "scratch", "cpu", 3)
     reused = uda.train(domains, adda, tmp_path / "reused", "cpu", 3,
-                       source_only=tmp_path / "source" / "checkpoint.pt")
+                       pretrained=tmp_path / "source" / "checkpoint.pt")
     assert reused["target_accuracy"] == scratch["target_accuracy"]
     whole, started = (util.load_checkpoint(tmp_path / name / "checkpoint.pt")
                       for name in ("scratch", "reused"))
@@ -4174,7 +4176,7 @@ def test_adda_adapts_f_t_from_a_copy_of_the_pretrained_f_s_while_f_s_and_c_stay_
     source_model, _ = uda.load_for_prediction(tmp_path / "source" / "checkpoint.pt", "cpu")
     calls = record_steps(monkeypatch)
     uda.train(domains, dataclasses.replace(settings, method="adda"), tmp_path / "adda",
-              "cpu", seed=0, source_only=tmp_path / "source" / "checkpoint.pt")
+              "cpu", seed=0, pretrained=tmp_path / "source" / "checkpoint.pt")
     adversarial = [arguments for name, arguments in calls if name == "adda_step"]
     assert adversarial
     start, nets_ = adversarial[0]["start"], adversarial[0]["nets_"]

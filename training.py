@@ -72,9 +72,10 @@ class Run:
       fields in may_change), and iterating continues where the run stopped.
     - `log(numbers)`: the numbers a step returned, as their means over the processes
       under torchrun (each process's are the means of its rows), shown on the progress
-      line; one that is NaN or infinite stops the run. After each `every`-th step and the
-      last, `at_checkpoint` is true and the means since the last checkpoint are in
-      `history` ({"step": [...], name: [...]}), where the loop adds its evaluations.
+      line; one that is NaN or infinite stops the run. `at_checkpoint` is true at each
+      `every`-th step and the last; there, once the step is logged, the means since the
+      last checkpoint are in `history` ({"step": [...], name: [...]}), where the loop
+      adds its evaluations (the FID before save_checkpoint, which picks best.pt by it).
     - `save_checkpoint()`: the command, seed, settings, step, history, training seconds,
       `record` and every part, written atomically by rank 0 (weights that are not finite
       are refused); when the loop measured an FID (history["fid"] at history["fid_step"])
@@ -99,7 +100,7 @@ class Run:
             self.step_log = StepLog(stored["history"], stored["seconds"])
             self.first = stored["step"]
             print(f"resumed from {self.checkpoint} at step {self.first}")
-        self.step, self.at_checkpoint = self.first, False
+        self.step = self.first
         self.progress = util.Progress(desc=self.desc, total=steps, initial=self.first)
 
     @property
@@ -114,24 +115,28 @@ class Run:
     def __iter__(self):
         self.step_log.start_clock()
         for step in range(self.first, self.steps):
-            self.step, self.at_checkpoint = step, False
+            self.step = step
             yield step
             if self.at_checkpoint:  # evaluation, checkpoint and pictures are done
                 self.step_log.start_clock()
         self.progress.close()
 
+    @property
+    def at_checkpoint(self) -> bool:
+        """Does this step end a period of `every` steps, or the run?"""
+        return (self.step + 1) % self.every == 0 or self.step + 1 == self.steps
+
     def log(self, numbers: dict):
-        """The step's numbers ({name: number or 0-d tensor}), averaged over the processes."""
+        """The step's numbers ({name: number or 0-d tensor}), averaged over the processes;
+        at a checkpoint step, the period's means go into the history."""
         numbers = parallel.average({name: torch.as_tensor(value).item()
                                     for name, value in numbers.items()})
         for name, value in numbers.items():
             check_finite(value, self.step + 1, f"{self.desc} {name}")
         self.step_log.add(numbers)
         self.progress.update(1, **{name: round(value, 4) for name, value in numbers.items()})
-        done = self.step + 1
-        self.at_checkpoint = done % self.every == 0 or done == self.steps
         if self.at_checkpoint:
-            self.step_log.commit(done)
+            self.step_log.commit(self.step + 1)
 
     def save_checkpoint(self):
         done = self.step + 1

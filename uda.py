@@ -44,10 +44,8 @@ digits; the second makes the source embedding carry the class. The authors use
 a = 0.1, alpha = 0.3, Adam (lr 5e-4, beta_1 0.8) and lr / (1 + 1e-4 t) for D, F and C.
 Here G draws both domains' images in one batch (the authors call it once per domain),
 and G and D have 32 channels where the authors' have 64, for a CPU's budget.
-They report MNIST -> USPS 92.8 and USPS -> MNIST 90.8 (their Table 1). Here, on
-USPS -> MNIST-M, GTA without the target term (alpha = 0) scores about as well as with it
-(RESULTS.md): there the gain over source only comes mostly from the source's losses
-through G and D, and the alignment adds little.
+They report MNIST -> USPS 92.8 and USPS -> MNIST 90.8 (their Table 1); RESULTS.md has
+what this code reaches, and how much the target term adds.
 
 Self-ensembling (French, Mackiewicz and Fisher 2018, "Self-ensembling for visual domain
 adaptation", ICLR), the mean teacher of Tarvainen and Valpola (2017) adapted to domain
@@ -197,16 +195,16 @@ class Networks(nn.Module):
 
 
 # ============================================================================ the steps
-def classify_step(nets_: Networks, images, labels, optimizer) -> dict:
+def classify_step(networks: Networks, images, labels, optimizer) -> dict:
     """Source-only (or target-only): CE(C(F(x)), y)."""
-    loss = F.cross_entropy(nets_.classifier(nets_.features(images)), labels)
+    loss = F.cross_entropy(networks.classifier(networks.features(images)), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return {"class": loss}
 
 
-def dann_step(nets_: Networks, source, labels, target, optimizer, reversal: float,
+def dann_step(networks: Networks, source, labels, target, optimizer, reversal: float,
               entropy_weight: float = 0.0) -> dict:
     """One DANN step on a source batch and a target batch; `reversal` is this step's GRL
     strength lambda, so F descends  L_class - lambda L_domain  while D descends L_domain.
@@ -214,17 +212,17 @@ def dann_step(nets_: Networks, source, labels, target, optimizer, reversal: floa
 
     The domains go through F one after the other, so batch norm normalises each with its
     own batch statistics (one joint batch scored the same and ran slower on a CPU)."""
-    source_features, target_features = nets_.features(source), nets_.features(target)
+    source_features, target_features = networks.features(source), networks.features(target)
     both = torch.cat([source_features, target_features])               # (2B, 800)
     # L_class = CE(C(F(x_s)), y_s): labels exist for the source only
-    class_loss = F.cross_entropy(nets_.classifier(source_features), labels)
+    class_loss = F.cross_entropy(networks.classifier(source_features), labels)
     # L_domain = mean_s BCE(D(R_lambda(F(x_s))), 1) + mean_t BCE(D(R_lambda(F(x_t))), 0);
     # R_lambda is the identity forward and -lambda backward, so F receives -lambda dL/dF
-    domain_logits = nets_.domain(nets.grad_reverse(both, reversal)).squeeze(1)
+    domain_logits = networks.domain(nets.grad_reverse(both, reversal)).squeeze(1)
     domain_loss = domain_classification_loss(*domain_logits.split([len(source), len(target)]))
     losses = {"class": class_loss, "domain": domain_loss}
     if entropy_weight:  # H(C(F(x_t))) = -sum_k p_k log p_k on the unlabelled target
-        losses["entropy"] = entropy(nets_.classifier(target_features))
+        losses["entropy"] = entropy(networks.classifier(target_features))
     optimizer.zero_grad(set_to_none=True)
     (class_loss + domain_loss + entropy_weight * losses.get("entropy", 0.0)).backward()
     optimizer.step()  # F, C and D in one step: the reversal already flipped F's share
@@ -244,40 +242,40 @@ def domain_classification_loss(source_logits, target_logits) -> torch.Tensor:
     return bce_toward(source_logits, 1.0) + bce_toward(target_logits, 0.0)
 
 
-def adda_step(nets_: Networks, source, target, optimizers) -> dict:
+def adda_step(networks: Networks, source, target, optimizers) -> dict:
     """One ADDA step: the discriminator, then the target encoder with inverted labels."""
     with torch.no_grad():
-        source_features = nets_.features(source)                      # F_s: frozen, eval mode
-    target_features = nets_.target_features(target)                   # F_t(x_t), (B, 800)
+        source_features = networks.features(source)                      # F_s: frozen, eval mode
+    target_features = networks.target_features(target)                   # F_t(x_t), (B, 800)
     # D: min BCE(D(F_s(x_s)), 1) + BCE(D(F_t(x_t)), 0); detach keeps F_t out of this step
     both = torch.cat([source_features, target_features.detach()])
     domain_loss = domain_classification_loss(
-        *nets_.domain(both).squeeze(1).split([len(source), len(target)]))
+        *networks.domain(both).squeeze(1).split([len(source), len(target)]))
     optimizers["domain"].zero_grad(set_to_none=True)
     domain_loss.backward()
     optimizers["domain"].step()
     # F_t: min BCE(D(F_t(x_t)), 1), D says "source" for target features (inverted labels);
     # only F_t's optimizer steps, so D's gradients from this loss are discarded
-    encoder_loss = bce_toward(nets_.domain(target_features).squeeze(1), 1.0)
+    encoder_loss = bce_toward(networks.domain(target_features).squeeze(1), 1.0)
     optimizers["target"].zero_grad(set_to_none=True)
     encoder_loss.backward()
     optimizers["target"].step()
     return {"domain": domain_loss, "encoder": encoder_loss}
 
 
-def gta_step(nets_: Networks, judge: nn.Module, source, labels, target, noise,
-             optimizers: dict, adversarial_weight: float, target_weight: float) -> dict:
+def gta_step(networks: Networks, fixed_discriminator: nn.Module, source, labels, target,
+             noise, optimizers: dict, adversarial_weight: float, target_weight: float) -> dict:
     """One GTA step in the authors' order: D learns on real source images and on both
     domains' generated images; then G, and F and C, learn against the updated D, which
-    does not learn there: `judge` is D's plain module (the training loop's; under
-    torchrun nets_.discriminator is its replica). noise: z (B_s + B_t, GTA_NOISE), the
-    source rows first."""
-    F_, C, G, D = nets_.features, nets_.classifier, nets_.generator, nets_.discriminator
+    does not learn there: fixed_discriminator is D itself, called as a fixed function.
+    noise: z (B_s + B_t, GTA_NOISE), the source rows first."""
+    F_, C, G, D = (networks.features, networks.classifier, networks.generator,
+                   networks.discriminator)
     source_features, target_features = F_(source), F_(target)          # (B, 800) each
     # G's condition: the source label, or for a target image the extra label K
-    unknown = torch.full((len(target),), nets_.classes, device=target.device)
+    unknown = torch.full((len(target),), networks.classes, device=target.device)
     generated = generate(G, torch.cat([source_features, target_features]),
-                         torch.cat([labels, unknown]), noise, nets_.classes)  # (2B, 3, 28, 28)
+                         torch.cat([labels, unknown]), noise, networks.classes)  # (2B, 3, 28, 28)
     generated_source, generated_target = generated.split([len(source), len(target)])
 
     # 1. D: min BCE(D_data(x_s), 1) + CE(D_cls(x_s), y_s) + BCE(D_data(g_s), 0)
@@ -291,8 +289,8 @@ def gta_step(nets_: Networks, judge: nn.Module, source, labels, target, noise,
     optimizers["discriminator"].step()
 
     # 2. G, F and C against the updated D
-    source_data, source_classes = judge(generated_source)
-    target_data, _ = judge(generated_target)
+    source_data, source_classes = fixed_discriminator(generated_source)
+    target_data, _ = fixed_discriminator(generated_target)
     # G: min CE(D_cls(g_s), y_s) + BCE(D_data(g_s), 1), real-looking digits of class y_s
     generator_loss = F.cross_entropy(source_classes, labels) + bce_toward(source_data, 1.0)
     # F, C: min CE(C(F(x_s)), y_s) + a CE(D_cls(g_s), y_s) + a alpha BCE(D_data(g_t), 1)
@@ -371,50 +369,60 @@ def augment(images: torch.Tensor, rng: Random, shift: float = 2.0, deform: float
 
 # ============================================================================ training
 def train(domains: "Domains", settings: UDASettings, out: Path, device, seed: int,
-          source_only: Path | None = None) -> dict:
+          pretrained: Path | None = None) -> dict:
     """Train one method for settings.epochs epochs of paired source and target batches,
     keeping the weight average that is evaluated and saved; accuracies, curves and a
     checkpoint after every epoch; then predictions, t-SNE and results.json. ADDA has
-    two phases of its own (adda)."""
+    two phases of its own (adda), the first of which may be a source-only run already
+    made (pretrained: its checkpoint)."""
     if settings.method == "adda":
-        return adda(domains, settings, out, device, seed, source_only)
+        return adda(domains, settings, out, device, seed, pretrained)
     if settings.method == "target" and domains.target_train.labels is None:
         raise UserError(f"target {settings.tgt} has no labels, so 'target' (train on the "
                         "target) cannot run: give a labelled target or another --method")
     domains, method = domains.to(device), settings.method
     util.seed_everything(seed)  # the initial weights
-    nets_ = Networks(method).to(device, memory_format=torch.channels_last)
-    players = parallel.replicate(nets_)  # each player a replica under torchrun
-    average = copy.deepcopy(nets_).requires_grad_(False)  # evaluated; self-ensembling's teacher
-    optimizers = make_optimizers(nets_, settings)
-    rng = Random(device=device, generator=torch.default_generator)  # GTA's z, augmentations
+    networks = Networks(method).to(device, memory_format=torch.channels_last)
+    # the networks to call in the steps: under torchrun each player (F, C, D, G) is a
+    # replica there, whose gradients are averaged over the processes
+    replicas = parallel.replicate(networks)
+    average = copy.deepcopy(networks).requires_grad_(False)  # evaluated; the teacher
+    optimizers = make_optimizers(networks, settings)
+    # GTA's z and self-ensembling's augmentations: from torch's default stream, as the
+    # dropout masks, which each epoch reseeds
+    rng = Random(device=device, generator=torch.default_generator)
     epochs = Epochs(domains, settings.batch_size, seed)
+    # with --resume, every part of `state` comes back from the checkpoint here
     run = training.Run(out, "uda", settings, seed, device, desc=method,
-                       state={"networks": nets_, "average": average, **optimizers},
+                       state={"networks": networks, "average": average, **optimizers},
                        steps=settings.epochs * epochs.steps, every=epochs.steps,
                        may_change=("tsne_points",))
     for step in run:
-        (xs, ys), (xt, yt) = epochs.batch(step)  # a new epoch reseeds torch's streams
-        progress = step / run.steps                                      # p in [0, 1)
-        set_learning_rates(optimizers, settings, progress, run.steps)
-        nets_.train()
+        if step % epochs.steps == 0:  # each epoch from (seed, epoch): a resume repeats it
+            torch.manual_seed(epochs.seed(step))  # dropout, GTA's z, augmentations
+        (xs, ys), (xt, yt) = epochs.batch(step)
+        set_learning_rates(optimizers, settings, step, run.steps)
+        networks.train()
         if method in ("source", "target"):
-            numbers = classify_step(players, *((xs, ys) if method == "source" else (xt, yt)),
+            numbers = classify_step(replicas, *((xs, ys) if method == "source" else (xt, yt)),
                                     optimizers["optimizer"])
         elif method == "gta":  # z for the source rows, then for the target rows
             noise = torch.cat([rng.randn(len(x), GTA_NOISE) for x in (xs, xt)])
-            numbers = gta_step(players, nets_.discriminator, xs, ys, xt, noise, optimizers,
-                               settings.adversarial_weight, settings.target_weight)
+            # G and F learn against D as a fixed function: its plain module, which no
+            # process's gradient exchange waits for (under torchrun)
+            numbers = gta_step(replicas, networks.discriminator, xs, ys, xt, noise,
+                               optimizers, settings.adversarial_weight,
+                               settings.target_weight)
         elif method == "self-ensembling":
-            numbers = self_ensembling_step(players, average, xs, ys, xt,
+            numbers = self_ensembling_step(replicas, average, xs, ys, xt,
                                            optimizers["optimizer"], rng,
                                            settings.consistency_weight, settings.confidence,
                                            settings.balance_weight)
         else:
-            numbers = dann_step(players, xs, ys, xt, optimizers["optimizer"],
-                                grl_lambda(progress),
+            numbers = dann_step(replicas, xs, ys, xt, optimizers["optimizer"],
+                                grl_lambda(step / run.steps),  # lambda(p), p in [0, 1)
                                 settings.entropy_weight if method == "dann-ent" else 0.0)
-        nets.update_ema(average, nets_, step, settings.ema_decay)
+        nets.update_ema(average, networks, step, settings.ema_decay)
         run.log(numbers)
         if run.at_checkpoint:  # the end of an epoch: the average, evaluated
             refresh_statistics(nn.Sequential(average.features, average.classifier),
@@ -438,36 +446,40 @@ def adda(domains: "Domains", settings: UDASettings, out: Path, device, seed: int
         pretrained = out / "pretrain" / "checkpoint.pt"
         train(domains, replace(source_settings, tsne_points=0), pretrained.parent, device,
               seed)
+    # the source-only run's checkpoint, checked to be this run's (seed, settings)
     pre = util.resume_state(pretrained, device, "uda", source_settings, seed,
                             may_change=("adapt_epochs", "adda_lr", "entropy_weight",
                                         "tsne_points"))
     util.seed_everything(seed)  # D and F_t start as they would have in one run
-    nets_ = Networks("adda").to(device, memory_format=torch.channels_last)
+    networks = Networks("adda").to(device, memory_format=torch.channels_last)
     source_only = Networks("source")
     source_only.load_state_dict(pre["average"])
-    nets_.features.load_state_dict(source_only.features.state_dict())     # F_s
-    nets_.classifier.load_state_dict(source_only.classifier.state_dict())  # C
+    networks.features.load_state_dict(source_only.features.state_dict())     # F_s
+    networks.classifier.load_state_dict(source_only.classifier.state_dict())  # C
     # 2. F_t <- F_s; F_s and C frozen; D and F_t alternate
-    nets_.target_features.load_state_dict(nets_.features.state_dict())
-    nets_.features.requires_grad_(False)
-    nets_.classifier.requires_grad_(False)
-    players = parallel.replicate(nets_)  # F_t and D (F_s and C are frozen)
-    average = copy.deepcopy(nets_).requires_grad_(False)
-    optimizers = {"domain": torch.optim.Adam(nets_.domain.parameters(), settings.adda_lr,
+    networks.target_features.load_state_dict(networks.features.state_dict())
+    networks.features.requires_grad_(False)
+    networks.classifier.requires_grad_(False)
+    replicas = parallel.replicate(networks)  # F_t and D replicas (F_s and C are frozen)
+    average = copy.deepcopy(networks).requires_grad_(False)
+    optimizers = {"domain": torch.optim.Adam(networks.domain.parameters(), settings.adda_lr,
                                              betas=(0.5, 0.999)),
-                  "target": torch.optim.Adam(nets_.target_features.parameters(),
+                  "target": torch.optim.Adam(networks.target_features.parameters(),
                                              settings.adda_lr, betas=(0.5, 0.999))}
     # the epochs continue the count of the pre-training's (their random streams)
     epochs = Epochs(domains, settings.batch_size, seed, first_epoch=settings.epochs)
+    # with --resume, every part of `state` comes back from the checkpoint here
     run = training.Run(out, "uda", settings, seed, device, desc="adapt",
-                       state={"networks": nets_, "average": average, **optimizers},
+                       state={"networks": networks, "average": average, **optimizers},
                        steps=settings.adapt_epochs * epochs.steps, every=epochs.steps,
                        may_change=("tsne_points",))
     for step in run:
+        if step % epochs.steps == 0:  # each epoch from (seed, epoch): a resume repeats it
+            torch.manual_seed(epochs.seed(step))  # dropout
         (xs, _), (xt, _) = epochs.batch(step)
-        freeze_source_side(nets_)
-        numbers = adda_step(players, xs, xt, optimizers)
-        nets.update_ema(average, nets_, step, settings.ema_decay)
+        set_adaptation_modes(networks)
+        numbers = adda_step(replicas, xs, xt, optimizers)
+        nets.update_ema(average, networks, step, settings.ema_decay)
         run.log(numbers)
         if run.at_checkpoint:  # the end of an epoch: the average of F_t, evaluated
             refresh_statistics(average.target_features, [domains.target_train],
@@ -476,49 +488,51 @@ def adda(domains: "Domains", settings: UDASettings, out: Path, device, seed: int
     return finish(run, average, domains, settings, out, pretrain_seconds=pre["seconds"])
 
 
-def freeze_source_side(nets_: Networks):
+def set_adaptation_modes(networks: Networks):
     """ADDA's modes while F_t adapts: F_s and C are frozen (eval mode, running statistics);
     F_t keeps batch norm in train mode but drops no features, since the discriminator
     would tell dropout-masked target features from clean source ones at once (with
     dropout on, D wins outright and F_t learns nothing useful)."""
-    nets_.train()
-    nets_.features.eval()
-    nets_.classifier.eval()
-    for module in nets_.target_features.modules():
+    networks.train()
+    networks.features.eval()
+    networks.classifier.eval()
+    for module in networks.target_features.modules():
         if isinstance(module, (nn.Dropout, nn.Dropout2d)):
             module.eval()
 
 
-def make_optimizers(nets_: Networks, settings: UDASettings) -> dict:
-    """GTA: one Adam per player (D; G; F with C), the authors' settings. The others: one
-    Adam over F and C, and D for DANN, which learns in the same step as F and C (the
-    reversal layer makes F ascend D's loss)."""
+def make_optimizers(networks: Networks, settings: UDASettings) -> dict:
+    """GTA: one Adam per player (D; G; F with C), the authors' settings. Source, target,
+    DANN and self-ensembling: one Adam over F and C, and D for DANN, which learns in the
+    same step as F and C (the reversal layer makes F ascend D's loss). (ADDA's two are
+    made in adda.)"""
     if settings.method == "gta":
         def adam(parameters):
             return torch.optim.Adam(parameters, settings.gta_lr, betas=(0.8, 0.999))
-        return {"discriminator": adam(nets_.discriminator.parameters()),
-                "generator": adam(nets_.generator.parameters()),
-                "embedding": adam([*nets_.features.parameters(),
-                                   *nets_.classifier.parameters()])}
-    domain = nets_.domain.parameters() if settings.method.startswith("dann") else []
-    return {"optimizer": torch.optim.Adam([*nets_.features.parameters(),
-                                           *nets_.classifier.parameters(), *domain],
+        return {"discriminator": adam(networks.discriminator.parameters()),
+                "generator": adam(networks.generator.parameters()),
+                "embedding": adam([*networks.features.parameters(),
+                                   *networks.classifier.parameters()])}
+    domain = networks.domain.parameters() if settings.method.startswith("dann") else []
+    return {"optimizer": torch.optim.Adam([*networks.features.parameters(),
+                                           *networks.classifier.parameters(), *domain],
                                           settings.lr)}
 
 
-def set_learning_rates(optimizers: dict, settings: UDASettings, progress: float, steps: int):
-    """GTA: the authors' lr / (1 + 1e-4 t) at step t for D, F and C, G's rate constant.
-    Self-ensembling: the paper's constant rate (annealed, the student learnt more slowly:
-    USPS -> MNIST-M 0.7005 instead of 0.7208, seed 0, RESULTS.md). The others: DANN's
-    annealing (--anneal) or a constant rate."""
+def set_learning_rates(optimizers: dict, settings: UDASettings, step: int, steps: int):
+    """The learning rates of step t of `steps`. GTA: the authors' lr / (1 + 1e-4 t) for D,
+    F and C, G's rate constant. Self-ensembling: the paper's constant rate, whatever
+    --anneal says (annealed, its student learnt more slowly: RESULTS.md). The others:
+    DANN's annealing lr / (1 + 10 p)^0.75 of the progress p = t / steps (--anneal), or a
+    constant rate."""
     if settings.method == "gta":
         for name in ("discriminator", "embedding"):
             for group in optimizers[name].param_groups:
-                group["lr"] = settings.gta_lr / (1 + 1e-4 * round(progress * steps))
+                group["lr"] = settings.gta_lr / (1 + 1e-4 * step)
     else:
         anneal = settings.anneal and settings.method != "self-ensembling"
         for group in optimizers["optimizer"].param_groups:
-            group["lr"] = annealed_lr(settings.lr, progress) if anneal else settings.lr
+            group["lr"] = annealed_lr(settings.lr, step / steps) if anneal else settings.lr
 
 
 # ============================================================================ evaluation
@@ -654,24 +668,24 @@ def paired_indices(source_count: int, target_count: int, batch_size: int,
 class Epochs:
     """The paired source and target batches of each step, epoch by epoch: (x_s, y_s) and
     (x_t, y_t) (y_t None for an unlabelled target), this process's rows of the global
-    batch. Epoch e (counted from first_epoch) draws its order from (seed, e), and
-    reseeds torch's default stream with it (dropout, GTA's z, the augmentations), so a
-    resumed run repeats the epoch exactly."""
+    batch. Epoch e (counted from first_epoch) draws its order from seed(step), the seed
+    of (seed, e), so a resumed run repeats the epoch exactly."""
 
     def __init__(self, domains: Domains, batch_size: int, seed: int, first_epoch: int = 0):
         self.source, self.target = domains.source_train, domains.target_train
-        self.batch_size, self.seed, self.first_epoch = batch_size, seed, first_epoch
+        self.batch_size, self.run_seed, self.first_epoch = batch_size, seed, first_epoch
         self.steps = epoch_shape(len(self.source), len(self.target), batch_size)[0]
         self.indices = None
 
+    def seed(self, step: int) -> int:
+        return util.stream_seed(self.run_seed, self.first_epoch + step // self.steps)
+
     def batch(self, step: int):
-        epoch, position = divmod(step, self.steps)
+        position = step % self.steps
         if position == 0 or self.indices is None:
-            epoch_seed = util.stream_seed(self.seed, self.first_epoch + epoch)
-            torch.manual_seed(epoch_seed)
             self.indices = paired_indices(len(self.source), len(self.target),
                                           self.batch_size,
-                                          torch.Generator().manual_seed(epoch_seed))
+                                          torch.Generator().manual_seed(self.seed(step)))
         source_index, target_index = (parallel.rows(indices[position])
                                       for indices in self.indices)
         return ((self.source.images(source_index), self.source.labels[source_index]),
@@ -682,9 +696,9 @@ class Epochs:
 # ============================================================================ using it
 def load_for_prediction(path, device) -> tuple[nn.Module, UDASettings]:
     """The target encoder and classifier of a checkpoint, ready to predict."""
-    nets_, settings = util.load_trained(path, device, UDASettings,
+    networks, settings = util.load_trained(path, device, UDASettings,
                                         lambda s: Networks(s.method), "average", "uda")
-    return nn.Sequential(nets_.target_encoder(), nets_.classifier).eval(), settings
+    return nn.Sequential(networks.target_encoder(), networks.classifier).eval(), settings
 
 
 def summary() -> str:

@@ -46,7 +46,8 @@ class VAESettings:
     """Flags of `run.py vae`."""
     data: str = field(default="celeba", metadata={"help": "celeba or a folder of faces"})
     latent_dim: int = field(default=512, metadata={"help": "size of z"})
-    kl_weight: float = field(default=1.0, metadata={"help": "lambda in MSE + lambda KL"})
+    kl_weight: float = field(default=1.0, metadata={
+        "help": "lambda in ||x - x^||^2 (summed over the pixels) + lambda KL"})
     warmup_epochs: int = field(default=0, metadata={
         "help": "epochs over which lambda grows linearly from 0 (KL warm-up)"})
     epochs: int = field(default=20, metadata={"help": "passes over the training faces"})
@@ -102,7 +103,9 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
     reconstructions' FID and results.json."""
     util.seed_everything(seed)
     model = nets.VAE(settings.latent_dim).to(device)
-    replicas = parallel.replicate(model)  # encoder, decoder, ...: replicas under torchrun
+    # the model to call in the step: under torchrun its encoder, decoder and heads are
+    # replicas there, whose gradients are averaged over the processes
+    replicas = parallel.replicate(model)
     optimizer = torch.optim.Adam(model.parameters(), settings.lr)
     rng = Random(device=device)  # reseeded each epoch: data order, eps
     faces, test = faces.to(device), test.to(device)
@@ -113,19 +116,22 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
     steps = settings.epochs * steps_per_epoch
     fid = metrics.fid_tracker(test, settings.fid_images, settings.fid_every * steps_per_epoch,
                               device, cache_dir, weights)
+    # with --resume, the model and the optimiser come back from the checkpoint here
     run = training.Run(out, "vae", settings, seed, device,
                        state={"model": model, "optimizer": optimizer}, steps=steps,
                        every=steps_per_epoch, desc="VAE",
                        may_change=("epochs", "tsne_points", "attribute", "fid_every"))
     for step in run:
         epoch, position = divmod(step, steps_per_epoch)
-        if position == 0:  # each epoch seeded by (seed, epoch): a resume repeats it exactly
+        # each epoch seeded by (seed, epoch): a resume, which starts at an epoch's first
+        # step (checkpoints end epochs), repeats it exactly
+        if position == 0:
             rng.manual_seed(util.stream_seed(seed, epoch))
             batches = faces.batches(settings.batch_size, generator=rng.generator,
                                     drop_last=True)
         images = parallel.rows(next(batches)[0])  # under torchrun: this process's share
         eps = rng.randn(len(images), settings.latent_dim)                 # eps ~ N(0, I)
-        model.train()
+        model.train()  # the evaluation at the last checkpoint left it in eval mode
         terms = losses(replicas, images, eps)
         lambda_ = kl_weight_at(settings, epoch, position / steps_per_epoch)
         loss = terms["reconstruction"] + lambda_ * terms["kl"]
@@ -139,7 +145,7 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
             if fid.due(step + 1, steps):
                 fid.measure(run.history, step + 1, lambda z: decode(model, z),
                             prior_samples(settings.fid_images, settings.latent_dim, seed + 1))
-            run.save_checkpoint()
+            run.save_checkpoint()  # after the FID: best.pt is the lowest FID's
             reports.vae_curves(out, settings, run.history, fid)
     fid_results = fid.results(run.history)
     if fid:  # also the FID of the reconstructions (from the mean code) of the first
