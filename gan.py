@@ -434,6 +434,7 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
         every=settings.sample_every, may_change=("steps", "sample_every"),
         desc=f"GAN {settings.variant}")
     for step in run:
+        torch.manual_seed(util.stream_seed(seed, step))  # hacks' dropout: the same on resume
         gan.train()
         if settings.variant == "wgan-gp":
             numbers = wgan_gp_step(players, optimizers,
