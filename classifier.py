@@ -113,10 +113,11 @@ def train(train_set: data.ImageSet, test: data.ImageSet, settings: ClassifierSet
                 accuracy(predict(network, test, device=device), test.labels)[0])
             run.save_checkpoint()
             plots.line_plot({"train loss": run.history["train_loss"]}, Path(out) / "loss.png",
-                            title="digit classifier: training loss", xlabel="epoch")
+                            title="digit classifier: training loss", xlabel="epoch",
+                            ylabel="smoothed cross-entropy")
             plots.line_plot({"test accuracy": run.history["test_accuracy"]},
-                            Path(out) / "accuracy.png",
-                            title="digit classifier: test accuracy", xlabel="epoch")
+                            Path(out) / "accuracy.png", title="digit classifier: test "
+                            "accuracy", xlabel="epoch", ylabel="accuracy")
     _, correct, total = accuracy(predict(network, test, device=device), test.labels)
     results = {"data": settings.data, "test_accuracy": correct / total, "correct": correct,
                "total": total, "epochs": settings.epochs, "seed": seed}
@@ -124,9 +125,9 @@ def train(train_set: data.ImageSet, test: data.ImageSet, settings: ClassifierSet
     return results
 
 
-def load(path, device="cpu") -> nn.Module:
+def load(path, device="cpu", given_by: str = "--ckpt") -> nn.Module:
     """The trained classifier of a checkpoint of `run.py classifier`, in eval mode."""
-    state = util.checkpoint_of(path, device, "classifier")
+    state = util.checkpoint_of(path, device, "classifier", given_by)
     network = nets.digit_classifier(classes=len(state["classes"]))
     network.load_state_dict(state["network"])
     return network.to(device).eval()
@@ -140,8 +141,8 @@ def grade(images: torch.Tensor, labels: torch.Tensor, checkpoint, device) -> dic
         return {"digit_accuracy": None, "digit_accuracy_unavailable":
                 f"no classifier at {path}: train one with 'run.py classifier' or pass "
                 "--classifier"}
-    predictions = predict(load(path, device), data.ImageSet(data.to_uint8(images)),
-                          device=device)
+    predictions = predict(load(path, device, "--classifier"),
+                          data.ImageSet(data.to_uint8(images)), device=device)
     share, correct, total = accuracy(predictions, labels)
     return {"digit_accuracy": share, "digit_correct": correct, "digit_total": total}
 

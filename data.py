@@ -39,6 +39,7 @@ import sys
 import tarfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field, replace
@@ -295,9 +296,15 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _decode(blob_or_path, size: int | None = None, square: bool = False) -> np.ndarray:
-    """One image file -> uint8 (H, W, C); optionally center-cropped square and resized."""
+    """One image file -> uint8 (H, W, C); optionally center-cropped square and resized.
+    A file that claims more pixels than Pillow's safety limit (Image.MAX_IMAGE_PIXELS,
+    89 million: a decompression bomb, a few kB that decode to gigabytes) is refused
+    before it is decoded."""
     source = io.BytesIO(blob_or_path) if isinstance(blob_or_path, bytes) else blob_or_path
-    with Image.open(source) as image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(source)
+    with image:
         image = _eight_bit(image)
         if square:
             side = min(image.size)
@@ -324,10 +331,14 @@ def _decode_all(blobs, desc: str, size=None, square=False, names=None) -> np.nda
     the paths) name a file that cannot be read."""
     decoded = []
     for index, blob in enumerate(Progress(blobs, desc, unit="img")):
+        name = names[index] if names is not None else blob
         try:
             decoded.append(_decode(blob, size, square))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise UserError(f"{desc}: {name} claims more than {Image.MAX_IMAGE_PIXELS:,} "
+                            "pixels (a decompression bomb, or no face or digit picture): "
+                            "remove it") from None
         except (OSError, ValueError, SyntaxError) as error:  # Pillow's errors for bad files
-            name = names[index] if names is not None else blob
             raise UserError(f"{desc}: {name} is not a readable image ({error}): remove or "
                             "replace it") from None
     if len({image.shape[2] for image in decoded}) > 1:
@@ -431,7 +442,7 @@ def _mnistm(root: Path, split: str, download: bool):
     part = "train" if split == "train" else "test"
     folder = _first_existing([root / "mnist_m" / "mnist_m", root / "mnist_m"])
     if folder is not None and (folder / f"mnist_m_{part}_labels.txt").exists():
-        labels_text = (folder / f"mnist_m_{part}_labels.txt").read_text()
+        labels_text = (folder / f"mnist_m_{part}_labels.txt").read_text(encoding="utf-8-sig")
         names, labels = _parse_name_label(labels_text, folder / f"mnist_m_{part}_labels.txt")
         blobs = [(folder / f"mnist_m_{part}" / n).read_bytes() for n in names]
         return _mnistm_from(names, labels, blobs), [folder / f"mnist_m_{part}_labels.txt"]
@@ -463,8 +474,8 @@ def _mnistm_from_tar(archive: Path, part: str):
             if label_member is None:
                 raise UserError(f"{archive} has no mnist_m_{part}_labels.txt: it is not the "
                                 "original MNIST-M archive")
-            names, labels = _parse_name_label(bundle.extractfile(label_member).read().decode(),
-                                              f"{archive}:{label_member.name}")
+            text = bundle.extractfile(label_member).read().decode("utf-8-sig")
+            names, labels = _parse_name_label(text, f"{archive}:{label_member.name}")
             blobs = [bundle.extractfile(members[f"mnist_m_{part}/{n}"]).read() for n in names]
     except (tarfile.TarError, EOFError, zlib.error, KeyError) as error:
         raise UserError(f"{archive} is truncated or damaged ({error}): delete it and "
@@ -566,7 +577,8 @@ def _folder(root: Path, split: str, size: int | None):
                 "val": ["val.csv"]}.get(split, [f"{split}.csv"])
     table = _first_existing(root / name for name in csv_name)
     if table is not None:
-        with open(table, newline="") as handle:
+        # utf-8-sig: a byte-order mark, as Windows editors write, is not part of the header
+        with open(table, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             numbered = [(reader.line_num, row) for row in reader]  # (line in the file, row)
         rows = [row for _, row in numbered]
@@ -575,6 +587,7 @@ def _folder(root: Path, split: str, size: int | None):
                             "optional)")
         image_dir = root / "data" if (root / "data").is_dir() else root
         names = [row["image_name"] for row in rows]
+        _refuse_repeats(names, [number for number, _ in numbered], table)
         missing = [n for n in names if not (image_dir / n).is_file()]
         if missing:
             raise UserError(f"{table} lists {len(missing)} images missing from {image_dir} "
@@ -593,6 +606,16 @@ def _folder(root: Path, split: str, size: int | None):
         names, labels, sources = [p.name for p in paths], None, [root]
     pixels = _decode_all(paths, f"decode {root.name}", size=size)
     return dict(pixels=pixels, labels=labels, names=names), sources
+
+
+def _refuse_repeats(names: list[str], lines: list[int], source):
+    """An image listed twice (with one label or two) would count twice, or be two things."""
+    first = {}
+    for name, line in zip(names, lines):
+        if name in first:
+            raise UserError(f"{source} lists {name} twice (lines {first[name]} and {line}): "
+                            "keep one line per image")
+        first[name] = line
 
 
 def _need(download: bool, what: str, folder: Path, name: str):

@@ -438,6 +438,7 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
         every=settings.sample_every, may_change=("steps", "sample_every"),
         desc=f"GAN {settings.variant}")
     for step in run:
+        torch.manual_seed(util.stream_seed(seed, step))  # hacks' dropout: the same on resume
         gan.train()  # sampling at the last checkpoint left G (a, hacks) in eval mode
         if settings.variant == "wgan-gp":  # n_critic real batches, fetched as it needs them
             numbers = wgan_gp_step(replicas, optimizers,

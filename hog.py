@@ -239,7 +239,7 @@ def save_face_detector(detector: FaceDetector, rates: dict, path) -> Path:
 
 
 def load_face_detector(path, device="cpu") -> FaceDetector:
-    state = util.checkpoint_of(path, device, "facerate")
+    state = util.checkpoint_of(path, device, "facerate", "--detector")
     detector = FaceDetector()
     detector.load_state_dict(state["detector"])
     return detector.to(device).eval()

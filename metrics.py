@@ -423,6 +423,23 @@ def real_statistics(real: "data.ImageSet", network: FIDInception, weights: str, 
     return mu, sigma, len(real)
 
 
+def checked_statistics(mu, sigma, path) -> tuple[np.ndarray, np.ndarray]:
+    """mu (D,) and sigma (D, D) as float64, or one line that says what is wrong with the
+    statistics file `path`: an FID computed from them would mean nothing."""
+    remedy = "write them again with 'run.py fid --save-stats FOLDER OUT.npz'"
+    for name, array in (("mu", mu), ("sigma", sigma)):
+        if array.dtype.kind not in "fiu":
+            raise UserError(f"{path}: '{name}' holds {array.dtype} values, not numbers: "
+                            f"{remedy}")
+        if not np.isfinite(array).all():
+            raise UserError(f"{path}: '{name}' holds NaN or infinite values: the statistics "
+                            f"are damaged; {remedy}")
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise UserError(f"{path}: 'mu' of shape {mu.shape} and 'sigma' of shape "
+                        f"{sigma.shape} are not a mean (D,) and a covariance (D, D): {remedy}")
+    return mu.astype(np.float64), sigma.astype(np.float64)
+
+
 def load_statistics(path, network_factory, batch_size=50, device="cpu", image_size=None,
                     cache_dir=None) -> tuple[np.ndarray, np.ndarray, int | None]:
     """A PATH of `run.py fid`: a saved .npz of mu and sigma, or a folder of images.
@@ -433,7 +450,7 @@ def load_statistics(path, network_factory, batch_size=50, device="cpu", image_si
         if "mu" not in stored or "sigma" not in stored:
             raise UserError(f"{path} holds no 'mu' and 'sigma': write it with "
                             "'run.py fid --save-stats FOLDER OUT.npz'")
-        return stored["mu"], stored["sigma"], None
+        return (*checked_statistics(stored["mu"], stored["sigma"], path), None)
     if not path.is_dir():
         raise UserError(f"{path} is neither a folder of images nor a statistics .npz file")
     images = data.load(str(path), "train", image_size=image_size, cache_dir=cache_dir)

@@ -78,10 +78,17 @@ import torch.nn as nn
 
 import util
 
-# A process that waits longer than this for the others (one died, or hangs) stops with
-# an error instead of waiting for ever (gloo: one line from run.py; NCCL's watchdog ends
-# the process itself); rank 0's t-SNE and pictures stay well below it.
-TIMEOUT_SECONDS = int(os.environ.get("DLCV_DIST_TIMEOUT", "1800"))
+def timeout() -> datetime.timedelta:
+    """How long a process waits for the others (one died, or hangs) before it stops with an
+    error instead of waiting for ever (gloo: one line from run.py; NCCL's watchdog ends
+    the process itself): DLCV_DIST_TIMEOUT seconds, default 1800, well above rank 0's
+    t-SNE and pictures. Read when a torchrun starts, so a bad value troubles no other
+    command."""
+    text = os.environ.get("DLCV_DIST_TIMEOUT", "1800")
+    if not (text.strip().isdigit() and int(text) > 0):
+        raise util.UserError(f"DLCV_DIST_TIMEOUT={text}: give a whole number of seconds "
+                             "above 0, or unset it (default 1800)")
+    return datetime.timedelta(seconds=int(text))
 
 
 # ============================================================================ the group
@@ -115,7 +122,7 @@ def start(device_name: str) -> torch.device:
         raise util.UserError(f"this torch build has no '{backend}' backend for "
                              "torch.distributed: run without torchrun, or install a torch "
                              "that has it")
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS),
+    dist.init_process_group(backend, timeout=timeout(),
                             device_id=device if device.type == "cuda" else None)
     if rank() != 0:  # one voice: rank 0 prints (run.py: and says the errors)
         sys.stdout = util.silent()

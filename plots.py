@@ -17,13 +17,17 @@ TAB10 = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
          "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
-def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """About `count` round tick values covering [low, high]: step = {1, 2, 2.5, 5} x 10^k."""
+def nice_ticks(low: float, high: float, count: int = 5, whole: bool = False) -> list[float]:
+    """About `count` round tick values covering [low, high]: step = {1, 2, 2.5, 5} x 10^k.
+    whole: the values are counts (steps, epochs), so are the ticks: steps of 1, 2 or 5
+    x 10^k, at least 1."""
     if not high > low:
-        low, high = low - 0.5, high + 0.5
+        low, high = (low - 1, high + 1) if whole else (low - 0.5, high + 0.5)
     raw_step = (high - low) / count
     power = 10 ** math.floor(math.log10(raw_step))
-    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw_step)
+    multipliers = (1, 2, 5, 10) if whole else (1, 2, 2.5, 5, 10)
+    step = next(m * power for m in multipliers if m * power >= raw_step)
+    step = max(step, 1) if whole else step
     first = math.ceil(low / step - 1e-9)
     ticks = [(first + i) * step for i in range(int(math.floor(high / step + 1e-9)) - first + 1)]
     return [round(t, 12) for t in ticks]
@@ -44,7 +48,7 @@ class Figure:
     """Canvas with one plotting area; `to_pixels` maps data coordinates into it."""
 
     def __init__(self, x_range, y_range, title="", xlabel="", ylabel="", size=(640, 420),
-                 legend: list[str] = ()):
+                 legend: list[str] = (), whole_x: bool = False):
         self.font, self.title_font = _font(12), _font(15)
         # the legend gets its own column right of the plot, so it never hides data
         self.legend_width = (max(int(self.font.getlength(n)) for n in legend) + 40
@@ -53,7 +57,7 @@ class Figure:
         self.draw = ImageDraw.Draw(self.image)
         self.left, self.top = 70, 40
         self.right, self.bottom = size[0] - 20, size[1] - 50
-        self.x_ticks, self.y_ticks = nice_ticks(*x_range), nice_ticks(*y_range)
+        self.x_ticks, self.y_ticks = nice_ticks(*x_range, whole=whole_x), nice_ticks(*y_range)
         self.x_range = (min(x_range[0], self.x_ticks[0]), max(x_range[1], self.x_ticks[-1]))
         self.y_range = (min(y_range[0], self.y_ticks[0]), max(y_range[1], self.y_ticks[-1]))
         self._axes(title, xlabel, ylabel)
@@ -106,7 +110,8 @@ def line_plot(series: dict, path, title="", xlabel="step", ylabel="", x=None) ->
     finite = np.concatenate([v[np.isfinite(v)] for v in ys.values()] or [np.zeros(1)])
     figure = Figure((every_x.min(), every_x.max()),
                     (finite.min(), finite.max()) if finite.size else (0, 1),
-                    title, xlabel, ylabel, legend=list(ys))
+                    title, xlabel, ylabel, legend=list(ys),
+                    whole_x=bool(np.all(every_x == np.round(every_x))))
     for colour, (name, values) in zip(TAB10 * 10, ys.items()):
         px, py = figure.to_pixels(xs[name][:len(values)], values)
         points = [(a, b) for a, b, v in zip(px, py, values) if np.isfinite(v)]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import classifier
 import data
+import nets
 import parallel
 import plots
 import tsne
@@ -37,7 +38,7 @@ def fid_curve(fid, history: dict, path, title: str):
     if fid and history.get("fid"):
         plots.line_plot({f"FID, {fid.count} samples": history["fid"]}, path,
                         title=f"{title}: FID against {fid.real_count} held-out images",
-                        xlabel="step", x=history["fid_step"])
+                        xlabel="step", ylabel="FID", x=history["fid_step"])
 
 
 def final_numbers(history: dict) -> dict:
@@ -51,24 +52,26 @@ def final_numbers(history: dict) -> dict:
 def gan_pictures(out: Path, settings, history: dict, fid, samples: torch.Tensor,
                  pairs: torch.Tensor | None):
     """samples.png (the fixed z), loss.png, d_outputs.png, ACGAN's pairs.png, fid.png."""
-    out, title = Path(out), f"GAN variant {settings.variant}"
+    out, title, step = Path(out), f"GAN variant {settings.variant}", history["step"][-1]
+    window = 1 / (1 - nets.ema_decay(step - 1, settings.ema_decay))  # after step's update
     save_grid(samples, out / "samples.png", title=(
-        f"{title}, step {history['step'][-1]}: fixed z"
+        f"{title}, step {step}: fixed z"
         + (f", {settings.attribute} 0 and 1 in turn" if settings.variant == "acgan" else "")
-        + (" (EMA generator)" if settings.improved else "")))
+        + (f" (G's weights averaged over about the last {window:.0f} steps)"
+           if settings.improved else "")))
     losses = {"D loss": history["loss_d"], "G loss": history["loss_g"]}
     if settings.variant == "wgan-gp":  # the part of D's loss that asks for gradient norm 1
         losses["gradient penalty"] = history["penalty"]
     plots.line_plot(losses, out / "loss.png", title=f"{title}: losses", xlabel="step",
-                    x=history["step"])
+                    ylabel="mean loss since the last point", x=history["step"])
     if settings.variant == "wgan-gp":  # a critic's score is no probability: plot its W
         plots.line_plot({"E[D(x)] - E[D(G(z))]": history["wasserstein"]},
                         out / "d_outputs.png", title=f"{title}: the critic's Wasserstein "
-                        "estimate", xlabel="step", x=history["step"])
+                        "estimate", xlabel="step", ylabel="critic score", x=history["step"])
     else:
         plots.line_plot({"D(x)": history["D(x)"], "D(G(z))": history["D(G(z))"]},
                         out / "d_outputs.png", title=f"{title}: sigmoid of D's score",
-                        xlabel="step", x=history["step"])
+                        xlabel="step", ylabel="mean sigmoid(D)", x=history["step"])
     if pairs is not None:  # ACGAN: each column one z, without and with the attribute
         save_grid(pairs, out / "pairs.png", nrow=len(pairs) // 2,
                   rows=[f"{settings.attribute} = 0", f"{settings.attribute} = 1"],
@@ -93,10 +96,10 @@ def vae_curves(out: Path, settings, history: dict, fid):
     out, title = Path(out), f"VAE, lambda = {settings.kl_weight:g}"
     plots.line_plot({"train": history["train_mse"], "test": history["test_mse"]},
                     out / "mse.png", title=f"{title}: reconstruction MSE per pixel",
-                    xlabel="epoch")
+                    xlabel="epoch", ylabel="MSE per pixel")
     plots.line_plot({"train": history["train_kl"], "test": history["test_kl"]},
                     out / "kl.png", title=f"{title}: KL(q(z|x) || N(0, I)) per image",
-                    xlabel="epoch")
+                    xlabel="epoch", ylabel="KL (nats per image)")
     fid_curve(fid, history, out / "fid.png", title)
 
 
@@ -138,7 +141,7 @@ def ddpm_pictures(out: Path, settings, history: dict, fid, sampling_steps: int,
     out = Path(out)
     plots.line_plot({"training loss": history["loss"]}, out / "loss.png",
                     title=f"DDPM: epsilon-prediction MSE, {settings.loss_weight} weights",
-                    xlabel="step", x=history["step"])
+                    xlabel="step", ylabel="weighted MSE of eps", x=history["step"])
     sampler = f"{settings.sampler.upper()}, {sampling_steps} steps"
     save_grid(images, out / "grid.png", nrow=10, rows=[str(d) for d in range(10)],
               title=f"DDPM samples by digit ({sampler}, w = {settings.guidance:g})")
@@ -205,10 +208,11 @@ def uda_curves(out: Path, settings, history: dict):
     losses = {name: values for name, values in history.items()
               if name != "step" and not name.endswith("_accuracy")}
     plots.line_plot(losses, out / "loss.png", title=f"{title}, mean loss per epoch",
-                    xlabel="epoch")
+                    xlabel="epoch", ylabel="loss")
     plots.line_plot({f"target test ({settings.tgt})": history["target_accuracy"],
                      f"source test ({settings.src})": history["source_accuracy"]},
-                    out / "accuracy.png", title=f"{title}, accuracy", xlabel="epoch")
+                    out / "accuracy.png", title=f"{title}, accuracy", xlabel="epoch",
+                    ylabel="accuracy")
 
 
 def uda_results(out: Path, settings, run, domains, predictions: torch.Tensor,

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import math
 import os
@@ -105,49 +106,84 @@ BELOW_ONE = {"dropout"}                                  # in [0, 1): 1 drops ev
 SIGNED = {"guidance"}                                    # any finite value
 IMAGE_SIZES = {"gan": (32, 64), "uda": (28,)}            # what the networks can take
 FOLDERS = ("data_root", "out", "cache")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Refuse, in one line each, flag values no command can use; warn about odd ones."""
+    """Refuse, in one line each, flag values no command can use (before any data is
+    loaded or any weights downloaded); warn about odd ones."""
     for name, value in vars(args).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             problem = number_problem(name, value)
             if problem:
                 raise util.UserError(f"--{name.replace('_', '-')} {value}: {problem}")
-    for name in FOLDERS:
-        folder = getattr(args, name, None)
-        if folder and Path(folder).exists() and not Path(folder).is_dir():
-            raise util.UserError(f"--{name.replace('_', '-')} {folder} is a file: give a "
-                                 "folder")
+    util.choose_device(args.device)  # every command: a misspelt --device is never ignored
+    check_paths(args)
     sizes = IMAGE_SIZES.get(args.command)
     if sizes and args.image_size not in sizes:
         raise util.UserError(f"--image-size {args.image_size}: the {args.command} networks "
                              f"take {' or '.join(map(str, sizes))} pixels a side")
-    for name in ("folder", "predict"):
-        if getattr(args, name, None) and not Path(getattr(args, name)).is_dir():
-            raise util.UserError(f"--{name} {getattr(args, name)} is not a folder: give the "
-                                 "folder of images")
-    if getattr(args, "csv", None) and Path(args.csv).is_dir():
-        raise util.UserError(f"--csv {args.csv} is a folder: give a file name such as "
-                             "predictions.csv")
-    if getattr(args, "weights", None) and not Path(args.weights).is_file():
-        raise util.UserError(f"--weights {args.weights} not found: give the pytorch-fid "
-                             f"weights file {Path(metrics.FID_WEIGHTS_URL).name}")
     if getattr(args, "fid_images", 0) == 1:
         raise util.UserError("--fid-images 1: FID fits a covariance, give at least 2 "
                              "(or 0 for no FID)")
     if args.command == "data":
         for split in args.splits.split(","):
             data.check_split(args.name, split)
-    if args.command == "gan" and args.real_label - args.label_noise < 0:
-        raise util.UserError(f"--label-noise {args.label_noise} with --real-label "
-                             f"{args.real_label}: the real targets must lie in [0, 1]")
+    if args.command == "gan":
+        check_gan(args)
     if args.command == "ddpm" and args.sampling_steps > args.timesteps:
         raise util.UserError(f"--sampling-steps {args.sampling_steps} is more than "
                              f"--timesteps {args.timesteps}: DDIM visits at most T steps")
+    if args.command == "uda" and args.batch_size < 2:
+        raise util.UserError(f"--batch-size {args.batch_size}: batch norm needs at least 2 "
+                             "images of each domain in a batch; give 2 or more")
     if args.command == "uda" and args.src == args.tgt and not args.table:
         print(f"warning: --src and --tgt are both {args.src}: nothing to adapt, every "
               "method should score like source-only", file=sys.stderr)
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Folders that are files, inputs that do not exist, outputs whose folder is a file."""
+    for name in FOLDERS:
+        folder = getattr(args, name, None)
+        if folder and Path(folder).exists() and not Path(folder).is_dir():
+            raise util.UserError(f"--{name.replace('_', '-')} {folder} is a file: give a "
+                                 "folder")
+    for name in ("folder", "predict"):
+        if getattr(args, name, None) and not Path(getattr(args, name)).is_dir():
+            raise util.UserError(f"--{name} {getattr(args, name)} is not a folder: give the "
+                                 "folder of images")
+    for name in ("csv", "to"):  # files to write
+        target = getattr(args, name, None)
+        if target and Path(target).is_dir():
+            raise util.UserError(f"--{name} {target} is a folder: give a file name")
+        blocking = next((folder for folder in Path(target or ".").parents
+                         if folder.exists() and not folder.is_dir()), None)
+        if target and blocking is not None:
+            raise util.UserError(f"--{name} {target}: {blocking} is a file, not a folder; "
+                                 "give a path in a folder")
+    if getattr(args, "to", None) and Path(args.to).suffix.lower() not in PICTURE_SUFFIXES:
+        raise util.UserError(f"--to {args.to}: give a picture file name ending in "
+                             f"{', '.join(PICTURE_SUFFIXES)}")
+    if getattr(args, "weights", None) and not Path(args.weights).is_file():
+        raise util.UserError(f"--weights {args.weights} not found: give the pytorch-fid "
+                             f"weights file {Path(metrics.FID_WEIGHTS_URL).name}")
+    if args.command == "fid":
+        for path in args.paths[:1 if args.save_stats else 2]:
+            if not Path(path).exists():
+                raise util.UserError(f"{path} not found: give an image folder or a "
+                                     "statistics .npz (written by 'run.py fid --save-stats')")
+
+
+def check_gan(args: argparse.Namespace) -> None:
+    if args.real_label - args.label_noise < 0:
+        raise util.UserError(f"--label-noise {args.label_noise} with --real-label "
+                             f"{args.real_label}: the real targets must lie in [0, 1]")
+    unknown = [name for name in filter(None, args.augment.split(","))
+               if name not in gan.AUGMENTATIONS]
+    if unknown:
+        raise util.UserError(f"--augment {args.augment}: no augmentation '{unknown[0]}'; "
+                             f"use a comma-separated list of {', '.join(gan.AUGMENTATIONS)}")
 
 
 def number_problem(name: str, value) -> str | None:
@@ -216,9 +252,22 @@ def command_data(args) -> None:
         images = load_data(common, args.name, split, image_size=args.image_size,
                            attribute=args.attribute)
         print(f"{args.name} [{split}]: {data.describe(images)}")
-        preview = Path(common.out) / "data" / f"{Path(args.name).name}-{split}-preview.png"
-        data.save_grid(images.images(slice(0, 64)), preview)
+        preview = Path(common.out) / "data" / f"{output_name(args.name)}-{split}-preview.png"
+        first = images.images(slice(0, 64))
+        reports.save_grid(first, preview, title=f"{args.name} [{split}]: the first "
+                          f"{len(first)} of {len(images)} images, {images.image_size}x"
+                          f"{images.image_size}")
         print(f"  preview: {preview}")
+
+
+def output_name(name: str) -> str:
+    """The file name of a data set's or a folder's outputs: a data set's name, or the
+    folder's last part with 8 digits of the SHA-256 of its full path, so that two folders
+    called `samples` write to two files."""
+    if name in data.SPLITS:
+        return name
+    where = hashlib.sha256(str(Path(name).resolve()).encode()).hexdigest()[:8]
+    return f"{Path(name).resolve().name}-{where}"
 
 
 def command_summary(args) -> None:
@@ -266,6 +315,11 @@ def command_fid(args) -> None:
         saved = util.write_arrays({"mu": mu, "sigma": sigma}, target)
         print(f"saved statistics of {args.paths[0]} to {saved}")
     else:
+        (mu_a, _), (mu_b, _) = statistics
+        if len(mu_a) != len(mu_b):
+            raise util.UserError(f"{args.paths[0]} has {len(mu_a)} features, {args.paths[1]} "
+                                 f"{len(mu_b)}: FID compares statistics of one network (the "
+                                 "2048 pool3 features); compute both with 'run.py fid'")
         print(f"FID: {metrics.frechet_distance(*statistics[0], *statistics[1]):.4f}")
 
 
@@ -372,19 +426,37 @@ def command_curves(args) -> None:
     """The FID curves of several runs in one picture, from their results.json files."""
     series, steps = {}, {}
     for folder in args.runs:
-        path = Path(folder) / "results.json"
-        if not path.is_file():
-            raise util.UserError(f"{path} not found: give folders of finished gan, vae or "
-                                 "ddpm runs")
-        curve = json.loads(path.read_text()).get("fid_curve")
-        if not curve:
-            raise util.UserError(f"{path} has no FID curve: the run measured no FID "
-                                 "(give it --weights, and --fid-images above 0)")
-        name = Path(folder).resolve().name
-        series[f"{name} ({curve['images']} samples)"] = curve["fid"]
-        steps[f"{name} ({curve['images']} samples)"] = curve["step"]
+        curve = fid_curve_of(Path(folder) / "results.json")
+        name = f"{Path(folder).resolve().name} ({curve['images']} samples)"
+        series[name], steps[name] = curve["fid"], curve["step"]
     plots.line_plot(series, args.to, title=args.title, xlabel="step", ylabel="FID", x=steps)
     print(f"wrote {args.to}")
+
+
+def fid_curve_of(path: Path) -> dict:
+    """The fid_curve of a run's results.json ({"images": n, "step": [...], "fid": [...]}),
+    checked: a damaged or foreign file ends in one line."""
+    if not path.is_file():
+        raise util.UserError(f"{path} not found: give folders of finished gan, vae or ddpm "
+                             "runs")
+    try:
+        results = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:  # truncated, or not JSON
+        raise util.UserError(f"{path} is not readable JSON ({type(error).__name__}): it is "
+                             "damaged or truncated; run that training again") from None
+    curve = results.get("fid_curve") if isinstance(results, dict) else None
+    if not curve:
+        raise util.UserError(f"{path} has no FID curve: the run measured no FID (give it "
+                             "--weights, and --fid-images above 0), or it is not a run's "
+                             "results.json")
+    steps, scores = (curve.get(key) if isinstance(curve, dict) else None
+                     for key in ("step", "fid"))
+    if (not isinstance(curve, dict) or "images" not in curve or not isinstance(steps, list)
+            or not isinstance(scores, list) or len(steps) != len(scores)
+            or not all(isinstance(v, (int, float)) for v in steps + scores)):
+        raise util.UserError(f"{path}: its fid_curve is not {{'images', 'step', 'fid'}} with "
+                             "one FID per step: the file is damaged; run that training again")
+    return curve
 
 
 def command_facerate(args) -> None:
@@ -402,7 +474,7 @@ def command_facerate(args) -> None:
     found = detector.detect(images.images())
     results = {"folder": str(args.folder), "images": len(images), "faces": int(found.sum()),
                "face_rate": found.float().mean().item(), "detector": str(detector_path)}
-    path = Path(common.out) / "facerate" / f"{Path(args.folder).resolve().name}.json"
+    path = Path(common.out) / "facerate" / f"{output_name(args.folder)}.json"
     util.write_json(results, path)
     print(f"face rate {results['face_rate']:.4f} ({results['faces']}/{len(images)}) in "
           f"{args.folder}; written to {path}")

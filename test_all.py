@@ -24,6 +24,7 @@ import sys
 import tarfile
 import urllib.error
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -302,6 +303,18 @@ def alone_equals_in_batch(function, batch: torch.Tensor, atol: float = 1e-5) -> 
     return torch.allclose(together, alone, atol=atol)
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header that claims width x height one-bit pixels, with a few bytes of
+    data: what a decompression bomb looks like to Image.open."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+
 # ============================================================================ util
 # Pins errors, progress, atomic files, checkpoints, locks, devices, seeds.
 
@@ -416,21 +429,73 @@ def test_a_folder_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path,
     assert "another run" in line and (run_folder / ".lock").exists()
 
 
-def test_device_choice_and_errors():
-    assert util.choose_device("cpu").type == "cpu"
-    assert util.choose_device("auto").type in ("cpu", "cuda", "mps")
-    with pytest.raises(util.UserError, match="unknown device"):
-        util.choose_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(util.UserError, match="not available"):
-            util.choose_device("cuda")
-
-
 def test_seed_makes_torch_and_numpy_repeat():
     util.seed_everything(5)
     first = torch.rand(3), np.random.rand(3)
     util.seed_everything(5)
     assert torch.equal(first[0], torch.rand(3)) and np.array_equal(first[1], np.random.rand(3))
+
+
+def damage_the_largest_tensor(checkpoint: Path, count: int = 64):
+    """Overwrite `count` bytes in the middle of the largest tensor record of a torch.save
+    zip with 0xff (NaN as float32), as a disk fault would: the file still opens."""
+    with zipfile.ZipFile(checkpoint) as bundle:
+        largest = max(bundle.infolist(), key=lambda info: info.file_size)
+    with open(checkpoint, "r+b") as handle:
+        handle.seek(largest.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", handle.read(4))
+        handle.seek(largest.header_offset + 30 + name_length + extra_length
+                    + largest.file_size // 2)
+        handle.write(b"\xff" * count)
+
+
+def test_a_checkpoint_damaged_after_it_was_written_is_named_damaged(tmp_path):
+    """The bytes of a tensor changed on disk: torch.load reads the file without complaint,
+    but the SHA-256 saved inside no longer matches. Catches a checkpoint whose NaNs would
+    land in the weights or the optimiser state unnoticed."""
+    state = {"command": "x", "settings": {}, "weights": torch.randn(4096), "step": 3}
+    path = util.save_checkpoint(state, tmp_path / "checkpoint.pt")
+    loaded = util.load_checkpoint(path)
+    assert loaded.keys() == state.keys() and torch.equal(loaded["weights"], state["weights"])
+    damage_the_largest_tensor(path)
+    assert torch.load(path, weights_only=True)["weights"].isnan().sum() == 16  # it opens
+    with pytest.raises(util.UserError, match="is damaged: its contents no longer match"):
+        util.load_checkpoint(path, given_by="--detector")
+    with pytest.raises(util.UserError, match="give --detector another checkpoint"):
+        util.load_checkpoint(path, given_by="--detector")
+    old = tmp_path / "old.pt"  # an earlier version's file, without the SHA-256: read as is
+    torch.save(state, old)
+    assert util.load_checkpoint(old)["step"] == 3
+
+
+def test_payload_sha256_sees_every_value_and_not_the_container():
+    state = {"a": torch.ones(3), "b": [1, 2.5, "x"], "c": {"d": torch.zeros(2, 2)}}
+    digest = util.payload_sha256(state)
+    assert digest == util.payload_sha256({"c": {"d": torch.zeros(2, 2)}, "b": [1, 2.5, "x"],
+                                          "a": torch.ones(3)})  # key order
+    for changed in ({**state, "a": torch.tensor([1.0, 1.0, 1.0 + 2**-20])},
+                    {**state, "b": [1, 2.5, "y"]}, {**state, "c": {"d": torch.zeros(4)}},
+                    {**state, "a": torch.ones(3, dtype=torch.float64)}):
+        assert util.payload_sha256(changed) != digest
+
+
+def test_device_names_are_checked_whatever_the_command(monkeypatch, capsys):
+    assert util.choose_device("cpu").type == "cpu"
+    assert util.choose_device("auto").type in ("cpu", "cuda", "mps")
+    for name in ("tpu", "gpu7", "cuda:x", "cpu:0", "cuda:-1"):
+        with pytest.raises(util.UserError, match=f"--device {re.escape(name)}: no such device"):
+            util.choose_device(name)
+    if not torch.cuda.is_available():
+        with pytest.raises(util.UserError, match="not available"):
+            util.choose_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert util.choose_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(util.UserError, match="this machine has 1 GPU"):
+        util.choose_device("cuda:7")
+    monkeypatch.undo()
+    assert "no such device" in one_line_error(capsys, ["data", "--name", "mnist", "--device",
+                                                       "gpu7"])  # data does not use it
 
 
 # ============================================================================ parallel
@@ -1461,6 +1526,37 @@ def test_real_usps_digits_are_as_tall_as_mnist_digits(real_cache):
     assert abs(usps - mnist) < 1.5 and 18 < mnist < 22
 
 
+def test_a_course_csv_saved_with_a_byte_order_mark_reads_like_one_without(tmp_path):
+    """Windows editors save UTF-8 with a byte-order mark before 'image_name'."""
+    make_course_folder(tmp_path / "plain")
+    make_course_folder(tmp_path / "marked")
+    table = tmp_path / "marked" / "train.csv"
+    table.write_bytes(b"\xef\xbb\xbf" + table.read_bytes())
+    plain, marked = (data.load(str(tmp_path / name), "train", cache_dir="")
+                     for name in ("plain", "marked"))
+    assert marked.names == plain.names and torch.equal(marked.labels, plain.labels)
+
+
+@pytest.mark.parametrize("second_label", ["4", "7"])
+def test_a_course_csv_naming_an_image_twice_is_refused(tmp_path, capsys, second_label):
+    make_course_folder(tmp_path / "d")
+    table = tmp_path / "d" / "train.csv"
+    table.write_text(table.read_text() + f"00000.png,{second_label}\n")
+    line = one_line_error(capsys, ["data", "--name", str(tmp_path / "d"), "--cache", "",
+                                   "--out", str(tmp_path / "out")])
+    assert "lists 00000.png twice (lines 2 and 5)" in line
+
+
+def test_an_image_claiming_too_many_pixels_is_refused_before_it_is_decoded(tmp_path):
+    folder = image_folder(tmp_path / "images")
+    (folder / "bomb.png").write_bytes(png_claiming(14000, 14000))  # 196 million pixels
+    with pytest.raises(util.UserError, match="bomb.png claims more than 89,478,485 pixels"):
+        data.load(str(folder), "train", cache_dir="")
+    (folder / "bomb.png").write_bytes(png_claiming(10000, 10000))  # only Pillow's warning
+    with pytest.raises(util.UserError, match="bomb.png claims more than"):
+        data.load(str(folder), "train", cache_dir="")
+
+
 # ============================================================================ plots
 # Pins ticks, lines, scatter points and grid labels where the axes say.
 
@@ -1515,6 +1611,23 @@ def test_scatter_plot_puts_points_where_the_axes_say(tmp_path):
     blue = (0x1f, 0x77, 0xb4)
     assert tuple(image[int(round(py[0])), int(round(px[0]))]) == blue
     assert tuple(image[int(round(py[1])), int(round(px[1]))]) == red
+
+
+def test_counts_on_the_x_axis_get_whole_ticks():
+    assert plots.nice_ticks(1, 3, whole=True) == [1, 2, 3]        # not 1.5, 2.5
+    assert plots.nice_ticks(2, 2, whole=True) == [1, 2, 3]        # one step: widened by 1
+    assert plots.nice_ticks(0, 10, whole=True) == [0, 2, 4, 6, 8, 10]  # never 2.5
+    assert plots.nice_ticks(1, 3) == [1.0, 1.5, 2.0, 2.5, 3.0]   # values keep their halves
+
+
+def test_line_plot_of_steps_has_whole_ticks_and_of_values_any(monkeypatch, tmp_path):
+    seen = []
+    real = plots.nice_ticks
+    monkeypatch.setattr(plots, "nice_ticks", lambda low, high, count=5, whole=False:
+                        seen.append(whole) or real(low, high, count, whole))
+    plots.line_plot({"FID": [300.0, 250.0, 240.0]}, tmp_path / "a.png", x=[1, 2, 3])
+    plots.line_plot({"loss": [1.0, 2.0]}, tmp_path / "b.png", x=[0.5, 1.5])
+    assert seen == [True, False, False, False]  # x then y of each figure
 
 
 # ============================================================================ tsne
@@ -2236,6 +2349,46 @@ def test_reports_label_a_grid_in_memory_and_write_it_once(tmp_path, monkeypatch)
                for left in range(saved.shape[1] - width + 1))  # right of the row labels
 
 
+def test_every_curve_a_run_draws_has_a_y_axis_label(tmp_path, monkeypatch, cheap_fid):
+    drawn = []
+    real = plots.line_plot
+    monkeypatch.setattr(plots, "line_plot", lambda series, path, **kw: drawn.append(
+        (Path(path).name, kw.get("ylabel"))) or real(series, path, **kw))
+    for variant in ("b", "wgan-gp"):
+        gan.train(toy_faces(), toy_faces(6), tiny_gan(variant=variant, fid_images=4),
+                  tmp_path / variant, "cpu", 0, weights=cheap_fid)
+    vae.train(toy_faces(16, 64), toy_faces(8, 64), tiny_vae(epochs=1, tsne_points=0),
+              tmp_path / "vae", "cpu", 0)
+    settings = tiny_uda(src="mnistm", tgt="usps", method="dann", tsne_points=0)
+    uda.train(uda.load_domains(settings, toy_load), settings, tmp_path / "uda", "cpu", 0)
+    classifier.train(toy_digits(16), toy_digits(8, seed=1), classifier.ClassifierSettings(
+        epochs=1, batch_size=8), tmp_path / "classifier", "cpu", 0)
+    assert {name for name, _ in drawn} >= {"loss.png", "d_outputs.png", "fid.png", "mse.png",
+                                           "kl.png", "accuracy.png"}
+    assert all(ylabel for _, ylabel in drawn), drawn
+
+
+def test_the_improved_gans_grid_says_how_many_steps_its_average_holds(tmp_path, monkeypatch):
+    titles = []
+    monkeypatch.setattr(reports, "save_grid", lambda images, path, **kw: titles.append(
+        kw.get("title")))
+    gan.train(toy_faces(), None, tiny_gan(variant="b", steps=20, sample_every=20), tmp_path,
+              "cpu", 0)
+    # after step 20 (t = 19): d = 20 / 29, an average of about 1 / (1 - d) = 3 steps
+    assert titles == ["GAN variant b, step 20: fixed z (G's weights averaged over about "
+                      "the last 3 steps)"]
+
+
+def test_the_data_preview_has_a_title(tmp_path, capsys):
+    faces = image_folder(tmp_path / "faces", count=5, size=16)
+    assert run.main(["data", "--name", str(faces), "--splits", "train", "--cache", "",
+                     "--out", str(tmp_path / "out")]) == 0
+    preview, = (tmp_path / "out" / "data").glob("faces-*-train-preview.png")
+    ink = np.asarray(Image.open(preview).convert("L")) < 128
+    grid = data.grid_image(torch.zeros(5, 3, 16, 16))
+    assert ink.shape[0] == grid.height + 20 and ink[:18].any()  # a title line above
+
+
 # ============================================================================ gan
 # Pins losses, DiffAugment, each variant's step with stub players, the loop's wiring.
 
@@ -2395,8 +2548,9 @@ def test_a_tiny_gan_run_writes_grid_curves_checkpoint_and_results(tmp_path, vari
     assert grid.size[1] == 20 + 4 * 34 + 2 and grid.size[0] >= 8 * 34 + 2  # under a title
 
 
-def test_resumed_gan_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
-    settings = tiny_gan(variant="b", steps=3)
+@pytest.mark.parametrize("variant", ["b", "hacks"])  # hacks: D's dropout masks too
+def test_resumed_gan_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, variant):
+    settings = tiny_gan(variant=variant, steps=3)
     gan.train(toy_faces(), None, settings, tmp_path / "whole", "cpu", 1)
 
     def interrupt(*args, **kwargs):
@@ -4562,6 +4716,126 @@ def test_gan_refuses_recipe_settings_out_of_range(changes, message, tmp_path, ca
     line = one_line_error(capsys, ["gan", "--data-root", str(tmp_path / "none"),
                                    "--out", str(tmp_path / "out")] + flags)
     assert message in line  # refused by run.validate, before any data is read
+
+
+def write_statistics(path: Path, mu, sigma) -> str:
+    np.savez(path, mu=mu, sigma=sigma)
+    return str(path)
+
+
+def bad_inputs_third_round(tmp: Path) -> list[tuple[list[str], str]]:
+    """(command line, what its one error line must say): damaged statistics and results,
+    hostile images, misspelt devices and policies, outputs that collide with files."""
+    faces = image_folder(tmp / "faces")
+    bomb = image_folder(tmp / "bomb")
+    (bomb / "huge.png").write_bytes(png_claiming(14000, 14000))
+    a_file = tmp / "a_file"
+    a_file.write_text("x")
+    good = np.zeros(8), np.eye(8)
+    nan_mu = write_statistics(tmp / "nan_mu.npz", np.full(8, np.nan), np.eye(8))
+    nan_sigma = write_statistics(tmp / "nan_sigma.npz", np.zeros(8), np.full((8, 8), np.nan))
+    flat_sigma = write_statistics(tmp / "flat.npz", np.zeros(8), np.ones(8))
+    words = write_statistics(tmp / "words.npz", np.array(["a", "b"]), np.array([["a"]]))
+    eight = write_statistics(tmp / "eight.npz", *good)
+    wide = write_statistics(tmp / "wide.npz", np.zeros(16), np.eye(16))
+    runs = {}
+    for name, text in (("truncated", '{"fid_curve": {"images": 5, "st'), ("listed", "[1, 2]"),
+                       ("no_images", '{"fid_curve": {"step": [1], "fid": [3.0]}}'),
+                       ("uneven", '{"fid_curve": {"images": 5, "step": [1, 2], "fid": [3.0]}}')):
+        (tmp / name).mkdir()
+        (tmp / name / "results.json").write_text(text)
+        runs[name] = str(tmp / name)
+    return [
+        (["fid", nan_mu, eight], "'mu' holds NaN or infinite values"),
+        (["fid", eight, nan_sigma], "'sigma' holds NaN or infinite values"),
+        (["fid", flat_sigma, eight], "are not a mean (D,) and a covariance (D, D)"),
+        (["fid", words, eight], "not numbers"),
+        (["fid", eight, wide], "has 8 features"),
+        (["fid", str(faces), str(tmp / "missing")], "missing not found"),
+        (["fid", str(bomb), eight], "huge.png claims more than"),
+        (["data", "--name", str(bomb)], "huge.png claims more than"),
+        (["curves", runs["truncated"]], "is not readable JSON"),
+        (["curves", runs["listed"]], "has no FID curve"),
+        (["curves", runs["no_images"]], "its fid_curve is not"),
+        (["curves", runs["uneven"]], "its fid_curve is not"),
+        (["curves", runs["uneven"], "--to", str(tmp / "curves")], "give a picture file name"),
+        (["curves", runs["uneven"], "--to", str(a_file / "c.png")], "is a file, not a folder"),
+        (["uda", "--batch-size", "1"], "--batch-size 1: batch norm needs at least 2"),
+        (["data", "--name", "mnist", "--device", "gpu7"], "--device gpu7: no such device"),
+        (["gan", "--augment", "translation,bogus", "--data", str(tmp / "no_faces")],
+         "no augmentation 'bogus'"),
+        (["facerate", "--folder", str(faces), "--detector", str(faces)],
+         "--detector " + str(faces) + " is a folder: give the path of a checkpoint"),
+        (["uda", "--predict", str(faces), "--ckpt", "x.pt", "--csv", str(a_file / "p.csv")],
+         "--csv"),
+    ]
+
+
+def test_third_round_of_bad_input_ends_in_one_error_line_each(tmp_path, capsys):
+    for argv, expected in bad_inputs_third_round(tmp_path):
+        capsys.readouterr()
+        line = one_line_error(capsys, argv + ["--out", str(tmp_path / "out"), "--cache", ""])
+        assert expected in line, (argv, line)
+    assert not (tmp_path / "out").exists()  # no picture, and no empty run folder either
+
+
+def test_a_damaged_checkpoint_stops_resume_and_generate_and_writes_nothing(tmp_path, capsys):
+    faces = str(image_folder(tmp_path / "faces", count=8, size=32))
+    argv = ["gan", "--data", faces, "--image-size", "32", "--steps", "2", "--batch-size", "4",
+            "--sample-every", "1", "--fid-images", "0", "--out", str(tmp_path / "out")]
+    assert run.main(argv) == 0
+    folder = tmp_path / "out" / "gan_b"
+    (folder / "results.json").unlink()
+    damage_the_largest_tensor(folder / "checkpoint.pt")
+    damaged = (folder / "checkpoint.pt").read_bytes()
+    line = one_line_error(capsys, argv[:6] + ["3"] + argv[7:] + ["--resume"])
+    assert "checkpoint.pt is damaged" in line and "drop --resume" in line
+    assert not (folder / "results.json").exists()  # no answer from damaged weights
+    assert (folder / "checkpoint.pt").read_bytes() == damaged  # and nothing overwritten
+    line = one_line_error(capsys, ["gan", "--generate", "2", "--ckpt", str(folder / "checkpoint.pt"),
+                                   "--out", str(tmp_path / "images")])
+    assert "is damaged" in line and "give --ckpt another checkpoint" in line
+    assert not (tmp_path / "images").exists()
+
+
+def test_a_failed_run_leaves_no_empty_run_folder_and_keeps_a_used_one(tmp_path, capsys):
+    argv = ["gan", "--data-root", str(tmp_path / "nothing"), "--no-download",
+            "--out", str(tmp_path / "runs")]
+    one_line_error(capsys, argv)
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "gan_b").mkdir(parents=True)
+    (tmp_path / "runs" / "gan_b" / "notes.txt").write_text("mine")
+    one_line_error(capsys, argv)
+    assert (tmp_path / "runs" / "gan_b" / "notes.txt").read_text() == "mine"
+
+
+def test_a_bad_dist_timeout_is_one_line_under_torchrun_and_ignored_without(monkeypatch,
+                                                                         capsys):
+    monkeypatch.setenv("DLCV_DIST_TIMEOUT", "abc")
+    assert run.main(["summary", "gan"]) == 0  # no torchrun: not read
+    capsys.readouterr()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "0")
+    line = one_line_error(capsys, ["classifier", "--device", "cpu", "--batch-size", "2"])
+    assert "DLCV_DIST_TIMEOUT=abc: give a whole number of seconds" in line
+    monkeypatch.setenv("RANK", "1")  # the other processes say nothing
+    assert run.main(["classifier", "--device", "cpu", "--batch-size", "2"]) == 2
+    assert capsys.readouterr().err == ""
+
+
+def test_facerate_keeps_two_folders_of_one_name_apart(tmp_path, capsys, monkeypatch):
+    detector = hog.FaceDetector()
+    hog.save_face_detector(detector, {}, tmp_path / "detector.pt")
+    for parent in ("run_a", "run_b"):
+        image_folder(tmp_path / parent / "samples", size=64)
+        assert run.main(["facerate", "--folder", str(tmp_path / parent / "samples"),
+                         "--detector", str(tmp_path / "detector.pt"),
+                         "--out", str(tmp_path / "out")]) == 0
+    written = sorted((tmp_path / "out" / "facerate").glob("samples-*.json"))
+    assert len(written) == 2
+    assert {json.loads(p.read_text())["folder"] for p in written} == {
+        str(tmp_path / "run_a" / "samples"), str(tmp_path / "run_b" / "samples")}
 
 
 # ============================================================================ bench

@@ -59,8 +59,8 @@ class StepLog:
 def check_finite(value: float, step: int, what: str = "loss"):
     """Stop a diverged run with one clear line (the last checkpoint stays untouched)."""
     if not math.isfinite(value):
-        raise UserError(f"{what} became {value} at step {step}: training diverged; "
-                        "lower the learning rate or resume from the last checkpoint")
+        raise UserError(f"{what} became {value} at step {step}; the last checkpoint is "
+                        f"kept: {util.DIVERGED}")
 
 
 class Run:

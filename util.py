@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import glob
+import hashlib
 import json
 import math
 import os
@@ -32,16 +33,24 @@ class UserError(Exception):
 
 # --------------------------------------------------------------------- device and seeds
 def choose_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA, then Apple's MPS, then the CPU; an explicit name must exist."""
+    """'auto' picks CUDA, then Apple's MPS, then the CPU; an explicit name (cpu, cuda,
+    cuda:N for GPU number N, mps) must exist on this machine."""
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": getattr(torch.backends, "mps", None) is not None
                  and torch.backends.mps.is_available()}
     if name == "auto":
         return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
-    if name not in available:
-        raise UserError(f"unknown device '{name}': use auto, cpu, cuda or mps")
-    if not available[name]:
-        raise UserError(f"device '{name}' is not available on this machine: use --device auto")
+    kind, _, number = name.partition(":")
+    if kind not in available or (number and (kind != "cuda" or not number.isdigit())):
+        raise UserError(f"--device {name}: no such device; use auto, cpu, cuda, cuda:N or "
+                        "mps")
+    if not available[kind]:
+        raise UserError(f"--device {name} is not available on this machine: use --device "
+                        "auto (or cpu)")
+    if number and int(number) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                        f"GPU(s), numbered from 0: give cuda:0 .. "
+                        f"cuda:{torch.cuda.device_count() - 1}")
     return torch.device(name)
 
 
@@ -191,8 +200,10 @@ def process_alive(pid: int) -> bool:
 @contextlib.contextmanager
 def exclusive(folder):
     """Hold FOLDER/.lock (our process id) while a run writes into folder, so two runs
-    never interleave their checkpoints. A lock whose process has ended is taken over."""
+    never interleave their checkpoints. A lock whose process has ended is taken over.
+    Folders made here that the run leaves empty (it failed before writing) are removed."""
     lock = Path(folder) / ".lock"
+    made = [parent for parent in (lock.parent, *lock.parent.parents) if not parent.exists()]
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         try:
@@ -209,6 +220,11 @@ def exclusive(folder):
         yield
     finally:
         lock.unlink(missing_ok=True)
+        for parent in made:  # innermost first; a folder holding anything stays
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (or another run wrote into it meanwhile)
+                break
 
 
 def write_arrays(arrays: dict, path) -> Path:
@@ -230,14 +246,44 @@ def read_arrays(path, remedy: str) -> dict:
                         f"({type(error).__name__}): {remedy}") from None
 
 
+DIVERGED = ("training diverged: start again with a lower learning rate (--lr where the "
+            "command has one) or another --seed; --resume would repeat the same steps")
+
+
 def save_checkpoint(state: dict, path) -> Path:
-    """torch.save to a temporary file, then an atomic rename over the old checkpoint.
+    """torch.save to a temporary file, then an atomic rename over the old checkpoint, with
+    the SHA-256 of its contents inside (payload_sha256), which load_checkpoint checks.
     Weights that are no longer finite are refused: the last good checkpoint stays."""
     if not all(torch.isfinite(tensor).all() for tensor in _floating_tensors(state)):
-        raise UserError(f"the weights became NaN or infinite (at {_position(state)}): "
-                        f"training diverged, {path} was not overwritten; lower the "
-                        "learning rate, or resume from the last checkpoint")
+        raise UserError(f"the weights became NaN or infinite (at {_position(state)}), "
+                        f"{path} was not overwritten: {DIVERGED}")
+    state = {**state, "sha256": payload_sha256(state)}
     return _atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def payload_sha256(value) -> str:
+    """SHA-256 of a checkpoint's contents, whatever container holds them: each tensor's
+    dtype, shape and bytes, every other value's repr, dict entries in key order. A byte
+    changed anywhere in the weights, the optimiser state or the history changes it."""
+    digest = hashlib.sha256()
+
+    def add(item):
+        if isinstance(item, torch.Tensor):
+            digest.update(f"{item.dtype}{tuple(item.shape)}".encode())
+            digest.update(item.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                          .numpy().tobytes())
+        elif isinstance(item, dict):
+            for key in sorted(item, key=repr):
+                digest.update(repr(key).encode())
+                add(item[key])
+        elif isinstance(item, (list, tuple)):
+            digest.update(f"{type(item).__name__}{len(item)}".encode())
+            for element in item:
+                add(element)
+        else:
+            digest.update(repr(item).encode())
+    add(value)
+    return digest.hexdigest()
 
 
 def _floating_tensors(value):
@@ -257,27 +303,37 @@ def _position(state: dict) -> str:
                 "this save")
 
 
-def load_checkpoint(path, device="cpu") -> dict:
+def load_checkpoint(path, device="cpu", given_by: str = "--ckpt") -> dict:
     """A checkpoint of this project: tensors, numbers, strings, lists and dicts only
-    (weights_only=True), so a crafted file cannot run code while it is read."""
+    (weights_only=True), so a crafted file cannot run code while it is read; its
+    contents must match the SHA-256 saved with them (files of earlier versions have
+    none). given_by: the flag that named the file, for the error line ("--resume": the
+    run folder's own checkpoint)."""
     path = Path(path)
+    instead = ("delete it, or drop --resume to start again" if given_by == "--resume"
+               else f"give {given_by} another checkpoint")
     if not path.is_file():
-        raise UserError(f"checkpoint {path} not found: give the path of a .pt file this "
-                        "project wrote (--ckpt), or drop --resume to start fresh")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise UserError(f"{given_by} {path} {what}: give the path of a checkpoint (.pt) "
+                        "this project wrote")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # truncated, foreign or unsafe: say so in one line
         raise UserError(f"{path} cannot be read as a checkpoint of this project "
                         f"({type(error).__name__}): it is damaged, holds other objects, or "
-                        "is not a checkpoint; delete it or pick another") from None
+                        f"is not a checkpoint; {instead}") from None
     if not isinstance(state, dict):
-        raise UserError(f"{path} is not a checkpoint of this project: pick another file")
+        raise UserError(f"{path} is not a checkpoint of this project: {instead}")
+    saved = state.pop("sha256", None)
+    if saved is not None and saved != payload_sha256(state):
+        raise UserError(f"{path} is damaged: its contents no longer match the SHA-256 saved "
+                        f"with them (a disk or copy fault); {instead}, or train again")
     return state
 
 
-def checkpoint_of(path, device, command: str) -> dict:
+def checkpoint_of(path, device, command: str, given_by: str = "--ckpt") -> dict:
     """A checkpoint written by `run.py command` (each one records its command)."""
-    state = load_checkpoint(path, device)
+    state = load_checkpoint(path, device, given_by)
     if state.get("command") != command or "settings" not in state:
         made_by = f"'run.py {state['command']}'" if "command" in state else "something else"
         raise UserError(f"{path} was written by {made_by}, not by 'run.py {command}': "
@@ -289,7 +345,7 @@ def resume_state(path, device, command: str, settings, seed: int, may_change=())
     """The checkpoint a --resume continues from, if it belongs to this run: same command,
     seed and settings, apart from `resume` and the fields in may_change (e.g. --steps).
     A resumed run must be the run it continues, or its figures would mean nothing."""
-    state = checkpoint_of(path, device, command)
+    state = checkpoint_of(path, device, command, "--resume")
     stored = state["settings"]
     changed = [f"--seed {state.get('seed')} (now {seed})"] if state.get("seed") != seed else []
     changed += [f"--{name.replace('_', '-')} {stored.get(name)} (now {value})"
