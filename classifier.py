@@ -51,7 +51,8 @@ def random_shift(images: torch.Tensor, fraction: float, generator=None) -> torch
     theta = torch.zeros(count, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1
     theta[:, :, 2] = shifts
-    grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
+    grid = F.affine_grid(util.to_device(theta, images.device), list(images.shape),
+                         align_corners=False)
     return F.grid_sample(images, grid, padding_mode="reflection", align_corners=False)
 
 

@@ -101,12 +101,19 @@ class NoiseSchedule:
                                        / (1 - self.alphas_cumprod))
         self.posterior_mean_coef_xt = ((1 - self.alphas_cumprod_prev) * self.alphas.sqrt()
                                        / (1 - self.alphas_cumprod))
+        # Min-SNR-gamma's loss weights min(SNR_t, gamma) / SNR_t = min(gamma / SNR_t, 1)
+        self.min_snr_weights = (MIN_SNR_GAMMA / self.snr).clamp(max=1)
+        self.moved = {}  # (table, dtype, device) -> the table there (at)
 
-    @staticmethod
-    def at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """values[t - 1] for a batch of timesteps t (B,), shaped (B, 1, 1, 1) like x (cast
-        before the move: some devices, such as Apple's MPS, hold no float64)."""
-        return values.to(like.dtype).to(like.device)[t - 1].view(-1, *[1] * (like.dim() - 1))
+    def at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """values[t - 1] for a batch of timesteps t (B,), shaped (B, 1, 1, 1) like x. Each
+        table is cast (before the move: some devices, such as Apple's MPS, hold no
+        float64) and moved to x's device once, then kept: a copy from the CPU at every
+        call would make a GPU wait."""
+        key = (id(values), like.dtype, like.device)
+        if key not in self.moved or self.moved[key][0] is not values:
+            self.moved[key] = values, values.to(like.dtype).to(like.device)
+        return self.moved[key][1][t - 1].view(-1, *[1] * (like.dim() - 1))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
@@ -233,8 +240,8 @@ class Diffusion(torch.nn.Module):
         if self.settings.loss_weight == "uniform":
             return torch.ones(len(t), device=t.device)
         if self.settings.loss_weight == "min-snr":
-            weights = (MIN_SNR_GAMMA / self.schedule.snr).clamp(max=1)   # (T,), float64
-            return weights.float().to(t.device)[t - 1]
+            return self.schedule.at(self.schedule.min_snr_weights, t,
+                                    torch.empty(len(t), device=t.device))
         raise UserError(f"unknown --loss-weight '{self.settings.loss_weight}': "
                         "use uniform or min-snr")
 
@@ -280,8 +287,8 @@ def sample_ddpm(model: Diffusion, labels: torch.Tensor, w: float,
         mean, variance = schedule.posterior(x0, x, t)
         # x_{t-1} = mu~_t + sqrt(beta~_t) z, z ~ N(0, I). At t = 1, beta~_1 = 0: no z is
         # drawn, which also keeps the random stream the same as DDIM's with eta = 1
-        noise = (torch.randn(x.shape, generator=generator).to(device) if timestep > 1
-                 else 0.0)
+        noise = (util.to_device(torch.randn(x.shape, generator=generator), device)
+                 if timestep > 1 else 0.0)
         x = mean + variance.sqrt() * noise
         on_step()
         if timestep - 1 in keep_at:
@@ -291,7 +298,7 @@ def sample_ddpm(model: Diffusion, labels: torch.Tensor, w: float,
 
 def pure_noise(count: int, generator: torch.Generator, device) -> torch.Tensor:
     """x_T ~ N(0, I), (count, 3, 28, 28), drawn on the CPU so every device gets the same."""
-    return torch.randn(count, *IMAGE_SHAPE, generator=generator).to(device)
+    return util.to_device(torch.randn(count, *IMAGE_SHAPE, generator=generator), device)
 
 
 def predict_clipped_x0(schedule: NoiseSchedule, x_t, t, eps) -> torch.Tensor:
@@ -338,7 +345,8 @@ def sample_ddim(model: Diffusion, labels: torch.Tensor, w: float,
         #             sqrt(1 - alpha_bar_t / alpha_bar_t')
         sigma = eta * math.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)
                                 * (1 - alpha_bar / alpha_bar_next))
-        noise = torch.randn(x.shape, generator=generator).to(device) if sigma > 0 else 0.0
+        noise = (util.to_device(torch.randn(x.shape, generator=generator), device)
+                 if sigma > 0 else 0.0)
         # x_t' = sqrt(alpha_bar_t') x^_0 + sqrt(1 - alpha_bar_t' - sigma^2) eps^ + sigma z
         x = (math.sqrt(alpha_bar_next) * x0
              + math.sqrt(max(1 - alpha_bar_next - sigma ** 2, 0.0)) * eps + sigma * noise)

@@ -269,9 +269,9 @@ def inception_features(network: FIDInception, images: torch.Tensor, batch_size: 
     """(N, 3, H, W) images in [-1, 1] (the project's convention) -> (N, 2048) float64.
     Always float32: under bfloat16 autocast features (mean 0.19) moved by up to 0.1."""
     def features_of(start: int) -> torch.Tensor:                        # (batch, 2048)
-        batch = images[start:start + batch_size].to(device, torch.float32)
+        batch = util.to_device(images[start:start + batch_size].float(), device)
         batch = ((batch + 1) / 2).contiguous(memory_format=torch.channels_last)
-        return network(batch).double()
+        return network(batch).cpu().double()  # float64 on the CPU: MPS holds none
     # under torchrun the batches are split across the processes, gathered in order
     return torch.cat(parallel.in_order(features_of, range(0, len(images), batch_size),
                                        "inception features")).numpy()

@@ -204,7 +204,8 @@ class Random:
 
     def _draw(self, sampler, shape) -> torch.Tensor:
         global_shape = (shape[0] * world(), *shape[1:])
-        return rows(sampler(global_shape, generator=self.generator)).to(self.device)
+        return util.to_device(rows(sampler(global_shape, generator=self.generator)),
+                              self.device)
 
     def rand(self, *shape) -> torch.Tensor:
         return self._draw(torch.rand, shape)
@@ -218,8 +219,8 @@ class Random:
     def indices(self, population: int, global_batch_size: int) -> torch.Tensor:
         """This process's share of global_batch_size indices into `population` images,
         drawn with replacement (unlike the draws above, the count is the global batch's)."""
-        return rows(torch.randint(population, (global_batch_size,), generator=self.generator)
-                    ).to(self.device)
+        return util.to_device(rows(torch.randint(population, (global_batch_size,),
+                                                 generator=self.generator)), self.device)
 
     def state_dict(self) -> torch.Tensor:
         return self.generator.get_state()
@@ -378,16 +379,17 @@ def share_batch_layers(model: nn.Module) -> nn.Module:
 
 # ============================================================================ gathering
 def average(numbers: dict) -> dict:
-    """The mean over processes of each number a step returned (each a mean over its own
-    rows), so the logged loss is that of the global batch."""
+    """The mean over processes of each list of numbers the steps returned ({name: [one a
+    step]}, each a mean over the process's own rows), so the logged losses are those of
+    the global batch."""
     if world() == 1:
         return numbers
     names = list(numbers)
-    values = torch.tensor([float(numbers[name]) for name in names], dtype=torch.float64)
+    values = torch.tensor([numbers[name] for name in names], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         values = values.cuda()
     dist.all_reduce(values)
-    return {name: value / world() for name, value in zip(names, values.tolist())}
+    return {name: (row / world()).tolist() for name, row in zip(names, values.cpu())}
 
 
 def in_order(function, items, desc: str = "") -> list:

@@ -226,6 +226,8 @@ def training_device(common: Common, settings) -> torch.device:
     group, and the global batch must split evenly over the processes."""
     device = parallel.start(common.device)
     parallel.check_batch(settings.batch_size)
+    if device.type == "cuda":  # the shapes stay the same: let cuDNN time and pick its
+        torch.backends.cudnn.benchmark = True  # fastest convolutions once
     return device
 
 

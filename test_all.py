@@ -1903,6 +1903,25 @@ def test_run_writes_best_pt_only_when_an_fid_beats_every_earlier_one(tmp_path):
     assert best_steps == [2, 2, 4, 4, 4]
 
 
+def test_run_takes_the_logged_numbers_from_the_device_every_ten_steps(tmp_path, monkeypatch):
+    """No wait for the GPU at every step: the numbers of 10 steps (and of a checkpoint
+    step) come to the CPU together; the sums, and a NaN's step, are those of each step."""
+    taken, real_stack = [], torch.stack
+    monkeypatch.setattr(torch, "stack", lambda tensors, *a, **k: taken.append(len(tensors))
+                        or real_stack(tensors, *a, **k))
+    run = training.Run(tmp_path, "test", tiny_gan(), 0, "cpu", state={}, steps=25, every=20)
+    for step in run:
+        run.log({"loss": torch.tensor(float(step))})
+    assert taken == [10, 10, 5]  # steps 1-10, 11-20 (a checkpoint), 21-25 (the last)
+    assert run.history == {"step": [20, 25], "loss": [9.5, 22.0]}  # means of 0..19, 20..24
+    monkeypatch.setattr(torch, "stack", real_stack)
+    run = training.Run(tmp_path, "test", tiny_gan(), 0, "cpu", state={}, steps=30, every=30)
+    with pytest.raises(util.UserError, match="test loss became nan at step 13"):
+        for step in run:
+            run.log({"loss": torch.tensor(float("nan") if step == 12 else 1.0)})
+    assert run.step == 19  # found when steps 11-20 were taken
+
+
 # ============================================================================ metrics
 # Pins FID's Inception against pytorch-fid, the Frechet distance, the held-out cache.
 
@@ -3020,6 +3039,29 @@ def test_gan_training_refreshes_the_averages_statistics_before_fid_and_pictures(
                      "gan_pictures"] * 2
 
 
+@pytest.mark.parametrize("variant", ["a", "b", "acgan", "wgan-gp", "hacks"])
+def test_every_tensor_of_a_gan_step_and_sample_is_on_the_models_device(variant):
+    """On the meta device an op mixing a CPU tensor with the model's fails: so a z, a
+    target, a noise or an index created without the device (fine on a CPU, an error or a
+    copy on a GPU) is caught here without a GPU."""
+    meta = torch.device("meta")
+    settings = gan.GANSettings(variant=variant, image_size=32, batch_size=4,
+                               augment="translation,color,cutout")
+    model = gan.GAN(settings).to(meta)
+    rng = parallel.Random(0, meta)
+    faces = data.ImageSet(torch.zeros(8, 3, 32, 32, dtype=torch.uint8),
+                          torch.arange(8) % 2).to(meta)
+    optimizers = gan.build_optimizers(model, settings)
+    if variant == "wgan-gp":
+        gan.wgan_gp_step(model, optimizers, lambda: gan.real_batch(faces, settings, rng)[0],
+                         settings, rng)
+    else:
+        gan.train_step(model, optimizers, *gan.real_batch(faces, settings, rng), settings, rng,
+                       noise_std=0.1)
+    model.update_ema(3, settings.ema_decay)
+    assert model.sample(*gan.fixed_noise(settings, 4, 0)).device == meta
+
+
 # ============================================================================ vae
 # Pins the ELBO's terms, the reparameterisation, the step and loop, eval-mode sampling.
 
@@ -3193,6 +3235,17 @@ def test_vae_decodes_encodes_and_evaluates_each_face_on_its_own():
     interpolated = vae.interpolation(model, faces.images()[0], faces.images()[1])
     assert not model.training and torch.allclose(interpolated[0:1], vae.decode(
         model, model.encode(faces.images()[:1])[0]), atol=1e-5)
+
+
+def test_every_tensor_of_a_vae_step_is_on_the_models_device():
+    meta = torch.device("meta")
+    model = nets.VAE(8).to(meta)
+    optimizer = torch.optim.Adam(model.parameters())
+    terms = vae.losses(model, torch.zeros(4, 3, 64, 64, device=meta),
+                       parallel.Random(0, meta).randn(4, 8))
+    (terms["reconstruction"] + terms["kl"]).backward()
+    optimizer.step()
+    assert vae.decode(model, torch.zeros(2, 8)).device == meta
 
 
 # ============================================================================ ddpm
@@ -3673,6 +3726,20 @@ def test_an_unknown_sampler_is_refused():
     model, settings = tiny_diffusion(sampler="euler")
     with pytest.raises(util.UserError, match="unknown --sampler 'euler'"):
         ddpm.sample(model, settings, torch.tensor([0]), seed=0)
+
+
+@pytest.mark.parametrize("loss_weight, sampler", [("uniform", "ddim"), ("min-snr", "ddpm")])
+def test_every_tensor_of_a_ddpm_step_and_its_samplers_is_on_the_models_device(loss_weight,
+                                                                                sampler):
+    meta = torch.device("meta")
+    model, settings = tiny_diffusion(timesteps=10, sampling_steps=3, eta=1.0,
+                                     loss_weight=loss_weight, sampler=sampler)
+    model = model.to(meta)
+    loss = model.loss(torch.zeros(4, 3, 28, 28, device=meta),
+                      torch.zeros(4, dtype=torch.long, device=meta), parallel.Random(0, meta))
+    loss.backward()
+    images, kept = ddpm.sample(model, settings, torch.arange(2), seed=0, keep_at={10, 0})
+    assert loss.device == images.device == kept[0].device == meta
 
 
 # ============================================================================ uda
@@ -4368,6 +4435,30 @@ def test_uda_refreshes_the_averages_statistics_before_each_evaluation(tmp_path, 
     uda.train(uda.load_domains(settings, toy_load), settings, tmp_path, "cpu", seed=0)
     epoch = ["refresh_statistics", "predict", "predict", "save_checkpoint"]
     assert calls == epoch * 2 + ["predict"]  # and the final predictions
+
+
+@pytest.mark.parametrize("method", ["source", "dann", "adda", "gta", "self-ensembling"])
+def test_every_tensor_of_a_uda_step_is_on_the_networks_device(method):
+    meta = torch.device("meta")
+    networks = uda.Networks(method).to(meta)
+    source, labels = torch.zeros(4, 3, 28, 28, device=meta), torch.zeros(4, dtype=torch.long,
+                                                                         device=meta)
+    rng, settings = parallel.Random(0, meta), uda.UDASettings(method=method)
+    optimizers = (uda.make_optimizers(networks, settings) if method != "adda" else
+                  {"domain": torch.optim.Adam(networks.domain.parameters()),
+                   "target": torch.optim.Adam(networks.target_features.parameters())})
+    step = {"source": lambda: uda.classify_step(networks, source, labels,
+                                                optimizers["optimizer"]),
+            "dann": lambda: uda.dann_step(networks, source, labels, source,
+                                          optimizers["optimizer"], 0.5, 0.1),
+            "adda": lambda: uda.adda_step(networks, source, source, optimizers),
+            "gta": lambda: uda.gta_step(networks, networks.discriminator, source, labels,
+                                        source, rng.randn(8, uda.GTA_NOISE), optimizers, 0.1,
+                                        0.3),
+            "self-ensembling": lambda: uda.self_ensembling_step(
+                networks, copy.deepcopy(networks), source, labels, source,
+                optimizers["optimizer"], rng, 3.0, 0.9, 0.005)}[method]
+    assert all(value.device == meta for value in step().values())
 
 
 # ============================================================================ run

@@ -28,6 +28,9 @@ import util
 from util import UserError
 
 
+LOG_EVERY = 10  # steps whose numbers are taken from the device together
+
+
 class StepLog:
     """What a step-based training loop plots and times: each step's numbers are summed, and
     `commit(step)` appends their means since the previous commit to `history` (with the
@@ -100,7 +103,7 @@ class Run:
             self.step_log = StepLog(stored["history"], stored["seconds"])
             self.first = stored["step"]
             print(f"resumed from {self.checkpoint} at step {self.first}")
-        self.step = self.first
+        self.step, self.pending = self.first, []  # the logged numbers not yet taken
         self.progress = util.Progress(desc=self.desc, total=steps, initial=self.first)
 
     @property
@@ -127,16 +130,31 @@ class Run:
         return (self.step + 1) % self.every == 0 or self.step + 1 == self.steps
 
     def log(self, numbers: dict):
-        """The step's numbers ({name: number or 0-d tensor}), averaged over the processes;
-        at a checkpoint step, the period's means go into the history."""
-        numbers = parallel.average({name: torch.as_tensor(value).item()
-                                    for name, value in numbers.items()})
-        for name, value in numbers.items():
-            check_finite(value, self.step + 1, f"{self.desc} {name}")
-        self.step_log.add(numbers)
-        self.progress.update(1, **{name: round(value, 4) for name, value in numbers.items()})
+        """The step's numbers ({name: number or 0-d tensor}). They stay where they are (on
+        a GPU: no wait for its work to finish) until every LOG_EVERY-th step and each
+        checkpoint step; then they come to the CPU at once, are averaged over the
+        processes, checked (a NaN or inf stops the run, naming its step), summed and
+        shown. At a checkpoint step the period's means go into the history."""
+        self.pending.append({name: torch.as_tensor(value).detach()
+                             for name, value in numbers.items()})
+        if self.at_checkpoint or len(self.pending) == LOG_EVERY:
+            self._take_pending()
         if self.at_checkpoint:
             self.step_log.commit(self.step + 1)
+
+    def _take_pending(self):
+        first = self.step + 2 - len(self.pending)  # the step number of pending[0]
+        values = parallel.average({name: torch.stack([numbers[name] for numbers in
+                                                      self.pending]).cpu().tolist()
+                                   for name in self.pending[0]})
+        for offset in range(len(self.pending)):
+            numbers = {name: row[offset] for name, row in values.items()}
+            for name, value in numbers.items():
+                check_finite(value, first + offset, f"{self.desc} {name}")
+            self.step_log.add(numbers)
+        self.progress.update(len(self.pending), **{name: round(value, 4)
+                                                   for name, value in numbers.items()})
+        self.pending = []
 
     def save_checkpoint(self):
         done = self.step + 1

@@ -357,7 +357,7 @@ def augment(images: torch.Tensor, rng: Random, shift: float = 2.0, deform: float
     matrix = torch.eye(2, device=device) + deform * rng.randn(count, 2, 2)   # (B, 2, 2)
     # affine_grid's coordinates run over [-1, 1]: a pixel is 2 / width of them
     offset = shift * (2 * rng.rand(count, 2) - 1)
-    offset = offset * 2 / torch.tensor([width, height], device=device)  # (B, 2)
+    offset = torch.stack([offset[:, 0] * 2 / width, offset[:, 1] * 2 / height], dim=1)
     grid = F.affine_grid(torch.cat([matrix, offset[..., None]], dim=2), list(images.shape),
                          align_corners=False)                          # (B, H, W, 2)
     moved = F.grid_sample(images, grid, padding_mode="border", align_corners=False)
@@ -682,10 +682,11 @@ class Epochs:
 
     def batch(self, step: int):
         position = step % self.steps
-        if position == 0 or self.indices is None:
-            self.indices = paired_indices(len(self.source), len(self.target),
-                                          self.batch_size,
-                                          torch.Generator().manual_seed(self.seed(step)))
+        if position == 0 or self.indices is None:  # the epoch's batches, moved at once
+            self.indices = [util.to_device(indices, self.source.pixels.device)
+                            for indices in paired_indices(
+                                len(self.source), len(self.target), self.batch_size,
+                                torch.Generator().manual_seed(self.seed(step)))]
         source_index, target_index = (parallel.rows(indices[position])
                                       for indices in self.indices)
         return ((self.source.images(source_index), self.source.labels[source_index]),

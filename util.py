@@ -54,6 +54,16 @@ def choose_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor (random draws, index batches) on the device. To a GPU it goes from
+    pinned memory without blocking, so the copy queues behind the work already sent
+    instead of waiting for it (a plain copy from pageable memory makes the CPU wait)."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def stream_seed(seed: int, index: int) -> int:
     """The seed of a run's epoch or step number `index`: each epoch (or step) draws from a
     stream of its own, so a run resumed at its start draws exactly what it would have."""
