@@ -26,21 +26,30 @@ the steps' own time (training.Run's clock, without evaluation and pictures).
 """
 import argparse
 import copy
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import data
+import ddpm
+import gan
 import metrics
+import nets
+import parallel
 import tsne
 import uda
+import vae
 from util import UserError
 
 
@@ -161,6 +170,277 @@ def bench_uda(args):
               f"a domain, {args.threads} threads)", flush=True)
 
 
+# ============================================================================ the GPU check
+def synthetic_data(root: Path) -> Path:
+    """Tiny stand-ins laid out as the real downloads are, so every command runs where
+    nothing can be downloaded: 96 CelebA-style faces (64 for training) in a zip with their
+    annotation files, 40 MNIST-M-style digits a split in the original tar.gz, and two
+    folders of course-layout digits (src; tgt, the colours inverted), 80 each."""
+    rng = np.random.default_rng(0)
+    (root / "celeba").mkdir(parents=True)
+    names = [f"{i:06d}.jpg" for i in range(1, 97)]
+    (root / "celeba" / "list_attr_celeba.txt").write_text(
+        "96\nMale Smiling\n" + "".join(f"{n} {1 if i % 2 else -1} {1 if i // 2 % 2 else -1}\n"
+                                       for i, n in enumerate(names)))
+    (root / "celeba" / "list_eval_partition.txt").write_text(
+        "".join(f"{n} {0 if i < 64 else 2}\n" for i, n in enumerate(names)))
+    with zipfile.ZipFile(root / "celeba" / "img_align_celeba.zip", "w") as bundle:
+        for name in names:
+            face = rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)
+            face[60:160, 50:130] = (200, 160, 140)
+            bundle.writestr(f"img_align_celeba/{name}", encoded(face, "JPEG"))
+    (root / "mnist_m").mkdir()
+    with tarfile.open(root / "mnist_m" / "mnist_m.tar.gz", "w:gz") as bundle:
+        for part in ("train", "test"):
+            members = {f"mnist_m/mnist_m_{part}/{i:08d}.png": encoded(
+                rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "PNG") for i in range(40)}
+            members[f"mnist_m/mnist_m_{part}_labels.txt"] = "".join(
+                f"{i:08d}.png {i % 10}\n" for i in range(40)).encode()
+            for name, blob in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                bundle.addfile(info, io.BytesIO(blob))
+    for folder, inverted in (("src", False), ("tgt", True)):
+        labels = np.arange(80) % 10
+        digits = rng.integers(0, 60, (80, 28, 28, 3), dtype=np.uint8)
+        digits[np.arange(80), 2 * labels + 4] = 255  # class k: a bright band at row 2k + 4
+        (root / folder / "data").mkdir(parents=True)
+        for i, digit in enumerate(255 - digits if inverted else digits):
+            Image.fromarray(digit).save(root / folder / "data" / f"{i:05d}.png")
+        rows = "".join(f"{i:05d}.png,{label}\n" for i, label in enumerate(labels))
+        for split in ("train", "val"):
+            (root / folder / f"{split}.csv").write_text("image_name,label\n" + rows)
+    return root
+
+
+def encoded(array: np.ndarray, kind: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+def gpu_rows(work: Path, device: str, weights: str, processes: int) -> list:
+    """(name, command line, expected exit status) of each row: a tiny run of every
+    command, a resume, torchrun, and the bad inputs a GPU machine meets."""
+    root, out = work / "data", work / "out"
+    common = ["--data-root", str(root), "--cache", str(work / "cache"), "--no-download",
+              "--device", device]
+    src, tgt = str(root / "src"), str(root / "tgt")
+    fid = ["--weights", weights]
+    gan = ["--image-size", "64", "--batch-size", "32", "--sample-every", "10",
+           "--fid-images", "64", *fid]
+    ddpm = ["--data", src, "--width", "32", "--batch-size", "32", "--sample-every", "10",
+            "--sampling-steps", "10", "--classifier", str(out / "classifier" / "checkpoint.pt")]
+    rows = [(f"gan {variant}", ["gan", "--variant", variant, "--steps", "20", *gan,
+                                "--out", str(out / variant)], 0)
+            for variant in ("a", "b", "acgan", "wgan-gp", "hacks")]
+    rows += [
+        ("gan --resume", ["gan", "--steps", "30", "--resume", *gan, "--out", str(out / "b")],
+         0),
+        ("gan --generate", ["gan", "--generate", "64", "--ckpt",
+                            str(out / "b" / "gan_b" / "checkpoint.pt"),
+                            "--out", str(out / "faces")], 0),
+        ("facerate", ["facerate", "--folder", str(out / "faces"), "--out", str(out)], 0),
+        ("fid --save-stats", ["fid", "--save-stats", str(out / "faces"),
+                              str(out / "faces.npz"), *fid], 0),
+        ("fid", ["fid", str(out / "faces"), str(out / "faces.npz"), *fid], 0),
+        ("vae", ["vae", "--epochs", "2", "--batch-size", "16", "--latent-dim", "32",
+                 "--tsne-points", "40", "--fid-images", "32", "--fid-every", "1", *fid,
+                 "--out", str(out)], 0),
+        ("classifier", ["classifier", "--data", src, "--epochs", "2", "--batch-size", "16",
+                        "--out", str(out)], 0),
+        ("ddpm ddim --amp auto", ["ddpm", *ddpm, "--steps", "20", "--fid-images", "20",
+                                  *fid, "--out", str(out / "ddim")], 0),
+        ("ddpm ancestral --amp off", ["ddpm", *ddpm, "--steps", "10", "--timesteps", "100",
+                                      "--sampler", "ddpm", "--amp", "off", "--fid-images",
+                                      "0", "--out", str(out / "ancestral")], 0),
+    ]
+    rows += [(f"ddpm --generate {sampler} --amp {amp}", [
+        "ddpm", "--generate", "--ckpt", str(out / "ddim" / "ddpm" / "checkpoint.pt"),
+        "--per-digit", "10", "--sampler", sampler, "--amp", amp, "--out",
+        str(out / f"digits_{sampler}_{amp}")], 0) for sampler, amp in (("ddim", "off"),
+                                                                      ("ddpm", "auto"))]
+    rows += [(f"uda {method}", ["uda", "--method", method, "--src", src, "--tgt", tgt,
+                                "--epochs", "1", "--adapt-epochs", "1", "--batch-size", "32",
+                                "--tsne-points", "60", "--out", str(out / method)], 0)
+             for method in ("source", "dann", "dann-ent", "adda", "gta", "self-ensembling",
+                            "target")]
+    rows += [
+        ("uda --predict", ["uda", "--predict", str(root / "tgt" / "data"), "--ckpt",
+                           str(out / "dann" / "uda" / "src-tgt" / "dann" / "checkpoint.pt"),
+                           "--csv", str(out / "predictions.csv")], 0),
+        (f"torchrun, {processes} process(es)",
+         ["torchrun", str(processes), "gan", "--steps", "10", *gan, "--out",
+          str(out / "torchrun")], 0),
+    ]
+    if device == "cuda":  # what a GPU machine refuses (a CPU would try to hold the batch)
+        rows += [
+            ("bad: --device cuda:N past the last GPU",
+             ["gan", "--device", f"cuda:{torch.cuda.device_count()}"], 2),
+            ("bad: a batch the GPU cannot hold", ["gan", "--steps", "1", "--batch-size",
+                                                  "4000000", "--fid-images", "0",
+                                                  "--out", str(out / "huge")], 2),
+            ("bad: torchrun with more processes than GPUs",
+             ["torchrun", str(torch.cuda.device_count() + 1), "gan", "--steps", "1",
+              "--out", str(out / "too_many")], 2)]
+    return [(name, argv if argv[0] == "torchrun" or "--device" in argv else argv + common,
+             expected) for name, argv, expected in rows]
+
+
+def run_row(argv: list, work: Path, device: str,
+            seconds_left: float) -> tuple[int, str, float]:
+    """One command line in a process of its own: (exit status, its last line, seconds)."""
+    if argv[0] == "torchrun":  # ["torchrun", N, command...]: the same flags, N processes
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node", argv[1], "run.py"]
+        argv = argv[2:] + ["--data-root", str(work / "data"), "--cache", str(work / "cache"),
+                           "--no-download", "--device", device]
+    else:
+        launcher = [sys.executable, "run.py"]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(launcher + argv, cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=max(seconds_left, 1))
+    except subprocess.TimeoutExpired:
+        return -1, "stopped: the check's ten minutes ran out", time.perf_counter() - start
+    lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    said = next((line for line in reversed(lines) if line.startswith(("error:",
+                                                                      "Traceback"))), "")
+    return done.returncode, said or (lines[-1] if lines else ""), time.perf_counter() - start
+
+
+def step_speeds(device: torch.device, cpu_steps: int = 2, gpu_steps: int = 20) -> list:
+    """Images per second of one training step of each model, on the device and on the
+    CPU, at the batch size its command trains with (synthetic images, no data loading)."""
+    rows = []
+    for name, make_step, batch in SPEED_MODELS:
+        speeds = {}
+        for where, steps in ((device, gpu_steps if device.type == "cuda" else cpu_steps),
+                             (torch.device("cpu"), cpu_steps)):
+            step = make_step(where, batch)
+            step()  # warm-up: cuDNN's choice of algorithms, allocations
+            synchronize(where)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            synchronize(where)
+            speeds[where.type] = steps * batch / (time.perf_counter() - start)
+        rows.append((f"speed: {name} step, batch {batch}", speeds))
+    return rows
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gan_step(device, batch):
+    settings = gan.GANSettings(variant="b", batch_size=batch)
+    model = gan.GAN(settings).to(device)
+    optimizers = gan.build_optimizers(model, settings)
+    rng, real = parallel.Random(0, device), torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
+    return lambda: (model.train(), gan.train_step(model, optimizers, real, None, settings, rng),
+                    model.update_ema(100, settings.ema_decay))
+
+
+def vae_step(device, batch):
+    model = nets.VAE(512).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    rng, faces = parallel.Random(0, device), torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
+
+    def step():
+        terms = vae.losses(model.train(), faces, rng.randn(batch, 512))
+        optimizer.zero_grad(set_to_none=True)
+        (terms["reconstruction"] + terms["kl"]).backward()
+        optimizer.step()
+    return step
+
+
+def ddpm_step(device, batch, amp="auto"):
+    model = ddpm.Diffusion(ddpm.DDPMSettings(amp=amp)).to(device)
+    optimizer = torch.optim.Adam(model.network.parameters(), 2e-4)
+    rng = parallel.Random(0, device)
+    digits, labels = torch.rand(batch, 3, 28, 28, device=device) * 2 - 1, rng.randint(0, 10, (batch,))
+
+    def step():
+        model.network.train()
+        loss = model.loss(digits, labels, rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.update_ema(100)
+    return step
+
+
+def dann_step(device, batch):
+    networks = uda.Networks("dann").to(device, memory_format=torch.channels_last)
+    settings = uda.UDASettings(method="dann")
+    optimizer = uda.make_optimizers(networks, settings)["optimizer"]
+    source, target = (torch.rand(batch, 3, 28, 28, device=device) * 2 - 1 for _ in "st")
+    labels = torch.arange(batch, device=device) % 10
+    return lambda: uda.dann_step(networks.train(), source, labels, target, optimizer, 0.5)
+
+
+SPEED_MODELS = [("GAN b 64x64", gan_step, 128), ("VAE 64x64", vae_step, 64),
+                ("DDPM width 64, --amp auto", ddpm_step, 128),
+                ("DDPM width 64, --amp off",
+                 lambda device, batch: ddpm_step(device, batch, "off"), 128),
+                ("UDA DANN", dann_step, 128)]
+
+
+def fid_speeds(device: torch.device, weights) -> tuple:
+    """FID feature extraction, images per second, on the device and on the CPU."""
+    network = (metrics.load_fid_inception(device=device, weights=weights) if weights
+               else metrics.for_inference(metrics.FIDInception(), device))
+    speeds = {}
+    for where, count in ((device, 2000 if device.type == "cuda" else 50),
+                         (torch.device("cpu"), 50)):
+        network = metrics.for_inference(network, where)
+        images = torch.rand(count, 3, 64, 64) * 2 - 1
+        metrics.inception_features(network, images[:50], device=where)  # warm-up
+        synchronize(where)
+        start = time.perf_counter()
+        metrics.inception_features(network, images, batch_size=250 if where.type == "cuda"
+                                   else 50, device=where)
+        speeds[where.type] = count / (time.perf_counter() - start)
+    return "speed: FID features, 64x64 images", speeds
+
+
+def bench_gpu(args) -> int:
+    """Every command, tiny, on the GPU, within ten minutes: one row each, and the speed of
+    each model's training step and of FID's features against the CPU. Exit 1 if a row
+    failed; without a CUDA GPU, one line and nothing run."""
+    if not torch.cuda.is_available() and args.device == "cuda":
+        print("bench.py gpu: this machine has no CUDA GPU (torch.cuda.is_available() is "
+              "False): nothing to check here")
+        return 0
+    deadline = time.perf_counter() + args.minutes * 60
+    failures = 0
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        synthetic_data(work / "data")
+        weights = args.weights or str(work / "random_inception.pth")
+        if not args.weights:  # no download here: random weights, so FID is only exercised
+            torch.save(metrics.FIDInception().state_dict(), weights)
+        processes = min(2, max(torch.cuda.device_count(), 1))
+        print(f"{'row':<46} {'status':<6} {'seconds':>7}  what it said")
+        for name, argv, expected in gpu_rows(work, args.device, weights, processes):
+            left = deadline - time.perf_counter()
+            code, said, seconds = run_row(argv, work, args.device, left) if left > 0 else (
+                -1, "not run: the check's ten minutes ran out", 0.0)
+            failed = code != expected or (expected == 2 and not said.startswith("error:"))
+            failures += failed
+            print(f"{name:<46} {'FAIL' if failed else 'ok':<6} {seconds:7.1f}  {said[:110]}",
+                  flush=True)
+        device = torch.device(args.device)
+        for name, speeds in step_speeds(device) + [fid_speeds(device, args.weights)]:
+            ratio = speeds[device.type] / speeds["cpu"]
+            print(f"{name:<46} {device.type}: {speeds[device.type]:.1f} images/s, cpu: "
+                  f"{speeds['cpu']:.1f} images/s, {ratio:.1f} times", flush=True)
+    print(f"{failures} row(s) failed" if failures else "every row ran as expected")
+    return 1 if failures else 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -190,10 +470,16 @@ def main(argv=None):
     uda_parser.add_argument("--methods", default="source,dann,gta,self-ensembling")
     uda_parser.add_argument("--steps", type=int, default=20)
     uda_parser.add_argument("--threads", type=int, default=2)
+    gpu_parser = commands.add_parser("gpu")
+    gpu_parser.add_argument("--device", default="cuda", help="cpu: the same rows on the "
+                            "CPU, to check the check itself (slow)")
+    gpu_parser.add_argument("--weights", default=None, help="the FID weights (default: "
+                            "random ones, which exercise FID without meaning)")
+    gpu_parser.add_argument("--minutes", type=float, default=10.0)
     args = parser.parse_args(argv)
-    {"data": bench_data, "tsne": bench_tsne, "fid": bench_fid, "ddp": bench_ddp,
-     "uda": bench_uda}[args.command](args)
+    return {"data": bench_data, "tsne": bench_tsne, "fid": bench_fid, "ddp": bench_ddp,
+            "uda": bench_uda, "gpu": bench_gpu}[args.command](args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -92,9 +92,10 @@ from util import UserError
 VARIANTS = ("a", "b", "acgan", "wgan-gp", "hacks")
 
 
-# Named settings (run.py --preset NAME): the configurations RESULTS.md measured.
-# cpu: about 25 min a variant on 2 cores, FID of 500 samples 4 times (under 15% of it);
-# gpu: the usual 10,000 samples for FID, every 2,000 steps.
+# Named settings (run.py --preset NAME): the configurations RESULTS.md measured or
+# expects. cpu: about 25 min a variant on 2 cores, FID of 500 samples 4 times (under 15%
+# of it); gpu: about 30 minutes on one GPU, 20,000 steps of 128 faces (16 epochs of the
+# full CelebA) and the usual FID of 10,000 samples every 2,000 steps (not yet measured).
 PRESETS = {"cpu": {"batch_size": 64, "steps": 1000, "sample_every": 250, "fid_images": 500},
            "gpu": {"sample_every": 2000, "fid_images": 10000}}
 

@@ -528,7 +528,8 @@ def command_ddpm(args) -> None:
         model, trained = ddpm.load(args.ckpt, device)
         sampling = dataclasses.replace(trained, sampler=settings.sampler,
                                        sampling_steps=settings.sampling_steps,
-                                       eta=settings.eta, guidance=settings.guidance)
+                                       eta=settings.eta, guidance=settings.guidance,
+                                       amp=settings.amp)
         _, _, seconds = ddpm.course_digits(model, sampling, common.seed, Path(common.out),
                                            per_digit=args.per_digit)
         print(f"wrote {10 * args.per_digit} images to {common.out} in {seconds:.1f} s "
@@ -749,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("uda", command_uda, "domain adaptation: source, dann, dann-ent, adda, gta, "
                   "self-ensembling, target")
-    add_flags(sub, uda.UDASettings)
+    add_flags(sub, uda.UDASettings, uda.PRESETS)
     sub.add_argument("--table", action="store_true",
                      help="run the homework's four scenarios and write results.md")
     sub.add_argument("--predict", default=None, help="folder of images to label (with --ckpt)")
@@ -793,7 +794,13 @@ def main(argv=None) -> int:
     except OSError as error:  # a read-only or full disk, a missing folder, ...
         print(f"error: {os_error_text(error)}", file=sys.stderr)
         return 2
+    except torch.cuda.OutOfMemoryError as error:
+        print(f"error: {out_of_memory_text(error)}", file=sys.stderr)
+        return 2
     except RuntimeError as error:
+        if "out of memory" in str(error):  # Apple's MPS says it so
+            print(f"error: {out_of_memory_text(error)}", file=sys.stderr)
+            return 2
         if not parallel.lost(error):
             raise
         print(f"error: the processes of this torchrun lost each other ({parallel.failure(error)}"
@@ -808,6 +815,13 @@ def main(argv=None) -> int:
     finally:
         parallel.stop()
     return 0
+
+
+def out_of_memory_text(error: Exception) -> str:
+    first = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:120]
+    return (f"the device ran out of memory ({first}): start again with a lower "
+            "--batch-size (a --resume keeps the batch size of the run it continues); "
+            "checkpoints written so far are kept")
 
 
 def os_error_text(error: OSError) -> str:

@@ -4594,13 +4594,22 @@ def test_a_preset_sets_defaults_that_flags_beside_it_override():
     assert (preset.width, preset.steps, preset.guidance, preset.lr) == (32, 10, 6.0, 1e-3)
     for settings_class, presets in ((gan.GANSettings, gan.PRESETS),  # real settings only
                                     (vae.VAESettings, vae.PRESETS),
-                                    (ddpm.DDPMSettings, ddpm.PRESETS)):
+                                    (ddpm.DDPMSettings, ddpm.PRESETS),
+                                    (uda.UDASettings, uda.PRESETS)):
         choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(settings_class)
                    if "choices" in f.metadata}  # argparse does not check a default's choice
         for values in presets.values():
             settings_class(**values)
             for name, value in values.items():
                 assert name not in choices or value in choices[name], (name, value)
+
+
+@pytest.mark.parametrize("command", ["gan", "vae", "ddpm", "uda"])
+def test_every_training_command_has_a_gpu_preset_that_validates(command, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    args = run.parse([command, "--preset", "gpu", "--device", "cuda"])
+    run.validate(args)
+    assert args.preset == "gpu"
 
 
 def test_bad_input_ends_in_one_error_line_and_exit_code_2(tmp_path, capsys):
@@ -4931,6 +4940,18 @@ def test_facerate_keeps_two_folders_of_one_name_apart(tmp_path, capsys, monkeypa
         str(tmp_path / "run_a" / "samples"), str(tmp_path / "run_b" / "samples")}
 
 
+def test_running_out_of_gpu_memory_is_one_line_that_says_lower_the_batch(tmp_path, capsys,
+                                                                        monkeypatch):
+    def too_big(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 196.00 GiB")
+    monkeypatch.setattr(gan, "train_step", too_big)
+    line = one_line_error(capsys, ["gan", "--data", str(image_folder(tmp_path / "faces",
+                                                                     count=8, size=32)),
+                                   "--image-size", "32", "--steps", "1", "--fid-images", "0",
+                                   "--out", str(tmp_path / "out")])
+    assert "ran out of memory (CUDA out of memory)" in line and "lower --batch-size" in line
+
+
 # ============================================================================ bench
 # Pins the benchmarks' commands.
 
@@ -4953,3 +4974,32 @@ def test_bench_uda_times_the_steps_of_each_method_it_names(capsys, monkeypatch):
     lines = [line for line in capsys.readouterr().out.splitlines() if " s a step" in line]
     assert seen == [("source", 256), ("dann", 256)]  # 2 steps of 128 images a domain
     assert [line.split(":")[0] for line in lines] == ["source", "dann"]
+
+
+def test_the_gpu_check_says_so_in_one_line_without_a_gpu(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["gpu"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == [
+        "bench.py gpu: this machine has no CUDA GPU (torch.cuda.is_available() is False): "
+        "nothing to check here"]
+
+
+def test_every_row_of_the_gpu_check_is_a_command_line_run_py_accepts(tmp_path, monkeypatch):
+    """The check cannot run here; its command lines can be parsed and validated."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    rows = bench.gpu_rows(tmp_path, "cuda", str(weights), 1)
+    bench.synthetic_data(tmp_path / "data")
+    (tmp_path / "out" / "faces").mkdir(parents=True)  # what the rows before make
+    names = [name for name, _, _ in rows]
+    for wanted in ("gan a", "gan b", "gan acgan", "gan wgan-gp", "gan hacks", "gan --resume",
+                   "gan --generate", "facerate", "fid", "vae", "classifier",
+                   "ddpm ddim --amp auto", "ddpm ancestral --amp off", "uda source",
+                   "uda self-ensembling", "uda --predict", "torchrun, 1 process(es)"):
+        assert wanted in names, wanted
+    for name, argv, expected in rows:
+        args = run.parse(argv[2:] if argv[0] == "torchrun" else argv)
+        if expected == 0 and name != "fid":  # fid compares what the rows before wrote
+            run.validate(args)

@@ -107,6 +107,11 @@ GTA_NOISE = 100  # the size of GTA's z
 GTA_WIDTH = 32  # G's and D's channels: the authors' 64 made a step 11 times DANN's on a CPU
 
 
+# Named settings (run.py --preset NAME). gpu: three times the CPU table's epochs, about
+# 30 minutes for the seven methods of one scenario on one GPU (not yet measured).
+PRESETS = {"gpu": {"epochs": 30, "adapt_epochs": 30}}
+
+
 @dataclass
 class UDASettings:
     """Flags of `run.py uda`."""
