@@ -113,8 +113,9 @@ def vae_results(out: Path, settings, run, fid_results: dict, faces: torch.Tensor
     save_grid(torch.cat([faces, rebuilt]), out / "reconstructions.png", nrow=len(faces),
               rows=["test face", "reconstruction"],
               title=f"{title}: reconstructions from the mean code, MSE {mse:.4f}")
-    data.save_grid(samples, out / "samples.png")
-    data.save_grid(interpolation, out / "interpolation.png", nrow=len(interpolation))
+    save_grid(samples, out / "samples.png", title=f"{title}: samples, z ~ N(0, I)")
+    save_grid(interpolation, out / "interpolation.png", nrow=len(interpolation),
+              title=f"{title}: decoded (1 - a) mu(x_1) + a mu(x_2), a from 0 to 1")
     if latents is not None and util.main_process():  # t-SNE: the main process alone
         codes, labels = latents
         points = tsne.tsne(tsne.pca(codes.double().numpy(), min(50, codes.shape[1])),
@@ -205,14 +206,18 @@ TITLES = {"source": "Trained on source", "dann": "DANN", "dann-ent": "DANN + ent
 def uda_curves(out: Path, settings, history: dict):
     """loss.png (every loss by epoch) and accuracy.png (target and source test)."""
     out, title = Path(out), uda_title(settings)
+    shares = ("confident",)  # self-ensembling's share of target images the teacher is sure of
     losses = {name: values for name, values in history.items()
-              if name != "step" and not name.endswith("_accuracy")}
+              if name != "step" and not name.endswith("_accuracy") and name not in shares}
     plots.line_plot(losses, out / "loss.png", title=f"{title}, mean loss per epoch",
                     xlabel="epoch", ylabel="loss")
+    frozen = ", F_s frozen" if settings.method == "adda" else ""
     plots.line_plot({f"target test ({settings.tgt})": history["target_accuracy"],
-                     f"source test ({settings.src})": history["source_accuracy"]},
+                     f"source test ({settings.src}{frozen})": history["source_accuracy"],
+                     **{"share of confident target images": history[name]
+                        for name in shares if name in history}},
                     out / "accuracy.png", title=f"{title}, accuracy", xlabel="epoch",
-                    ylabel="accuracy")
+                    ylabel="accuracy (or share)")
 
 
 def uda_results(out: Path, settings, run, domains, predictions: torch.Tensor,
