@@ -305,8 +305,8 @@ def run_row(argv: list, work: Path, device: str,
     except subprocess.TimeoutExpired:
         return -1, "stopped: the check's ten minutes ran out", time.perf_counter() - start
     lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-    said = next((line for line in reversed(lines) if line.startswith(("error:",
-                                                                      "Traceback"))), "")
+    said = next((line for line in reversed(lines) if line.startswith("error:")), "") or next(
+        (line for line in reversed(lines) if line.startswith("Traceback")), "")
     return done.returncode, said or (lines[-1] if lines else ""), time.perf_counter() - start
 
 
@@ -455,7 +455,9 @@ def bench_gpu(args) -> int:
             left = deadline - time.perf_counter()
             code, said, seconds = run_row(argv, work, args.device, left) if left > 0 else (
                 -1, "not run: the check's ten minutes ran out", 0.0)
-            failed = code != expected or (expected == 2 and not said.startswith("error:"))
+            # a refusal: one error line and a failed exit (torchrun's own status is 1)
+            failed = (code != 0 or not said or said.startswith("Traceback") if expected == 0
+                      else code in (0, -1) or not said.startswith("error:"))
             failures += failed
             print(f"{name:<48} {'FAIL' if failed else 'ok':<6} {seconds:7.1f}  {said[:110]}",
                   flush=True)
