@@ -393,8 +393,7 @@ def train(domains: "Domains", settings: UDASettings, out: Path, device, seed: in
     replicas = parallel.replicate(networks)
     average = copy.deepcopy(networks).requires_grad_(False)  # evaluated; the teacher
     optimizers = make_optimizers(networks, settings)
-    # GTA's z and self-ensembling's augmentations: from torch's default stream, as the
-    # dropout masks, which each epoch reseeds
+    # GTA's z, self-ensembling's augmentations: torch's default stream, reseeded each epoch
     rng = Random(device=device, generator=torch.default_generator)
     epochs = Epochs(domains, settings.batch_size, seed)
     # with --resume, every part of `state` comes back from the checkpoint here
@@ -413,8 +412,7 @@ def train(domains: "Domains", settings: UDASettings, out: Path, device, seed: in
                                     optimizers["optimizer"])
         elif method == "gta":  # z for the source rows, then for the target rows
             noise = torch.cat([rng.randn(len(x), GTA_NOISE) for x in (xs, xt)])
-            # G and F learn against D as a fixed function: its plain module, which no
-            # process's gradient exchange waits for (under torchrun)
+            # G and F learn against D's plain module (no torchrun gradient exchange)
             numbers = gta_step(replicas, networks.discriminator, xs, ys, xt, noise,
                                optimizers, settings.adversarial_weight,
                                settings.target_weight)
