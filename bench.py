@@ -340,8 +340,8 @@ def gan_step(device, batch):
     model = gan.GAN(settings).to(device)
     optimizers = gan.build_optimizers(model, settings)
     rng, real = parallel.Random(0, device), torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
-    return lambda: (model.train(), gan.train_step(model, optimizers, real, None, settings, rng),
-                    model.update_ema(100, settings.ema_decay))
+    return lambda: (model.train(), gan.train_step(model, optimizers, real, None, settings, rng,
+                                                  rng), model.update_ema(100, settings.ema_decay))
 
 
 def vae_step(device, batch):

@@ -21,6 +21,7 @@ import parallel
 import plots
 import training
 import util
+from parallel import Random
 from util import UserError
 
 
@@ -39,7 +40,8 @@ class ClassifierSettings:
     resume: bool = field(default=False, metadata={"help": "continue from checkpoint.pt"})
 
 
-def random_shift(images: torch.Tensor, fraction: float, generator=None) -> torch.Tensor:
+def random_shift(images: torch.Tensor, fraction: float, augmentation: Random
+                 ) -> torch.Tensor:
     """Translate each image by up to +-fraction of its side (reflecting at the borders).
 
     affine_grid works in normalised coordinates [-1, 1], where a shift t moves the image
@@ -47,12 +49,11 @@ def random_shift(images: torch.Tensor, fraction: float, generator=None) -> torch
     if fraction <= 0:
         return images
     count = len(images)
-    shifts = (torch.rand(count, 2, generator=generator) * 2 - 1) * 2 * fraction
-    theta = torch.zeros(count, 2, 3)
+    shifts = (augmentation.rand(count, 2) * 2 - 1) * 2 * fraction         # (B, 2)
+    theta = torch.zeros(count, 2, 3, device=shifts.device)                # (B, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1
     theta[:, :, 2] = shifts
-    grid = F.affine_grid(util.to_device(theta, images.device), list(images.shape),
-                         align_corners=False)
+    grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, padding_mode="reflection", align_corners=False)
 
 
@@ -63,7 +64,7 @@ def predict(network: nn.Module, images: data.ImageSet, batch_size: int = 500,
     statistics and no dropout, so an image's prediction does not depend on its batch."""
     network.eval()
     return torch.cat([network(batch.to(device)).argmax(dim=1).cpu()
-                      for batch, _ in images.batches(batch_size, shuffle=False)])
+                      for batch, _ in images.batches(batch_size)])
 
 
 def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
@@ -77,9 +78,10 @@ def train(train_set: data.ImageSet, test: data.ImageSet, settings: ClassifierSet
     """Cross-entropy with label smoothing 0.1 on shifted digits, AdamW under a one-cycle
     learning rate; test accuracy, curves and a checkpoint after every epoch.
 
-    Each epoch's data order, augmentation and dropout are seeded by (seed, epoch), so a
-    run resumed from its checkpoint ends with the same weights as an uninterrupted one."""
-    util.seed_everything(seed)  # the initial weights
+    The data order, the shifts and dropout come from the run's streams (training.py),
+    saved with each checkpoint, so a run resumed from its checkpoint ends with the same
+    weights as an uninterrupted one."""
+    training.seed_weights(seed)
     network = parallel.share_batch_layers(nets.digit_classifier(
         classes=len(train_set.classes)).to(device))
     replica = parallel.replica(network)  # under torchrun: gradients averaged in backward
@@ -93,16 +95,15 @@ def train(train_set: data.ImageSet, test: data.ImageSet, settings: ClassifierSet
         "network": network, "optimizer": optimizer, "schedule": schedule},
         steps=settings.epochs * steps_per_epoch, every=steps_per_epoch,
         record={"classes": train_set.classes}, desc="classifier")
+    data_order, augmentation = run.random("data"), run.random("augment")
     for step in run:
-        if step % steps_per_epoch == 0:  # each epoch from (seed, epoch): data order, shifts
-            epoch_seed = util.stream_seed(seed, step // steps_per_epoch)
-            rng = torch.Generator().manual_seed(epoch_seed)
-            torch.manual_seed(epoch_seed)  # dropout
-            batches = train_set.batches(settings.batch_size, generator=rng)
+        if step % steps_per_epoch == 0:  # a new epoch (checkpoints end epochs)
+            batches = train_set.batches(settings.batch_size,
+                                        data_order.permutation(len(train_set)))
         images, labels = next(batches)
-        network.train()
-        images = random_shift(images, settings.shift, rng)  # drawn for the global batch
         images, labels = parallel.rows(images), parallel.rows(labels)  # this process's share
+        network.train()
+        images = random_shift(images, settings.shift, augmentation)
         loss = F.cross_entropy(replica(images), labels, label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -111,12 +111,13 @@ class ImageSet:
         return replace(self, pixels=change(self.pixels), labels=apply(self.labels),
                        attributes=apply(self.attributes), names=names)
 
-    def batches(self, batch_size: int, shuffle: bool = True, generator=None,
+    def batches(self, batch_size: int, order: torch.Tensor | None = None,
                 drop_last: bool = False):
-        """Yield (images, labels-or-None) minibatches; the order comes from `generator`."""
+        """Yield (images, labels-or-None) minibatches, in `order` (a permutation of the
+        images, e.g. an epoch's from a data stream: parallel.Random.permutation) or in
+        the stored order."""
         count = len(self)
-        order = (torch.randperm(count, generator=generator) if shuffle
-                 else torch.arange(count)).to(self.pixels.device)
+        order = (torch.arange(count) if order is None else order).to(self.pixels.device)
         stop = count - count % batch_size if drop_last else count
         for start in range(0, stop, batch_size):
             index = order[start:start + batch_size]

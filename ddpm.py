@@ -276,15 +276,16 @@ def guide(eps_conditional, eps_unconditional, w: float) -> torch.Tensor:
 
 # ============================================================================ samplers
 @torch.no_grad()
-def sample_ddpm(model: Diffusion, labels: torch.Tensor, w: float,
-                generator: torch.Generator, keep_at=(),
+def sample_ddpm(model: Diffusion, labels: torch.Tensor, w: float, noise: Random,
+                keep_at=(),
                 on_step=lambda: None) -> tuple[torch.Tensor, dict]:
     """Ancestral sampling, t = T .. 1: x_{t-1} = mu~(x_0(x_t, eps~), x_t) + sqrt(beta~_t) z.
     The predicted x_0 is clipped to [-1, 1] (the data range). Returns x_0 and
     {t: x_t} for the timesteps in keep_at (for the reverse-process strip); on_step() is
-    called after each network evaluation (progress display)."""
+    called after each network evaluation (progress display). noise: x_T's and z's
+    stream, drawn on the CPU so that every device gets the same numbers."""
     device, schedule = labels.device, model.schedule
-    x = pure_noise(len(labels), generator, device)                       # x_T ~ N(0, I)
+    x = noise.randn(len(labels), *IMAGE_SHAPE)                           # x_T ~ N(0, I)
     kept = {schedule.T: x.clone()} if schedule.T in keep_at else {}
     for timestep in range(schedule.T, 0, -1):
         t = torch.full((len(labels),), timestep, device=device)
@@ -294,18 +295,12 @@ def sample_ddpm(model: Diffusion, labels: torch.Tensor, w: float,
         mean, variance = schedule.posterior(x0, x, t)
         # x_{t-1} = mu~_t + sqrt(beta~_t) z, z ~ N(0, I). At t = 1, beta~_1 = 0: no z is
         # drawn, which also keeps the random stream the same as DDIM's with eta = 1
-        noise = (util.to_device(torch.randn(x.shape, generator=generator), device)
-                 if timestep > 1 else 0.0)
-        x = mean + variance.sqrt() * noise
+        z = noise.randn(*x.shape) if timestep > 1 else 0.0
+        x = mean + variance.sqrt() * z
         on_step()
         if timestep - 1 in keep_at:
             kept[timestep - 1] = x.clone()
     return x, kept
-
-
-def pure_noise(count: int, generator: torch.Generator, device) -> torch.Tensor:
-    """x_T ~ N(0, I), (count, 3, 28, 28), drawn on the CPU so every device gets the same."""
-    return util.to_device(torch.randn(count, *IMAGE_SHAPE, generator=generator), device)
 
 
 def predict_clipped_x0(schedule: NoiseSchedule, x_t, t, eps) -> torch.Tensor:
@@ -330,12 +325,12 @@ def sampler_steps(settings: DDPMSettings) -> int:
 
 
 @torch.no_grad()
-def sample_ddim(model: Diffusion, labels: torch.Tensor, w: float,
-                generator: torch.Generator, steps: int = 50, eta: float = 0.0, keep_at=(),
+def sample_ddim(model: Diffusion, labels: torch.Tensor, w: float, noise: Random,
+                steps: int = 50, eta: float = 0.0, keep_at=(),
                 on_step=lambda: None) -> tuple[torch.Tensor, dict]:
     """DDIM on S timesteps; eta = 0 gives a deterministic map from x_T to x_0."""
     device, schedule = labels.device, model.schedule
-    x = pure_noise(len(labels), generator, device)                       # x_T ~ N(0, I)
+    x = noise.randn(len(labels), *IMAGE_SHAPE)                           # x_T ~ N(0, I)
     timesteps = ddim_timesteps(schedule.T, steps)                        # tau_S > ... > tau_1
     kept = {}
     for index, timestep in enumerate(timesteps):
@@ -352,11 +347,10 @@ def sample_ddim(model: Diffusion, labels: torch.Tensor, w: float,
         #             sqrt(1 - alpha_bar_t / alpha_bar_t')
         sigma = eta * math.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)
                                 * (1 - alpha_bar / alpha_bar_next))
-        noise = (util.to_device(torch.randn(x.shape, generator=generator), device)
-                 if sigma > 0 else 0.0)
+        z = noise.randn(*x.shape) if sigma > 0 else 0.0
         # x_t' = sqrt(alpha_bar_t') x^_0 + sqrt(1 - alpha_bar_t' - sigma^2) eps^ + sigma z
         x = (math.sqrt(alpha_bar_next) * x0
-             + math.sqrt(max(1 - alpha_bar_next - sigma ** 2, 0.0)) * eps + sigma * noise)
+             + math.sqrt(max(1 - alpha_bar_next - sigma ** 2, 0.0)) * eps + sigma * z)
         on_step()
     if 0 in keep_at:
         kept[0] = x.clone()
@@ -364,24 +358,25 @@ def sample_ddim(model: Diffusion, labels: torch.Tensor, w: float,
 
 
 def sample(model: Diffusion, settings: DDPMSettings, labels: torch.Tensor, seed: int,
-           keep_at=(), on_step=lambda: None) -> tuple[torch.Tensor, dict]:
-    """Images of the given labels by settings.sampler (x_T and z from seed), and the x_t
-    kept at keep_at; the labels go to the model's device."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = labels.to(next(model.parameters()).device)
+           stream: str, keep_at=(), on_step=lambda: None) -> tuple[torch.Tensor, dict]:
+    """Images of the given labels by settings.sampler (x_T and z from the fixed stream
+    `stream` of seed), and the x_t kept at keep_at; the labels go to the model's device."""
+    device = next(model.parameters()).device
+    labels, noise = labels.to(device), training.fixed_random(seed, stream, device)
     if settings.sampler == "ddpm":
-        return sample_ddpm(model, labels, settings.guidance, generator, keep_at, on_step)
+        return sample_ddpm(model, labels, settings.guidance, noise, keep_at, on_step)
     if settings.sampler == "ddim":
-        return sample_ddim(model, labels, settings.guidance, generator,
+        return sample_ddim(model, labels, settings.guidance, noise,
                            settings.sampling_steps, settings.eta, keep_at, on_step)
     raise UserError(f"unknown --sampler '{settings.sampler}': use ddim or ddpm")
 
 
-def label_batches(labels: torch.Tensor, seed: int, batch_size: int = 500) -> list:
-    """Sampling in batches: (labels, seed) of each, the batch that starts at image i
-    drawing from seed + i, so an image's noise depends on its place in the list, not on
-    how the batches are shared among processes."""
-    return [(labels[i:i + batch_size], seed + i) for i in range(0, len(labels), batch_size)]
+def label_batches(labels: torch.Tensor, stream: str, batch_size: int = 500) -> list:
+    """Sampling in batches: (labels, stream) of each, the batch that starts at image i
+    drawing from the fixed stream "{stream} {i}", so an image's noise depends on its
+    place in the list, not on how the batches are shared among processes."""
+    return [(labels[i:i + batch_size], f"{stream} {i}")
+            for i in range(0, len(labels), batch_size)]
 
 
 def reverse_process(model: Diffusion, settings: DDPMSettings, seed: int):
@@ -394,7 +389,8 @@ def reverse_process(model: Diffusion, settings: DDPMSettings, seed: int):
     if settings.sampler == "ddim":  # DDIM visits only its own timesteps: take the nearest
         visited = ddim_timesteps(T, settings.sampling_steps) + [0]
         keep_at = [min(visited, key=lambda s: abs(s - k)) for k in keep_at]
-    images, kept = sample(model, settings, labels, seed, keep_at=set(keep_at))
+    images, kept = sample(model, settings, labels, seed, "reverse process",
+                          keep_at=set(keep_at))
     return images.cpu(), keep_at, torch.stack([kept[k][0].clamp(-1, 1).cpu() for k in keep_at])
 
 
@@ -404,8 +400,9 @@ def course_digits(model: Diffusion, settings: DDPMSettings, seed: int, folder: P
     0_001.png .. 9_100.png, timed: (images, labels, seconds)."""
     names, labels = reports.course_names(per_digit)
     images, seconds = reports.save_course_digits(
-        lambda batch, on_step: sample(model, settings, *batch, on_step=on_step)[0],
-        label_batches(labels, seed), sampler_steps(settings), folder, names,
+        lambda batch, on_step: sample(model, settings, batch[0], seed, batch[1],
+                                      on_step=on_step)[0],
+        label_batches(labels, "course digits"), sampler_steps(settings), folder, names,
         desc=f"{settings.sampler} sampling")
     return images, labels, seconds
 
@@ -438,28 +435,29 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
     process and the loss curve; then the 1000 images, their grades and results.json."""
     if digits.labels is None:
         raise UserError(f"{settings.data} has no labels: the conditional DDPM needs them")
-    util.seed_everything(seed)
+    training.seed_weights(seed)
     model = Diffusion(settings).to(device)
     # the model to call for the loss: under torchrun its U-Net is a replica there, whose
     # gradients are averaged over the processes; the EMA and the samplers use `model`
     replicas = parallel.replicate(model)
     optimizer = torch.optim.Adam(model.network.parameters(), settings.lr)
-    rng = Random(seed, device)  # data order, t, noise, dropped classes
     digits = digits.to(device)
     fid = metrics.fid_tracker(real_test, settings.fid_images, settings.sample_every, device,
                               cache_dir, weights)
     # with --resume, every part of `state` comes back from the checkpoint here
     run = training.Run(out, "ddpm", settings, seed, device,
-                       state={"model": model, "optimizer": optimizer, "rng": rng},
+                       state={"model": model, "optimizer": optimizer},
                        steps=settings.steps, every=settings.sample_every, desc="DDPM",
                        may_change=resumable_changes(settings))
+    # the training streams (training.py): which digits; t, eps and the dropped labels
+    # (dropout draws from torch's own)
+    data_order, noise = run.random("data"), run.random("noise")
     for step in run:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(settings, step)
-        indices = rng.indices(len(digits), settings.batch_size)  # the global batch's share
-        torch.manual_seed(util.stream_seed(seed, step))  # dropout: the same after a resume
+        indices = data_order.indices(len(digits), settings.batch_size)  # this process's share
         model.network.train()  # dropout on
-        loss = replicas.loss(digits.images(indices), digits.labels[indices], rng)
+        loss = replicas.loss(digits.images(indices), digits.labels[indices], noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -467,11 +465,11 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
         run.log({"loss": loss})
         if run.at_checkpoint:  # every sample_every steps, and after the last
             if fid.due(step + 1, settings.steps):
-                # FID digits: classes 0..9 in turn; seed + 1 so they differ from the 1000
+                # FID digits: classes 0..9 in turn, from a stream apart from the 1000's
                 labels = torch.arange(settings.fid_images) % CLASSES
                 fid.measure(run.history, step + 1,
-                            lambda batch: sample(model, settings, *batch)[0],
-                            label_batches(labels, seed + 1))
+                            lambda batch: sample(model, settings, batch[0], seed, batch[1])[0],
+                            label_batches(labels, "fid"))
             run.save_checkpoint()  # after the FID: best.pt is the lowest FID's
             reports.ddpm_pictures(out, settings, run.history, fid, sampler_steps(settings),
                                   *reverse_process(model, settings, seed))

@@ -176,12 +176,12 @@ def attribute_loss(outputs: torch.Tensor, attributes: torch.Tensor) -> torch.Ten
     return F.binary_cross_entropy_with_logits(outputs[:, 1], attributes.float())
 
 
-def gradient_penalty(critic, real, fake, rng: Random) -> torch.Tensor:
+def gradient_penalty(critic, real, fake, noise: Random) -> torch.Tensor:
     """WGAN-GP's E[(||grad_xhat D(xhat)||_2 - 1)^2], xhat = eps x + (1 - eps) x~, one
     eps ~ U[0, 1] per sample: the critic's 1-Lipschitz constraint, asked softly on lines
     between real and generated samples. create_graph=True makes the gradient itself
     differentiable, so the penalty's gradient reaches the critic's weights."""
-    eps = rng.rand(len(real), *(1,) * (real.dim() - 1))                     # (B, 1, 1, 1)
+    eps = noise.rand(len(real), *(1,) * (real.dim() - 1))                   # (B, 1, 1, 1)
     x_hat = (eps * real + (1 - eps) * fake).detach().requires_grad_(True)
     # a sample's score depends on that sample alone (no batch norm), so the gradient of
     # the sum holds each sample's own gradient grad_xhat D(xhat)
@@ -190,15 +190,16 @@ def gradient_penalty(critic, real, fake, rng: Random) -> torch.Tensor:
     return ((norms - 1) ** 2).mean()
 
 
-def discriminator_targets(count: int, settings: GANSettings, rng: Random
+def discriminator_targets(count: int, settings: GANSettings, noise: Random
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """hacks: D's targets for `count` real and `count` fake images, each (count,).
     Real: t ~ U[real_label - label_noise, real_label] (one-sided smoothing, noisy labels);
     fake: 0; then each target swapped with probability label_flip, a real getting a fake's
     0 and a fake a real's target."""
-    real_drawn, fake_drawn = (settings.real_label - settings.label_noise * rng.rand(count)
-                              for _ in range(2))
-    real_flipped, fake_flipped = (rng.rand(count) < settings.label_flip for _ in range(2))
+    real_drawn = settings.real_label - settings.label_noise * noise.rand(count)
+    fake_drawn = settings.real_label - settings.label_noise * noise.rand(count)
+    real_flipped = noise.rand(count) < settings.label_flip
+    fake_flipped = noise.rand(count) < settings.label_flip
     return (torch.where(real_flipped, 0.0, real_drawn),
             torch.where(fake_flipped, fake_drawn, 0.0))
 
@@ -303,7 +304,7 @@ class GAN(nn.Module):
     def refresh_ema_statistics(self, settings: GANSettings, seed: int, count: int = 1024,
                                batch_size: int = 64):
         """Batch-norm statistics that fit the averaged G, from `count` fixed z and
-        attributes (nets.recompute_batch_norm): update_ema copies those of the last G,
+        attributes (the "statistics" stream; nets.recompute_batch_norm): update_ema copies those of the last G,
         which gave the averaged G's faces a red cast (RESULTS.md)."""
         if self.ema is None:
             return
@@ -311,32 +312,35 @@ class GAN(nn.Module):
         nets.recompute_batch_norm(self.ema, [
             self.generator_input(z.to(device), None if attributes is None
                                  else attributes.to(device))
-            for z, attributes in noise_batches(settings, count, seed, batch_size)])
+            for z, attributes in noise_batches(settings, count, seed, "statistics",
+                                               batch_size)])
 
 
 # ============================================================================ one step
 def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
-               settings: GANSettings, rng: Random, noise_std: float = 0.0) -> dict:
+               settings: GANSettings, noise: Random, augmentation: Random,
+               noise_std: float = 0.0) -> dict:
     """One D step and one G step on a batch of real images (a, b, acgan, hacks); returns
-    the numbers to plot. noise_std: hacks' instance noise sigma_t at this step."""
+    the numbers to plot. noise: the stream of z, c and hacks' targets and instance noise;
+    augmentation: DiffAugment's; noise_std: hacks' instance noise sigma_t at this step."""
     count = len(real)
-    z = rng.randn(count, settings.latent_dim)                            # z ~ N(0, I)
-    fake_attributes = rng.randint(0, 2, (count,)) if gan.attribute_channels else None
+    z = noise.randn(count, settings.latent_dim)                          # z ~ N(0, I)
+    fake_attributes = noise.randint(0, 2, (count,)) if gan.attribute_channels else None
     fake = gan.generator(gan.generator_input(z, fake_attributes))
     hinge = settings.improved
 
     def augment(images):  # what D sees: DiffAugment (b, acgan), instance noise (hacks)
         if settings.improved:
-            return diff_augment(images, settings.augment, rng)
+            return diff_augment(images, settings.augment, augmentation)
         if settings.variant == "hacks":  # x + sigma_t n, n ~ N(0, I)
-            return images + noise_std * rng.randn(*images.shape)
+            return images + noise_std * noise.randn(*images.shape)
         return images
 
     # (1) D: maximise D(x) and minimise D(G(z)); fake.detach() keeps this step out of G
     real_out = gan.discriminator(augment(real)).flatten(1)               # (B, 1 or 2)
     fake_out = gan.discriminator(augment(fake.detach())).flatten(1)
     if settings.variant == "hacks":  # smoothed, noisy, sometimes swapped targets
-        targets = discriminator_targets(count, settings, rng)
+        targets = discriminator_targets(count, settings, noise)
         d_loss = discriminator_loss(real_out[:, 0], fake_out[:, 0], hinge, targets=targets)
     else:
         d_loss = discriminator_loss(real_out[:, 0], fake_out[:, 0], hinge)
@@ -361,19 +365,19 @@ def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
 
 
 def wgan_gp_step(gan: GAN, optimizers: dict, real_batch, settings: GANSettings,
-                 rng: Random) -> dict:
+                 noise: Random) -> dict:
     """Gulrajani et al. 2017, Algorithm 1: n_critic critic steps, each on its own real
     batch (real_batch() -> images) and z, then one G step; returns the last critic step's
     numbers and G's loss."""
     for _ in range(settings.n_critic):
         real = real_batch()
-        z = rng.randn(len(real), settings.latent_dim)
+        z = noise.randn(len(real), settings.latent_dim)
         with torch.no_grad():  # G is fixed while the critic learns
             fake = gan.generator(gan.generator_input(z, None))              # x~ (B, 3, S, S)
         real_scores = gan.discriminator(real).flatten()                      # D(x) (B,)
         fake_scores = gan.discriminator(fake).flatten()                      # D(x~) (B,)
         wasserstein = real_scores.mean() - fake_scores.mean()  # E[D(x)] - E[D(x~)]
-        penalty = gradient_penalty(gan.discriminator, real, fake, rng)
+        penalty = gradient_penalty(gan.discriminator, real, fake, noise)
         # L_D = E[D(x~)] - E[D(x)] + lambda E[(||grad_xhat D(xhat)||_2 - 1)^2]
         d_loss = -wasserstein + settings.gp_weight * penalty
         optimizers["discriminator"].zero_grad(set_to_none=True)
@@ -381,7 +385,7 @@ def wgan_gp_step(gan: GAN, optimizers: dict, real_batch, settings: GANSettings,
         optimizers["discriminator"].step()
 
     # G step on its own z: L_G = -E[D(G(z))]; only G's optimizer steps
-    z = rng.randn(len(real), settings.latent_dim)
+    z = noise.randn(len(real), settings.latent_dim)
     g_loss = -gan.discriminator(gan.generator(gan.generator_input(z, None))).mean()
     optimizers["generator"].zero_grad(set_to_none=True)
     g_loss.backward()
@@ -404,9 +408,9 @@ def build_optimizers(gan: GAN, settings: GANSettings) -> dict:
                                               betas=betas)}
 
 
-def real_batch(faces: data.ImageSet, settings: GANSettings, rng: Random):
+def real_batch(faces: data.ImageSet, settings: GANSettings, data_order: Random):
     """batch_size faces drawn with replacement, and (ACGAN) their attributes."""
-    batch = rng.indices(len(faces), settings.batch_size)  # the global batch's share
+    batch = data_order.indices(len(faces), settings.batch_size)  # the global batch's share
     return faces.images(batch), (faces.labels[batch] if settings.variant == "acgan" else None)
 
 
@@ -421,42 +425,43 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
     if settings.variant == "acgan" and faces.labels is None:
         raise UserError(f"ACGAN needs the attribute '{settings.attribute}' as labels: "
                         "use CelebA (with its list_attr_celeba.txt)")
-    util.seed_everything(seed)
+    training.seed_weights(seed)
     gan = GAN(settings).to(device)
     # the model to call in the steps: under torchrun G and D are replicas there, whose
     # gradients are averaged over the processes; `gan` holds the same weights
     replicas = parallel.replicate(gan)
     optimizers = build_optimizers(gan, settings)
-    # data order, z, attributes, augmentation, hacks' targets and noise, WGAN-GP's eps
-    rng = Random(seed, device)
     faces = faces.to(device)
     fid = metrics.fid_tracker(held_out, settings.fid_images, settings.sample_every, device,
                               cache_dir, weights)
     # with --resume, every part of `state` comes back from the checkpoint here
     run = training.Run(out, "gan", settings, seed, device, state={
-        "gan": gan, "rng": rng, "generator_optimizer": optimizers["generator"],
+        "gan": gan, "generator_optimizer": optimizers["generator"],
         "discriminator_optimizer": optimizers["discriminator"]}, steps=settings.steps,
         every=settings.sample_every, may_change=("steps", "sample_every"),
         desc=f"GAN {settings.variant}")
+    # the training streams (training.py): which faces; z, c, hacks' targets and instance
+    # noise, WGAN-GP's eps; DiffAugment's transforms (dropout draws from torch's own)
+    data_order, noise, augmentation = (run.random(name) for name in
+                                       ("data", "noise", "augment"))
     for step in run:
-        torch.manual_seed(util.stream_seed(seed, step))  # hacks' dropout: the same on resume
         gan.train()  # sampling at the last checkpoint left G (a, hacks) in eval mode
         if settings.variant == "wgan-gp":  # n_critic real batches, fetched as it needs them
             numbers = wgan_gp_step(replicas, optimizers,
-                                   lambda: real_batch(faces, settings, rng)[0], settings, rng)
+                                   lambda: real_batch(faces, settings, data_order)[0],
+                                   settings, noise)
         else:
-            real, real_attributes = real_batch(faces, settings, rng)
-            numbers = train_step(replicas, optimizers, real, real_attributes, settings, rng,
-                                 noise_std=instance_noise_std(step, settings))
+            real, real_attributes = real_batch(faces, settings, data_order)
+            numbers = train_step(replicas, optimizers, real, real_attributes, settings, noise,
+                                 augmentation, noise_std=instance_noise_std(step, settings))
         gan.update_ema(step, settings.ema_decay)
         run.log(numbers)
         if run.at_checkpoint:  # every sample_every steps, and after the last
-            # standing statistics for the average; z apart from the grid's (seed), the
-            # pairs' (seed + 1) and FID's (seed + 2)
-            gan.refresh_ema_statistics(settings, seed + 3)
+            # standing statistics for the average, from z of their own fixed stream
+            gan.refresh_ema_statistics(settings, seed)
             if fid.due(step + 1, settings.steps):  # the same z every time: like with like
                 fid.measure(run.history, step + 1, lambda batch: gan.sample(*batch),
-                            noise_batches(settings, settings.fid_images, seed + 2))
+                            noise_batches(settings, settings.fid_images, seed, "fid"))
             run.save_checkpoint()  # after the FID: best.pt is the lowest FID's
             reports.gan_pictures(out, settings, run.history, fid, *pictures(gan, settings,
                                                                             seed))
@@ -464,17 +469,18 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
 
 
 # ============================================================================ sampling
-def fixed_noise(settings: GANSettings, count: int, seed: int):
-    """The same z (and attributes) every time: grids from different steps compare."""
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.randn(count, settings.latent_dim, generator=generator)
+def fixed_noise(settings: GANSettings, count: int, seed: int, stream: str = "grid"):
+    """The same z (and attributes) every time, from the fixed stream `stream` (the grid's,
+    the pairs', FID's, the statistics'): grids from different steps compare."""
+    z = training.fixed_random(seed, stream).randn(count, settings.latent_dim)
     attributes = torch.arange(count) % 2 if settings.variant == "acgan" else None
     return z, attributes
 
 
-def noise_batches(settings: GANSettings, count: int, seed: int, batch_size: int = 250):
-    """fixed_noise(settings, count, seed) in batches: (z, attributes) on the CPU."""
-    z, attributes = fixed_noise(settings, count, seed)
+def noise_batches(settings: GANSettings, count: int, seed: int, stream: str,
+                  batch_size: int = 250):
+    """fixed_noise(settings, count, seed, stream) in batches: (z, attributes) on the CPU."""
+    z, attributes = fixed_noise(settings, count, seed, stream)
     for i in range(0, count, batch_size):
         yield z[i:i + batch_size], (None if attributes is None
                                     else attributes[i:i + batch_size])
@@ -486,7 +492,7 @@ def pictures(gan: GAN, settings: GANSettings, seed: int):
     samples = gan.sample(*fixed_noise(settings, 32, seed))
     if settings.variant != "acgan":
         return samples, None
-    z, _ = fixed_noise(settings, 10, seed + 1)
+    z, _ = fixed_noise(settings, 10, seed, "pairs")
     return samples, gan.sample(z.repeat(2, 1), torch.arange(2).repeat_interleave(10))
 
 

@@ -16,9 +16,10 @@ is the global batch either way, and it must split into N equal shares):
   dropout masks) for the whole global batch, then keeps its own rows (`Random`, `rows`,
   `GlobalMask`). Process r of N takes rows r*B/N .. (r+1)*B/N - 1, so the N shares
   together are exactly the batch a single process would have drawn. A training loop
-  makes one `Random` and its steps draw from it as they would from torch
-  (`rng.randn(count, latent_dim)`), for their own `count` images. (On GPUs, dropout
-  masks and the order of floating-point sums differ: the same run in distribution.)
+  takes its streams from its run (`noise = run.random("noise")`, training.py) and its
+  steps draw from them as they would from torch (`noise.randn(count, latent_dim)`), for
+  their own `count` images. (On GPUs, dropout masks and the order of floating-point
+  sums differ: the same run in distribution.)
 - Gradients. Each process's loss is the mean over its B/N rows; DDP averages the N
   gradients, (1/N) sum_r grad mean_r = grad of the mean over all B rows.
 - Batch norm. A batch-norm layer normalises with the mean and variance of its batch; per
@@ -49,7 +50,7 @@ is the global batch either way, and it must split into N equal shares):
   equal.
 
 The method files name torchrun only in their loops: `replicate` where the model is
-built, `Random` for the random numbers, and `rows` where a loop takes its share of a
+built, and `rows` where a loop takes its share of a
 batch of data (the VAE's and UDA's epochs); their steps, losses and samplers are written
 as for one process (GTA's step is handed D's plain module for its G and F updates, and
 self-ensembling's class balance uses nets.batch_mean). The run around the loop
@@ -182,27 +183,27 @@ def rows(global_rows: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 
 class Random:
-    """The random numbers of a training step, each drawn as one process draws it.
+    """Random numbers drawn as one process draws them, from one named stream of a run
+    (training.py says which streams there are and where their seeds come from).
 
     rng.rand(count, ...), rng.randn(count, ...) and rng.randint(low, high, (count, ...))
-    read like torch's functions, for `count` images: this process's share of the global
-    batch. Each draws the numbers of the whole global batch (count * N rows) from one
-    torch.Generator on the CPU, so every process and device draws the same numbers, and
-    keeps this process's rows (`rows`), moved to `device`. With one process: exactly
-    torch's draws. rng.indices(population, batch_size): a global batch of indices drawn
-    with replacement, of which this process keeps its share. The generator is seeded
-    from `seed`, or is one given (torch.default_generator: the stream that dropout
-    draws from, which torch.manual_seed reseeds); a checkpoint holds its state."""
+    read like torch's functions, for `count` images. A training stream (per_process)
+    draws the numbers of the whole global batch (count * N rows) from one torch.Generator
+    on the CPU, so every process and device draws the same numbers, and keeps this
+    process's rows (`rows`), moved to `device`; with one process: exactly torch's draws.
+    A fixed stream (per_process=False: the grid's z, FID's samples) draws `count` rows in
+    every process, since evaluation shares out its batches itself (`in_order`).
+    rng.indices(population, batch_size): a global batch of indices drawn with
+    replacement, this process's share; rng.permutation(count): an epoch's order, the
+    same in every process. A checkpoint holds the generator's state."""
 
-    def __init__(self, seed: int = 0, device="cpu", generator: torch.Generator | None = None):
-        self.generator = torch.Generator().manual_seed(seed) if generator is None else generator
-        self.device = torch.device(device)
-
-    def manual_seed(self, seed: int) -> "Random":
-        self.generator.manual_seed(seed)
-        return self
+    def __init__(self, seed: int, device="cpu", per_process: bool = True):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device, self.per_process = torch.device(device), per_process
 
     def _draw(self, sampler, shape) -> torch.Tensor:
+        if not self.per_process:
+            return util.to_device(sampler(shape, generator=self.generator), self.device)
         global_shape = (shape[0] * world(), *shape[1:])
         return util.to_device(rows(sampler(global_shape, generator=self.generator)),
                               self.device)
@@ -222,11 +223,16 @@ class Random:
         return util.to_device(rows(torch.randint(population, (global_batch_size,),
                                                  generator=self.generator)), self.device)
 
+    def permutation(self, count: int) -> torch.Tensor:
+        """0 .. count - 1 in random order, the whole of it in every process (an epoch's
+        order; each process then takes its rows of every batch)."""
+        return util.to_device(torch.randperm(count, generator=self.generator), self.device)
+
     def state_dict(self) -> torch.Tensor:
         return self.generator.get_state()
 
     def load_state_dict(self, state: torch.Tensor):
-        self.generator.set_state(state)
+        self.generator.set_state(state.cpu())  # a checkpoint loaded onto a GPU moved it
 
 
 # ============================================================================ the replicas

@@ -252,7 +252,7 @@ def embed(encoder, images: data.ImageSet, batch_size: int = 500) -> np.ndarray:
     batches are split across the processes."""
     encoder.eval()
     return torch.cat(parallel.in_order(lambda batch: encoder(batch[0]),
-                                       images.batches(batch_size, shuffle=False))).numpy()
+                                       images.batches(batch_size))).numpy()
 
 
 def feature_tsne(source_encoder, target_encoder, domains, settings, out: Path, seed: int):

@@ -394,7 +394,6 @@ def command_classifier(args) -> None:
     common = settings_from(args, Common)
     settings = settings_from(args, classifier.ClassifierSettings)
     device = training_device(common, settings)
-    util.seed_everything(common.seed)
     train = load_data(common, settings.data, "train")
     test = load_data(common, settings.data, "test")
     if train.labels is None or test.labels is None:
@@ -638,14 +637,14 @@ def command_gan(args) -> None:
 
 
 def generate_faces(count: int, checkpoint, out: Path, device, seed: int):
-    """`count` PNGs from a GAN checkpoint (the homework's deliverable), fixed seed, in
-    batches split across the processes under torchrun."""
+    """`count` PNGs from a GAN checkpoint (the homework's deliverable), z from the fixed
+    stream "samples" of --seed, in batches split across the processes under torchrun."""
     if not checkpoint:
         raise util.UserError("--generate needs --ckpt CHECKPOINT (e.g. runs/gan_b/checkpoint.pt)")
     model, settings = gan.load(checkpoint, device)
     start = time.perf_counter()
     images = torch.cat(parallel.in_order(lambda batch: model.sample(*batch),
-                                         gan.noise_batches(settings, count, seed)))
+                                         gan.noise_batches(settings, count, seed, "samples")))
     paths = data.save_images(images, out, [f"{i:04d}.png" for i in range(count)])
     print(f"wrote {len(paths)} images to {out} in {time.perf_counter() - start:.1f} s")
 

@@ -15,8 +15,27 @@ does its logging and saving in plain sight:
 
 The Run never calls back into the method: it holds the parts to save (anything with
 state_dict / load_state_dict) and the numbers the loop gives it.
+
+Randomness, one policy for every run. Each random number comes from a stream named for
+what it draws, and each stream's seed is derived from (--seed, name) (`stream_seed`), so
+no stream shares numbers with another and no `seed + 3` stands in for a name:
+- the initial weights: torch's default stream, seeded from (seed, "weights") just before
+  the networks are built (`seed_weights`);
+- the training streams, `run.random(name)`: "data" (which images form each batch, an
+  epoch's order), "noise" (z, eps, timesteps, dropped labels, label noise) and
+  "augment" (DiffAugment, self-ensembling's and the classifier's augmentations). Each is
+  a parallel.Random, which reads like torch (`noise.randn(count, latent_dim)`) and
+  draws for the global batch under torchrun;
+- dropout's masks, drawn inside nn.Dropout from torch's default stream: the Run seeds it
+  from (seed, "dropout") once the networks are built;
+- the fixed streams, `fixed_random(seed, name)`: "grid", "pairs", "fid", "statistics",
+  "test", ...: they start afresh at every use, so the grid shows the same z at every
+  checkpoint and each FID compares like with like.
+The training streams and the default stream are saved in each checkpoint, so a resumed
+run draws exactly what the uninterrupted run would have.
 """
 import dataclasses
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -29,6 +48,45 @@ from util import UserError
 
 
 LOG_EVERY = 10  # steps whose numbers are taken from the device together
+
+
+# ============================================================================ randomness
+def stream_seed(seed: int, name: str) -> int:
+    """The seed of the stream `name` of a run seeded with `seed`: 63 bits of
+    SHA-256("seed/name"), so streams of different names (or seeds) are unrelated."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seed_weights(seed: int):
+    """Seed torch's default stream (every device) for the initial weights: call it just
+    before the networks are built."""
+    torch.manual_seed(stream_seed(seed, "weights"))
+
+
+def fixed_random(seed: int, name: str, device="cpu") -> parallel.Random:
+    """A fixed stream: the same numbers at every use (the grid's z, FID's samples), drawn
+    whole in every process."""
+    return parallel.Random(stream_seed(seed, name), device, per_process=False)
+
+
+class DefaultStream:
+    """torch's default generators (the CPU's and, with a GPU, CUDA's), which dropout draws
+    its masks from: seeded from (seed, "dropout"), saved and restored with the run."""
+
+    def __init__(self, seed: int):
+        torch.manual_seed(stream_seed(seed, "dropout"))
+
+    def state_dict(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict):
+        torch.set_rng_state(state["cpu"].cpu())  # a checkpoint loaded onto a GPU moved it
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([part.cpu() for part in state["cuda"]])
 
 
 class StepLog:
@@ -69,8 +127,10 @@ def check_finite(value: float, step: int, what: str = "loss"):
 class Run:
     """One training run's machinery, around the loop of a method file.
 
+    - Random streams: `random(name)` (the module's docstring), saved in each checkpoint
+      with torch's default stream (dropout's).
     - Resume: with settings.resume and OUT/checkpoint.pt present, every part of `state`,
-      the history and the step counter come back from the checkpoint (util.resume_state
+      the random streams, the history and the step counter come back from the checkpoint (util.resume_state
       checks that it is this run's: same command, seed and settings, apart from the
       fields in may_change), and iterating continues where the run stopped.
     - `log(numbers)`: the numbers a step returned, as their means over the processes
@@ -93,18 +153,38 @@ class Run:
         self.out, self.command, self.settings, self.seed = Path(out), command, settings, seed
         self.state, self.steps, self.every = state, steps, every
         self.record, self.desc = record or {}, desc or command
-        self.checkpoint = self.out / "checkpoint.pt"
+        self.checkpoint, self.device = self.out / "checkpoint.pt", device
         self.step_log, self.first = StepLog(), 0
+        self.streams, self.stored_streams = {"dropout": DefaultStream(seed)}, None
+        self.resumed = False
         if settings.resume and self.checkpoint.exists():
             stored = util.resume_state(self.checkpoint, device, command, settings, seed,
                                        may_change)
             for name, part in state.items():
                 part.load_state_dict(stored[name])
             self.step_log = StepLog(stored["history"], stored["seconds"])
-            self.first = stored["step"]
+            self.first, self.stored_streams = stored["step"], stored.get("random", {})
+            self.resumed = True
+            self._restore(self.streams["dropout"], "dropout")
             print(f"resumed from {self.checkpoint} at step {self.first}")
         self.step, self.pending = self.first, []  # the logged numbers not yet taken
         self.progress = util.Progress(desc=self.desc, total=steps, initial=self.first)
+
+    def random(self, name: str) -> parallel.Random:
+        """The training stream `name` ("data", "noise", "augment"), seeded from (seed,
+        name) and saved with every checkpoint: on --resume it continues from there."""
+        stream = parallel.Random(stream_seed(self.seed, name), self.device)
+        self.streams[name] = stream
+        if self.resumed:
+            self._restore(stream, name)
+        return stream
+
+    def _restore(self, stream, name: str):
+        if name not in self.stored_streams:
+            raise UserError(f"{self.checkpoint} holds no random stream '{name}' (written by "
+                            "an earlier version, which drew its random numbers otherwise): "
+                            "start the run again without --resume")
+        stream.load_state_dict(self.stored_streams[name])
 
     @property
     def history(self) -> dict:
@@ -161,6 +241,8 @@ class Run:
         state = {"command": self.command, "seed": self.seed,
                  "settings": dataclasses.asdict(self.settings), "step": done,
                  "history": self.history, "seconds": self.seconds, **self.record,
+                 "random": {name: stream.state_dict() for name, stream in
+                            self.streams.items()},
                  **{name: part.state_dict() for name, part in self.state.items()}}
         util.save_checkpoint(state, self.checkpoint)
         if new_best_fid(self.history, done):

@@ -320,18 +320,20 @@ def generate(generator: nn.Module, features, labels, noise, classes: int) -> tor
 
 
 def self_ensembling_step(student: Networks, teacher: Networks, source, labels, target,
-                         optimizer, rng: Random, consistency_weight: float,
+                         optimizer, augmentation: Random, consistency_weight: float,
                          confidence: float, balance_weight: float) -> dict:
     """One self-ensembling step: the student learns the source labels and to agree with
     its teacher (the weight average) on target images the teacher is sure of; only the
     student's optimiser steps (the teacher follows as the average, in the loop)."""
     def predict(networks, images):
         return networks.classifier(networks.features(images))
-    class_loss = F.cross_entropy(predict(student, augment(source, rng)), labels)
-    student_probs = predict(student, augment(target, rng)).softmax(dim=1)  # S(a(x_t)), (B, K)
+    class_loss = F.cross_entropy(predict(student, augment(source, augmentation)), labels)
+    # S(a(x_t)), (B, K)
+    student_probs = predict(student, augment(target, augmentation)).softmax(dim=1)
     teacher.train()  # like the student: batch statistics of the target batch, dropout
     with torch.no_grad():
-        teacher_probs = predict(teacher, augment(target, rng)).softmax(dim=1)  # T(a'(x_t))
+        # T(a'(x_t)), (B, K): another augmentation of the same images
+        teacher_probs = predict(teacher, augment(target, augmentation)).softmax(dim=1)
     # m_t = [max_k T(a'(x_t))_k > threshold], (B,)
     confident = (teacher_probs.max(dim=1).values > confidence).float()
     # consistency: mean_t m_t |S - T|^2 / K
@@ -386,39 +388,39 @@ def train(domains: "Domains", settings: UDASettings, out: Path, device, seed: in
         raise UserError(f"target {settings.tgt} has no labels, so 'target' (train on the "
                         "target) cannot run: give a labelled target or another --method")
     domains, method = domains.to(device), settings.method
-    util.seed_everything(seed)  # the initial weights
+    training.seed_weights(seed)
     networks = Networks(method).to(device, memory_format=torch.channels_last)
     # the networks to call in the steps: under torchrun each player (F, C, D, G) is a
     # replica there, whose gradients are averaged over the processes
     replicas = parallel.replicate(networks)
     average = copy.deepcopy(networks).requires_grad_(False)  # evaluated; the teacher
     optimizers = make_optimizers(networks, settings)
-    # GTA's z, self-ensembling's augmentations: torch's default stream, reseeded each epoch
-    rng = Random(device=device, generator=torch.default_generator)
-    epochs = Epochs(domains, settings.batch_size, seed)
+    epochs = Epochs(domains, settings.batch_size)
     # with --resume, every part of `state` comes back from the checkpoint here
     run = training.Run(out, "uda", settings, seed, device, desc=method,
                        state={"networks": networks, "average": average, **optimizers},
                        steps=settings.epochs * epochs.steps, every=epochs.steps,
                        may_change=("tsne_points",))
+    # the training streams (training.py): each epoch's batches; GTA's z;
+    # self-ensembling's augmentations (dropout draws from torch's own)
+    data_order, noise, augmentation = (run.random(name) for name in
+                                       ("data", "noise", "augment"))
     for step in run:
-        if step % epochs.steps == 0:  # each epoch from (seed, epoch): a resume repeats it
-            torch.manual_seed(epochs.seed(step))  # dropout, GTA's z, augmentations
-        (xs, ys), (xt, yt) = epochs.batch(step)
+        (xs, ys), (xt, yt) = epochs.batch(step, data_order)
         set_learning_rates(optimizers, settings, step, run.steps)
         networks.train()
         if method in ("source", "target"):
             numbers = classify_step(replicas, *((xs, ys) if method == "source" else (xt, yt)),
                                     optimizers["optimizer"])
         elif method == "gta":  # z for the source rows, then for the target rows
-            noise = torch.cat([rng.randn(len(x), GTA_NOISE) for x in (xs, xt)])
+            z = torch.cat([noise.randn(len(x), GTA_NOISE) for x in (xs, xt)])
             # G and F learn against D's plain module (no torchrun gradient exchange)
-            numbers = gta_step(replicas, networks.discriminator, xs, ys, xt, noise,
+            numbers = gta_step(replicas, networks.discriminator, xs, ys, xt, z,
                                optimizers, settings.adversarial_weight,
                                settings.target_weight)
         elif method == "self-ensembling":
             numbers = self_ensembling_step(replicas, average, xs, ys, xt,
-                                           optimizers["optimizer"], rng,
+                                           optimizers["optimizer"], augmentation,
                                            settings.consistency_weight, settings.confidence,
                                            settings.balance_weight)
         else:
@@ -453,7 +455,7 @@ def adda(domains: "Domains", settings: UDASettings, out: Path, device, seed: int
     pre = util.resume_state(pretrained, device, "uda", source_settings, seed,
                             may_change=("adapt_epochs", "adda_lr", "entropy_weight",
                                         "tsne_points"))
-    util.seed_everything(seed)  # D and F_t start as they would have in one run
+    training.seed_weights(seed)  # D's initial weights (F_t is F_s's copy)
     networks = Networks("adda").to(device, memory_format=torch.channels_last)
     source_only = Networks("source")
     source_only.load_state_dict(pre["average"])
@@ -469,17 +471,16 @@ def adda(domains: "Domains", settings: UDASettings, out: Path, device, seed: int
                                              betas=(0.5, 0.999)),
                   "target": torch.optim.Adam(networks.target_features.parameters(),
                                              settings.adda_lr, betas=(0.5, 0.999))}
-    # the epochs continue the count of the pre-training's (their random streams)
-    epochs = Epochs(domains, settings.batch_size, seed, first_epoch=settings.epochs)
+    epochs = Epochs(domains, settings.batch_size)
     # with --resume, every part of `state` comes back from the checkpoint here
     run = training.Run(out, "uda", settings, seed, device, desc="adapt",
                        state={"networks": networks, "average": average, **optimizers},
                        steps=settings.adapt_epochs * epochs.steps, every=epochs.steps,
                        may_change=("tsne_points",))
+    # a stream of its own: the batches differ from the pre-training's
+    data_order = run.random("adaptation data")
     for step in run:
-        if step % epochs.steps == 0:  # each epoch from (seed, epoch): a resume repeats it
-            torch.manual_seed(epochs.seed(step))  # dropout
-        (xs, _), (xt, _) = epochs.batch(step)
+        (xs, _), (xt, _) = epochs.batch(step, data_order)
         set_adaptation_modes(networks)
         numbers = adda_step(replicas, xs, xt, optimizers)
         nets.update_ema(average, networks, step, settings.ema_decay)
@@ -558,7 +559,7 @@ def refresh_statistics(network: nn.Module, sources: list, batch_size: int):
         size = min(batch_size, len(images))
         count = min(STATISTICS_IMAGES, len(images)) // size
         return [batch for batch, _ in itertools.islice(
-            images.batches(size, shuffle=False, drop_last=True), count)]
+            images.batches(size, drop_last=True), count)]
     nets.recompute_batch_norm(network, [batch for images in sources for batch in
                                         batches(images)])
 
@@ -608,7 +609,7 @@ def gta_drawings(average: Networks, domains: "Domains", seed: int, count: int = 
     features = average.features(torch.cat(images))
     unknown = torch.full((count,), average.classes)
     labels = torch.cat([domains.source_test.labels[:count].cpu(), unknown])
-    noise = torch.randn(len(labels), GTA_NOISE, generator=torch.Generator().manual_seed(seed))
+    noise = training.fixed_random(seed, "drawings").randn(len(labels), GTA_NOISE)
     generated = generate(copy.deepcopy(average.generator).train(), features,
                          labels.to(features.device), noise.to(features.device),
                          average.classes)
@@ -655,7 +656,7 @@ def epoch_shape(source_count: int, target_count: int, batch_size: int) -> tuple[
 
 
 def paired_indices(source_count: int, target_count: int, batch_size: int,
-                   generator: torch.Generator):
+                   data_order: Random):
     """Per step a source and a target index batch; an epoch covers the larger set once,
     the smaller one is cycled through fresh permutations."""
     steps, batch_size = epoch_shape(source_count, target_count, batch_size)
@@ -663,7 +664,7 @@ def paired_indices(source_count: int, target_count: int, batch_size: int,
 
     def cycled(count):
         rounds = -(-needed // count)
-        return torch.cat([torch.randperm(count, generator=generator)
+        return torch.cat([data_order.permutation(count)
                           for _ in range(rounds)])[:needed].view(steps, batch_size)
     return cycled(source_count), cycled(target_count)
 
@@ -671,25 +672,20 @@ def paired_indices(source_count: int, target_count: int, batch_size: int,
 class Epochs:
     """The paired source and target batches of each step, epoch by epoch: (x_s, y_s) and
     (x_t, y_t) (y_t None for an unlabelled target), this process's rows of the global
-    batch. Epoch e (counted from first_epoch) draws its order from seed(step), the seed
-    of (seed, e), so a resumed run repeats the epoch exactly."""
+    batch. Each epoch draws its order from the run's data stream when it starts
+    (checkpoints end epochs, so a resumed run draws what the uninterrupted one would)."""
 
-    def __init__(self, domains: Domains, batch_size: int, seed: int, first_epoch: int = 0):
+    def __init__(self, domains: Domains, batch_size: int):
         self.source, self.target = domains.source_train, domains.target_train
-        self.batch_size, self.run_seed, self.first_epoch = batch_size, seed, first_epoch
+        self.batch_size = batch_size
         self.steps = epoch_shape(len(self.source), len(self.target), batch_size)[0]
         self.indices = None
 
-    def seed(self, step: int) -> int:
-        return util.stream_seed(self.run_seed, self.first_epoch + step // self.steps)
-
-    def batch(self, step: int):
+    def batch(self, step: int, data_order: Random):
         position = step % self.steps
-        if position == 0 or self.indices is None:  # the epoch's batches, moved at once
-            self.indices = [util.to_device(indices, self.source.pixels.device)
-                            for indices in paired_indices(
-                                len(self.source), len(self.target), self.batch_size,
-                                torch.Generator().manual_seed(self.seed(step)))]
+        if position == 0:  # the epoch's batches
+            self.indices = paired_indices(len(self.source), len(self.target),
+                                          self.batch_size, data_order)
         source_index, target_index = (parallel.rows(indices[position])
                                       for indices in self.indices)
         return ((self.source.images(source_index), self.source.labels[source_index]),

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import sys
 import time
 import zipfile
@@ -64,12 +63,6 @@ def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def stream_seed(seed: int, index: int) -> int:
-    """The seed of a run's epoch or step number `index`: each epoch (or step) draws from a
-    stream of its own, so a run resumed at its start draws exactly what it would have."""
-    return seed * 100_003 + index
-
-
 def main_process() -> bool:
     """Is this the process that prints and writes files? Under torchrun only rank 0 is:
     torchrun numbers its processes in the environment (RANK), and the others compute the
@@ -81,13 +74,6 @@ def main_process() -> bool:
 def silent():
     """Where the other processes' progress lines and prints go: nowhere."""
     return open(os.devnull, "w")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices): the initial weights follow from it."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # --------------------------------------------------------------------- progress line

@@ -32,8 +32,6 @@ import nets
 import parallel
 import reports
 import training
-import util
-from parallel import Random
 from util import UserError
 
 
@@ -104,13 +102,12 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
     """Adam on L = ||x - x^||^2 + lambda KL; test MSE and KL, curves and a checkpoint after
     every epoch, the samples' FID every fid_every epochs; then the pictures, the
     reconstructions' FID and results.json."""
-    util.seed_everything(seed)
+    training.seed_weights(seed)
     model = nets.VAE(settings.latent_dim).to(device)
     # the model to call in the step: under torchrun its encoder, decoder and heads are
     # replicas there, whose gradients are averaged over the processes
     replicas = parallel.replicate(model)
     optimizer = torch.optim.Adam(model.parameters(), settings.lr)
-    rng = Random(device=device)  # reseeded each epoch: data order, eps
     faces, test = faces.to(device), test.to(device)
     steps_per_epoch = len(faces) // settings.batch_size
     if steps_per_epoch == 0:
@@ -124,16 +121,15 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
                        state={"model": model, "optimizer": optimizer}, steps=steps,
                        every=steps_per_epoch, desc="VAE",
                        may_change=("epochs", "tsne_points", "attribute", "fid_every"))
+    # the training streams (training.py): each epoch's order of the faces; eps
+    data_order, noise = run.random("data"), run.random("noise")
     for step in run:
         epoch, position = divmod(step, steps_per_epoch)
-        # each epoch seeded by (seed, epoch): a resume, which starts at an epoch's first
-        # step (checkpoints end epochs), repeats it exactly
-        if position == 0:
-            rng.manual_seed(util.stream_seed(seed, epoch))
-            batches = faces.batches(settings.batch_size, generator=rng.generator,
-                                    drop_last=True)
-        images = parallel.rows(next(batches)[0])  # under torchrun: this process's share
-        eps = rng.randn(len(images), settings.latent_dim)                 # eps ~ N(0, I)
+        if position == 0:  # a new epoch (checkpoints end epochs: a resume starts one)
+            order = data_order.permutation(len(faces))          # each face once an epoch
+        batch = order[position * settings.batch_size:(position + 1) * settings.batch_size]
+        images = faces.images(parallel.rows(batch))  # under torchrun: this process's share
+        eps = noise.randn(len(images), settings.latent_dim)               # eps ~ N(0, I)
         model.train()  # the evaluation at the last checkpoint left it in eval mode
         terms = losses(replicas, images, eps)
         lambda_ = kl_weight_at(settings, epoch, position / steps_per_epoch)
@@ -147,7 +143,7 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
                 run.history.setdefault(f"test_{name}", []).append(value)
             if fid.due(step + 1, steps):
                 fid.measure(run.history, step + 1, lambda z: decode(model, z),
-                            prior_samples(settings.fid_images, settings.latent_dim, seed + 1))
+                            prior_samples(settings.fid_images, settings.latent_dim, seed, "fid"))
             run.save_checkpoint()  # after the FID: best.pt is the lowest FID's
             reports.vae_curves(out, settings, run.history, fid)
     fid_results = fid.results(run.history)
@@ -162,12 +158,13 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
 @torch.no_grad()
 def evaluate_test(model: nets.VAE, test: data.ImageSet, seed: int, latent_dim: int,
                   batch_size: int = 500) -> dict:
-    """Test per-pixel MSE and per-image KL (z sampled, from a fixed seed), in eval mode."""
+    """Test per-pixel MSE and per-image KL (z sampled with eps of the fixed "test"
+    stream), in eval mode."""
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    noise = training.fixed_random(seed, "test")
     totals = {"mse": 0.0, "kl": 0.0}
-    for images, _ in test.batches(batch_size, shuffle=False):
-        eps = torch.randn(len(images), latent_dim, generator=generator)
+    for images, _ in test.batches(batch_size):
+        eps = noise.randn(len(images), latent_dim)
         terms = losses(model, images, eps)
         totals["mse"] += terms["mse"].item() * len(images)
         totals["kl"] += terms["kl"].item() * len(images)
@@ -175,10 +172,10 @@ def evaluate_test(model: nets.VAE, test: data.ImageSet, seed: int, latent_dim: i
 
 
 # ============================================================================ sampling
-def prior_samples(count: int, latent_dim: int, seed: int, batch_size: int = 500):
-    """count z ~ N(0, I) from a fixed seed, in batches, on the CPU."""
-    z = torch.randn(count, latent_dim, generator=torch.Generator().manual_seed(seed))
-    return z.split(batch_size)
+def prior_samples(count: int, latent_dim: int, seed: int, stream: str,
+                  batch_size: int = 500):
+    """count z ~ N(0, I) of a fixed stream ("grid", "fid"), in batches, on the CPU."""
+    return training.fixed_random(seed, stream).randn(count, latent_dim).split(batch_size)
 
 
 @torch.no_grad()
@@ -194,7 +191,7 @@ def reconstructions(model: nets.VAE, faces: data.ImageSet, batch_size: int = 500
     """Decoded mean codes mu(x) of the faces, on the CPU, in eval mode."""
     model.eval()
     return torch.cat([model.decode(model.encode(images)[0]).cpu()
-                      for images, _ in faces.batches(batch_size, shuffle=False)])
+                      for images, _ in faces.batches(batch_size)])
 
 
 @torch.no_grad()
@@ -212,7 +209,7 @@ def latent_codes(model: nets.VAE, faces: data.ImageSet, batch_size: int = 500):
     """mu(x) (N, latent) of the faces, on the CPU, in eval mode."""
     model.eval()
     return torch.cat([model.encode(images)[0].cpu()
-                      for images, _ in faces.batches(batch_size, shuffle=False)])
+                      for images, _ in faces.batches(batch_size)])
 
 
 def pictures(model: nets.VAE, test: data.ImageSet, settings: VAESettings, seed: int) -> dict:
@@ -224,7 +221,7 @@ def pictures(model: nets.VAE, test: data.ImageSet, settings: VAESettings, seed: 
     chosen = test.subset(torch.arange(min(settings.tsne_points, len(test))))
     return {"faces": faces.cpu(), "rebuilt": reconstructions(model, first_ten),
             "samples": torch.cat([decode(model, z) for z in
-                                  prior_samples(32, settings.latent_dim, seed)]).cpu(),
+                                  prior_samples(32, settings.latent_dim, seed, "grid")]).cpu(),
             "interpolation": interpolation(model, faces[0], faces[1]).cpu(),
             "latents": (latent_codes(model, chosen), chosen.labels)
             if settings.tsne_points and test.labels is not None else None}
