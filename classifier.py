@@ -82,9 +82,9 @@ def train(train_set: data.ImageSet, test: data.ImageSet, settings: ClassifierSet
     saved with each checkpoint, so a run resumed from its checkpoint ends with the same
     weights as an uninterrupted one."""
     training.seed_weights(seed)
-    network = parallel.share_batch_layers(nets.digit_classifier(
-        classes=len(train_set.classes)).to(device))
-    replica = parallel.replica(network)  # under torchrun: gradients averaged in backward
+    # under torchrun: gradients averaged over the processes in backward
+    network = parallel.distribute(nets.digit_classifier(classes=len(train_set.classes))
+                                  .to(device))
     optimizer = torch.optim.AdamW(network.parameters(), settings.lr,
                                   weight_decay=settings.weight_decay)
     steps_per_epoch = -(-len(train_set) // settings.batch_size)
@@ -104,7 +104,7 @@ def train(train_set: data.ImageSet, test: data.ImageSet, settings: ClassifierSet
         images, labels = parallel.rows(images), parallel.rows(labels)  # this process's share
         network.train()
         images = random_shift(images, settings.shift, augmentation)
-        loss = F.cross_entropy(replica(images), labels, label_smoothing=0.1)
+        loss = F.cross_entropy(network(images), labels, label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -437,9 +437,7 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
         raise UserError(f"{settings.data} has no labels: the conditional DDPM needs them")
     training.seed_weights(seed)
     model = Diffusion(settings).to(device)
-    # the model to call for the loss: under torchrun its U-Net is a replica there, whose
-    # gradients are averaged over the processes; the EMA and the samplers use `model`
-    replicas = parallel.replicate(model)
+    parallel.distribute(model)  # under torchrun: the U-Net's gradients averaged in backward
     optimizer = torch.optim.Adam(model.network.parameters(), settings.lr)
     digits = digits.to(device)
     fid = metrics.fid_tracker(real_test, settings.fid_images, settings.sample_every, device,
@@ -457,7 +455,7 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
             group["lr"] = learning_rate(settings, step)
         indices = data_order.indices(len(digits), settings.batch_size)  # this process's share
         model.network.train()  # dropout on
-        loss = replicas.loss(digits.images(indices), digits.labels[indices], noise)
+        loss = model.loss(digits.images(indices), digits.labels[indices], noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -427,9 +427,7 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
                         "use CelebA (with its list_attr_celeba.txt)")
     training.seed_weights(seed)
     gan = GAN(settings).to(device)
-    # the model to call in the steps: under torchrun G and D are replicas there, whose
-    # gradients are averaged over the processes; `gan` holds the same weights
-    replicas = parallel.replicate(gan)
+    parallel.distribute(gan)  # under torchrun: G's and D's gradients averaged in backward
     optimizers = build_optimizers(gan, settings)
     faces = faces.to(device)
     fid = metrics.fid_tracker(held_out, settings.fid_images, settings.sample_every, device,
@@ -447,12 +445,12 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
     for step in run:
         gan.train()  # sampling at the last checkpoint left G (a, hacks) in eval mode
         if settings.variant == "wgan-gp":  # n_critic real batches, fetched as it needs them
-            numbers = wgan_gp_step(replicas, optimizers,
+            numbers = wgan_gp_step(gan, optimizers,
                                    lambda: real_batch(faces, settings, data_order)[0],
                                    settings, noise)
         else:
             real, real_attributes = real_batch(faces, settings, data_order)
-            numbers = train_step(replicas, optimizers, real, real_attributes, settings, noise,
+            numbers = train_step(gan, optimizers, real, real_attributes, settings, noise,
                                  augmentation, noise_std=instance_noise_std(step, settings))
         gan.update_ema(step, settings.ema_decay)
         run.log(numbers)

@@ -1,13 +1,13 @@
-"""Data-parallel training over several processes, with PyTorch's own engine:
-torch.distributed for the process group and DistributedDataParallel (DDP) for gradients.
+"""Data-parallel training over several processes, with PyTorch's own engine,
+torch.distributed: the process group, and all-reduces for gradients and statistics.
 
     torchrun --nproc_per_node 2 run.py gan --variant b      # 2 processes, one machine
     python run.py gan --variant b                           # 1 process, as always
 
 torchrun starts N copies of run.py and tells each its rank r (0 .. N-1) through the
 environment. Every process holds the whole model and the whole data set; a training
-step then runs in each process on its own share of the global batch, and DDP averages
-the gradients before the optimiser steps, so every replica takes the same step.
+step then runs in each process on its own share of the global batch, and the gradients
+are averaged before the optimiser steps, so every process takes the same step.
 
 What makes a run with N processes the same run as with 1, up to rounding (`--batch-size`
 is the global batch either way, and it must split into N equal shares):
@@ -20,8 +20,10 @@ is the global batch either way, and it must split into N equal shares):
   steps draw from them as they would from torch (`noise.randn(count, latent_dim)`), for
   their own `count` images. (On GPUs, dropout masks and the order of floating-point
   sums differ: the same run in distribution.)
-- Gradients. Each process's loss is the mean over its B/N rows; DDP averages the N
-  gradients, (1/N) sum_r grad mean_r = grad of the mean over all B rows.
+- Gradients. Each process's loss is the mean over its B/N rows; `distribute` makes
+  every weight average its N gradients as backward produces them, (1/N) sum_r grad
+  mean_r = grad of the mean over all B rows (DistributedDataParallel's rule, done by a
+  hook on each weight instead of a wrapper, so the model keeps one name).
 - Batch norm. A batch-norm layer normalises with the mean and variance of its batch; per
   process that would be a batch of B/N, and a figure would change with N. Every
   batch-norm layer therefore becomes a `SharedBatchNorm` (`share_batch_layers`), which
@@ -35,25 +37,22 @@ is the global batch either way, and it must split into N equal shares):
   on GPUs, but refuses CPU tensors, and these runs must test on CPUs.
 - Spectral norm's vector u, weight averages (EMA), running statistics: they follow from
   the weights and the batches by the same arithmetic in every process, so they stay
-  identical on their own; DDP's broadcast of buffers from rank 0 at every forward changes
-  nothing there.
-- Gradient reversal is an autograd function inside the graph: DDP sees only the
+  identical on their own (as do the initial weights, seeded alike in every process).
+- Gradient reversal is an autograd function inside the graph: the weights see only the
   gradients it produces, so it needs no change.
-- Two players (GAN's G and D, ADDA's F_t and D; GTA's F, C, G and D) are wrapped
-  separately, one DDP each (`replicate`, where the model is built): each optimiser steps
-  on its own player's averaged gradients. (In the GAN's G step, D's gradients are
-  averaged too and then thrown away: simple, a little communication lost. GTA's G and F
-  steps judge with D's plain module, outside its replica, since D does not learn there,
-  and send each loss only to its own players, `backward(inputs=...)`.)
+- Two players (GAN's G and D, ADDA's F_t and D; GTA's F, C, G and D): each weight
+  averages its own gradient, so each optimiser steps on its own player's averaged
+  gradients. (In the GAN's G step, D's gradients are averaged too and then thrown away:
+  simple, a little communication lost. GTA's G and F steps send each loss only to its
+  own players, `backward(inputs=...)`, so D's weights exchange nothing there.)
 - A loss of a mean over the batch (self-ensembling's class balance) takes the mean over
   the global batch, `nets.batch_mean`, which a mean of the processes' losses would not
   equal.
 
-The method files name torchrun only in their loops: `replicate` where the model is
-built, and `rows` where a loop takes its share of a
-batch of data (the VAE's and UDA's epochs); their steps, losses and samplers are written
-as for one process (GTA's step is handed D's plain module for its G and F updates, and
-self-ensembling's class balance uses nets.batch_mean). The run around the loop
+The method files name torchrun only in their loops: `distribute` where the model is
+built, and `rows` where a loop takes its share of a batch of data (the VAE's and UDA's
+epochs); their steps, losses and samplers are written as for one process
+(self-ensembling's class balance uses nets.batch_mean). The run around the loop
 (training.py) logs the means over the processes.
 
 Only rank 0 prints progress and writes files (checkpoints, pictures, results.json); the
@@ -235,41 +234,33 @@ class Random:
         self.generator.set_state(state.cpu())  # a checkpoint loaded onto a GPU moved it
 
 
-# ============================================================================ the replicas
-def replicate(model: nn.Module) -> nn.Module:
-    """The model made ready for training over the processes, where it is built: its
-    batch-wise layers look across the global batch (`share_batch_layers`, in place, so
-    copies made afterwards for weight averages share them too), and the view returned
-    for the training step has each child with trainable weights (a player: GAN's G and
-    D, the U-Net, F, C and D of UDA) as a replica (`replica`): the same weights,
-    gradients averaged across processes in backward. `model` itself keeps its
-    state_dict keys, so checkpoints read the same with 1 or N processes; use it for
-    checkpoints, sampling and evaluation, the view in the step. One process: `model`.
-
-    The view shares the model's parameters, buffers and submodules, but its plain
-    attributes are copies: set modes (train(), eval()) on the model, whose modules the
-    view holds. Weights must live in children: one registered on the model itself would
-    never be averaged, so it is refused."""
+# ============================================================================ the gradients
+def distribute(model: nn.Module) -> nn.Module:
+    """`model` made ready for training over the processes, in place, where it is built
+    (returned for `model = parallel.distribute(Model())`):
+    - its batch-wise layers look across the global batch (`share_batch_layers`), so
+      copies made afterwards (weight averages) share them too;
+    - each trainable weight averages its gradient over the processes as soon as backward
+      has accumulated it, g <- (1/N) sum_r g_r (`average_gradient`), as DDP does; every
+      optimiser then takes the same step in every process.
+    The loop and the steps call `model` itself: there is no second name for it, and its
+    state_dict keys are those of one process. One process: `model` unchanged."""
     share_batch_layers(model)
-    if world() == 1:
-        return model
-    if any(True for _ in model.parameters(recurse=False)):
-        raise ValueError(f"{type(model).__name__} has weights of its own, outside its "
-                         "children: DDP would not average them")
-    view = nn.Module.__new__(type(model))
-    view.__dict__ = {**model.__dict__, "_modules": dict(model._modules)}
-    for name, child in model.named_children():
-        if any(parameter.requires_grad for parameter in child.parameters()):
-            view._modules[name] = replica(child)
-    return view
+    if world() > 1:
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.register_post_accumulate_grad_hook(average_gradient)
+    return model
 
 
-def replica(module: nn.Module) -> nn.Module:
-    """module in DistributedDataParallel (one process: module itself). Call the replica in
-    the training step; keep using module for checkpoints, sampling and evaluation."""
-    if world() == 1:
-        return module
-    return nn.parallel.DistributedDataParallel(module)
+def average_gradient(parameter: torch.Tensor):
+    """After backward has added a gradient into parameter.grad: the mean over the
+    processes. A second backward before the optimiser steps (retain_graph) adds to an
+    average already equal in every process, a, so the mean of a + g_r is a + mean g_r,
+    still the gradient of the mean loss. A loss that does not reach a weight (a backward
+    with `inputs=` naming other players) leaves it alone, with no exchange."""
+    dist.all_reduce(parameter.grad)
+    parameter.grad.div_(world())
 
 
 class SumOverProcesses(torch.autograd.Function):

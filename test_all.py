@@ -623,8 +623,8 @@ def test_random_shift_moves_content_by_the_drawn_amount():
 
 @pytest.mark.parametrize("variant", ["a", "b", "wgan-gp", "hacks"])
 def test_two_processes_train_the_same_gan_as_one(tmp_path, variant):
-    """Every draw of the global batch split, batch norm over both shares, G and D each a
-    replica: the 3 steps of 2 processes are those of 1 (variant a: batch norm in D, b:
+    """Every draw of the global batch split, batch norm over both shares, G and D each
+    averaging its gradients: the 3 steps of 2 processes are those of 1 (variant a: batch norm in D, b:
     spectral norm and DiffAugment, wgan-gp: the penalty's double backward, hacks: noisy
     and flipped targets, instance noise and dropout)."""
     faces = str(image_folder(tmp_path / "faces", 8, 32))
@@ -670,7 +670,7 @@ def test_torchrun_ddpm_equals_one_process_resumes_and_writes_the_same_1000_image
 
 def test_two_processes_train_the_same_vae_uda_and_classifier_as_one(tmp_path):
     """Batch norm over both shares, dropout masks of the global batch, gradient reversal
-    inside DANN's graph, ADDA's two phases (F_s and C frozen, F_t and D replicas): each
+    inside DANN's graph, ADDA's two phases (F_s and C frozen, F_t and D averaging their gradients): each
     model's 2-process run is its 1-process run."""
     faces = str(image_folder(tmp_path / "faces", 8, 64))
     source, target = digit_folder(tmp_path / "src"), digit_folder(tmp_path / "tgt", inverted=True)
@@ -791,6 +791,31 @@ def test_a_fixed_stream_draws_the_whole_batch_in_every_process(monkeypatch):
     for rank in range(2):
         fake_world(monkeypatch, 2, rank)
         assert torch.equal(fixed_stream(4).randn(6, 3), expected)
+
+
+def test_distributed_weights_average_their_gradients_once_a_backward(monkeypatch):
+    """With N processes, each trainable weight's gradient becomes the mean of the N
+    processes' gradients as backward accumulates it (all_reduce faked here: the other
+    process's gradient is 3 g); frozen weights and weights the backward does not reach
+    exchange nothing."""
+    fake_world(monkeypatch, 2, 0)
+    exchanged = []
+
+    def all_reduce(tensor):  # the sum over 2 processes whose other one holds 3 g
+        exchanged.append(tensor.shape)
+        tensor.mul_(4)
+    monkeypatch.setattr(parallel.dist, "all_reduce", all_reduce)
+    model = parallel.distribute(nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1)))
+    model[1].bias.requires_grad_(False)
+    x = torch.randn(5, 3)
+    model(x).sum().backward(inputs=[model[0].weight, model[0].bias, model[1].weight])
+    grads = torch.autograd.grad(model(x).sum(), [model[0].weight, model[1].weight])
+    assert torch.allclose(model[0].weight.grad, 2 * grads[0])  # (g + 3 g) / 2
+    assert torch.allclose(model[1].weight.grad, 2 * grads[1])
+    assert len(exchanged) == 3 and model[1].bias.grad is None
+    model.zero_grad()
+    model(x).sum().backward(inputs=[model[1].weight])  # a backward that reaches one weight
+    assert len(exchanged) == 4 and model[0].weight.grad is None
 
 
 def test_random_state_round_trips_through_a_checkpoint():
@@ -4091,7 +4116,7 @@ def test_gta_discriminator_sees_real_generated_source_and_generated_target_apart
     optimizers = {name: torch.optim.SGD(module.parameters(), lr=0.0) for name, module in (
         ("discriminator", nets_.discriminator), ("generator", nets_.generator),
         ("embedding", nn.Sequential(nets_.features, nets_.classifier)))}
-    uda.gta_step(nets_, nets_.discriminator, source, torch.arange(4), target,
+    uda.gta_step(nets_, source, torch.arange(4), target,
                  torch.randn(8, uda.GTA_NOISE), optimizers, 0.1, 0.3)
     assert sizes == [4] * 5
 
@@ -4242,7 +4267,7 @@ def test_gta_step_trains_d_then_g_and_f_c_against_the_updated_d():
     optimizers = {"discriminator": recording_sgd(D.parameters(), lr_d),
                   "generator": recording_sgd(G.parameters(), 0.2),
                   "embedding": recording_sgd([*F_.parameters(), *C.parameters()], 0.3)}
-    losses = uda.gta_step(nets_, nets_.discriminator, source, labels, target, noise,
+    losses = uda.gta_step(nets_, source, labels, target, noise,
                           optimizers, a, alpha)
 
     def generate(features, condition, z):
@@ -4515,7 +4540,7 @@ def test_every_tensor_of_a_uda_step_is_on_the_networks_device(method):
             "dann": lambda: uda.dann_step(networks, source, labels, source,
                                           optimizers["optimizer"], 0.5, 0.1),
             "adda": lambda: uda.adda_step(networks, source, source, optimizers),
-            "gta": lambda: uda.gta_step(networks, networks.discriminator, source, labels,
+            "gta": lambda: uda.gta_step(networks, source, labels,
                                         source, rng.randn(8, uda.GTA_NOISE), optimizers, 0.1,
                                         0.3),
             "self-ensembling": lambda: uda.self_ensembling_step(

@@ -268,11 +268,11 @@ def adda_step(networks: Networks, source, target, optimizers) -> dict:
     return {"domain": domain_loss, "encoder": encoder_loss}
 
 
-def gta_step(networks: Networks, fixed_discriminator: nn.Module, source, labels, target,
-             noise, optimizers: dict, adversarial_weight: float, target_weight: float) -> dict:
+def gta_step(networks: Networks, source, labels, target, noise, optimizers: dict,
+             adversarial_weight: float, target_weight: float) -> dict:
     """One GTA step in the authors' order: D learns on real source images and on both
     domains' generated images; then G, and F and C, learn against the updated D, which
-    does not learn there: fixed_discriminator is D itself, called as a fixed function.
+    does not learn there (their losses reach their own weights only).
     noise: z (B_s + B_t, GTA_NOISE), the source rows first."""
     F_, C, G, D = (networks.features, networks.classifier, networks.generator,
                    networks.discriminator)
@@ -294,8 +294,8 @@ def gta_step(networks: Networks, fixed_discriminator: nn.Module, source, labels,
     optimizers["discriminator"].step()
 
     # 2. G, F and C against the updated D
-    source_data, source_classes = fixed_discriminator(generated_source)
-    target_data, _ = fixed_discriminator(generated_target)
+    source_data, source_classes = D(generated_source)
+    target_data, _ = D(generated_target)
     # G: min CE(D_cls(g_s), y_s) + BCE(D_data(g_s), 1), real-looking digits of class y_s
     generator_loss = F.cross_entropy(source_classes, labels) + bce_toward(source_data, 1.0)
     # F, C: min CE(C(F(x_s)), y_s) + a CE(D_cls(g_s), y_s) + a alpha BCE(D_data(g_t), 1)
@@ -390,9 +390,7 @@ def train(domains: "Domains", settings: UDASettings, out: Path, device, seed: in
     domains, method = domains.to(device), settings.method
     training.seed_weights(seed)
     networks = Networks(method).to(device, memory_format=torch.channels_last)
-    # the networks to call in the steps: under torchrun each player (F, C, D, G) is a
-    # replica there, whose gradients are averaged over the processes
-    replicas = parallel.replicate(networks)
+    parallel.distribute(networks)  # under torchrun: gradients averaged in backward
     average = copy.deepcopy(networks).requires_grad_(False)  # evaluated; the teacher
     optimizers = make_optimizers(networks, settings)
     epochs = Epochs(domains, settings.batch_size)
@@ -410,21 +408,19 @@ def train(domains: "Domains", settings: UDASettings, out: Path, device, seed: in
         set_learning_rates(optimizers, settings, step, run.steps)
         networks.train()
         if method in ("source", "target"):
-            numbers = classify_step(replicas, *((xs, ys) if method == "source" else (xt, yt)),
+            numbers = classify_step(networks, *((xs, ys) if method == "source" else (xt, yt)),
                                     optimizers["optimizer"])
         elif method == "gta":  # z for the source rows, then for the target rows
             z = torch.cat([noise.randn(len(x), GTA_NOISE) for x in (xs, xt)])
-            # G and F learn against D's plain module (no torchrun gradient exchange)
-            numbers = gta_step(replicas, networks.discriminator, xs, ys, xt, z,
-                               optimizers, settings.adversarial_weight,
-                               settings.target_weight)
+            numbers = gta_step(networks, xs, ys, xt, z, optimizers,
+                               settings.adversarial_weight, settings.target_weight)
         elif method == "self-ensembling":
-            numbers = self_ensembling_step(replicas, average, xs, ys, xt,
+            numbers = self_ensembling_step(networks, average, xs, ys, xt,
                                            optimizers["optimizer"], augmentation,
                                            settings.consistency_weight, settings.confidence,
                                            settings.balance_weight)
         else:
-            numbers = dann_step(replicas, xs, ys, xt, optimizers["optimizer"],
+            numbers = dann_step(networks, xs, ys, xt, optimizers["optimizer"],
                                 grl_lambda(step / run.steps),  # lambda(p), p in [0, 1)
                                 settings.entropy_weight if method == "dann-ent" else 0.0)
         nets.update_ema(average, networks, step, settings.ema_decay)
@@ -465,7 +461,7 @@ def adda(domains: "Domains", settings: UDASettings, out: Path, device, seed: int
     networks.target_features.load_state_dict(networks.features.state_dict())
     networks.features.requires_grad_(False)
     networks.classifier.requires_grad_(False)
-    replicas = parallel.replicate(networks)  # F_t and D replicas (F_s and C are frozen)
+    parallel.distribute(networks)  # F_t's and D's gradients averaged (F_s, C frozen)
     average = copy.deepcopy(networks).requires_grad_(False)
     optimizers = {"domain": torch.optim.Adam(networks.domain.parameters(), settings.adda_lr,
                                              betas=(0.5, 0.999)),
@@ -482,7 +478,7 @@ def adda(domains: "Domains", settings: UDASettings, out: Path, device, seed: int
     for step in run:
         (xs, _), (xt, _) = epochs.batch(step, data_order)
         set_adaptation_modes(networks)
-        numbers = adda_step(replicas, xs, xt, optimizers)
+        numbers = adda_step(networks, xs, xt, optimizers)
         nets.update_ema(average, networks, step, settings.ema_decay)
         run.log(numbers)
         if run.at_checkpoint:  # the end of an epoch: the average of F_t, evaluated

@@ -104,9 +104,7 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
     reconstructions' FID and results.json."""
     training.seed_weights(seed)
     model = nets.VAE(settings.latent_dim).to(device)
-    # the model to call in the step: under torchrun its encoder, decoder and heads are
-    # replicas there, whose gradients are averaged over the processes
-    replicas = parallel.replicate(model)
+    parallel.distribute(model)  # under torchrun: gradients averaged in backward
     optimizer = torch.optim.Adam(model.parameters(), settings.lr)
     faces, test = faces.to(device), test.to(device)
     steps_per_epoch = len(faces) // settings.batch_size
@@ -131,7 +129,7 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
         images = faces.images(parallel.rows(batch))  # under torchrun: this process's share
         eps = noise.randn(len(images), settings.latent_dim)               # eps ~ N(0, I)
         model.train()  # the evaluation at the last checkpoint left it in eval mode
-        terms = losses(replicas, images, eps)
+        terms = losses(model, images, eps)
         lambda_ = kl_weight_at(settings, epoch, position / steps_per_epoch)
         loss = terms["reconstruction"] + lambda_ * terms["kl"]
         optimizer.zero_grad(set_to_none=True)
