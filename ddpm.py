@@ -56,6 +56,7 @@ from pathlib import Path
 
 import torch
 
+import classifier
 import data
 import metrics
 import nets
@@ -70,6 +71,69 @@ CLASSES = 10
 IMAGE_SHAPE = (3, 28, 28)
 MIN_SNR_GAMMA = 5.0  # Hang et al.'s gamma
 WARM_UP_STEPS = 500  # the lr rises linearly over these first steps
+
+
+# ============================================================================ settings
+# Named settings (run.py --preset NAME): the configurations RESULTS.md measured.
+# cpu: about 40 minutes of training on 2 cores. Min-SNR weighting, a cosine decay of a
+# higher lr and no dropout make the short run learn the digits' shapes sooner, and a
+# stronger guidance (w = 6) makes more of its digits legible; the FID curve uses 100
+# digits a checkpoint, the final 1000 digits' FID all of them. gpu: about 30 minutes on
+# one GPU under bfloat16 autocast, the default U-Net (width 64) for 60,000 steps of 128
+# digits with the same schedule and weights, dropout 0.1 and a slower average (not yet
+# measured: RESULTS.md gives the figures it is expected to reach).
+PRESETS = {"cpu": {"width": 32, "batch_size": 64, "steps": 4000, "lr": 1e-3,
+                   "lr_schedule": "cosine", "loss_weight": "min-snr", "dropout": 0.0,
+                   "ema_decay": 0.995, "sample_every": 1000, "guidance": 6.0,
+                   "fid_images": 100},
+           "gpu": {"width": 64, "batch_size": 128, "steps": 60000, "lr": 2e-4,
+                   "lr_schedule": "cosine", "loss_weight": "min-snr", "dropout": 0.1,
+                   "ema_decay": 0.9995, "sample_every": 10000, "guidance": 2.0,
+                   "fid_images": 1000}}
+
+
+@dataclass
+class DDPMSettings:
+    """Flags of `run.py ddpm`."""
+    data: str = field(default="mnistm", metadata={"help": "labelled digits to learn"})
+    timesteps: int = field(default=1000, metadata={"help": "T"})
+    schedule: str = field(default="linear", metadata={"help": "linear or cosine",
+                                                       "choices": ("linear", "cosine")})
+    width: int = field(default=64, metadata={"help": "U-Net base channels"})
+    steps: int = field(default=30000, metadata={"help": "training steps"})
+    batch_size: int = field(default=128, metadata={
+        "help": "images per step, the global batch: under torchrun each of N processes "
+                "takes 1/N of it"})
+    lr: float = field(default=2e-4, metadata={
+        "help": f"Adam learning rate (a linear warm-up over {WARM_UP_STEPS} steps)"})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "constant, or cosine (the warm-up times a cosine that falls from 1 at step 0 "
+                "to 0 at --steps)",
+        "choices": ("constant", "cosine")})
+    loss_weight: str = field(default="uniform", metadata={
+        "help": f"per-timestep weight of the loss: uniform, or min-snr (min(SNR, "
+                f"{MIN_SNR_GAMMA:g}) / SNR)",
+        "choices": ("uniform", "min-snr")})
+    dropout: float = field(default=0.1, metadata={"help": "dropout in the U-Net's blocks"})
+    drop_class: float = field(default=0.1, metadata={"help": "P(class -> none) in training"})
+    guidance: float = field(default=2.0, metadata={"help": "classifier-free guidance w"})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA of the weights"})
+    sampler: str = field(default="ddim", metadata={"help": "ddim or ddpm",
+                                                   "choices": ("ddim", "ddpm")})
+    sampling_steps: int = field(default=50, metadata={"help": "DDIM steps S"})
+    eta: float = field(default=0.0, metadata={"help": "DDIM eta (0: deterministic)"})
+    amp: str = field(default="auto", metadata={
+        "help": "bfloat16 autocast: auto (on a CUDA GPU only; a CPU without native "
+                "bfloat16, such as an AVX2 one, runs it about 10 times slower), on, off",
+        "choices": ("auto", "on", "off")})
+    sample_every: int = field(default=1000, metadata={"help": "steps between grids/checkpoints"})
+    classifier: str = field(default="", metadata={
+        "help": "digit-classifier checkpoint that grades the 1000 images (default: "
+                "OUT/classifier/checkpoint.pt, made by 'run.py classifier')"})
+    fid_images: int = field(default=1000, metadata={
+        "help": "digits (all classes in turn) for the FID against the test split at each "
+                "--sample-every checkpoint, and the final 1000 digits' FID (0: no FID)"})
+    resume: bool = field(default=False, metadata={"help": "continue from checkpoint.pt"})
 
 
 # ============================================================================ schedule
@@ -136,69 +200,6 @@ class NoiseSchedule:
         mean = (self.at(self.posterior_mean_coef_x0, t, x_t) * x0
                 + self.at(self.posterior_mean_coef_xt, t, x_t) * x_t)
         return mean, self.at(self.posterior_variance, t, x_t)
-
-
-# ============================================================================ settings
-# Named settings (run.py --preset NAME): the configurations RESULTS.md measured.
-# cpu: about 40 minutes of training on 2 cores. Min-SNR weighting, a cosine decay of a
-# higher lr and no dropout make the short run learn the digits' shapes sooner, and a
-# stronger guidance (w = 6) makes more of its digits legible; the FID curve uses 100
-# digits a checkpoint, the final 1000 digits' FID all of them. gpu: about 30 minutes on
-# one GPU under bfloat16 autocast, the default U-Net (width 64) for 60,000 steps of 128
-# digits with the same schedule and weights, dropout 0.1 and a slower average (not yet
-# measured: RESULTS.md gives the figures it is expected to reach).
-PRESETS = {"cpu": {"width": 32, "batch_size": 64, "steps": 4000, "lr": 1e-3,
-                   "lr_schedule": "cosine", "loss_weight": "min-snr", "dropout": 0.0,
-                   "ema_decay": 0.995, "sample_every": 1000, "guidance": 6.0,
-                   "fid_images": 100},
-           "gpu": {"width": 64, "batch_size": 128, "steps": 60000, "lr": 2e-4,
-                   "lr_schedule": "cosine", "loss_weight": "min-snr", "dropout": 0.1,
-                   "ema_decay": 0.9995, "sample_every": 10000, "guidance": 2.0,
-                   "fid_images": 1000}}
-
-
-@dataclass
-class DDPMSettings:
-    """Flags of `run.py ddpm`."""
-    data: str = field(default="mnistm", metadata={"help": "labelled digits to learn"})
-    timesteps: int = field(default=1000, metadata={"help": "T"})
-    schedule: str = field(default="linear", metadata={"help": "linear or cosine",
-                                                       "choices": ("linear", "cosine")})
-    width: int = field(default=64, metadata={"help": "U-Net base channels"})
-    steps: int = field(default=30000, metadata={"help": "training steps"})
-    batch_size: int = field(default=128, metadata={
-        "help": "images per step, the global batch: under torchrun each of N processes "
-                "takes 1/N of it"})
-    lr: float = field(default=2e-4, metadata={
-        "help": f"Adam learning rate (a linear warm-up over {WARM_UP_STEPS} steps)"})
-    lr_schedule: str = field(default="constant", metadata={
-        "help": "constant, or cosine (the warm-up times a cosine that falls from 1 at step 0 "
-                "to 0 at --steps)",
-        "choices": ("constant", "cosine")})
-    loss_weight: str = field(default="uniform", metadata={
-        "help": f"per-timestep weight of the loss: uniform, or min-snr (min(SNR, "
-                f"{MIN_SNR_GAMMA:g}) / SNR)",
-        "choices": ("uniform", "min-snr")})
-    dropout: float = field(default=0.1, metadata={"help": "dropout in the U-Net's blocks"})
-    drop_class: float = field(default=0.1, metadata={"help": "P(class -> none) in training"})
-    guidance: float = field(default=2.0, metadata={"help": "classifier-free guidance w"})
-    ema_decay: float = field(default=0.999, metadata={"help": "EMA of the weights"})
-    sampler: str = field(default="ddim", metadata={"help": "ddim or ddpm",
-                                                   "choices": ("ddim", "ddpm")})
-    sampling_steps: int = field(default=50, metadata={"help": "DDIM steps S"})
-    eta: float = field(default=0.0, metadata={"help": "DDIM eta (0: deterministic)"})
-    amp: str = field(default="auto", metadata={
-        "help": "bfloat16 autocast: auto (on a CUDA GPU only; a CPU without native "
-                "bfloat16, such as an AVX2 one, runs it about 10 times slower), on, off",
-        "choices": ("auto", "on", "off")})
-    sample_every: int = field(default=1000, metadata={"help": "steps between grids/checkpoints"})
-    classifier: str = field(default="", metadata={
-        "help": "digit-classifier checkpoint that grades the 1000 images (default: "
-                "OUT/classifier/checkpoint.pt, made by 'run.py classifier')"})
-    fid_images: int = field(default=1000, metadata={
-        "help": "digits (all classes in turn) for the FID against the test split at each "
-                "--sample-every checkpoint, and the final 1000 digits' FID (0: no FID)"})
-    resume: bool = field(default=False, metadata={"help": "continue from checkpoint.pt"})
 
 
 # ============================================================================ model
@@ -472,8 +473,9 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
             reports.ddpm_pictures(out, settings, run.history, fid, sampler_steps(settings),
                                   *reverse_process(model, settings, seed))
     images, labels, seconds = course_digits(model, settings, seed, Path(out) / "images")
-    return reports.ddpm_results(out, settings, run, fid, images, labels, seconds,
-                                sampler_steps(settings), device)
+    grades = classifier.grade(images, labels, settings.classifier, device)  # digit accuracy
+    return reports.ddpm_results(out, settings, run, fid, images, grades, seconds,
+                                sampler_steps(settings))
 
 
 def load(path, device) -> tuple[Diffusion, DDPMSettings]:

@@ -304,14 +304,15 @@ class GAN(nn.Module):
     def refresh_ema_statistics(self, settings: GANSettings, seed: int, count: int = 1024,
                                batch_size: int = 64):
         """Batch-norm statistics that fit the averaged G, from `count` fixed z and
-        attributes (the "statistics" stream; nets.recompute_batch_norm): update_ema copies those of the last G,
-        which gave the averaged G's faces a red cast (RESULTS.md)."""
+        attributes of the "statistics" stream (nets.recompute_batch_norm; under torchrun
+        each process takes its rows of each batch): update_ema copies those of the last
+        G, which gave the averaged G's faces a red cast (RESULTS.md)."""
         if self.ema is None:
             return
         device = next(self.ema.parameters()).device
         nets.recompute_batch_norm(self.ema, [
-            self.generator_input(z.to(device), None if attributes is None
-                                 else attributes.to(device))
+            parallel.rows(self.generator_input(z.to(device), None if attributes is None
+                                               else attributes.to(device)))
             for z, attributes in noise_batches(settings, count, seed, "statistics",
                                                batch_size)])
 
@@ -461,8 +462,8 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
                 fid.measure(run.history, step + 1, lambda batch: gan.sample(*batch),
                             noise_batches(settings, settings.fid_images, seed, "fid"))
             run.save_checkpoint()  # after the FID: best.pt is the lowest FID's
-            reports.gan_pictures(out, settings, run.history, fid, *pictures(gan, settings,
-                                                                            seed))
+            reports.gan_pictures(out, settings, run.history, fid,
+                                 *pictures(gan, settings, seed, step))
     return reports.gan_results(out, settings, run, fid)
 
 
@@ -484,14 +485,18 @@ def noise_batches(settings: GANSettings, count: int, seed: int, stream: str,
                                     else attributes[i:i + batch_size])
 
 
-def pictures(gan: GAN, settings: GANSettings, seed: int):
-    """The images of the pictures: 32 samples of fixed z (attributes 0 and 1 in turn);
-    for ACGAN also 10 z, each drawn without and then with the attribute (else None)."""
+def pictures(gan: GAN, settings: GANSettings, seed: int, step: int):
+    """What the pictures of step `step` show: 32 samples of fixed z (attributes 0 and 1 in
+    turn); for ACGAN also 10 z, each drawn without and then with the attribute (else
+    None); about how many steps the average of G holds (None: no average)."""
     samples = gan.sample(*fixed_noise(settings, 32, seed))
+    averaged_steps = (1 / (1 - nets.ema_decay(step, settings.ema_decay))
+                      if gan.ema is not None else None)
     if settings.variant != "acgan":
-        return samples, None
+        return samples, None, averaged_steps
     z, _ = fixed_noise(settings, 10, seed, "pairs")
-    return samples, gan.sample(z.repeat(2, 1), torch.arange(2).repeat_interleave(10))
+    pairs = gan.sample(z.repeat(2, 1), torch.arange(2).repeat_interleave(10))
+    return samples, pairs, averaged_steps
 
 
 def load(path, device) -> tuple[GAN, GANSettings]:

@@ -27,8 +27,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import parallel
-
 
 # ============================================================================ gradient reversal
 class GradientReversal(torch.autograd.Function):
@@ -51,14 +49,14 @@ def grad_reverse(x: torch.Tensor, lambd: float = 1.0) -> torch.Tensor:
 
 
 # ============================================================================ batch mean
-def batch_mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean over the rows (dim 0) of the global batch: x.mean(0) in one process, and
-    under torchrun the same mean in every process, from the sums of all of them
-    (parallel.SumOverProcesses, differentiable), for a loss of a mean over the batch,
-    which a mean of the processes' losses would not equal."""
-    if parallel.world() == 1:
+class BatchMean(nn.Module):
+    """x.mean(0), the mean over the batch, as a layer: a loss that is not linear in a mean
+    over the batch (self-ensembling's class balance) needs the mean of the whole batch,
+    which a mean of per-process losses would not give. As a layer, it is shared across
+    processes the way batch norm's statistics are (parallel.SharedBatchMean)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=0)
-    return parallel.SumOverProcesses.apply(x.sum(dim=0)) / (len(x) * parallel.world())
 
 
 # ============================================================================ weight averaging
@@ -104,8 +102,8 @@ def recompute_batch_norm(model: nn.Module, batches) -> nn.Module:
         norm.reset_running_stats()
         norm.momentum = None
         norm.train()
-    for batch in batches:  # under torchrun each process takes its rows of every batch,
-        model(parallel.rows(batch))  # and the shared statistics are the whole batch's
+    for batch in batches:  # under torchrun: this process's rows, and batch norm shares
+        model(batch)       # the statistics of the processes (parallel.SharedBatchNorm)
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     return model.eval()

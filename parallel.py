@@ -46,13 +46,13 @@ is the global batch either way, and it must split into N equal shares):
   simple, a little communication lost. GTA's G and F steps send each loss only to its
   own players, `backward(inputs=...)`, so D's weights exchange nothing there.)
 - A loss of a mean over the batch (self-ensembling's class balance) takes the mean over
-  the global batch, `nets.batch_mean`, which a mean of the processes' losses would not
-  equal.
+  the global batch: its nets.BatchMean layer becomes a `SharedBatchMean`, whose mean a
+  mean of the processes' losses would not equal.
 
 The method files name torchrun only in their loops: `distribute` where the model is
 built, and `rows` where a loop takes its share of a batch of data (the VAE's and UDA's
 epochs); their steps, losses and samplers are written as for one process
-(self-ensembling's class balance uses nets.batch_mean). The run around the loop
+(self-ensembling's class balance takes a nets.BatchMean layer). The run around the loop
 (training.py) logs the means over the processes.
 
 Only rank 0 prints progress and writes files (checkpoints, pictures, results.json); the
@@ -76,6 +76,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import nets
 import util
 
 def timeout() -> datetime.timedelta:
@@ -317,6 +318,17 @@ class SharedBatchNorm(nn.modules.batchnorm._BatchNorm):
             + self.bias.view(shape)
 
 
+class SharedBatchMean(nets.BatchMean):
+    """The mean over the global batch, the same in every process: sum_r sum_rows x / n,
+    the sums over processes by SumOverProcesses (so the gradient flows to every
+    process's rows)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if world() == 1:
+            return super().forward(x)
+        return SumOverProcesses.apply(x.sum(dim=0)) / (len(x) * world())
+
+
 class SharedBatchNorm1d(SharedBatchNorm, nn.BatchNorm1d):
     pass
 
@@ -355,12 +367,14 @@ class SharedDropout2d(GlobalMask, nn.Dropout2d):
 
 # nn's layer -> the same layer over the global batch (a subclass: isinstance still holds)
 SHARED_LAYERS = {nn.BatchNorm1d: SharedBatchNorm1d, nn.BatchNorm2d: SharedBatchNorm2d,
-                 nn.Dropout: SharedDropout, nn.Dropout2d: SharedDropout2d}
+                 nn.Dropout: SharedDropout, nn.Dropout2d: SharedDropout2d,
+                 nets.BatchMean: SharedBatchMean}
 
 
 def share_batch_layers(model: nn.Module) -> nn.Module:
     """The layers that look across the batch, made to look across the global batch: batch
-    norm shares its statistics, dropout draws the global mask. In place: the class of
+    norm shares its statistics, dropout draws the global mask, a batch mean is the
+    global batch's. In place: the class of
     each is switched to its subclass in SHARED_LAYERS (the same object, parameters,
     buffers and names, so optimisers already built and checkpoints do not change). One
     process: model unchanged."""

@@ -16,9 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import classifier
 import data
-import nets
 import parallel
 import plots
 import tsne
@@ -50,15 +48,15 @@ def final_numbers(history: dict) -> dict:
 
 # ============================================================================ GAN
 def gan_pictures(out: Path, settings, history: dict, fid, samples: torch.Tensor,
-                 pairs: torch.Tensor | None):
-    """samples.png (the fixed z), loss.png, d_outputs.png, ACGAN's pairs.png, fid.png."""
+                 pairs: torch.Tensor | None, averaged_steps: float | None):
+    """samples.png (the fixed z), loss.png, d_outputs.png, ACGAN's pairs.png, fid.png;
+    averaged_steps: about how many steps G's average holds (None: no average)."""
     out, title, step = Path(out), f"GAN variant {settings.variant}", history["step"][-1]
-    window = 1 / (1 - nets.ema_decay(step - 1, settings.ema_decay))  # after step's update
     save_grid(samples, out / "samples.png", title=(
         f"{title}, step {step}: fixed z"
         + (f", {settings.attribute} 0 and 1 in turn" if settings.variant == "acgan" else "")
-        + (f" (G's weights averaged over about the last {window:.0f} steps)"
-           if settings.improved else "")))
+        + (f" (G's weights averaged over about the last {averaged_steps:.0f} steps)"
+           if averaged_steps else "")))
     losses = {"D loss": history["loss_d"], "G loss": history["loss_g"]}
     if settings.variant == "wgan-gp":  # the part of D's loss that asks for gradient norm 1
         losses["gradient penalty"] = history["penalty"]
@@ -176,16 +174,17 @@ def save_course_digits(sample_batch, batches: list, steps_per_batch: int, folder
     return images, seconds
 
 
-def ddpm_results(out: Path, settings, run, fid, images: torch.Tensor, labels: torch.Tensor,
-                 seconds: float, sampling_steps: int, device) -> dict:
-    """The 1000 digits' grades (classifier.grade) and FID beside the curve's, results.json."""
+def ddpm_results(out: Path, settings, run, fid, images: torch.Tensor, grades: dict,
+                 seconds: float, sampling_steps: int) -> dict:
+    """results.json: the 1000 digits' grades (classifier.grade), their FID beside the
+    curve's."""
     history = run.history
     losses = history.get("loss") or [None]
     results = {"steps": history["step"][-1] if history["step"] else 0, "seed": run.seed,
                "train_seconds": run.seconds, "final_loss": losses[-1],
                "sampler": settings.sampler, "sampling_steps": sampling_steps,
                "guidance": settings.guidance, "seconds_for_1000_images": seconds,
-               **classifier.grade(images, labels, settings.classifier, device),
+               **grades,
                **fid.results(history)}
     if fid:  # the curve's fid_images digits, and the 1000 course digits'
         results["course_digits_fid"] = fid.score(images)
@@ -221,17 +220,19 @@ def uda_curves(out: Path, settings, history: dict):
 
 
 def uda_results(out: Path, settings, run, domains, predictions: torch.Tensor,
-                source_encoder, target_encoder, drawings: list | None, **extra) -> dict:
-    """The target accuracy, predictions.csv (for named images), the t-SNE plots of the
-    test features, GTA's drawings (four rows: source images, their drawings, target
-    images, theirs) and results.json."""
+                accuracy: tuple | None, source_encoder, target_encoder,
+                drawings: list | None, **extra) -> dict:
+    """The target accuracy ((share, correct, total), None without labels),
+    predictions.csv (for named images), the t-SNE plots of the test features, GTA's
+    drawings (four rows: source images, their drawings, target images, theirs) and
+    results.json."""
     out, test = Path(out), domains.target_test
     results = {"method": settings.method, "src": settings.src, "tgt": settings.tgt,
                "seed": run.seed, "epochs": len(run.history["step"]),
                "train_seconds": run.seconds,
                "source_test_accuracy": run.history["source_accuracy"][-1], **extra}
-    if test.labels is not None:
-        share, correct, total = classifier.accuracy(predictions, test.labels)
+    if accuracy is not None:
+        share, correct, total = accuracy
         results.update(target_accuracy=share, correct=correct, total=total)
     if test.names is not None:
         write_predictions(test.names, predictions, out / "predictions.csv")

@@ -818,6 +818,22 @@ def test_distributed_weights_average_their_gradients_once_a_backward(monkeypatch
     assert len(exchanged) == 4 and model[0].weight.grad is None
 
 
+def test_a_shared_batch_mean_is_the_mean_of_every_processs_rows(monkeypatch):
+    """Two processes whose rows are x and 3 x: the mean over the global batch is 2 x.mean(0)
+    in both, and the gradient reaches each process's own rows (SumOverProcesses)."""
+    fake_world(monkeypatch, 2, 0)
+    monkeypatch.setattr(parallel.dist, "all_reduce", lambda tensor: tensor.mul_(4))
+    layer = parallel.share_batch_layers(nn.Sequential(nets.BatchMean()))[0]
+    assert isinstance(layer, parallel.SharedBatchMean)
+    x = torch.randn(5, 3, requires_grad=True)
+    mean = layer(x)
+    assert torch.allclose(mean, 2 * x.mean(dim=0))
+    mean.sum().backward()  # d/dx of sum_k (sum of 10 rows)_k / 10, the sums summed again
+    assert torch.allclose(x.grad, torch.full_like(x, 4 / 10))
+    fake_world(monkeypatch, 1, 0)
+    assert torch.equal(nets.BatchMean()(x), x.mean(dim=0))
+
+
 def test_random_state_round_trips_through_a_checkpoint():
     rng = parallel.Random(3)
     rng.randn(5)

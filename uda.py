@@ -193,6 +193,7 @@ class Networks(nn.Module):
         self.generator = (nets.gta_generator(classes=classes, noise=GTA_NOISE, width=GTA_WIDTH)
                           if gta else None)
         self.discriminator = nets.GTADiscriminator(classes, GTA_WIDTH) if gta else None
+        self.batch_mean = nets.BatchMean()  # self-ensembling's class balance: no weights
 
     def target_encoder(self) -> nn.Module:
         """What embeds target images: ADDA's F_t, else F."""
@@ -340,10 +341,10 @@ def self_ensembling_step(student: Networks, teacher: Networks, source, labels, t
     consistency = (((student_probs - teacher_probs) ** 2).mean(dim=1) * confident).mean()
     # class balance: K BCE(mean_t S, 1/K) averaged over k, i.e. summed over the K classes,
     # weighted by the share of confident images (as in the authors' code); both means
-    # over the whole batch (nets.batch_mean)
-    mean_probs = nets.batch_mean(student_probs)                        # (K,)
+    # over the batch
+    mean_probs = student.batch_mean(student_probs)                     # (K,)
     balance = (F.binary_cross_entropy(mean_probs, torch.full_like(mean_probs, 1 / len(
-        mean_probs)), reduction="sum") * nets.batch_mean(confident))
+        mean_probs)), reduction="sum") * student.batch_mean(confident))
     loss = class_loss + consistency_weight * (consistency + balance_weight * balance)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -372,6 +373,41 @@ def augment(images: torch.Tensor, rng: Random, shift: float = 2.0, deform: float
     moved = torch.where(flips, -moved, moved)
     spread = moved.std(dim=(1, 2, 3), keepdim=True)
     return moved + noise * spread * rng.randn(*images.shape)
+
+
+# ============================================================================ optimisers
+def make_optimizers(networks: Networks, settings: UDASettings) -> dict:
+    """GTA: one Adam per player (D; G; F with C), the authors' settings. Source, target,
+    DANN and self-ensembling: one Adam over F and C, and D for DANN, which learns in the
+    same step as F and C (the reversal layer makes F ascend D's loss). (ADDA's two are
+    made in adda.)"""
+    if settings.method == "gta":
+        def adam(parameters):
+            return torch.optim.Adam(parameters, settings.gta_lr, betas=(0.8, 0.999))
+        return {"discriminator": adam(networks.discriminator.parameters()),
+                "generator": adam(networks.generator.parameters()),
+                "embedding": adam([*networks.features.parameters(),
+                                   *networks.classifier.parameters()])}
+    domain = networks.domain.parameters() if settings.method.startswith("dann") else []
+    return {"optimizer": torch.optim.Adam([*networks.features.parameters(),
+                                           *networks.classifier.parameters(), *domain],
+                                          settings.lr)}
+
+
+def set_learning_rates(optimizers: dict, settings: UDASettings, step: int, steps: int):
+    """The learning rates of step t of `steps`. GTA: the authors' lr / (1 + 1e-4 t) for D,
+    F and C, G's rate constant. Self-ensembling: the paper's constant rate, whatever
+    --anneal says (annealed, its student learnt more slowly: RESULTS.md). The others:
+    DANN's annealing lr / (1 + 10 p)^0.75 of the progress p = t / steps (--anneal), or a
+    constant rate."""
+    if settings.method == "gta":
+        for name in ("discriminator", "embedding"):
+            for group in optimizers[name].param_groups:
+                group["lr"] = settings.gta_lr / (1 + 1e-4 * step)
+    else:
+        anneal = settings.anneal and settings.method != "self-ensembling"
+        for group in optimizers["optimizer"].param_groups:
+            group["lr"] = annealed_lr(settings.lr, step / steps) if anneal else settings.lr
 
 
 # ============================================================================ training
@@ -432,6 +468,19 @@ def train(domains: "Domains", settings: UDASettings, out: Path, device, seed: in
     return finish(run, average, domains, settings, out)
 
 
+def set_adaptation_modes(networks: Networks):
+    """ADDA's modes while F_t adapts: F_s and C are frozen (eval mode, running statistics);
+    F_t keeps batch norm in train mode but drops no features, since the discriminator
+    would tell dropout-masked target features from clean source ones at once (with
+    dropout on, D wins outright and F_t learns nothing useful)."""
+    networks.train()
+    networks.features.eval()
+    networks.classifier.eval()
+    for module in networks.target_features.modules():
+        if isinstance(module, (nn.Dropout, nn.Dropout2d)):
+            module.eval()
+
+
 def adda(domains: "Domains", settings: UDASettings, out: Path, device, seed: int,
          pretrained: Path | None = None) -> dict:
     """ADDA (Tzeng et al. 2017) in its two phases.
@@ -488,53 +537,6 @@ def adda(domains: "Domains", settings: UDASettings, out: Path, device, seed: int
     return finish(run, average, domains, settings, out, pretrain_seconds=pre["seconds"])
 
 
-def set_adaptation_modes(networks: Networks):
-    """ADDA's modes while F_t adapts: F_s and C are frozen (eval mode, running statistics);
-    F_t keeps batch norm in train mode but drops no features, since the discriminator
-    would tell dropout-masked target features from clean source ones at once (with
-    dropout on, D wins outright and F_t learns nothing useful)."""
-    networks.train()
-    networks.features.eval()
-    networks.classifier.eval()
-    for module in networks.target_features.modules():
-        if isinstance(module, (nn.Dropout, nn.Dropout2d)):
-            module.eval()
-
-
-def make_optimizers(networks: Networks, settings: UDASettings) -> dict:
-    """GTA: one Adam per player (D; G; F with C), the authors' settings. Source, target,
-    DANN and self-ensembling: one Adam over F and C, and D for DANN, which learns in the
-    same step as F and C (the reversal layer makes F ascend D's loss). (ADDA's two are
-    made in adda.)"""
-    if settings.method == "gta":
-        def adam(parameters):
-            return torch.optim.Adam(parameters, settings.gta_lr, betas=(0.8, 0.999))
-        return {"discriminator": adam(networks.discriminator.parameters()),
-                "generator": adam(networks.generator.parameters()),
-                "embedding": adam([*networks.features.parameters(),
-                                   *networks.classifier.parameters()])}
-    domain = networks.domain.parameters() if settings.method.startswith("dann") else []
-    return {"optimizer": torch.optim.Adam([*networks.features.parameters(),
-                                           *networks.classifier.parameters(), *domain],
-                                          settings.lr)}
-
-
-def set_learning_rates(optimizers: dict, settings: UDASettings, step: int, steps: int):
-    """The learning rates of step t of `steps`. GTA: the authors' lr / (1 + 1e-4 t) for D,
-    F and C, G's rate constant. Self-ensembling: the paper's constant rate, whatever
-    --anneal says (annealed, its student learnt more slowly: RESULTS.md). The others:
-    DANN's annealing lr / (1 + 10 p)^0.75 of the progress p = t / steps (--anneal), or a
-    constant rate."""
-    if settings.method == "gta":
-        for name in ("discriminator", "embedding"):
-            for group in optimizers[name].param_groups:
-                group["lr"] = settings.gta_lr / (1 + 1e-4 * step)
-    else:
-        anneal = settings.anneal and settings.method != "self-ensembling"
-        for group in optimizers["optimizer"].param_groups:
-            group["lr"] = annealed_lr(settings.lr, step / steps) if anneal else settings.lr
-
-
 # ============================================================================ evaluation
 def statistics_sources(domains: "Domains", method: str) -> list:
     """The train sets whose batches give the average its batch-norm statistics: those
@@ -556,8 +558,8 @@ def refresh_statistics(network: nn.Module, sources: list, batch_size: int):
         count = min(STATISTICS_IMAGES, len(images)) // size
         return [batch for batch, _ in itertools.islice(
             images.batches(size, drop_last=True), count)]
-    nets.recompute_batch_norm(network, [batch for images in sources for batch in
-                                        batches(images)])
+    nets.recompute_batch_norm(network, [parallel.rows(batch) for images in sources
+                                        for batch in batches(images)])  # this process's
 
 
 @torch.no_grad()
@@ -585,9 +587,12 @@ def finish(run, average: Networks, domains: "Domains", settings: UDASettings, ou
            **extra) -> dict:
     """Predictions of the target test images, the t-SNE of the features, GTA's drawings
     and results.json, all from the average."""
-    predictions = predict(average.target_encoder(), average.classifier, domains.target_test)
+    test = domains.target_test
+    predictions = predict(average.target_encoder(), average.classifier, test)
+    accuracy = None if test.labels is None else classifier.accuracy(predictions, test.labels)
     return reports.uda_results(
-        out, settings, run, domains, predictions, average.features, average.target_encoder(),
+        out, settings, run, domains, predictions, accuracy, average.features,
+        average.target_encoder(),
         gta_drawings(average, domains, run.seed) if settings.method == "gta" else None,
         **extra)
 
