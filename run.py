@@ -208,11 +208,16 @@ def number_problem(name: str, value) -> str | None:
     return None
 
 
-def fid_text(results: dict) -> str:
-    """'FID 41.20', or 'FID skipped' with the reason, for the closing line of a run."""
-    if results.get("fid") is None:
+def fid_text(results: dict, prefix: str = "") -> str:
+    """'FID 41.20, KID 0.0312 +- 0.0021 (500 images against 2,000)' of the results'
+    figures named with `prefix`, or 'FID skipped' with the reason, for the closing line
+    of a run."""
+    if results.get(f"{prefix}fid") is None:
         return "FID skipped (" + results.get("fid_unavailable", "not asked for") + ")"
-    return f"FID {results['fid']:.2f}"
+    images = results[f"{prefix}images" if prefix else "fid_images"]
+    return (f"FID {results[prefix + 'fid']:.2f}, KID {results[prefix + 'kid']:.4f} +- "
+            f"{results[prefix + 'kid_std']:.4f} ({images:,} images against "
+            f"{results['fid_real_images']:,})")
 
 
 def load_data(common: Common, name: str, split: str, **options) -> data.ImageSet:
@@ -294,7 +299,9 @@ def command_summary(args) -> None:
 
 
 def command_fid(args) -> None:
-    """FID between two image folders or saved statistics, like pytorch-fid's command line."""
+    """FID, KID and FID_inf of the first of two image folders or saved statistics against
+    the second (the reference), like pytorch-fid's command line; or (--save-stats) the
+    statistics and features of a folder into a file."""
     common = settings_from(args, Common)
     device = util.choose_device(common.device)
 
@@ -304,25 +311,65 @@ def command_fid(args) -> None:
     loaded = [metrics.load_statistics(path, network, args.batch_size, device,
                                       args.image_size, common.cache)
               for path in args.paths[:1 if args.save_stats else 2]]
-    statistics = [(mu, sigma) for mu, sigma, _ in loaded]
-    sizes = {size for _, _, size in loaded if size is not None}
+    sizes = {size for _, size in loaded if size is not None}
     if len(sizes) > 1:
         print(f"warning: the folders hold images of {' and '.join(map(str, sorted(sizes)))} "
               "pixels a side; Inception sees both at 299, but the resizing itself moves "
               "FID: pass --image-size to compare at one size", file=sys.stderr)
     if args.save_stats:
-        mu, sigma = statistics[0]
         target = Path(args.paths[1])  # named .npz, as `fid` reads statistics by that suffix
         target = target if target.suffix == ".npz" else target.with_name(target.name + ".npz")
-        saved = util.write_arrays({"mu": mu, "sigma": sigma}, target)
-        print(f"saved statistics of {args.paths[0]} to {saved}")
+        saved = util.write_arrays(metrics.statistics_arrays(loaded[0][0]), target)
+        print(f"saved statistics and features of {args.paths[0]} to {saved}")
     else:
-        (mu_a, _), (mu_b, _) = statistics
-        if len(mu_a) != len(mu_b):
-            raise util.UserError(f"{args.paths[0]} has {len(mu_a)} features, {args.paths[1]} "
-                                 f"{len(mu_b)}: FID compares statistics of one network (the "
-                                 "2048 pool3 features); compute both with 'run.py fid'")
-        print(f"FID: {metrics.frechet_distance(*statistics[0], *statistics[1]):.4f}")
+        (judged, _), (reference, _) = loaded
+        if len(judged.mu) != len(reference.mu):
+            raise util.UserError(f"{args.paths[0]} has {len(judged.mu)} features, "
+                                 f"{args.paths[1]} {len(reference.mu)}: FID compares statistics "
+                                 "of one network (the 2048 pool3 features); compute both with "
+                                 "'run.py fid'")
+        print("\n".join(comparison_lines(judged, reference, *args.paths, common.seed)))
+
+
+def comparison_lines(judged: metrics.Statistics, reference: metrics.Statistics,
+                     judged_name: str, reference_name: str, seed: int) -> list[str]:
+    """FID, KID and FID_inf of `judged` against `reference`, a line each with the image
+    counts; where a statistics file lacks the features a figure needs, a line saying so.
+    KID's subsets and FID_inf's are drawn by generators seeded with `seed`."""
+    def count(side):
+        return "an unknown number of images" if side.count is None else f"{side.count:,} images"
+
+    def lacking(*names):
+        return (f"not computed: {' and '.join(names)} {'has' if len(names) == 1 else 'have'} "
+                "only mu and sigma (written before KID), no features: write it again with "
+                "'run.py fid --save-stats FOLDER OUT.npz'")
+    compared = f"{count(judged)} of {judged_name} against {count(reference)} of {reference_name}"
+    fid = metrics.frechet_distance(judged.mu, judged.sigma, reference.mu, reference.sigma)
+    lines = [f"FID: {fid:.4f} ({compared})"]
+    missing = [name for name, side in ((judged_name, judged), (reference_name, reference))
+               if side.features is None]
+    if missing:
+        lines.append(f"KID: {lacking(*missing)}")
+    else:
+        kid, kid_std = metrics.kid(reference.features, judged.features,
+                                   torch.Generator().manual_seed(seed))
+        subset = min(metrics.KID_SUBSET_SIZE, judged.count, reference.count)
+        lines.append(f"KID: {kid:.4f} +- {kid_std:.4f} (mean and std over "
+                     f"{metrics.KID_SUBSETS} subsets of {subset:,} images a side; {compared})")
+    if judged.features is None:
+        lines.append(f"FID_inf: {lacking(judged_name)}")
+        return lines
+    counts = metrics.fid_infinity_counts(judged.count)
+    try:
+        fid_inf = metrics.fid_infinity(judged.features, reference.mu, reference.sigma,
+                                       torch.Generator().manual_seed(seed))
+    except util.UserError as error:  # too few images for a line
+        lines.append(f"FID_inf: not computed: {error}")
+        return lines
+    lines.append(f"FID_inf: {fid_inf:.4f} (FIDs of {len(counts)} subsets of {counts[0]:,} to "
+                 f"{counts[-1]:,} of the {compared}, extrapolated linearly in 1/N to "
+                 "infinitely many)")
+    return lines
 
 
 def command_tsne(args) -> None:
@@ -544,7 +591,7 @@ def command_ddpm(args) -> None:
     results = ddpm.train(digits, test, settings, out, device, common.seed, common.cache,
                          args.weights)
     accuracy = results["digit_accuracy"]
-    course_fid = (f", FID of the 1000 digits {results['course_digits_fid']:.2f}"
+    course_fid = (f"; the 1000 digits' {fid_text(results, 'course_digits_')}"
                   if "course_digits_fid" in results else "")
     print(f"done: digit accuracy {'skipped (no classifier)' if accuracy is None else accuracy}"
           f", {fid_text(results)}{course_fid}; outputs in {out}/")
@@ -689,10 +736,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"gan only: {', '.join(gan.VARIANTS)}; if not given, that of 'run.py gan' "
                           f"({gan.GANSettings().variant})")
 
-    sub = command("fid", command_fid, "Frechet Inception Distance of two folders or .npz")
-    sub.add_argument("paths", nargs=2, help="image folders or statistics files (.npz)")
+    sub = command("fid", command_fid, "FID, KID and FID_inf of a folder against another or "
+                  "an .npz")
+    sub.add_argument("paths", nargs=2, help="the images judged, then the reference: image "
+                     "folders or statistics files (.npz)")
     sub.add_argument("--save-stats", action="store_true",
-                     help="write the statistics of the first folder to the second path")
+                     help="write the statistics and features of the first folder to the "
+                          "second path")
     sub.add_argument("--batch-size", type=int, default=50)
     sub.add_argument("--image-size", type=int, default=None,
                      help="resize folder images to this side first (if sizes differ)")
