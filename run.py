@@ -472,14 +472,24 @@ def command_classify(args) -> None:
 
 
 def command_curves(args) -> None:
-    """The FID curves of several runs in one picture, from their results.json files."""
-    series, steps = {}, {}
+    """The FID curves of several runs in one picture, from their results.json files, and
+    their KID curves in a second (TO_kid.png) when every run measured KID."""
+    curves = {}
     for folder in args.runs:
         curve = fid_curve_of(Path(folder) / "results.json")
-        name = f"{Path(folder).resolve().name} ({curve['images']} samples)"
-        series[name], steps[name] = curve["fid"], curve["step"]
-    plots.line_plot(series, args.to, title=args.title, xlabel="step", ylabel="FID", x=steps)
+        against = f" against {curve['real_images']:,}" if "real_images" in curve else ""
+        curves[f"{Path(folder).resolve().name} ({curve['images']:,} samples{against})"] = curve
+    steps = {name: curve["step"] for name, curve in curves.items()}
+    plots.line_plot({name: curve["fid"] for name, curve in curves.items()}, args.to,
+                    title=args.title, xlabel="step", ylabel="FID", x=steps)
     print(f"wrote {args.to}")
+    if all("kid" in curve for curve in curves.values()):
+        to = Path(args.to).with_name(f"{Path(args.to).stem}_kid{Path(args.to).suffix}")
+        plots.line_plot({name: [np.nan if kid is None else kid for kid in curve["kid"]]
+                         for name, curve in curves.items()}, to,
+                        title="KID (mean over subsets) against training step", xlabel="step",
+                        ylabel="KID", x=steps)
+        print(f"wrote {to}")
 
 
 def fid_curve_of(path: Path) -> dict:
@@ -498,13 +508,17 @@ def fid_curve_of(path: Path) -> dict:
         raise util.UserError(f"{path} has no FID curve: the run measured no FID (give it "
                              "--weights, and --fid-images above 0), or it is not a run's "
                              "results.json")
-    steps, scores = (curve.get(key) if isinstance(curve, dict) else None
-                     for key in ("step", "fid"))
+    steps, scores, kids = (curve.get(key) if isinstance(curve, dict) else None
+                           for key in ("step", "fid", "kid"))
     if (not isinstance(curve, dict) or "images" not in curve or not isinstance(steps, list)
             or not isinstance(scores, list) or len(steps) != len(scores)
-            or not all(isinstance(v, (int, float)) for v in steps + scores)):
+            or not all(isinstance(v, (int, float)) for v in steps + scores)
+            or kids is not None and (not isinstance(kids, list) or len(kids) != len(steps)
+                                     or not all(isinstance(v, (int, float, type(None)))
+                                                for v in kids))):
         raise util.UserError(f"{path}: its fid_curve is not {{'images', 'step', 'fid'}} with "
-                             "one FID per step: the file is damaged; run that training again")
+                             "one FID (and KID) per step: the file is damaged; run that "
+                             "training again")
     return curve
 
 

@@ -4887,16 +4887,27 @@ def test_curves_draws_the_fid_curves_of_several_runs_in_one_picture(tmp_path, ca
                                                                      monkeypatch):
     drawn = {}
     monkeypatch.setattr(plots, "line_plot", lambda series, path, **kw: drawn.update(
-        series=series, x=kw["x"], path=path))
+        {Path(path).name: (series, kw["x"])}))
     for name, steps, fids in (("gan_a", [250, 500], [300.0, 250.0]),
                               ("gan_b", [250, 500, 750], [280.0, 200.0, 150.0])):
         util.write_json({"fid_curve": {"images": 500, "step": steps, "fid": fids}},
                         tmp_path / name / "results.json")
     assert run.main(["curves", str(tmp_path / "gan_a"), str(tmp_path / "gan_b"),
                      "--to", str(tmp_path / "fid.png")]) == 0
-    assert drawn["series"] == {"gan_a (500 samples)": [300.0, 250.0],
-                               "gan_b (500 samples)": [280.0, 200.0, 150.0]}
-    assert drawn["x"]["gan_b (500 samples)"] == [250, 500, 750]
+    series, x = drawn.pop("fid.png")
+    assert series == {"gan_a (500 samples)": [300.0, 250.0],
+                      "gan_b (500 samples)": [280.0, 200.0, 150.0]}
+    assert x["gan_b (500 samples)"] == [250, 500, 750]
+    assert drawn == {}  # results.json written before KID: no KID picture
+    # runs that measured KID (the first before a resume from a checkpoint without it)
+    # also get TO_kid.png, and their names say the held-out count
+    util.write_json({"fid_curve": {"images": 500, "real_images": 2000, "step": [1, 2],
+                                   "fid": [3.0, 2.0], "kid": [None, 0.25]}},
+                    tmp_path / "gan_a" / "results.json")
+    assert run.main(["curves", str(tmp_path / "gan_a"), "--to", str(tmp_path / "fid.png")]) == 0
+    series, x = drawn["fid_kid.png"]
+    assert np.isnan(series["gan_a (500 samples against 2,000)"][0])
+    assert series["gan_a (500 samples against 2,000)"][1] == 0.25
     util.write_json({"fid": None}, tmp_path / "no_fid" / "results.json")
     assert "has no FID curve" in one_line_error(capsys, ["curves", str(tmp_path / "no_fid")])
 
@@ -5009,7 +5020,9 @@ def bad_inputs_third_round(tmp: Path) -> list[tuple[list[str], str]]:
     runs = {}
     for name, text in (("truncated", '{"fid_curve": {"images": 5, "st'), ("listed", "[1, 2]"),
                        ("no_images", '{"fid_curve": {"step": [1], "fid": [3.0]}}'),
-                       ("uneven", '{"fid_curve": {"images": 5, "step": [1, 2], "fid": [3.0]}}')):
+                       ("uneven", '{"fid_curve": {"images": 5, "step": [1, 2], "fid": [3.0]}}'),
+                       ("short_kid", '{"fid_curve": {"images": 5, "step": [1], "fid": [3.0], '
+                                     '"kid": []}}')):
         (tmp / name).mkdir()
         (tmp / name / "results.json").write_text(text)
         runs[name] = str(tmp / name)
@@ -5026,6 +5039,7 @@ def bad_inputs_third_round(tmp: Path) -> list[tuple[list[str], str]]:
         (["curves", runs["listed"]], "has no FID curve"),
         (["curves", runs["no_images"]], "its fid_curve is not"),
         (["curves", runs["uneven"]], "its fid_curve is not"),
+        (["curves", runs["short_kid"]], "its fid_curve is not"),
         (["curves", runs["uneven"], "--to", str(tmp / "curves")], "give a picture file name"),
         (["curves", runs["uneven"], "--to", str(a_file / "c.png")], "is a file, not a folder"),
         (["uda", "--batch-size", "1"], "--batch-size 1: batch norm needs at least 2"),
