@@ -220,6 +220,77 @@ def fid_text(results: dict, prefix: str = "") -> str:
             f"{results['fid_real_images']:,})")
 
 
+# ============================================================================ CPU cost
+# What a training image costs on the 2-core CPU of RESULTS.md: its seconds a step over the
+# batch. A GAN step at 64x64 (a, b; ACGAN 1.24) and at 32x32; a WGAN-GP step is 4.6 DCGAN
+# steps; a VAE epoch of 8,000 faces; a DDPM step of the U-Net of width 32, whose
+# convolutions cost width^2; UDA's steps of 128 images a domain (bench.py uda; ADDA's
+# adversarial step from its run's time less the source-only run's).
+GAN_SECONDS_PER_IMAGE = {64: 1.21 / 64, 32: 0.30 / 64}
+WGAN_GP_STEP_IN_DCGAN_STEPS = 4.6
+VAE_SECONDS_PER_IMAGE = 42.5 / 8000
+DDPM_SECONDS_PER_IMAGE_AT_WIDTH_32 = 0.65 / 64
+UDA_SECONDS_PER_STEP_OF_128 = {"source": 0.077, "dann": 0.120, "dann-ent": 0.120, "adda": 0.03,
+                               "gta": 0.500, "self-ensembling": 0.149, "target": 0.077}
+LONG_ON_A_CPU = 30 * 60  # seconds: longer runs get the note
+PRESETS = {"gan": gan.PRESETS, "vae": vae.PRESETS, "ddpm": ddpm.PRESETS, "uda": uda.PRESETS}
+
+
+def training_seconds(command: str, settings, images=None) -> tuple[float, str]:
+    """About how long `settings` train on that CPU (no FID, no sampling), and what that
+    is. images: the training images (vae), or the (source, target) counts (uda)."""
+    if command == "gan":
+        step = settings.batch_size * GAN_SECONDS_PER_IMAGE[settings.image_size] * (
+            WGAN_GP_STEP_IN_DCGAN_STEPS if settings.variant == "wgan-gp" else 1)
+        return settings.steps * step, (f"{settings.steps:,} steps of {settings.batch_size} "
+                                       f"faces at {settings.image_size}x{settings.image_size}")
+    if command == "ddpm":
+        step = (settings.batch_size * DDPM_SECONDS_PER_IMAGE_AT_WIDTH_32
+                * (settings.width / 32) ** 2)
+        return settings.steps * step, (f"{settings.steps:,} steps of {settings.batch_size} "
+                                       f"digits, U-Net width {settings.width}")
+    if command == "vae":
+        return (settings.epochs * images * VAE_SECONDS_PER_IMAGE,
+                f"{settings.epochs} epochs of {images:,} faces")
+    steps, batch = uda.epoch_shape(*images, settings.batch_size)
+    methods = uda.METHODS if settings.method == "all" else (settings.method,)
+    epochs = {method: settings.epochs + settings.adapt_epochs * (method == "adda")
+              for method in methods}  # ADDA: its pre-training and its adversarial epochs
+    seconds = sum(epochs[method] * steps * batch / 128 * UDA_SECONDS_PER_STEP_OF_128[method]
+                  for method in methods)
+    return seconds, f"{', '.join(methods)}: {settings.epochs} epochs of {steps:,} steps"
+
+
+def cpu_cost_note(command: str, settings, images=None) -> str | None:
+    """One line for a run that is long on a CPU: about how long it trains there, and the
+    preset that is shorter; None for a short run."""
+    seconds, what = training_seconds(command, settings, images)
+    if seconds <= LONG_ON_A_CPU:
+        return None
+    cpu = PRESETS[command].get("cpu")
+    if cpu:
+        preset_seconds, _ = training_seconds(command, dataclasses.replace(settings, **cpu),
+                                             images)
+        shorter = f"--preset cpu trains in about {duration_text(preset_seconds)}"
+    else:
+        shorter = "no preset is shorter: lower --epochs"
+    return (f"note: on a CPU this trains for about {duration_text(seconds)} ({what}, at the "
+            f"speed of RESULTS.md's 2-core CPU, before evaluation); {shorter}")
+
+
+def duration_text(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{minutes:.0f} minutes" if minutes < 90 else f"{minutes / 60:.0f} hours"
+
+
+def print_cpu_cost(args, device: torch.device, settings, images=None) -> None:
+    """The note of cpu_cost_note, on a CPU without --preset (from the main process)."""
+    note = (cpu_cost_note(args.command, settings, images)
+            if device.type == "cpu" and not args.preset and util.main_process() else None)
+    if note:
+        print(note)
+
+
 def load_data(common: Common, name: str, split: str, **options) -> data.ImageSet:
     with parallel.main_first():  # under torchrun, rank 0 downloads and caches first
         return data.load(name, split, data_root=common.data_root, cache_dir=common.cache,
@@ -570,6 +641,7 @@ def command_vae(args) -> None:
     device = training_device(common, settings)
     faces = load_data(common, settings.data, "train", image_size=64,
                       limit=settings.limit or None)
+    print_cpu_cost(args, device, settings, len(faces))
     test = load_data(common, settings.data, "test", image_size=64,
                      attribute=settings.attribute if settings.data == "celeba" else None)
     out = run_folder(args)
@@ -597,6 +669,7 @@ def command_ddpm(args) -> None:
               f"({sampling.sampler}"
               f"{', %d steps' % sampling.sampling_steps if sampling.sampler == 'ddim' else ''})")
         return
+    print_cpu_cost(args, device, settings)
     digits = load_data(common, settings.data, "train")
     test = load_data(common, settings.data, "test")
     out = run_folder(args)
@@ -623,19 +696,26 @@ def command_uda(args) -> None:
     def load(name, split, image_size):
         return load_data(common, name, split, image_size=image_size)
     out = run_folder(args)
+
+    def note_cost(scenario: uda.UDASettings, counts: tuple[int, int]):
+        print_cpu_cost(args, device, scenario, counts)
     if args.table:
-        table = uda_table(settings, methods, load, out, device, common.seed)
+        table = uda_table(settings, methods, load, out, device, common.seed, note_cost)
         print(reports.full_table(table) + f"wrote {out}/results.md and results.json")
         return
     scenario = out / f"{Path(settings.src).name}-{Path(settings.tgt).name}"
-    rows = uda_methods(settings, methods, load, scenario, device, common.seed)
+    rows = uda_methods(settings, methods, load, scenario, device, common.seed, note_cost)
     print(reports.scenario_table(rows, settings.src, settings.tgt) + f"outputs in {scenario}/")
 
 
-def uda_methods(settings: uda.UDASettings, methods, load, out: Path, device, seed: int) -> dict:
+def uda_methods(settings: uda.UDASettings, methods, load, out: Path, device, seed: int,
+                note_cost=None) -> dict:
     """Every method on one scenario: {method: results}, and results.md for the row set.
-    ADDA starts from the source-only run's checkpoint when that ran first."""
+    ADDA starts from the source-only run's checkpoint when that ran first. note_cost:
+    called with the settings and the training images' counts once they are loaded."""
     domains = uda.load_domains(settings, load)
+    if note_cost:
+        note_cost(settings, (len(domains.source_train), len(domains.target_train)))
     rows = {}
     for method in methods:
         if method == "target" and domains.target_train.labels is None:
@@ -650,16 +730,17 @@ def uda_methods(settings: uda.UDASettings, methods, load, out: Path, device, see
     return rows
 
 
-def uda_table(settings: uda.UDASettings, methods, load, out: Path, device, seed: int) -> dict:
+def uda_table(settings: uda.UDASettings, methods, load, out: Path, device, seed: int,
+              note_cost=None) -> dict:
     """The four digit scenarios of the DLCV homework (uda.SCENARIOS); one whose data is
-    missing is reported, not fatal."""
+    missing is reported, not fatal. note_cost: as uda_methods'."""
     table = {}
     for src, tgt in uda.SCENARIOS:
         scenario = f"{src}-{tgt}"
         try:
             table[scenario] = {"rows": uda_methods(
                 dataclasses.replace(settings, src=src, tgt=tgt), methods, load,
-                out / scenario, device, seed)}
+                out / scenario, device, seed, note_cost)}
         except util.UserError as error:
             print(f"skipping {src} -> {tgt}: {error}")
             table[scenario] = {"error": str(error)}
@@ -686,6 +767,7 @@ def command_gan(args) -> None:
     device = training_device(common, settings)
     if args.generate:
         return generate_faces(args.generate, args.ckpt, Path(common.out), device, common.seed)
+    print_cpu_cost(args, device, settings)
     attribute = settings.attribute if settings.variant == "acgan" else None
     faces = load_data(common, settings.data, "train", image_size=settings.image_size,
                       attribute=attribute, limit=settings.limit or None)

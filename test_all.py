@@ -4912,6 +4912,42 @@ def test_curves_draws_the_fid_curves_of_several_runs_in_one_picture(tmp_path, ca
     assert "has no FID curve" in one_line_error(capsys, ["curves", str(tmp_path / "no_fid")])
 
 
+def test_cpu_cost_note_says_about_how_long_a_run_trains_and_the_shorter_preset():
+    """RESULTS.md's speeds times the settings' work: the GAN's defaults, 20,000 steps of 128
+    faces at 1.21 s a step of 64, are about 13 hours; its cpu preset, 1,000 steps of 64,
+    about 20 minutes. Catches the batch or the steps left out, the preset's estimate made
+    of the user's settings, a note on a short run."""
+    note = run.cpu_cost_note("gan", gan.GANSettings())
+    assert note.startswith("note: on a CPU this trains for about 13 hours (20,000 steps of "
+                           "128 faces at 64x64")
+    assert note.endswith("--preset cpu trains in about 20 minutes")
+    assert "about 62 hours" in run.cpu_cost_note("gan", gan.GANSettings(variant="wgan-gp"))
+    assert run.cpu_cost_note("gan", gan.GANSettings(image_size=32, steps=300)) is None
+    # the DDPM at width 64 costs 4 times width 32's 0.65 s a step of 64 digits
+    note = run.cpu_cost_note("ddpm", ddpm.DDPMSettings())
+    assert "about 43 hours" in note and note.endswith("trains in about 43 minutes")
+    # the VAE and UDA by their training images: long on all of CelebA, not on 8,000 faces
+    assert "about 5 hours (20 epochs of 162,770 faces" in run.cpu_cost_note(
+        "vae", vae.VAESettings(), 162_770)
+    assert run.cpu_cost_note("vae", vae.VAESettings(), 8_000) is None
+    note = run.cpu_cost_note("uda", uda.UDASettings(method="all"), (59_001, 7_291))
+    assert "about 85 minutes" in note and note.endswith("lower --epochs")
+    assert run.cpu_cost_note("uda", uda.UDASettings(), (59_001, 7_291)) is None
+
+
+def test_a_long_run_on_a_cpu_prints_its_cost_first_unless_a_preset_is_given(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gan, "train", lambda *args: {"steps": 0, "seconds_per_step": 0.0,
+                                                     "fid": None})
+    faces = str(image_folder(tmp_path / "faces", 4, 64))
+    common = ["gan", "--data", faces, "--device", "cpu", "--cache", "", "--out",
+              str(tmp_path / "o")]
+    for flags, noted in (([], True), (["--preset", "cpu"], False), (["--steps", "10"], False)):
+        assert run.main(common + flags) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first.startswith("note: on a CPU this trains for about") == noted, flags
+
+
 def test_tsne_command_embeds_saved_features_and_writes_plot_and_results(tmp_path, capsys):
     X, labels = clusters()
     np.savez(tmp_path / "features.npz", features=X, labels=labels)
