@@ -13,12 +13,35 @@ from torchvision's Inception-v3 in three places, marked FID below: average pools
 mixed blocks exclude padding from the mean, the last block pools with a max, and the
 classifier has 1,008 classes. Batch norm uses eps = 0.001 throughout.
 
+FID's estimate from N images is biased: it exceeds the FID of the two distributions by
+about k / N (the mean's noise adds Tr(S_g) / N to ||mu_r - mu_g||^2 on average, and the
+square root of a noisy covariance is smaller on average), k depending on the model, so
+FIDs of 500 and of 10,000 samples do not compare. Two figures that do:
+
+KID, Kernel Inception Distance (Binkowski et al. 2018, "Demystifying MMD GANs"): the
+squared maximum mean discrepancy between the two feature distributions under the cubic
+polynomial kernel k(x, y) = (x . y / d + 1)^3, estimated without bias from m real
+features x_i and n generated y_j:
+
+    MMD^2_u = 1/(m(m-1)) sum_{i != j} k(x_i, x_j) + 1/(n(n-1)) sum_{i != j} k(y_i, y_j)
+              - 2/(mn) sum_{i, j} k(x_i, y_j).
+
+Leaving out the diagonal i = j makes each term's expectation the kernel's mean over two
+independent draws, so the estimate's mean is the true MMD^2 at any sample size (it can
+be below 0). The paper's protocol: the mean and the standard deviation of MMD^2_u over
+100 subsets of m = min(1000, n) images from each side.
+
+FID_inf (Chong & Forsyth 2020, "Effectively Unbiased FID and Inception Score and where to
+find them"): FID_N = FID_inf + k / N + O(1/N^2), so FIDs of subsets of several sizes N lie
+on a line in 1/N whose intercept, at 1/N = 0, is the FID of infinitely many images.
+
 (The course's other two measures of generated images have modules of their own: the
 digit accuracy, classifier.py, and the face rate, hog.py.)
 """
 import hashlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +57,11 @@ from util import UserError
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # the file name carries its SHA-256's first 8 digits
+KID_SUBSETS = 100        # Binkowski et al.'s protocol: MMD^2_u of 100 subsets,
+KID_SUBSET_SIZE = 1000   # each of min(1000, n) images from each side
+KID_SEED = 0             # the subsets' draws: the same at every checkpoint, like with like
+FID_INF_POINTS = 15      # Chong & Forsyth's count of subset sizes N,
+FID_INF_SMALLEST = 4     # the smallest a quarter of the images (theirs: a tenth of 50,000)
 
 
 # ============================================================================ Inception
@@ -301,63 +329,163 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
+@dataclass
+class Statistics:
+    """What FID and KID need of one side: the features' mean and covariance, the number of
+    images, and the (count, 2048) pool3 features themselves in float32 (exactly what the
+    float32 network gave; None for a statistics file written before KID)."""
+    mu: np.ndarray
+    sigma: np.ndarray
+    count: int | None
+    features: np.ndarray | None
+
+
+def statistics_of(features: np.ndarray) -> Statistics:
+    return Statistics(*gaussian_statistics(features), len(features),
+                      np.asarray(features, np.float32))
+
+
 def image_statistics(images: torch.Tensor, network: FIDInception, batch_size: int = 50,
-                     device="cpu") -> tuple[np.ndarray, np.ndarray]:
-    """mu and sigma of the pool3 features of images in [-1, 1]."""
+                     device="cpu") -> Statistics:
+    """The Statistics of the pool3 features of images in [-1, 1]."""
     if len(images) < 2:
         raise UserError(f"FID needs at least 2 images, got {len(images)}")
-    return gaussian_statistics(inception_features(network, images, batch_size, device))
+    return statistics_of(inception_features(network, images, batch_size, device))
 
 
+# ============================================================================ KID, FID_inf
+def polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """k(x, y) = (x . y / d + 1)^3 for every pair of rows: (m, d), (n, d) -> (m, n)."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """MMD^2_u of the module docstring: the kernel's mean within each sample without its
+    diagonal (k(x_i, x_i) is no draw of two independent points), minus twice the mean
+    between the samples."""
+    m, n = len(x), len(y)
+    k_xx, k_yy = polynomial_kernel(x, x), polynomial_kernel(y, y)
+    return ((k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
+            + (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
+            - 2 * polynomial_kernel(x, y).mean())
+
+
+def kid(real_features, fake_features, generator: torch.Generator,
+        subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE) -> tuple[float, float]:
+    """KID: the mean and the standard deviation (divided by the count, as torch-fidelity)
+    of MMD^2_u over `subsets` subsets of m = min(subset_size, both counts) images from each
+    side, each drawn without replacement by `generator`. Where a side has m images, every
+    subset holds all of them. In float64."""
+    real = torch.as_tensor(np.asarray(real_features))
+    fake = torch.as_tensor(np.asarray(fake_features))
+    m = min(subset_size, len(real), len(fake))
+    if m < 2:
+        raise UserError(f"KID needs at least 2 images a side, got {len(real)} and {len(fake)}")
+
+    def subset(features):                                                # (m, d)
+        return features[torch.randperm(len(features), generator=generator)[:m]].double()
+    estimates = torch.stack([mmd2_unbiased(subset(real), subset(fake)) for _ in range(subsets)])
+    return float(estimates.mean()), float(estimates.std(unbiased=False))
+
+
+def fid_infinity_counts(count: int, points: int = FID_INF_POINTS) -> list[int]:
+    """The subset sizes N of FID_inf: `points` values evenly spaced in 1/N (so that the
+    line's points spread evenly along its x axis) from count / FID_INF_SMALLEST to all
+    `count` images; fewer when rounding makes some equal."""
+    smallest = max(2, count // FID_INF_SMALLEST)  # a covariance needs 2 images
+    return sorted({round(1 / inverse) for inverse in np.linspace(1 / smallest, 1 / count,
+                                                                 points)})
+
+
+def intercept_in_inverse_count(counts, fids) -> float:
+    """The least-squares line FID_N = FID_inf + k / N through the points (1/N, FID_N),
+    evaluated at 1/N = 0."""
+    inverse = 1 / np.asarray(counts, np.float64)
+    design = np.stack([np.ones_like(inverse), inverse], axis=1)        # (points, 2)
+    (fid_inf, _slope), *_ = np.linalg.lstsq(design, np.asarray(fids, np.float64), rcond=None)
+    return float(fid_inf)
+
+
+def fid_infinity(fake_features, real_mu, real_sigma, generator: torch.Generator,
+                 points: int = FID_INF_POINTS) -> float:
+    """FID_inf (Chong & Forsyth 2020): the FID against the real statistics of one random
+    subset (drawn by `generator`) of the generated features at each size N of
+    fid_infinity_counts, extrapolated along the line in 1/N to infinitely many images."""
+    features = np.asarray(fake_features, np.float64)
+    counts = fid_infinity_counts(len(features), points)
+    if len(counts) < 2:
+        raise UserError(f"FID_inf fits a line to FIDs of several subset sizes: {len(features)} "
+                        "images give one; give at least 3")
+    fids = [frechet_distance(*gaussian_statistics(
+                features[torch.randperm(len(features), generator=generator)[:count].numpy()]),
+                real_mu, real_sigma) for count in counts]
+    return intercept_in_inverse_count(counts, fids)
+
+
+# ============================================================================ while training
 class FIDTracker:
-    """FID while a model trains: at chosen steps, FID of `count` generated images against
-    the held-out images, into the run's history (history["fid"], history["fid_step"]).
+    """FID and KID while a model trains: at chosen steps, FID and KID of `count` generated
+    images against the held-out images, into the run's history (history["fid"],
+    history["kid"] and history["kid_std"] at the steps history["fid_step"]).
 
-    The held-out side never changes, so its statistics are computed once and kept in the
-    cache, keyed by the images' pixels and the weights file: a second run pays nothing
-    for them. Each evaluation then costs `count` forward passes of Inception."""
+    The held-out side never changes, so its statistics and features are computed once and
+    kept in the cache, keyed by the images' pixels and the weights file: a second run pays
+    nothing for them. Each evaluation then costs `count` forward passes of Inception; KID
+    reuses their features. KID's subsets are drawn by a generator seeded with kid_seed
+    afresh at each evaluation: the same subsets at every step, and after a resume."""
 
     def __init__(self, real: "data.ImageSet", count: int, every: int, device,
-                 cache_dir=None, weights=None):
+                 cache_dir=None, weights=None, kid_seed: int = KID_SEED):
         self.network = load_fid_inception(cache_dir, device, weights)
-        self.count, self.every, self.device = count, every, device
+        self.count, self.every, self.device, self.kid_seed = count, every, device, kid_seed
         self.weights = weights_label(self.network.weights_file)
-        self.real_mu, self.real_sigma, self.real_count = real_statistics(
-            real, self.network, self.weights, cache_dir, device)
+        self.real = real_statistics(real, self.network, self.weights, cache_dir, device)
         self.seconds = 0.0  # spent on the generated side since this process started
 
     def due(self, step: int, last: int) -> bool:
         """Is an FID measurement due at this step (every `every` steps, and the last)?"""
         return step % self.every == 0 or step == last
 
-    def score(self, fake: torch.Tensor) -> float:
-        """FID of fake images in [-1, 1] against the held-out images."""
+    def score(self, fake: torch.Tensor, prefix: str = "") -> dict:
+        """FID and KID of fake images in [-1, 1] against the held-out images, and how many
+        fakes: {prefix}fid, {prefix}kid, {prefix}kid_std, {prefix}images."""
         start = time.perf_counter()
-        fid = frechet_distance(*image_statistics(fake, self.network, device=self.device),
-                               self.real_mu, self.real_sigma)
+        fake_statistics = image_statistics(fake, self.network, device=self.device)
+        fid = frechet_distance(fake_statistics.mu, fake_statistics.sigma, self.real.mu,
+                               self.real.sigma)
+        kid_mean, kid_std = kid(self.real.features, fake_statistics.features,
+                                torch.Generator().manual_seed(self.kid_seed))
         self.seconds += time.perf_counter() - start
-        return fid
+        return {f"{prefix}fid": fid, f"{prefix}kid": kid_mean, f"{prefix}kid_std": kid_std,
+                f"{prefix}images": len(fake)}
 
-    def measure(self, history: dict, step: int, sample, batches) -> float:
-        """FID of the images sample(batch) makes of each batch (`count` in all), into the
-        history at `step`. Under torchrun the batches are split across the processes and
-        the images gathered in order (parallel.in_order)."""
-        fid = self.score(torch.cat(parallel.in_order(sample, batches)))
-        history.setdefault("fid", []).append(fid)
+    def measure(self, history: dict, step: int, sample, batches) -> dict:
+        """FID and KID of the images sample(batch) makes of each batch (`count` in all),
+        into the history at `step`. Under torchrun the batches are split across the
+        processes and the images gathered in order (parallel.in_order)."""
+        scores = self.score(torch.cat(parallel.in_order(sample, batches)))
+        for name in ("kid", "kid_std"):  # a run resumed from a checkpoint written before
+            # KID has none at its earlier steps: None there (null in results.json)
+            history.setdefault(name, [None] * len(history.get("fid", [])))
+        for name in ("fid", "kid", "kid_std"):
+            history.setdefault(name, []).append(scores[name])
         history.setdefault("fid_step", []).append(step)
-        return fid
+        return scores
 
     def results(self, history: dict) -> dict:
-        """The final and the best FID of the curve, for results.json."""
+        """The final and the best FID of the curve, the final KID, the image counts and the
+        curves, for results.json."""
         if not history.get("fid"):
             return {"fid": None, "fid_unavailable": "no FID evaluation was due"}
         best = int(np.argmin(history["fid"]))
         return {"fid": history["fid"][-1], "best_fid": history["fid"][best],
-                "best_fid_step": history["fid_step"][best], "fid_images": self.count,
-                "fid_real_images": self.real_count, "fid_weights": self.weights,
+                "best_fid_step": history["fid_step"][best], "kid": history["kid"][-1],
+                "kid_std": history["kid_std"][-1], "fid_images": self.count,
+                "fid_real_images": self.real.count, "fid_weights": self.weights,
                 "fid_seconds": self.seconds,
-                "fid_curve": {"images": self.count, "step": history["fid_step"],
-                              "fid": history["fid"]}}
+                "fid_curve": {"images": self.count, "real_images": self.real.count,
+                              "step": history["fid_step"], "fid": history["fid"],
+                              "kid": history["kid"], "kid_std": history["kid_std"]}}
 
 
 class NoFID:
@@ -376,14 +504,15 @@ class NoFID:
         return {"fid": None, "fid_unavailable": self.reason}
 
 
-def fid_tracker(real, count: int, every: int, device, cache_dir=None, weights=None):
+def fid_tracker(real, count: int, every: int, device, cache_dir=None, weights=None,
+                kid_seed: int = KID_SEED):
     """A FIDTracker, or a NoFID that says why there is none: nothing to measure against,
     or the weights cannot be had (offline, no --weights); the run still trains and saves
     its results."""
     if not count or real is None:
         return NoFID("not asked for")
     try:
-        return FIDTracker(real, count, every, device, cache_dir, weights)
+        return FIDTracker(real, count, every, device, cache_dir, weights, kid_seed)
     except UserError as error:
         if weights:  # a file the user named must work
             raise
@@ -396,9 +525,9 @@ def weights_label(path: Path) -> str:
 
 
 def real_statistics(real: "data.ImageSet", network: FIDInception, weights: str, cache_dir,
-                    device):
-    """(mu, sigma, N) of the held-out images, from the cache when it has them (keyed by
-    their pixels and shape, and by the weights file's label)."""
+                    device) -> Statistics:
+    """The Statistics of the held-out images, features included, from the cache when it
+    has them (keyed by their pixels and shape, and by the weights file's label)."""
     key = hashlib.sha256(real.pixels.cpu().numpy().tobytes())
     key.update(f"{tuple(real.pixels.shape)} {weights}".encode())
     folder = data.cache_folder(cache_dir)
@@ -408,8 +537,13 @@ def real_statistics(real: "data.ImageSet", network: FIDInception, weights: str, 
         if path is None or not path.exists():
             return None
         try:
-            stored = util.read_arrays(path, "it is computed again")
-            return stored["mu"], stored["sigma"], int(stored["count"])
+            stored = stored_statistics(util.read_arrays(path, "it is computed again"), path,
+                                       "it is computed again")
+            if stored.features is None:
+                raise UserError("it holds no features, as written before KID")
+            if stored.count != len(real):
+                raise UserError(f"it holds {stored.count} images' statistics, not {len(real)}")
+            return stored
         except UserError as error:
             print(f"cache file {path} is damaged ({error}): deleting it", file=sys.stderr)
             path.unlink(missing_ok=True)
@@ -417,16 +551,22 @@ def real_statistics(real: "data.ImageSet", network: FIDInception, weights: str, 
     stored = parallel.from_main(cached)
     if stored is not None:
         return stored
-    mu, sigma = image_statistics(real.images(), network, device=device)
+    statistics = image_statistics(real.images(), network, device=device)
     if path is not None:
-        util.write_arrays({"mu": mu, "sigma": sigma, "count": len(real)}, path)
-    return mu, sigma, len(real)
+        util.write_arrays(statistics_arrays(statistics), path)
+    return statistics
 
 
-def checked_statistics(mu, sigma, path) -> tuple[np.ndarray, np.ndarray]:
+def statistics_arrays(statistics: Statistics) -> dict:
+    """The arrays of a statistics file (the cache's, `run.py fid --save-stats`'s): mu and
+    sigma in float64, the count, the features in float32 (8 KB an image)."""
+    return {"mu": statistics.mu, "sigma": statistics.sigma, "count": statistics.count,
+            "features": statistics.features}
+
+
+def checked_statistics(mu, sigma, path, remedy: str) -> tuple[np.ndarray, np.ndarray]:
     """mu (D,) and sigma (D, D) as float64, or one line that says what is wrong with the
     statistics file `path`: an FID computed from them would mean nothing."""
-    remedy = "write them again with 'run.py fid --save-stats FOLDER OUT.npz'"
     for name, array in (("mu", mu), ("sigma", sigma)):
         if array.dtype.kind not in "fiu":
             raise UserError(f"{path}: '{name}' holds {array.dtype} values, not numbers: "
@@ -440,19 +580,41 @@ def checked_statistics(mu, sigma, path) -> tuple[np.ndarray, np.ndarray]:
     return mu.astype(np.float64), sigma.astype(np.float64)
 
 
+def stored_statistics(stored: dict, path, remedy: str) -> Statistics:
+    """The Statistics of a statistics file's arrays, each checked: mu and sigma; the
+    features and the count when the file holds them (files written before KID do not)."""
+    if "mu" not in stored or "sigma" not in stored:
+        raise UserError(f"{path} holds no 'mu' and 'sigma': {remedy}")
+    mu, sigma = checked_statistics(stored["mu"], stored["sigma"], path, remedy)
+    features = stored.get("features")
+    if features is not None and not (features.dtype.kind == "f" and features.ndim == 2
+                                     and features.shape[1] == len(mu) and len(features) >= 2
+                                     and np.isfinite(features).all()):
+        raise UserError(f"{path}: 'features' of shape {features.shape} ({features.dtype}) are "
+                        f"not finite features of at least 2 images, {len(mu)} each: {remedy}")
+    count = stored.get("count")
+    if count is not None:
+        if (count.ndim != 0 or count.dtype.kind not in "iu"
+                or features is not None and int(count) != len(features)):
+            raise UserError(f"{path}: 'count' {count} is not the number of images the "
+                            f"features are of: {remedy}")
+        count = int(count)
+    elif features is not None:
+        count = len(features)
+    return Statistics(mu, sigma, count, None if features is None
+                      else features.astype(np.float32))
+
+
 def load_statistics(path, network_factory, batch_size=50, device="cpu", image_size=None,
-                    cache_dir=None) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """A PATH of `run.py fid`: a saved .npz of mu and sigma, or a folder of images.
-    Returns mu, sigma and the side of the folder's images (None for an .npz)."""
+                    cache_dir=None) -> tuple[Statistics, int | None]:
+    """A PATH of `run.py fid`: a saved .npz of statistics, or a folder of images.
+    Returns its Statistics and the side of the folder's images (None for an .npz)."""
     path = Path(path)
     if path.suffix == ".npz" and path.is_file():
-        stored = util.read_arrays(path, "write it again with 'run.py fid --save-stats'")
-        if "mu" not in stored or "sigma" not in stored:
-            raise UserError(f"{path} holds no 'mu' and 'sigma': write it with "
-                            "'run.py fid --save-stats FOLDER OUT.npz'")
-        return (*checked_statistics(stored["mu"], stored["sigma"], path), None)
+        remedy = "write it again with 'run.py fid --save-stats FOLDER OUT.npz'"
+        return stored_statistics(util.read_arrays(path, remedy), path, remedy), None
     if not path.is_dir():
         raise UserError(f"{path} is neither a folder of images nor a statistics .npz file")
     images = data.load(str(path), "train", image_size=image_size, cache_dir=cache_dir)
-    return (*image_statistics(images.images(), network_factory(), batch_size, device),
+    return (image_statistics(images.images(), network_factory(), batch_size, device),
             images.image_size)

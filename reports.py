@@ -32,25 +32,33 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8, title: str = "", rows=(
 
 
 def fid_curve(fid, history: dict, path, title: str):
-    """FID against the step, when the run measured one."""
+    """FID against the step, and KID beside it (kid.png in the same folder: its mean and
+    the mean -+ the standard deviation over the subsets), when the run measured them."""
     if fid and history.get("fid"):
+        compared = f"{fid.count} samples against {fid.real.count} held-out images"
         plots.line_plot({f"FID, {fid.count} samples": history["fid"]}, path,
-                        title=f"{title}: FID against {fid.real_count} held-out images",
+                        title=f"{title}: FID, {compared}",
                         xlabel="step", ylabel="FID", x=history["fid_step"])
+        kid = np.asarray(history["kid"], float)  # None (before KID existed) -> NaN, skipped
+        spread = np.asarray(history["kid_std"], float)
+        plots.line_plot({"KID (mean over subsets)": kid, "mean - std": kid - spread,
+                         "mean + std": kid + spread}, Path(path).with_name("kid.png"),
+                        title=f"{title}: KID, {compared}",
+                        xlabel="step", ylabel="KID", x=history["fid_step"])
 
 
 def final_numbers(history: dict) -> dict:
-    """The last point of every curve but the steps and the FID: each a mean over the
+    """The last point of every curve but the steps, FID and KID: each a mean over the
     steps since the checkpoint before (training.StepLog)."""
     return {f"final_{name}": values[-1] for name, values in history.items()
-            if name not in ("step", "fid", "fid_step")}
+            if name not in ("step", "fid", "fid_step", "kid", "kid_std")}
 
 
 # ============================================================================ GAN
 def gan_pictures(out: Path, settings, history: dict, fid, samples: torch.Tensor,
                  pairs: torch.Tensor | None, averaged_steps: float | None):
-    """samples.png (the fixed z), loss.png, d_outputs.png, ACGAN's pairs.png, fid.png;
-    averaged_steps: about how many steps G's average holds (None: no average)."""
+    """samples.png (the fixed z), loss.png, d_outputs.png, ACGAN's pairs.png, fid.png and
+    kid.png; averaged_steps: about how many steps G's average holds (None: no average)."""
     out, title, step = Path(out), f"GAN variant {settings.variant}", history["step"][-1]
     save_grid(samples, out / "samples.png", title=(
         f"{title}, step {step}: fixed z"
@@ -90,7 +98,7 @@ def gan_results(out: Path, settings, run, fid) -> dict:
 
 # ============================================================================ VAE
 def vae_curves(out: Path, settings, history: dict, fid):
-    """mse.png and kl.png, train and test by epoch; fid.png."""
+    """mse.png and kl.png, train and test by epoch; fid.png and kid.png."""
     out, title = Path(out), f"VAE, lambda = {settings.kl_weight:g}"
     plots.line_plot({"train": history["train_mse"], "test": history["test_mse"]},
                     out / "mse.png", title=f"{title}: reconstruction MSE per pixel",
@@ -135,8 +143,8 @@ def ddpm_pictures(out: Path, settings, history: dict, fid, sampling_steps: int,
                   images: torch.Tensor, keep_at: list, frames: torch.Tensor, scale: int = 3):
     """loss.png; grid.png, ten samples of each digit by row; reverse_process.png, x_t of
     one digit at the timesteps keep_at, enlarged `scale` times (a 28-pixel digit is too
-    small to carry a "t = 1000" label); fid.png. sampling_steps: the sampler's network
-    evaluations."""
+    small to carry a "t = 1000" label); fid.png and kid.png. sampling_steps: the
+    sampler's network evaluations."""
     out = Path(out)
     plots.line_plot({"training loss": history["loss"]}, out / "loss.png",
                     title=f"DDPM: epsilon-prediction MSE, {settings.loss_weight} weights",
@@ -187,7 +195,7 @@ def ddpm_results(out: Path, settings, run, fid, images: torch.Tensor, grades: di
                **grades,
                **fid.results(history)}
     if fid:  # the curve's fid_images digits, and the 1000 course digits'
-        results["course_digits_fid"] = fid.score(images)
+        results.update(fid.score(images, prefix="course_digits_"))
     util.write_json(results, Path(out) / "results.json")
     return results
 

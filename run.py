@@ -208,11 +208,87 @@ def number_problem(name: str, value) -> str | None:
     return None
 
 
-def fid_text(results: dict) -> str:
-    """'FID 41.20', or 'FID skipped' with the reason, for the closing line of a run."""
-    if results.get("fid") is None:
+def fid_text(results: dict, prefix: str = "") -> str:
+    """'FID 41.20, KID 0.0312 +- 0.0021 (500 images against 2,000)' of the results'
+    figures named with `prefix`, or 'FID skipped' with the reason, for the closing line
+    of a run."""
+    if results.get(f"{prefix}fid") is None:
         return "FID skipped (" + results.get("fid_unavailable", "not asked for") + ")"
-    return f"FID {results['fid']:.2f}"
+    images = results[f"{prefix}images" if prefix else "fid_images"]
+    return (f"FID {results[prefix + 'fid']:.2f}, KID {results[prefix + 'kid']:.4f} +- "
+            f"{results[prefix + 'kid_std']:.4f} ({images:,} images against "
+            f"{results['fid_real_images']:,})")
+
+
+# ============================================================================ CPU cost
+# What a training image costs on the 2-core CPU of RESULTS.md: its seconds a step over the
+# batch. A GAN step at 64x64 (a, b; ACGAN 1.24) and at 32x32; a WGAN-GP step is 4.6 DCGAN
+# steps; a VAE epoch of 8,000 faces; a DDPM step of the U-Net of width 32, whose
+# convolutions cost width^2; UDA's steps of 128 images a domain (bench.py uda; ADDA's
+# adversarial step from its run's time less the source-only run's).
+GAN_SECONDS_PER_IMAGE = {64: 1.21 / 64, 32: 0.30 / 64}
+WGAN_GP_STEP_IN_DCGAN_STEPS = 4.6
+VAE_SECONDS_PER_IMAGE = 42.5 / 8000
+DDPM_SECONDS_PER_IMAGE_AT_WIDTH_32 = 0.65 / 64
+UDA_SECONDS_PER_STEP_OF_128 = {"source": 0.077, "dann": 0.120, "dann-ent": 0.120, "adda": 0.03,
+                               "gta": 0.500, "self-ensembling": 0.149, "target": 0.077}
+LONG_ON_A_CPU = 30 * 60  # seconds: longer runs get the note
+PRESETS = {"gan": gan.PRESETS, "vae": vae.PRESETS, "ddpm": ddpm.PRESETS, "uda": uda.PRESETS}
+
+
+def training_seconds(command: str, settings, images=None) -> tuple[float, str]:
+    """About how long `settings` train on that CPU (no FID, no sampling), and what that
+    is. images: the training images (vae), or the (source, target) counts (uda)."""
+    if command == "gan":
+        step = settings.batch_size * GAN_SECONDS_PER_IMAGE[settings.image_size] * (
+            WGAN_GP_STEP_IN_DCGAN_STEPS if settings.variant == "wgan-gp" else 1)
+        return settings.steps * step, (f"{settings.steps:,} steps of {settings.batch_size} "
+                                       f"faces at {settings.image_size}x{settings.image_size}")
+    if command == "ddpm":
+        step = (settings.batch_size * DDPM_SECONDS_PER_IMAGE_AT_WIDTH_32
+                * (settings.width / 32) ** 2)
+        return settings.steps * step, (f"{settings.steps:,} steps of {settings.batch_size} "
+                                       f"digits, U-Net width {settings.width}")
+    if command == "vae":
+        return (settings.epochs * images * VAE_SECONDS_PER_IMAGE,
+                f"{settings.epochs} epochs of {images:,} faces")
+    steps, batch = uda.epoch_shape(*images, settings.batch_size)
+    methods = uda.METHODS if settings.method == "all" else (settings.method,)
+    epochs = {method: settings.epochs + settings.adapt_epochs * (method == "adda")
+              for method in methods}  # ADDA: its pre-training and its adversarial epochs
+    seconds = sum(epochs[method] * steps * batch / 128 * UDA_SECONDS_PER_STEP_OF_128[method]
+                  for method in methods)
+    return seconds, f"{', '.join(methods)}: {settings.epochs} epochs of {steps:,} steps"
+
+
+def cpu_cost_note(command: str, settings, images=None) -> str | None:
+    """One line for a run that is long on a CPU: about how long it trains there, and the
+    preset that is shorter; None for a short run."""
+    seconds, what = training_seconds(command, settings, images)
+    if seconds <= LONG_ON_A_CPU:
+        return None
+    cpu = PRESETS[command].get("cpu")
+    if cpu:
+        preset_seconds, _ = training_seconds(command, dataclasses.replace(settings, **cpu),
+                                             images)
+        shorter = f"--preset cpu trains in about {duration_text(preset_seconds)}"
+    else:
+        shorter = "no preset is shorter: lower --epochs"
+    return (f"note: on a CPU this trains for about {duration_text(seconds)} ({what}, at the "
+            f"speed of RESULTS.md's 2-core CPU, before evaluation); {shorter}")
+
+
+def duration_text(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{minutes:.0f} minutes" if minutes < 90 else f"{minutes / 60:.0f} hours"
+
+
+def print_cpu_cost(args, device: torch.device, settings, images=None) -> None:
+    """The note of cpu_cost_note, on a CPU without --preset (from the main process)."""
+    note = (cpu_cost_note(args.command, settings, images)
+            if device.type == "cpu" and not args.preset and util.main_process() else None)
+    if note:
+        print(note)
 
 
 def load_data(common: Common, name: str, split: str, **options) -> data.ImageSet:
@@ -294,7 +370,9 @@ def command_summary(args) -> None:
 
 
 def command_fid(args) -> None:
-    """FID between two image folders or saved statistics, like pytorch-fid's command line."""
+    """FID, KID and FID_inf of the first of two image folders or saved statistics against
+    the second (the reference), like pytorch-fid's command line; or (--save-stats) the
+    statistics and features of a folder into a file."""
     common = settings_from(args, Common)
     device = util.choose_device(common.device)
 
@@ -304,25 +382,65 @@ def command_fid(args) -> None:
     loaded = [metrics.load_statistics(path, network, args.batch_size, device,
                                       args.image_size, common.cache)
               for path in args.paths[:1 if args.save_stats else 2]]
-    statistics = [(mu, sigma) for mu, sigma, _ in loaded]
-    sizes = {size for _, _, size in loaded if size is not None}
+    sizes = {size for _, size in loaded if size is not None}
     if len(sizes) > 1:
         print(f"warning: the folders hold images of {' and '.join(map(str, sorted(sizes)))} "
               "pixels a side; Inception sees both at 299, but the resizing itself moves "
               "FID: pass --image-size to compare at one size", file=sys.stderr)
     if args.save_stats:
-        mu, sigma = statistics[0]
         target = Path(args.paths[1])  # named .npz, as `fid` reads statistics by that suffix
         target = target if target.suffix == ".npz" else target.with_name(target.name + ".npz")
-        saved = util.write_arrays({"mu": mu, "sigma": sigma}, target)
-        print(f"saved statistics of {args.paths[0]} to {saved}")
+        saved = util.write_arrays(metrics.statistics_arrays(loaded[0][0]), target)
+        print(f"saved statistics and features of {args.paths[0]} to {saved}")
     else:
-        (mu_a, _), (mu_b, _) = statistics
-        if len(mu_a) != len(mu_b):
-            raise util.UserError(f"{args.paths[0]} has {len(mu_a)} features, {args.paths[1]} "
-                                 f"{len(mu_b)}: FID compares statistics of one network (the "
-                                 "2048 pool3 features); compute both with 'run.py fid'")
-        print(f"FID: {metrics.frechet_distance(*statistics[0], *statistics[1]):.4f}")
+        (judged, _), (reference, _) = loaded
+        if len(judged.mu) != len(reference.mu):
+            raise util.UserError(f"{args.paths[0]} has {len(judged.mu)} features, "
+                                 f"{args.paths[1]} {len(reference.mu)}: FID compares statistics "
+                                 "of one network (the 2048 pool3 features); compute both with "
+                                 "'run.py fid'")
+        print("\n".join(comparison_lines(judged, reference, *args.paths, common.seed)))
+
+
+def comparison_lines(judged: metrics.Statistics, reference: metrics.Statistics,
+                     judged_name: str, reference_name: str, seed: int) -> list[str]:
+    """FID, KID and FID_inf of `judged` against `reference`, a line each with the image
+    counts; where a statistics file lacks the features a figure needs, a line saying so.
+    KID's subsets and FID_inf's are drawn by generators seeded with `seed`."""
+    def count(side):
+        return "an unknown number of images" if side.count is None else f"{side.count:,} images"
+
+    def lacking(*names):
+        return (f"not computed: {' and '.join(names)} {'has' if len(names) == 1 else 'have'} "
+                "only mu and sigma (written before KID), no features: write it again with "
+                "'run.py fid --save-stats FOLDER OUT.npz'")
+    compared = f"{count(judged)} of {judged_name} against {count(reference)} of {reference_name}"
+    fid = metrics.frechet_distance(judged.mu, judged.sigma, reference.mu, reference.sigma)
+    lines = [f"FID: {fid:.4f} ({compared})"]
+    missing = [name for name, side in ((judged_name, judged), (reference_name, reference))
+               if side.features is None]
+    if missing:
+        lines.append(f"KID: {lacking(*missing)}")
+    else:
+        kid, kid_std = metrics.kid(reference.features, judged.features,
+                                   torch.Generator().manual_seed(seed))
+        subset = min(metrics.KID_SUBSET_SIZE, judged.count, reference.count)
+        lines.append(f"KID: {kid:.4f} +- {kid_std:.4f} (mean and std over "
+                     f"{metrics.KID_SUBSETS} subsets of {subset:,} images a side; {compared})")
+    if judged.features is None:
+        lines.append(f"FID_inf: {lacking(judged_name)}")
+        return lines
+    counts = metrics.fid_infinity_counts(judged.count)
+    try:
+        fid_inf = metrics.fid_infinity(judged.features, reference.mu, reference.sigma,
+                                       torch.Generator().manual_seed(seed))
+    except util.UserError as error:  # too few images for a line
+        lines.append(f"FID_inf: not computed: {error}")
+        return lines
+    lines.append(f"FID_inf: {fid_inf:.4f} (FIDs of {len(counts)} subsets of {counts[0]:,} to "
+                 f"{counts[-1]:,} of the {compared}, extrapolated linearly in 1/N to "
+                 "infinitely many)")
+    return lines
 
 
 def command_tsne(args) -> None:
@@ -424,14 +542,24 @@ def command_classify(args) -> None:
 
 
 def command_curves(args) -> None:
-    """The FID curves of several runs in one picture, from their results.json files."""
-    series, steps = {}, {}
+    """The FID curves of several runs in one picture, from their results.json files, and
+    their KID curves in a second (TO_kid.png) when every run measured KID."""
+    curves = {}
     for folder in args.runs:
         curve = fid_curve_of(Path(folder) / "results.json")
-        name = f"{Path(folder).resolve().name} ({curve['images']} samples)"
-        series[name], steps[name] = curve["fid"], curve["step"]
-    plots.line_plot(series, args.to, title=args.title, xlabel="step", ylabel="FID", x=steps)
+        against = f" against {curve['real_images']:,}" if "real_images" in curve else ""
+        curves[f"{Path(folder).resolve().name} ({curve['images']:,} samples{against})"] = curve
+    steps = {name: curve["step"] for name, curve in curves.items()}
+    plots.line_plot({name: curve["fid"] for name, curve in curves.items()}, args.to,
+                    title=args.title, xlabel="step", ylabel="FID", x=steps)
     print(f"wrote {args.to}")
+    if all("kid" in curve for curve in curves.values()):
+        to = Path(args.to).with_name(f"{Path(args.to).stem}_kid{Path(args.to).suffix}")
+        plots.line_plot({name: [np.nan if kid is None else kid for kid in curve["kid"]]
+                         for name, curve in curves.items()}, to,
+                        title="KID (mean over subsets) against training step", xlabel="step",
+                        ylabel="KID", x=steps)
+        print(f"wrote {to}")
 
 
 def fid_curve_of(path: Path) -> dict:
@@ -450,13 +578,17 @@ def fid_curve_of(path: Path) -> dict:
         raise util.UserError(f"{path} has no FID curve: the run measured no FID (give it "
                              "--weights, and --fid-images above 0), or it is not a run's "
                              "results.json")
-    steps, scores = (curve.get(key) if isinstance(curve, dict) else None
-                     for key in ("step", "fid"))
+    steps, scores, kids = (curve.get(key) if isinstance(curve, dict) else None
+                           for key in ("step", "fid", "kid"))
     if (not isinstance(curve, dict) or "images" not in curve or not isinstance(steps, list)
             or not isinstance(scores, list) or len(steps) != len(scores)
-            or not all(isinstance(v, (int, float)) for v in steps + scores)):
+            or not all(isinstance(v, (int, float)) for v in steps + scores)
+            or kids is not None and (not isinstance(kids, list) or len(kids) != len(steps)
+                                     or not all(isinstance(v, (int, float, type(None)))
+                                                for v in kids))):
         raise util.UserError(f"{path}: its fid_curve is not {{'images', 'step', 'fid'}} with "
-                             "one FID per step: the file is damaged; run that training again")
+                             "one FID (and KID) per step: the file is damaged; run that "
+                             "training again")
     return curve
 
 
@@ -508,6 +640,7 @@ def command_vae(args) -> None:
     device = training_device(common, settings)
     faces = load_data(common, settings.data, "train", image_size=64,
                       limit=settings.limit or None)
+    print_cpu_cost(args, device, settings, len(faces))
     test = load_data(common, settings.data, "test", image_size=64,
                      attribute=settings.attribute if settings.data == "celeba" else None)
     out = run_folder(args)
@@ -535,6 +668,7 @@ def command_ddpm(args) -> None:
               f"({sampling.sampler}"
               f"{', %d steps' % sampling.sampling_steps if sampling.sampler == 'ddim' else ''})")
         return
+    print_cpu_cost(args, device, settings)
     digits = load_data(common, settings.data, "train")
     test = load_data(common, settings.data, "test")
     out = run_folder(args)
@@ -543,7 +677,7 @@ def command_ddpm(args) -> None:
     results = ddpm.train(digits, test, settings, out, device, common.seed, common.cache,
                          args.weights)
     accuracy = results["digit_accuracy"]
-    course_fid = (f", FID of the 1000 digits {results['course_digits_fid']:.2f}"
+    course_fid = (f"; the 1000 digits' {fid_text(results, 'course_digits_')}"
                   if "course_digits_fid" in results else "")
     print(f"done: digit accuracy {'skipped (no classifier)' if accuracy is None else accuracy}"
           f", {fid_text(results)}{course_fid}; outputs in {out}/")
@@ -561,19 +695,26 @@ def command_uda(args) -> None:
     def load(name, split, image_size):
         return load_data(common, name, split, image_size=image_size)
     out = run_folder(args)
+
+    def note_cost(scenario: uda.UDASettings, counts: tuple[int, int]):
+        print_cpu_cost(args, device, scenario, counts)
     if args.table:
-        table = uda_table(settings, methods, load, out, device, common.seed)
+        table = uda_table(settings, methods, load, out, device, common.seed, note_cost)
         print(reports.full_table(table) + f"wrote {out}/results.md and results.json")
         return
     scenario = out / f"{Path(settings.src).name}-{Path(settings.tgt).name}"
-    rows = uda_methods(settings, methods, load, scenario, device, common.seed)
+    rows = uda_methods(settings, methods, load, scenario, device, common.seed, note_cost)
     print(reports.scenario_table(rows, settings.src, settings.tgt) + f"outputs in {scenario}/")
 
 
-def uda_methods(settings: uda.UDASettings, methods, load, out: Path, device, seed: int) -> dict:
+def uda_methods(settings: uda.UDASettings, methods, load, out: Path, device, seed: int,
+                note_cost=None) -> dict:
     """Every method on one scenario: {method: results}, and results.md for the row set.
-    ADDA starts from the source-only run's checkpoint when that ran first."""
+    ADDA starts from the source-only run's checkpoint when that ran first. note_cost:
+    called with the settings and the training images' counts once they are loaded."""
     domains = uda.load_domains(settings, load)
+    if note_cost:
+        note_cost(settings, (len(domains.source_train), len(domains.target_train)))
     rows = {}
     for method in methods:
         if method == "target" and domains.target_train.labels is None:
@@ -588,16 +729,17 @@ def uda_methods(settings: uda.UDASettings, methods, load, out: Path, device, see
     return rows
 
 
-def uda_table(settings: uda.UDASettings, methods, load, out: Path, device, seed: int) -> dict:
+def uda_table(settings: uda.UDASettings, methods, load, out: Path, device, seed: int,
+              note_cost=None) -> dict:
     """The four digit scenarios of the DLCV homework (uda.SCENARIOS); one whose data is
-    missing is reported, not fatal."""
+    missing is reported, not fatal. note_cost: as uda_methods'."""
     table = {}
     for src, tgt in uda.SCENARIOS:
         scenario = f"{src}-{tgt}"
         try:
             table[scenario] = {"rows": uda_methods(
                 dataclasses.replace(settings, src=src, tgt=tgt), methods, load,
-                out / scenario, device, seed)}
+                out / scenario, device, seed, note_cost)}
         except util.UserError as error:
             print(f"skipping {src} -> {tgt}: {error}")
             table[scenario] = {"error": str(error)}
@@ -624,6 +766,7 @@ def command_gan(args) -> None:
     device = training_device(common, settings)
     if args.generate:
         return generate_faces(args.generate, args.ckpt, Path(common.out), device, common.seed)
+    print_cpu_cost(args, device, settings)
     attribute = settings.attribute if settings.variant == "acgan" else None
     faces = load_data(common, settings.data, "train", image_size=settings.image_size,
                       attribute=attribute, limit=settings.limit or None)
@@ -688,10 +831,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"gan only: {', '.join(gan.VARIANTS)}; if not given, that of 'run.py gan' "
                           f"({gan.GANSettings().variant})")
 
-    sub = command("fid", command_fid, "Frechet Inception Distance of two folders or .npz")
-    sub.add_argument("paths", nargs=2, help="image folders or statistics files (.npz)")
+    sub = command("fid", command_fid, "FID, KID and FID_inf of a folder against another or "
+                  "an .npz")
+    sub.add_argument("paths", nargs=2, help="the images judged, then the reference: image "
+                     "folders or statistics files (.npz)")
     sub.add_argument("--save-stats", action="store_true",
-                     help="write the statistics of the first folder to the second path")
+                     help="write the statistics and features of the first folder to the "
+                          "second path")
     sub.add_argument("--batch-size", type=int, default=50)
     sub.add_argument("--image-size", type=int, default=None,
                      help="resize folder images to this side first (if sizes differ)")

@@ -153,6 +153,14 @@ def own_fid(fake: torch.Tensor, real: torch.Tensor) -> float:
     return metrics.frechet_distance(*statistics(fake), *statistics(real))
 
 
+def own_kid(fake: torch.Tensor, real: torch.Tensor) -> tuple[float, float]:
+    """KID on PooledFeatures' features with the trackers' subsets, apart from the tracker."""
+    def features(images):
+        return PooledFeatures()((images + 1) / 2).double().numpy()
+    return metrics.kid(features(real), features(fake),
+                       torch.Generator().manual_seed(metrics.KID_SEED))
+
+
 def clusters(per_cluster=30, dims=10, seed=0):
     """Three well separated Gaussian blobs with their labels."""
     rng = np.random.default_rng(seed)
@@ -2024,7 +2032,8 @@ def test_run_takes_the_logged_numbers_from_the_device_every_ten_steps(tmp_path, 
 
 
 # ============================================================================ metrics
-# Pins FID's Inception against pytorch-fid, the Frechet distance, the held-out cache.
+# Pins FID's Inception against pytorch-fid, the Frechet distance, KID against its formula
+# and its unbiasedness, FID_inf's line, the held-out cache with its features.
 
 
 REFERENCE = Path(__file__).resolve().parent.parent / "shared" / "reference" \
@@ -2111,6 +2120,87 @@ def test_gaussian_statistics_are_mean_and_unbiased_covariance():
     assert np.allclose(mu, features.mean(0)) and np.allclose(sigma, centred.T @ centred / 39)
 
 
+def mmd2_with_loops(x, y, unbiased=True) -> float:
+    """MMD^2 with k(a, b) = (a . b / d + 1)^3 as Binkowski et al. write it, one pair at a
+    time; unbiased=False keeps the pairs i = j (the biased V-statistic)."""
+    def k(a, b):
+        return (sum(float(p) * float(q) for p, q in zip(a, b)) / len(a) + 1) ** 3
+
+    def within(z):
+        pairs = [(i, j) for i in range(len(z)) for j in range(len(z)) if i != j or not unbiased]
+        return sum(k(z[i], z[j]) for i, j in pairs) / len(pairs)
+    between = sum(k(a, b) for a in x for b in y) / (len(x) * len(y))
+    return within(x) + within(y) - 2 * between
+
+
+def test_kid_matches_the_formula_written_with_loops():
+    """Catches: the diagonal kept or divided by m^2, d not dividing the dot product, another
+    exponent, the cross term counted once, subsets with repeats, a sample-size std."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 3, generator=generator, dtype=torch.float64)
+    y = torch.rand(4, 3, generator=generator, dtype=torch.float64) + 0.5
+    assert float(metrics.mmd2_unbiased(x, y)) == pytest.approx(mmd2_with_loops(x, y), rel=1e-12)
+    # 3 subsets of min(4, 5, 4) = 4 images a side, without replacement
+    mean, std = metrics.kid(x.numpy(), y.numpy(), torch.Generator().manual_seed(7), subsets=3,
+                            subset_size=10)
+    draws = torch.Generator().manual_seed(7)
+    estimates = []
+    for _ in range(3):
+        real = x[torch.randperm(5, generator=draws)[:4]]
+        fake = y[torch.randperm(4, generator=draws)[:4]]
+        assert len(set(map(tuple, real.tolist()))) == 4
+        estimates.append(mmd2_with_loops(real, fake))
+    assert (mean, std) == pytest.approx((np.mean(estimates), np.std(estimates)), rel=1e-10)
+    assert std > 0  # the real subsets differ
+
+
+def test_kid_of_two_samples_of_one_distribution_averages_to_zero_unlike_the_biased_mmd():
+    """Binkowski et al.'s reason for KID: E[MMD^2_u] = MMD^2 = 0 here at any sample size,
+    while the estimate that keeps the pairs i = j is above 0 by O(1/m). Catches the
+    diagonal kept in either within-sample mean."""
+    unbiased, biased = [], []
+    for seed in range(300):
+        generator = torch.Generator().manual_seed(seed)
+        x, y = (torch.randn(8, 3, generator=generator, dtype=torch.float64) + 0.5
+                for _ in range(2))
+        unbiased.append(metrics.kid(x.numpy(), y.numpy(), generator, subsets=2,
+                                    subset_size=6)[0])
+        k = metrics.polynomial_kernel
+        biased.append(float(k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()))
+    error = np.std(unbiased) / np.sqrt(len(unbiased))
+    assert abs(np.mean(unbiased)) < 3 * error
+    assert np.mean(biased) > 10 * np.std(biased) / np.sqrt(len(biased))
+
+
+def test_fid_infinity_recovers_the_intercept_of_a_known_one_over_n_law():
+    """The line: FIDs made to follow 12.5 + 300 / N give back 12.5 (catches a line in N
+    instead of 1/N, or its slope returned). The sizes: n/4 to n, evenly spaced in 1/N."""
+    counts = metrics.fid_infinity_counts(400)
+    assert counts[0] == 100 and counts[-1] == 400 and len(counts) == metrics.FID_INF_POINTS
+    steps = np.diff(1 / np.asarray(counts, float))
+    assert np.allclose(steps, steps.mean(), rtol=0.1)  # even, up to rounding N to integers
+    fids = [12.5 + 300 / count for count in counts]
+    assert metrics.intercept_in_inverse_count(counts, fids) == pytest.approx(12.5, rel=1e-9)
+    assert metrics.fid_infinity_counts(2) == [2]
+    with pytest.raises(util.UserError, match="give at least 3"):
+        metrics.fid_infinity(np.zeros((2, 4)), np.zeros(4), np.eye(4), torch.Generator())
+
+
+def test_fid_infinity_of_samples_of_the_reference_averages_to_zero_unlike_fid_n():
+    """Features drawn from the reference Gaussian itself: FID_N is above 0 by about
+    (d + d(d + 1)/4) / N, FID_inf about 0 on average (Chong & Forsyth's point). Catches
+    subsets that are not random draws of the features, or not of the sizes fitted."""
+    at_n, at_infinity = [], []
+    for seed in range(30):
+        features = np.random.default_rng(seed).normal(size=(400, 4))
+        at_n.append(metrics.frechet_distance(*metrics.gaussian_statistics(features),
+                                             np.zeros(4), np.eye(4)))
+        at_infinity.append(metrics.fid_infinity(features, np.zeros(4), np.eye(4),
+                                                torch.Generator().manual_seed(seed)))
+    assert abs(np.mean(at_infinity)) < 3 * np.std(at_infinity) / np.sqrt(30)
+    assert np.mean(at_n) > 10 * np.std(at_n) / np.sqrt(30)
+
+
 def test_fid_weights_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
     fake_network(monkeypatch, None)
     with pytest.raises(util.UserError, match="by hand") as error:
@@ -2140,8 +2230,43 @@ def test_fid_command_saves_statistics_and_compares(tmp_path, capsys, monkeypatch
     # saved under s.npz, as np.savez names it, which is what `fid` reads back
     assert run.main(["fid", str(folder), str(tmp_path / "s"), "--save-stats"] + common) == 0
     assert run.main(["fid", str(folder), str(tmp_path / "s.npz")] + common) == 0
-    fid = float(capsys.readouterr().out.strip().splitlines()[-1].split(":")[1])
-    assert abs(fid) < 1e-6
+    lines = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert [line.split(":")[0] for line in lines] == ["FID", "KID", "FID_inf"]
+    assert abs(float(lines[0].split()[1])) < 1e-6
+    assert lines[0].endswith(f"(3 images of {folder} against 3 images of {tmp_path / 's.npz'})")
+
+
+def test_fid_command_prints_fid_kid_and_fid_infinity_with_the_image_counts(tmp_path, capsys,
+                                                                           cheap_fid):
+    """Each figure as metrics computes it from the same statistics, KID's subsets and
+    FID_inf's drawn by --seed; a statistics file written before KID (mu and sigma only)
+    still gives FID and FID_inf, and one line on what KID lacks."""
+    judged, reference = image_folder(tmp_path / "a", 12), image_folder(tmp_path / "b", 10)
+    common = ["--cache", "", "--seed", "3"]
+    assert run.main(["fid", str(judged), str(reference)] + common) == 0
+    fid, kid, fid_inf = capsys.readouterr().out.strip().splitlines()
+    a, b = (metrics.load_statistics(folder, PooledFeatures, cache_dir="")[0]
+            for folder in (judged, reference))
+    mean, std = metrics.kid(b.features, a.features, torch.Generator().manual_seed(3))
+    compared = f"12 images of {judged} against 10 images of {reference}"
+    between = metrics.frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    assert fid == f"FID: {between:.4f} ({compared})"
+    assert kid == (f"KID: {mean:.4f} +- {std:.4f} (mean and std over 100 subsets of 10 images "
+                   f"a side; {compared})")
+    extrapolated = metrics.fid_infinity(a.features, b.mu, b.sigma,
+                                        torch.Generator().manual_seed(3))
+    assert fid_inf.startswith(f"FID_inf: {extrapolated:.4f} (FIDs of 8 subsets of 3 to 12 of "
+                              f"the {compared}, extrapolated")
+    old = util.write_arrays({"mu": b.mu, "sigma": b.sigma}, tmp_path / "old.npz")
+    assert run.main(["fid", str(judged), str(old)] + common) == 0
+    fid, kid, fid_inf = capsys.readouterr().out.strip().splitlines()
+    assert fid.endswith(f"(12 images of {judged} against an unknown number of images of {old})")
+    assert kid.startswith(f"KID: not computed: {old} has only mu and sigma")
+    assert fid_inf.startswith(f"FID_inf: {extrapolated:.4f}")
+    assert run.main(["fid", "--save-stats", str(reference), str(tmp_path / "new.npz")]
+                    + common) == 0  # saved with its features: KID as from the folder
+    assert run.main(["fid", str(judged), str(tmp_path / "new.npz")] + common) == 0
+    assert f"KID: {mean:.4f} +- {std:.4f}" in capsys.readouterr().out
 
 
 def test_held_out_statistics_are_computed_once_then_read_from_the_cache(tmp_path, cheap_fid,
@@ -2153,15 +2278,46 @@ def test_held_out_statistics_are_computed_once_then_read_from_the_cache(tmp_path
     monkeypatch.setattr(metrics, "image_statistics",
                         lambda *args, **kwargs: pytest.fail("held-out statistics recomputed"))
     second = metrics.FIDTracker(real, 4, 1, "cpu", cache, cheap_fid)
-    assert np.array_equal(first.real_sigma, second.real_sigma)
+    assert np.array_equal(first.real.sigma, second.real.sigma)
+    assert second.real.features.dtype == np.float32 and second.real.count == 8
+    assert np.array_equal(first.real.features, second.real.features)  # KID's side, too
     monkeypatch.setattr(metrics, "image_statistics", original)
     [entry] = cache.glob("fid_real_*.npz")
-    entry.write_bytes(b"torn")  # a damaged entry is rebuilt, with a line that says so
-    third = metrics.FIDTracker(real, 4, 1, "cpu", cache, cheap_fid)
-    assert "is damaged" in capsys.readouterr().err
-    assert np.allclose(third.real_sigma, first.real_sigma)
+    stored = dict(np.load(entry))
+    # a damaged entry is rebuilt, with a line that says so: torn, written before KID (no
+    # features), features with a NaN, features of fewer images than the count
+    for damage, says in ((b"torn", "cannot be read"),
+                         ({**stored, "features": None}, "holds no features"),
+                         ({**stored, "features": stored["features"] * np.nan}, "'features'"),
+                         ({**stored, "features": stored["features"][:7]}, "'count'")):
+        if isinstance(damage, bytes):
+            entry.write_bytes(damage)
+        else:
+            util.write_arrays({k: v for k, v in damage.items() if v is not None}, entry)
+        third = metrics.FIDTracker(real, 4, 1, "cpu", cache, cheap_fid)
+        assert "is damaged" in (err := capsys.readouterr().err) and says in err, damage
+        assert np.allclose(third.real.sigma, first.real.sigma)
+        assert np.array_equal(third.real.features, first.real.features)
     metrics.FIDTracker(other, 4, 1, "cpu", cache, cheap_fid)  # other images: their own entry
     assert len(list(cache.glob("fid_real_*.npz"))) == 2
+
+
+def test_measure_adds_kid_at_the_fid_steps_and_none_before_a_resume_from_before_kid(
+        tmp_path, cheap_fid):
+    """A history from a checkpoint written before KID (FID at steps 1 and 2, no KID): KID
+    starts at step 3 with None before it, so each curve keeps one value a step, and the
+    pictures draw it. Catches KID lists shorter than the steps they are drawn against."""
+    tracker = metrics.FIDTracker(toy_faces(8), 4, 1, "cpu", tmp_path / "cache", cheap_fid)
+    history = {"fid": [5.0, 4.0], "fid_step": [1, 2]}
+    fake = toy_faces(4).images()
+    scores = tracker.measure(history, 3, lambda batch: batch, [fake[:2], fake[2:]])
+    assert (scores["kid"], scores["kid_std"]) == pytest.approx(own_kid(fake, toy_faces(8)
+                                                                        .images()), rel=1e-9)
+    assert history["kid"] == [None, None, scores["kid"]] and history["fid_step"] == [1, 2, 3]
+    curve = tracker.results(history)["fid_curve"]
+    assert len(curve["kid"]) == len(curve["kid_std"]) == len(curve["step"]) == 3
+    reports.fid_curve(tracker, history, tmp_path / "fid.png", "test")
+    assert (tmp_path / "kid.png").is_file()
 
 
 # ============================================================================ hog
@@ -2484,8 +2640,8 @@ def test_every_curve_a_run_draws_has_a_y_axis_label(tmp_path, monkeypatch, cheap
     uda.train(uda.load_domains(settings, toy_load), settings, tmp_path / "uda", "cpu", 0)
     classifier.train(toy_digits(16), toy_digits(8, seed=1), classifier.ClassifierSettings(
         epochs=1, batch_size=8), tmp_path / "classifier", "cpu", 0)
-    assert {name for name, _ in drawn} >= {"loss.png", "d_outputs.png", "fid.png", "mse.png",
-                                           "kl.png", "accuracy.png"}
+    assert {name for name, _ in drawn} >= {"loss.png", "d_outputs.png", "fid.png", "kid.png",
+                                           "mse.png", "kl.png", "accuracy.png"}
     assert all(ylabel for _, ylabel in drawn), drawn
 
 
@@ -2600,6 +2756,9 @@ def test_gan_fid_curve_is_of_the_fixed_samples_of_each_checkpoint_against_all_he
         fake = torch.cat([model.sample(*batch) for batch in gan.noise_batches(settings, 6, 0, "fid")])
         assert own_fid(fake, held_out.images()) == pytest.approx(curve["fid"][step - 1],
                                                                  rel=1e-6)
+        assert own_kid(fake, held_out.images()) == pytest.approx(  # KID of the same images
+            (curve["kid"][step - 1], curve["kid_std"][step - 1]), rel=1e-6)
+    assert (results["kid"], results["kid_std"]) == (curve["kid"][-1], curve["kid_std"][-1])
     assert (tmp_path / "fid.png").is_file()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["best_fid_step"] == curve["step"][int(np.argmin(curve["fid"]))]
@@ -3202,6 +3361,9 @@ def test_vae_fid_every_k_epochs_and_of_the_reconstructions(tmp_path, cheap_fid):
     first_ten = test.subset(torch.arange(10))
     assert results["reconstruction_fid"] == pytest.approx(
         own_fid(vae.reconstructions(model, first_ten), test.images()), rel=1e-6)
+    assert (results["reconstruction_kid"], results["reconstruction_kid_std"]) == pytest.approx(
+        own_kid(vae.reconstructions(model, first_ten), test.images()), rel=1e-6)
+    assert results["reconstruction_images"] == 10
 
 
 def test_kl_term_matches_torch_distributions_and_a_monte_carlo_estimate():
@@ -3422,6 +3584,9 @@ def test_ddpm_fid_of_the_1000_course_digits_beside_the_curve(tmp_path, cheap_fid
                         for batch, stream in ddpm.label_batches(labels, "course digits")])
     assert results["course_digits_fid"] == pytest.approx(own_fid(course, test.images()),
                                                          rel=1e-6)
+    assert (results["course_digits_kid"], results["course_digits_kid_std"]) == pytest.approx(
+        own_kid(course, test.images()), rel=1e-6)
+    assert results["course_digits_images"] == 1000 and results["fid_real_images"] == 12
     assert results["fid"] == results["fid_curve"]["fid"][-1] and results["fid_images"] == 10
     digits = torch.cat([ddpm.sample(model, trained, batch, 0, stream)[0]
                         for batch, stream in ddpm.label_batches(torch.arange(10) % 10, "fid")])
@@ -4825,18 +4990,65 @@ def test_curves_draws_the_fid_curves_of_several_runs_in_one_picture(tmp_path, ca
                                                                      monkeypatch):
     drawn = {}
     monkeypatch.setattr(plots, "line_plot", lambda series, path, **kw: drawn.update(
-        series=series, x=kw["x"], path=path))
+        {Path(path).name: (series, kw["x"])}))
     for name, steps, fids in (("gan_a", [250, 500], [300.0, 250.0]),
                               ("gan_b", [250, 500, 750], [280.0, 200.0, 150.0])):
         util.write_json({"fid_curve": {"images": 500, "step": steps, "fid": fids}},
                         tmp_path / name / "results.json")
     assert run.main(["curves", str(tmp_path / "gan_a"), str(tmp_path / "gan_b"),
                      "--to", str(tmp_path / "fid.png")]) == 0
-    assert drawn["series"] == {"gan_a (500 samples)": [300.0, 250.0],
-                               "gan_b (500 samples)": [280.0, 200.0, 150.0]}
-    assert drawn["x"]["gan_b (500 samples)"] == [250, 500, 750]
+    series, x = drawn.pop("fid.png")
+    assert series == {"gan_a (500 samples)": [300.0, 250.0],
+                      "gan_b (500 samples)": [280.0, 200.0, 150.0]}
+    assert x["gan_b (500 samples)"] == [250, 500, 750]
+    assert drawn == {}  # results.json written before KID: no KID picture
+    # runs that measured KID (the first before a resume from a checkpoint without it)
+    # also get TO_kid.png, and their names say the held-out count
+    util.write_json({"fid_curve": {"images": 500, "real_images": 2000, "step": [1, 2],
+                                   "fid": [3.0, 2.0], "kid": [None, 0.25]}},
+                    tmp_path / "gan_a" / "results.json")
+    assert run.main(["curves", str(tmp_path / "gan_a"), "--to", str(tmp_path / "fid.png")]) == 0
+    series, x = drawn["fid_kid.png"]
+    assert np.isnan(series["gan_a (500 samples against 2,000)"][0])
+    assert series["gan_a (500 samples against 2,000)"][1] == 0.25
     util.write_json({"fid": None}, tmp_path / "no_fid" / "results.json")
     assert "has no FID curve" in one_line_error(capsys, ["curves", str(tmp_path / "no_fid")])
+
+
+def test_cpu_cost_note_says_about_how_long_a_run_trains_and_the_shorter_preset():
+    """RESULTS.md's speeds times the settings' work: the GAN's defaults, 20,000 steps of 128
+    faces at 1.21 s a step of 64, are about 13 hours; its cpu preset, 1,000 steps of 64,
+    about 20 minutes. Catches the batch or the steps left out, the preset's estimate made
+    of the user's settings, a note on a short run."""
+    note = run.cpu_cost_note("gan", gan.GANSettings())
+    assert note.startswith("note: on a CPU this trains for about 13 hours (20,000 steps of "
+                           "128 faces at 64x64")
+    assert note.endswith("--preset cpu trains in about 20 minutes")
+    assert "about 62 hours" in run.cpu_cost_note("gan", gan.GANSettings(variant="wgan-gp"))
+    assert run.cpu_cost_note("gan", gan.GANSettings(image_size=32, steps=300)) is None
+    # the DDPM at width 64 costs 4 times width 32's 0.65 s a step of 64 digits
+    note = run.cpu_cost_note("ddpm", ddpm.DDPMSettings())
+    assert "about 43 hours" in note and note.endswith("trains in about 43 minutes")
+    # the VAE and UDA by their training images: long on all of CelebA, not on 8,000 faces
+    assert "about 5 hours (20 epochs of 162,770 faces" in run.cpu_cost_note(
+        "vae", vae.VAESettings(), 162_770)
+    assert run.cpu_cost_note("vae", vae.VAESettings(), 8_000) is None
+    note = run.cpu_cost_note("uda", uda.UDASettings(method="all"), (59_001, 7_291))
+    assert "about 85 minutes" in note and note.endswith("lower --epochs")
+    assert run.cpu_cost_note("uda", uda.UDASettings(), (59_001, 7_291)) is None
+
+
+def test_a_long_run_on_a_cpu_prints_its_cost_first_unless_a_preset_is_given(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gan, "train", lambda *args: {"steps": 0, "seconds_per_step": 0.0,
+                                                     "fid": None})
+    faces = str(image_folder(tmp_path / "faces", 4, 64))
+    common = ["gan", "--data", faces, "--device", "cpu", "--cache", "", "--out",
+              str(tmp_path / "o")]
+    for flags, noted in (([], True), (["--preset", "cpu"], False), (["--steps", "10"], False)):
+        assert run.main(common + flags) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first.startswith("note: on a CPU this trains for about") == noted, flags
 
 
 def test_tsne_command_embeds_saved_features_and_writes_plot_and_results(tmp_path, capsys):
@@ -4947,7 +5159,9 @@ def bad_inputs_third_round(tmp: Path) -> list[tuple[list[str], str]]:
     runs = {}
     for name, text in (("truncated", '{"fid_curve": {"images": 5, "st'), ("listed", "[1, 2]"),
                        ("no_images", '{"fid_curve": {"step": [1], "fid": [3.0]}}'),
-                       ("uneven", '{"fid_curve": {"images": 5, "step": [1, 2], "fid": [3.0]}}')):
+                       ("uneven", '{"fid_curve": {"images": 5, "step": [1, 2], "fid": [3.0]}}'),
+                       ("short_kid", '{"fid_curve": {"images": 5, "step": [1], "fid": [3.0], '
+                                     '"kid": []}}')):
         (tmp / name).mkdir()
         (tmp / name / "results.json").write_text(text)
         runs[name] = str(tmp / name)
@@ -4964,6 +5178,7 @@ def bad_inputs_third_round(tmp: Path) -> list[tuple[list[str], str]]:
         (["curves", runs["listed"]], "has no FID curve"),
         (["curves", runs["no_images"]], "its fid_curve is not"),
         (["curves", runs["uneven"]], "its fid_curve is not"),
+        (["curves", runs["short_kid"]], "its fid_curve is not"),
         (["curves", runs["uneven"], "--to", str(tmp / "curves")], "give a picture file name"),
         (["curves", runs["uneven"], "--to", str(a_file / "c.png")], "is a file, not a folder"),
         (["uda", "--batch-size", "1"], "--batch-size 1: batch norm needs at least 2"),

@@ -148,7 +148,7 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
     if fid:  # also the FID of the reconstructions (from the mean code) of the first
         # fid_images test faces, against all the test faces
         first = test.subset(torch.arange(min(settings.fid_images, len(test))))
-        fid_results["reconstruction_fid"] = fid.score(reconstructions(model, first))
+        fid_results.update(fid.score(reconstructions(model, first), prefix="reconstruction_"))
     return reports.vae_results(out, settings, run, fid_results,
                                **pictures(model, test, settings, seed))
 
