@@ -104,10 +104,8 @@ def number(value) -> str:
 
 
 def table(header: list, rows: list) -> str:
-    """Cells already HTML are passed as ("html", text); numbers are right-aligned."""
+    """Every cell escaped; numbers (number()) right-aligned."""
     def cell(value):
-        if isinstance(value, tuple):
-            return f"<td>{value[1]}</td>"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return f'<td class="number">{escape(number(value))}</td>'
         return f"<td>{escape(number(value))}</td>"
@@ -161,7 +159,7 @@ def run_page(run, results: dict | None = None) -> Path:
     """OUT/index.html of a training.Run: the command that repeats it, its progress, the
     last value of every curve, the pictures, the earlier sample grids, the settings; with
     `results` (the run has finished) the results table, and no reloading."""
-    out, done = Path(run.out), run.step + 1
+    out, done = Path(run.out), min(run.step + 1, run.steps)
     seconds_per_step = run.seconds / max(done, 1)
     title = f"{run.desc}: {out.name}"
     if results is None:
@@ -207,13 +205,13 @@ def result_rows(results: dict) -> list:
 
 
 def last_values(history: dict) -> list:
-    """(name, last value, its step) of every curve in a training.Run's history; FID
-    and any other series measured less often than each checkpoint at its own steps."""
+    """(name, last value, its step) of every curve in a training.Run's history: a series
+    measured less often than at each checkpoint (FID) has its steps in NAME_step."""
     rows = []
     for name, values in history.items():
-        if name in ("step", "fid_step") or not values:
+        if name == "step" or name.endswith("_step") or not values:
             continue
-        steps = history["fid_step"] if name == "fid" else history["step"]
+        steps = history.get(f"{name}_step", history["step"])
         rows.append((name, values[-1], steps[len(values) - 1]
                      if len(values) <= len(steps) else ""))
     return rows
@@ -240,11 +238,10 @@ def course_report(runs, architecture, methods: dict, scenarios) -> Path:
             "and pictures of the runs in this folder; each run's own page is its "
             "index.html.</p>", "<ul>" + "".join(
                 f'<li><a href="#{anchor(title)}">{escape(title)}</a></li>'
-                for title, _ in parts) + "</ul>"]
+                for title, _ in parts) + "</ul>", *report.damaged.values()]
     body += [f'<h2 id="{anchor(title)}">{escape(title)}</h2>\n{text}'
              for title, text in parts]
-    return util.write_text(document("Course report", "\n".join(body + report.damaged)),
-                           runs / "report.html")
+    return util.write_text(document("Course report", "\n".join(body)), runs / "report.html")
 
 
 def anchor(title: str) -> str:
@@ -256,7 +253,7 @@ class Report:
     read), with the `--out` flag a missing run's command needs."""
 
     def __init__(self, runs: Path):
-        self.runs, self.damaged = runs, []
+        self.runs, self.damaged = runs, {}  # path: the note that names it
         self.out_flag = "" if runs == Path("runs") else f" --out {shlex.quote(str(runs))}"
 
     def results(self, folder: Path) -> dict | None:
@@ -268,8 +265,8 @@ class Report:
         except (ValueError, UnicodeDecodeError):
             results = None
         if not isinstance(results, dict):
-            self.damaged.append(f'<p class="missing">{escape(path)} is damaged or not a '
-                                "run's results: run that training again.</p>")
+            self.damaged[path] = (f'<p class="missing">{escape(path)} is damaged or not a '
+                                  "run's results: run that training again.</p>")
             return None
         return results
 
@@ -443,8 +440,9 @@ def uda_part(report: Report, methods: dict, scenarios) -> str:
     return "\n".join(text)
 
 
-def accuracy_cell(results: dict):
+def accuracy_cell(results: dict) -> str:
+    """As `run.py uda` prints it: accuracy (correct/total)."""
     if "target_accuracy" not in results:
         return "(unlabelled target)"
-    return ("html", f'{escape(number(results["target_accuracy"]))} '
-                    f'({escape(results.get("correct", "?"))}/{escape(results.get("total", "?"))})')
+    return (f'{number(results["target_accuracy"])} '
+            f'({results.get("correct", "?")}/{results.get("total", "?")})')

@@ -52,7 +52,7 @@ def save_checkpoint_grid(images: torch.Tensor, out: Path, history: dict, nrow: i
     step = history["step"][-1]
     util.write_image(plots.label_grid(data.grid_image(images, nrow), images.shape[-1],
                                       title=f"step {step}"), pages.grid_path(out, step))
-    if gif:
+    if gif and util.main_process():  # the grids are on disk: the main process wrote them
         paths = [pages.grid_path(out, s) for s in history["step"]]
         save_gif([Image.open(p) for p in paths if p.is_file()], Path(out) / gif)
 

@@ -3,6 +3,7 @@
     python run.py data --name usps --data-root DIR      # counts per split and class + preview
     python run.py summary gan --variant a               # layer table and parameter counts
     python run.py uda --method adda --src mnistm --tgt usps   # domain adaptation
+    python run.py report runs                           # runs/report.html, the course's parts
 
 Every command takes the common flags --data-root, --cache, --out, --device, --seed.
 Each model module keeps its settings in one dataclass; `add_flags` turns its fields into

@@ -5200,6 +5200,29 @@ def test_the_report_fills_each_part_from_the_runs_and_names_the_command_of_the_r
         "is not a folder: give the folder the runs wrote into (their --out, default runs/)")
 
 
+def test_the_reports_vae_and_ddpm_tables_show_the_numbers_of_results_json(tmp_path):
+    vaes = {"vae_lambda1": {"kl_weight": 1.0, "epochs": 3, "test_mse": 0.0123456789,
+                            "test_kl": 31.25, "reconstruction_mse_10_faces": 0.02,
+                            "fid": None},
+            "vae_lambda0.1": {"kl_weight": 0.1, "epochs": 2, "test_mse": 0.011,
+                              "test_kl": 88.5, "reconstruction_mse_10_faces": 0.015,
+                              "fid": 123.456789, "reconstruction_fid": 99.5}}
+    ddpm_results = {"steps": 500, "sampler": "ddim", "digit_accuracy": 0.937,
+                    "fid": 41.2345678, "course_digits_fid": 12.5}
+    for name, results in [*vaes.items(), ("ddpm", ddpm_results)]:
+        util.write_json(results, tmp_path / name / "results.json")
+    page = Page(pages.course_report(tmp_path, str, reports.TITLES, uda.SCENARIOS))
+    rows = page.table("lambda")
+    assert list(rows) == ["0.1", "1"]  # folders in order; lambda = 1 is the one drawn
+    for results in vaes.values():
+        cells = rows[pages.number(results["kl_weight"])]
+        expected = [results.get(key, "") for _, key in pages.VAE_COLUMNS[1:]]
+        assert cells == [pages.number(value) if value != "" else "" for value in expected]
+    assert float(rows["1"][1]) == pytest.approx(0.0123456789, rel=1e-5)
+    assert page.table("steps") == {"500": ["ddim", "0.937", "41.2346", "12.5"]}
+    assert "<h3>lambda = 1</h3>" in (tmp_path / "report.html").read_text()
+
+
 # ============================================================================ bench
 # Pins the benchmarks' commands.
 
