@@ -29,9 +29,9 @@ body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 0 1em 2em;
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; }
 pre { background: #f4f4f4; padding: .6em; white-space: pre-wrap; overflow-wrap: anywhere; }
 pre.layers { white-space: pre; overflow-x: auto; }
-table { border-collapse: collapse; margin: .5em 0; }
+table { border-collapse: collapse; margin: .5em 0; display: block; overflow-x: auto; }
 td, th { border: 1px solid #ccc; padding: .2em .6em; text-align: left;
-         overflow-wrap: anywhere; }
+         overflow-wrap: break-word; }
 td.number { text-align: right; font-variant-numeric: tabular-nums; }
 .pictures { display: flex; flex-wrap: wrap; gap: 1em; }
 figure { margin: 0; max-width: 100%; }
@@ -166,7 +166,7 @@ def run_page(run, results: dict | None = None) -> Path:
         refresh = min(max(round(seconds_per_step * run.every), 5), 600)
         status = (f'<p class="running">Running: step {done} of {run.steps} '
                   f"({100 * done / run.steps:.0f}%), {clock(run.seconds)} of training so "
-                  f"far, about {clock(seconds_per_step * (run.steps - done))} left. This "
+                  f"far, about {clock(seconds_per_step * (run.steps - done))} more. This "
                   f"page reloads every {refresh} s.</p>")
     else:
         refresh = None

@@ -1935,7 +1935,7 @@ def test_a_run_page_reloads_while_the_run_goes_on_and_not_once_it_is_finished(tm
     running = Page(pages.run_page(fake_run(tmp_path, step=1, seconds=60.0)))
     # 60 s for 2 steps: 30 s a step, a checkpoint every 2 steps
     assert running.refresh == 60 and "Running: step 2 of 4" in running.text
-    assert "about 0:01:00 left" in running.text
+    assert "about 0:01:00 more" in running.text
     finished = Page(pages.run_page(fake_run(tmp_path, step=3), {"fid": 80.5}))
     assert finished.refresh is None and "Finished: 4 steps" in finished.text
     assert "http-equiv" not in (tmp_path / "index.html").read_text()
