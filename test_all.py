@@ -1961,14 +1961,19 @@ def test_a_run_page_links_files_inside_its_folder_and_escapes_its_names(tmp_path
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (4, 4)).save(out / name, format="GIF" if name.endswith("gif") else "PNG")
     (out / "grids" / "step_000006.png").write_bytes(b"")  # a step this run has not reached
-    page = Page(pages.run_page(fake_run(out, step=3, desc='<script>"GAN"</script>')))
+    attribute = '<b>Smiling</b> & "x"'  # a setting's value, shown and in the command line
+    page = Page(pages.run_page(fake_run(out, step=3, desc='<script>"GAN"</script>',
+                                        settings=tiny_gan(attribute=attribute))))
     files = page.files(out)
     assert {f.name for f in files} >= {"samples.png", "samples.gif", "loss.png",
                                        "step_000002.png", "step_000004.png"}
     assert "step_000006.png" not in {f.name for f in files}
     text = (out / "index.html").read_text()
-    assert '<script>"GAN"' not in text and "<i>" not in text  # escaped, and shown as text
-    assert '<script>"GAN"</script>: a&b <i>"quoted"# 50%?' in page.text
+    assert '<script>"GAN"' not in text and "<i>" not in text and "<b>" not in text
+    assert '<script>"GAN"</script>: a&b <i>"quoted"# 50%?' in page.text  # shown as text
+    assert page.table("setting")["attribute"] == [attribute]
+    words = shlex.split(page.pres[0])
+    assert words[words.index("--attribute") + 1] == attribute
 
 
 def test_the_earlier_grids_are_a_strip_of_captioned_pictures_without_scripts(tmp_path):
