@@ -235,13 +235,19 @@ def course_report(runs, architecture, methods: dict, scenarios) -> Path:
                                           uda_part(report, methods, scenarios))]
     body = [f"<h1>The course's results from {escape(runs.resolve().name)}/</h1>",
             f"<p>Gathered {time.strftime('%Y-%m-%d %H:%M:%S')} from the results.json files "
-            "and pictures of the runs in this folder; each run's own page is its "
-            "index.html.</p>", "<ul>" + "".join(
+            "and pictures of the runs in this folder.</p>", run_pages(runs), "<ul>" + "".join(
                 f'<li><a href="#{anchor(title)}">{escape(title)}</a></li>'
                 for title, _ in parts) + "</ul>", *report.damaged.values()]
     body += [f'<h2 id="{anchor(title)}">{escape(title)}</h2>\n{text}'
              for title, text in parts]
     return util.write_text(document("Course report", "\n".join(body)), runs / "report.html")
+
+
+def run_pages(runs: Path) -> str:
+    """Links to the page of every run under RUNS."""
+    links = [f'<a href="{link(path, runs)}">{escape(path.parent.relative_to(runs).as_posix())}'
+             "</a>" for path in sorted(runs.rglob("index.html"))]
+    return "<p>The page of each run: " + " &middot; ".join(links) + "</p>" if links else ""
 
 
 def anchor(title: str) -> str:

@@ -5185,6 +5185,9 @@ def test_the_report_fills_each_part_from_the_runs_and_names_the_command_of_the_r
     page = Page(runs / "report.html")
     files = page.files(runs)
     assert {f.name for f in files} >= {"samples.png", "tsne_class.png", "tsne_domain.png"}
+    assert {f.parent.relative_to(runs.resolve()).as_posix() for f in files
+            if f.name == "index.html"} == {"gan_b", "uda/mnistm-usps/source",
+                                           "uda/mnistm-usps/dann"}  # each run's page
     gan_b = json.loads((runs / "gan_b" / "results.json").read_text())
     assert page.table("variant") == {"b": ["2", "32", "none", "", "", "0.875"]}
     assert "gan variant b: generator" in page.pres[1] and "Total params" in page.pres[1]
