@@ -27,7 +27,7 @@ CSS = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 0 1em 2em;
        max-width: 1400px; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; }
-pre { background: #f4f4f4; padding: .6em; white-space: pre-wrap; overflow-wrap: anywhere; }
+pre { background: #f4f4f4; padding: .6em; white-space: pre-wrap; overflow-wrap: break-word; }
 pre.layers { white-space: pre; overflow-x: auto; }
 table { border-collapse: collapse; margin: .5em 0; display: block; overflow-x: auto; }
 td, th { border: 1px solid #ccc; padding: .2em .6em; text-align: left;
@@ -36,7 +36,7 @@ td.number { text-align: right; font-variant-numeric: tabular-nums; }
 .pictures { display: flex; flex-wrap: wrap; gap: 1em; }
 figure { margin: 0; max-width: 100%; }
 figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
-figcaption { font-size: .85em; color: #555; overflow-wrap: anywhere; }
+figcaption { font-size: .85em; color: #555; overflow-wrap: break-word; }
 .samples img { min-width: min(100%, 480px); image-rendering: pixelated; }
 .strip { display: flex; gap: .5em; overflow-x: auto; }
 .strip img { height: 120px; width: auto; }
@@ -63,8 +63,9 @@ document.querySelectorAll(".strip").forEach(function (strip) {
 });
 """
 
-# the pictures of a run folder in the order a reader wants them; the curves apart
-SAMPLE_PICTURES = ("samples.gif", "samples.png", "pairs.png", "grid.png",
+# the pictures of a run folder (samples, t-SNE) in the order a reader wants them; the
+# curves apart
+PICTURES = ("samples.gif", "samples.png", "pairs.png", "grid.png",
                    "reverse_process.gif", "reverse_process.png", "reconstructions.png",
                    "interpolation.gif", "interpolation.png", "generated.png", "tsne.png",
                    "tsne_class.png", "tsne_domain.png")
@@ -161,7 +162,7 @@ def run_page(run, results: dict | None = None) -> Path:
     `results` (the run has finished) the results table, and no reloading."""
     out, done = Path(run.out), min(run.step + 1, run.steps)
     seconds_per_step = run.seconds / max(done, 1)
-    title = f"{run.desc}: {out.name}"
+    title = f"{run.desc}: {out.parent.name}/{out.name}"
     if results is None:
         refresh = min(max(round(seconds_per_step * run.every), 5), 600)
         status = (f'<p class="running">Running: step {done} of {run.steps} '
@@ -181,10 +182,10 @@ def run_page(run, results: dict | None = None) -> Path:
         body += ["<h2>Results</h2>", table(["result", "value"], result_rows(results))]
     body += ["<h2>Figures so far</h2>", table(["curve", "last value", "at step"],
                                               last_values(run.history))]
-    samples = [out / name for name in SAMPLE_PICTURES if (out / name).is_file()]
+    shown = [out / name for name in PICTURES if (out / name).is_file()]
     curves = [out / name for name in CURVES if (out / name).is_file()]
-    if samples:
-        body += ["<h2>Samples</h2>", pictures(samples, out, "samples")]
+    if shown:
+        body += ["<h2>Pictures</h2>", pictures(shown, out, "samples")]
     grids = [(step, grid_path(out, step)) for step in run.history["step"]
              if grid_path(out, step).is_file()]
     if grids:

@@ -1970,7 +1970,7 @@ def test_a_run_page_links_files_inside_its_folder_and_escapes_its_names(tmp_path
     assert "step_000006.png" not in {f.name for f in files}
     text = (out / "index.html").read_text()
     assert '<script>"GAN"' not in text and "<i>" not in text and "<b>" not in text
-    assert '<script>"GAN"</script>: a&b <i>"quoted"# 50%?' in page.text  # shown as text
+    assert f'<script>"GAN"</script>: {tmp_path.name}/a&b <i>"quoted"# 50%?' in page.text
     assert page.table("setting")["attribute"] == [attribute]
     words = shlex.split(page.pres[0])
     assert words[words.index("--attribute") + 1] == attribute
