@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import data
 import nets
+import pages
 import parallel
 import plots
 import training
@@ -124,6 +125,7 @@ def train(train_set: data.ImageSet, test: data.ImageSet, settings: ClassifierSet
     results = {"data": settings.data, "test_accuracy": correct / total, "correct": correct,
                "total": total, "epochs": settings.epochs, "seed": seed}
     util.write_json(results, Path(out) / "results.json")
+    pages.run_page(run, results)  # the run's page, finished
     return results
 
 

@@ -380,19 +380,21 @@ def label_batches(labels: torch.Tensor, stream: str, batch_size: int = 500) -> l
             for i in range(0, len(labels), batch_size)]
 
 
-def reverse_process(model: Diffusion, settings: DDPMSettings, seed: int):
+def reverse_process(model: Diffusion, settings: DDPMSettings, seed: int, frames: int = 20):
     """The pictures' images: 100 samples, ten of each digit (row d: digit d), and x_t of
-    the first "0" at six evenly spaced timesteps from T to 0 (for DDIM, the visited
-    timesteps nearest to them): (images (100, 3, 28, 28), timesteps, x_t (6, 3, 28, 28))."""
+    the first sample of each digit at frames + 1 evenly spaced timesteps from T to 0 (for
+    DDIM, the visited timesteps nearest to them): (images (100, 3, 28, 28), timesteps,
+    chain (frames + 1, 10, 3, 28, 28))."""
     labels = torch.arange(CLASSES).repeat_interleave(10)
     T = settings.timesteps
-    keep_at = [round(T * k / 5) for k in range(5, -1, -1)]                # T .. 0
+    keep_at = [round(T * k / frames) for k in range(frames, -1, -1)]     # T .. 0
     if settings.sampler == "ddim":  # DDIM visits only its own timesteps: take the nearest
         visited = ddim_timesteps(T, settings.sampling_steps) + [0]
         keep_at = [min(visited, key=lambda s: abs(s - k)) for k in keep_at]
     images, kept = sample(model, settings, labels, seed, "reverse process",
                           keep_at=set(keep_at))
-    return images.cpu(), keep_at, torch.stack([kept[k][0].clamp(-1, 1).cpu() for k in keep_at])
+    return images.cpu(), keep_at, torch.stack([kept[k][::10].clamp(-1, 1).cpu()
+                                               for k in keep_at])
 
 
 def course_digits(model: Diffusion, settings: DDPMSettings, seed: int, folder: Path,

@@ -1,6 +1,7 @@
 """What each training command leaves behind besides its checkpoints: the pictures (sample
-grids, curves, t-SNE plots, each titled and labelled), the homework's files (the 1000
-digits, a predictions csv), the tables and results.json.
+grids, curves, t-SNE plots, each titled and labelled; the grids of every checkpoint and
+animated GIFs of them), the homework's files (the 1000 digits, a predictions csv), the
+tables and results.json, whose writing marks the run's page finished (pages.py).
 
 The method files call these with the tensors they sampled and the run's history; no
 method module is imported, so a method file reads as its method. Nothing here trains;
@@ -9,14 +10,17 @@ split across the processes and timed) and embeds test images for the t-SNE. Unde
 torchrun every process may call these: the main process alone writes (util), and the
 t-SNE itself runs there alone.
 """
+import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import data
+import pages
 import parallel
 import plots
 import tsne
@@ -29,6 +33,36 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8, title: str = "", rows=(
     """Images in [-1, 1] as one grid, labelled in memory and written once."""
     return util.write_image(plots.label_grid(data.grid_image(images, nrow), images.shape[-1],
                                              rows=rows, columns=columns, title=title), path)
+
+
+def save_gif(frames: list, path, milliseconds: int = 500) -> Path:
+    """Pillow images as an animated GIF that loops, written once (each frame is
+    quantised to its own 256 colours)."""
+    first, *rest = [frame.convert("RGB") for frame in frames]
+    return util.write_image(first, path, format="GIF", save_all=True, append_images=rest,
+                            duration=milliseconds, loop=0)
+
+
+def save_checkpoint_grid(images: torch.Tensor, out: Path, history: dict, nrow: int = 8,
+                         gif: str | None = None):
+    """This checkpoint's grid as OUT/grids/step_NNNNNN.png (the run's page shows them
+    all), and with `gif` the grids of every checkpoint so far as one animation."""
+    step = history["step"][-1]
+    util.write_image(plots.label_grid(data.grid_image(images, nrow), images.shape[-1],
+                                      title=f"step {step}"), pages.grid_path(out, step))
+    if gif and util.main_process():  # the grids are on disk: the main process wrote them
+        paths = [pages.grid_path(out, s) for s in history["step"]]
+        save_gif([Image.open(p) for p in paths if p.is_file()], Path(out) / gif)
+
+
+def save_results(results: dict, run) -> dict:
+    """results.json, with the command that repeats the run and its settings, and the run's
+    page marked finished."""
+    results.update(command_line=pages.command_line(run.command, run.settings, run.seed),
+                   settings=dataclasses.asdict(run.settings))
+    util.write_json(results, Path(run.out) / "results.json")
+    pages.run_page(run, results)
+    return results
 
 
 def fid_curve(fid, history: dict, path, title: str):
@@ -57,14 +91,16 @@ def final_numbers(history: dict) -> dict:
 # ============================================================================ GAN
 def gan_pictures(out: Path, settings, history: dict, fid, samples: torch.Tensor,
                  pairs: torch.Tensor | None, averaged_steps: float | None):
-    """samples.png (the fixed z), loss.png, d_outputs.png, ACGAN's pairs.png, fid.png and
-    kid.png; averaged_steps: about how many steps G's average holds (None: no average)."""
+    """samples.png (the fixed z), grids/step_N.png and samples.gif (the fixed z at every
+    checkpoint so far), loss.png, d_outputs.png, ACGAN's pairs.png, fid.png and kid.png;
+    averaged_steps: about how many steps G's average holds (None: no average)."""
     out, title, step = Path(out), f"GAN variant {settings.variant}", history["step"][-1]
     save_grid(samples, out / "samples.png", title=(
         f"{title}, step {step}: fixed z"
         + (f", {settings.attribute} 0 and 1 in turn" if settings.variant == "acgan" else "")
         + (f" (G's weights averaged over about the last {averaged_steps:.0f} steps)"
            if averaged_steps else "")))
+    save_checkpoint_grid(samples, out, history, gif="samples.gif")
     losses = {"D loss": history["loss_d"], "G loss": history["loss_g"]}
     if settings.variant == "wgan-gp":  # the part of D's loss that asks for gradient norm 1
         losses["gradient penalty"] = history["penalty"]
@@ -92,8 +128,7 @@ def gan_results(out: Path, settings, run, fid) -> dict:
                "image_size": settings.image_size, "train_seconds": run.seconds,
                "seconds_per_step": run.seconds / max(steps, 1), **final_numbers(history),
                **fid.results(history)}
-    util.write_json(results, Path(out) / "results.json")
-    return results
+    return save_results(results, run)
 
 
 # ============================================================================ VAE
@@ -112,8 +147,8 @@ def vae_curves(out: Path, settings, history: dict, fid):
 def vae_results(out: Path, settings, run, fid_results: dict, faces: torch.Tensor,
                 rebuilt: torch.Tensor, samples: torch.Tensor, interpolation: torch.Tensor,
                 latents) -> dict:
-    """reconstructions.png, samples.png, interpolation.png, the t-SNE of the latents
-    (latents: (codes (N, d), labels (N,)) or None), results.json."""
+    """reconstructions.png, samples.png, interpolation.png and .gif, the t-SNE of the
+    latents (latents: (codes (N, d), labels (N,)) or None), results.json."""
     out, title = Path(out), f"VAE, lambda = {settings.kl_weight:g}"
     mse = (rebuilt - faces).pow(2).mean().item()
     save_grid(torch.cat([faces, rebuilt]), out / "reconstructions.png", nrow=len(faces),
@@ -122,6 +157,10 @@ def vae_results(out: Path, settings, run, fid_results: dict, faces: torch.Tensor
     save_grid(samples, out / "samples.png", title=f"{title}: samples, z ~ N(0, I)")
     save_grid(interpolation, out / "interpolation.png", nrow=len(interpolation),
               title=f"{title}: decoded (1 - a) mu(x_1) + a mu(x_2), a from 0 to 1")
+    there_and_back = torch.cat([interpolation, interpolation.flip(0)[1:-1]])
+    save_gif([plots.label_grid(data.grid_image(F.interpolate(face[None], scale_factor=3)),
+                               3 * face.shape[-1], title="from x_1 to x_2 and back")
+              for face in there_and_back], out / "interpolation.gif", milliseconds=150)
     if latents is not None and util.main_process():  # t-SNE: the main process alone
         codes, labels = latents
         points = tsne.tsne(tsne.pca(codes.double().numpy(), min(50, codes.shape[1])),
@@ -134,17 +173,18 @@ def vae_results(out: Path, settings, run, fid_results: dict, faces: torch.Tensor
                "test_mse": history["test_mse"][-1], "test_kl": history["test_kl"][-1],
                "train_seconds": run.seconds, "seconds_per_epoch": run.seconds / max(epochs, 1),
                "reconstruction_mse_10_faces": mse, "seed": run.seed, **fid_results}
-    util.write_json(results, out / "results.json")
-    return results
+    return save_results(results, run)
 
 
 # ============================================================================ DDPM
 def ddpm_pictures(out: Path, settings, history: dict, fid, sampling_steps: int,
-                  images: torch.Tensor, keep_at: list, frames: torch.Tensor, scale: int = 3):
-    """loss.png; grid.png, ten samples of each digit by row; reverse_process.png, x_t of
-    one digit at the timesteps keep_at, enlarged `scale` times (a 28-pixel digit is too
-    small to carry a "t = 1000" label); fid.png and kid.png. sampling_steps: the
-    sampler's network evaluations."""
+                  images: torch.Tensor, timesteps: list, chain: torch.Tensor, scale: int = 3):
+    """loss.png; grid.png, ten samples of each digit by row (and grids/step_N.png);
+    reverse_process.png, x_t of the first "0" at six of the timesteps, and
+    reverse_process.gif, x_t of one of each digit at every one (chain: (len(timesteps), 10,
+    3, 28, 28)), enlarged `scale` times (a 28-pixel digit is too small to carry a
+    "t = 1000" label); fid.png and kid.png. sampling_steps: the sampler's network
+    evaluations."""
     out = Path(out)
     plots.line_plot({"training loss": history["loss"]}, out / "loss.png",
                     title=f"DDPM: epsilon-prediction MSE, {settings.loss_weight} weights",
@@ -152,9 +192,15 @@ def ddpm_pictures(out: Path, settings, history: dict, fid, sampling_steps: int,
     sampler = f"{settings.sampler.upper()}, {sampling_steps} steps"
     save_grid(images, out / "grid.png", nrow=10, rows=[str(d) for d in range(10)],
               title=f"DDPM samples by digit ({sampler}, w = {settings.guidance:g})")
-    save_grid(F.interpolate(frames, scale_factor=scale), out / "reverse_process.png",
-              nrow=len(keep_at), columns=[f"t = {k}" for k in keep_at],
+    save_checkpoint_grid(images, out, history, nrow=10)
+    shown = list(range(0, len(timesteps), max((len(timesteps) - 1) // 5, 1)))  # T .. 0
+    save_grid(F.interpolate(chain[shown, 0], scale_factor=scale), out / "reverse_process.png",
+              nrow=len(shown), columns=[f"t = {timesteps[k]}" for k in shown],
               title=f"reverse process of a 0, x_t from t = T to 0 ({sampler})")
+    save_gif([plots.label_grid(data.grid_image(F.interpolate(digits, scale_factor=scale), 10),
+                               scale * digits.shape[-1], title=f"x_t, t = {t} ({sampler})")
+              for t, digits in zip(timesteps, chain)], out / "reverse_process.gif",
+             milliseconds=200)
     fid_curve(fid, history, out / "fid.png", "DDPM")
 
 
@@ -196,8 +242,7 @@ def ddpm_results(out: Path, settings, run, fid, images: torch.Tensor, grades: di
                **fid.results(history)}
     if fid:  # the curve's fid_images digits, and the 1000 course digits'
         results.update(fid.score(images, prefix="course_digits_"))
-    util.write_json(results, Path(out) / "results.json")
-    return results
+    return save_results(results, run)
 
 
 # ============================================================================ UDA
@@ -251,8 +296,7 @@ def uda_results(out: Path, settings, run, domains, predictions: torch.Tensor,
                   rows=[settings.src, "G(F(x), y, z)", settings.tgt, "G(F(x), ?, z)"],
                   title=f"GTA: {settings.src} -> {settings.tgt}, test images and G's "
                         "drawings")
-    util.write_json(results, out / "results.json")
-    return results
+    return save_results(results, run)
 
 
 @torch.no_grad()

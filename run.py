@@ -3,6 +3,7 @@
     python run.py data --name usps --data-root DIR      # counts per split and class + preview
     python run.py summary gan --variant a               # layer table and parameter counts
     python run.py uda --method adda --src mnistm --tgt usps   # domain adaptation
+    python run.py report runs                           # runs/report.html, the course's parts
 
 Every command takes the common flags --data-root, --cache, --out, --device, --seed.
 Each model module keeps its settings in one dataclass; `add_flags` turns its fields into
@@ -34,6 +35,7 @@ import ddpm
 import gan
 import hog
 import metrics
+import pages
 import parallel
 import plots
 import reports
@@ -592,6 +594,20 @@ def fid_curve_of(path: Path) -> dict:
     return curve
 
 
+def command_report(args) -> None:
+    """RUNS/report.html, the course's parts filled from the runs under RUNS (pages.py)."""
+    path = pages.course_report(Path(args.runs), gan_architecture, reports.TITLES,
+                               uda.SCENARIOS)
+    print(f"wrote {path}")
+
+
+def gan_architecture(settings: dict) -> str:
+    """The layer tables of the GAN a run's results.json names (settings it knows only)."""
+    known = {field.name for field in dataclasses.fields(gan.GANSettings)}
+    return gan.summary(gan.GANSettings(**{name: value for name, value in settings.items()
+                                          if name in known}))
+
+
 def command_facerate(args) -> None:
     """Share of the images in --folder in which the HOG face detector finds a face; the
     detector is trained once (CelebA and MNIST-M training images) when there is none."""
@@ -879,6 +895,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--detector", default=None,
                      help="detector file (default: OUT/face_detector/detector.pt, trained "
                           "there from CelebA and MNIST-M under --data-root if absent)")
+
+    sub = command("report", command_report, "the course's results from the runs of a "
+                  "folder in one page: RUNS/report.html")
+    sub.add_argument("runs", nargs="?", default="runs", help="the folder the runs wrote into")
 
     sub = command("vae", command_vae, "variational autoencoder on faces")
     add_flags(sub, vae.VAESettings, vae.PRESETS)

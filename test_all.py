@@ -11,6 +11,7 @@ import errno
 import functools
 import gzip
 import hashlib
+import html.parser
 import inspect
 import io
 import json
@@ -18,6 +19,7 @@ import math
 import multiprocessing
 import os
 import re
+import shlex
 import socket
 import struct
 import subprocess
@@ -28,6 +30,8 @@ import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -46,6 +50,7 @@ import nets
 import data
 import plots
 import tsne
+import pages
 import training
 import metrics
 import hog
@@ -322,6 +327,58 @@ def png_claiming(width: int, height: int) -> bytes:
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
             + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
 
+
+
+class Page(html.parser.HTMLParser):
+    """What a browser would take from an HTML page: the files it loads or links (src,
+    href), its reload delay, its tables (rows of cell texts), the <pre> blocks and the
+    text."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.links, self.refresh, self.tables, self.pres, self.text = [], None, [], [], ""
+        self.cell = self.pre = None
+        self.feed(Path(path).read_text())
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.links += [attrs[key] for key in ("src", "href") if key in attrs]
+        if tag == "meta" and attrs.get("http-equiv") == "refresh":
+            self.refresh = int(attrs["content"])
+        if tag == "table":
+            self.tables.append([])
+        if tag == "tr":
+            self.tables[-1].append([])
+        if tag in ("td", "th"):
+            self.cell = ""
+        if tag == "pre":
+            self.pre = ""
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self.cell)
+            self.cell = None
+        if tag == "pre":
+            self.pres.append(self.pre)
+            self.pre = None
+
+    def handle_data(self, text):
+        self.text += text
+        self.cell = None if self.cell is None else self.cell + text
+        self.pre = None if self.pre is None else self.pre + text
+
+    def files(self, folder: Path) -> list[Path]:
+        """Every linked file, checked to lie inside folder and to exist (anchors aside)."""
+        paths = [(folder / unquote(link)).resolve() for link in self.links
+                 if not link.startswith("#")]
+        for path in paths:
+            assert path.is_relative_to(folder.resolve()) and path.is_file(), path
+        return paths
+
+    def table(self, first_header: str) -> dict:
+        """The table whose header starts with first_header: {first cell: rest of the row}."""
+        rows = next(table for table in self.tables if table[0][0] == first_header)
+        return {row[0]: row[1:] for row in rows[1:]}
 
 
 # ============================================================================ util
@@ -1921,6 +1978,76 @@ def test_tsne_learning_rate_auto_is_n_over_12_over_4_at_least_50(monkeypatch, co
     assert seen == [max(count / 12 / 4, 50.0)]
 
 
+# ============================================================================ pages
+# Pins the run page (reloading while running, not when finished; its numbers; links that
+# stay inside the folder; escaped names) and the command line that repeats a run.
+
+
+def fake_run(out: Path, step: int = 1, steps: int = 4, **changes) -> SimpleNamespace:
+    """What pages.run_page reads of a training.Run, after `step` + 1 of `steps` steps."""
+    history = {"step": [2, 4][:step // 2 + 1], "loss_d": [0.5, 0.25][:step // 2 + 1],
+               "fid": [80.5], "fid_step": [2]}
+    return SimpleNamespace(**{"out": out, "command": "gan", "settings": tiny_gan(),
+                              "seed": 3, "step": step, "steps": steps, "every": 2,
+                              "seconds": 4.0, "history": history, "desc": "GAN b",
+                              **changes})
+
+
+def test_a_run_page_reloads_while_the_run_goes_on_and_not_once_it_is_finished(tmp_path):
+    running = Page(pages.run_page(fake_run(tmp_path, step=1, seconds=60.0)))
+    # 60 s for 2 steps: 30 s a step, a checkpoint every 2 steps
+    assert running.refresh == 60 and "Running: step 2 of 4" in running.text
+    assert "about 0:01:00 more" in running.text
+    finished = Page(pages.run_page(fake_run(tmp_path, step=3), {"fid": 80.5}))
+    assert finished.refresh is None and "Finished: 4 steps" in finished.text
+    assert "http-equiv" not in (tmp_path / "index.html").read_text()
+
+
+def test_a_run_page_shows_the_numbers_of_results_json_and_the_curves_last_values(tmp_path):
+    results = {"fid": 80.53421234, "steps": 4, "variant": "b", "seconds_per_step": 0.0123456789,
+               "fid_curve": {"step": [2], "fid": [80.5]}, "command_line": "python run.py gan"}
+    page = Page(pages.run_page(fake_run(tmp_path, step=3), results))
+    shown = page.table("result")
+    assert set(shown) == {"fid", "steps", "variant", "seconds_per_step"}  # no lists, dicts
+    for name, (cell,) in shown.items():
+        value = results[name]
+        assert (cell == value if isinstance(value, str) else
+                float(cell) == pytest.approx(value, rel=1e-5)), name
+    assert page.table("curve") == {"loss_d": ["0.25", "4"], "fid": ["80.5", "2"]}
+
+
+def test_a_run_page_links_files_inside_its_folder_and_escapes_its_names(tmp_path):
+    out = tmp_path / 'a&b <i>"quoted"# 50%?'
+    for name in ("samples.png", "samples.gif", "loss.png", "grids/step_000002.png",
+                 "grids/step_000004.png"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(out / name, format="GIF" if name.endswith("gif") else "PNG")
+    (out / "grids" / "step_000006.png").write_bytes(b"")  # a step this run has not reached
+    attribute = '<b>Smiling</b> & "x"'  # a setting's value, shown and in the command line
+    page = Page(pages.run_page(fake_run(out, step=3, desc='<script>"GAN"</script>',
+                                        settings=tiny_gan(attribute=attribute))))
+    files = page.files(out)
+    assert {f.name for f in files} >= {"samples.png", "samples.gif", "loss.png",
+                                       "step_000002.png", "step_000004.png"}
+    assert "step_000006.png" not in {f.name for f in files}
+    text = (out / "index.html").read_text()
+    assert '<script>"GAN"' not in text and "<i>" not in text and "<b>" not in text
+    assert f'<script>"GAN"</script>: {tmp_path.name}/a&b <i>"quoted"# 50%?' in page.text
+    assert page.table("setting")["attribute"] == [attribute]
+    words = shlex.split(page.pres[0])
+    assert words[words.index("--attribute") + 1] == attribute
+
+
+def test_the_earlier_grids_are_a_strip_of_captioned_pictures_without_scripts(tmp_path):
+    for step in (2, 4):
+        pages.grid_path(tmp_path, step).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (4, 4)).save(pages.grid_path(tmp_path, step))
+    text = pages.run_page(fake_run(tmp_path, step=3)).read_text()
+    strip = text[text.index('<div class="strip">'):]
+    assert re.findall(r'src="(grids/step_\d+\.png)".*?<figcaption>([^<]*)', strip)[:2] == [
+        ("grids/step_000002.png", "step 2"), ("grids/step_000004.png", "step 4")]
+
+
 # ============================================================================ training
 # Pins the run around every loop: step log, NaN stop, best.pt.
 
@@ -2654,6 +2781,26 @@ def test_the_improved_gans_grid_says_how_many_steps_its_average_holds(tmp_path, 
     # after step 20 (t = 19): d = 20 / 29, an average of about 1 / (1 - d) = 3 steps
     assert titles == ["GAN variant b, step 20: fixed z (G's weights averaged over about "
                       "the last 3 steps)"]
+
+
+def test_gan_pictures_keep_each_checkpoints_grid_and_animate_them_in_order(tmp_path):
+    settings = tiny_gan(variant="b")
+    frames = [torch.full((32, 3, 8, 8), value) for value in (-1.0, 0.0, 1.0)]
+    history = {"step": [], "loss_d": [], "loss_g": [], "D(x)": [], "D(G(z))": []}
+    for step, samples in zip((5, 10, 15), frames):
+        for name in history:
+            history[name].append(step if name == "step" else 0.5)
+        reports.gan_pictures(tmp_path, settings, history, metrics.NoFID(""), samples, None)
+    grids = sorted(p.name for p in (tmp_path / "grids").iterdir())
+    assert grids == ["step_000005.png", "step_000010.png", "step_000015.png"]
+    animation = Image.open(tmp_path / "samples.gif")
+    assert animation.n_frames == 3
+    for index, samples in enumerate(frames):  # each frame: that checkpoint's grid
+        animation.seek(index)
+        grid = np.asarray(data.grid_image(samples).convert("RGB"), dtype=int)
+        drawn = np.asarray(animation.convert("RGB"), dtype=int)[-grid.shape[0]:,
+                                                                -grid.shape[1]:]
+        assert np.abs(drawn - grid).max() <= 8, index  # GIF's palette, nearly exact
 
 
 def test_the_data_preview_has_a_title(tmp_path, capsys):
@@ -3397,6 +3544,8 @@ def test_a_tiny_vae_run_writes_every_file_and_resumes_to_the_same_weights(tmp_pa
     assert results["epochs"] == 2 and results["test_mse"] > 0
     # one strip of 10 decoded faces under its title line
     assert Image.open(tmp_path / "whole" / "interpolation.png").size == (10 * 66 + 2, 68 + 20)
+    animation = Image.open(tmp_path / "whole" / "interpolation.gif")  # 10 faces there, 8 back
+    assert animation.n_frames == 18 and animation.size == (3 * 64 + 4, 3 * 64 + 4 + 20)
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -3698,6 +3847,15 @@ def test_ddpm_amp_is_on_for_a_cuda_gpu_unless_off_and_on_a_cpu_only_when_asked()
     assert enabled == {("cuda", "auto"), ("cuda", "on"), ("cpu", "on")}
 
 
+def test_the_reverse_process_keeps_one_of_each_digit_from_noise_to_its_sample():
+    model, settings = tiny_diffusion(sampler="ddpm")
+    images, timesteps, chain = ddpm.reverse_process(model, settings, seed=0)
+    assert timesteps == [20 - k for k in range(21)] and chain.shape == (21, 10, 3, 28, 28)
+    assert torch.equal(chain[-1], images[::10].clamp(-1, 1))  # x_0 of digits 0, 1, .., 9
+    noise = ddpm.pure_noise(100, torch.Generator().manual_seed(0), "cpu")  # x_T
+    assert torch.equal(chain[0], noise[::10].clamp(-1, 1))
+
+
 def test_ddpm_run_writes_course_images_grid_strip_curve_and_resumes(tmp_path, monkeypatch,
                                                                     capsys):
     digits = toy_domain(16)
@@ -3712,6 +3870,11 @@ def test_ddpm_run_writes_course_images_grid_strip_curve_and_resumes(tmp_path, mo
     assert grid.size[1] == 20 + 10 * 30 + 2 and grid.size[0] > 10 * 30 + 2
     strip = Image.open(tmp_path / "whole" / "reverse_process.png")  # x3, title and t labels
     assert strip.size[1] == 20 + 18 + 3 * 28 + 4 and strip.size[0] >= 6 * (3 * 28 + 2) + 2
+    # x_t of ten digits at every timestep DDIM visits (GIF merges repeated frames)
+    visited = set(ddpm.ddim_timesteps(settings.timesteps, settings.sampling_steps) + [0])
+    chain = Image.open(tmp_path / "whole" / "reverse_process.gif")
+    assert chain.n_frames == len(visited) == 3
+    assert chain.size == (10 * (3 * 28 + 2) + 2, 3 * 28 + 4 + 20)
     assert results["digit_accuracy"] is None and "no classifier" in \
         results["digit_accuracy_unavailable"]
     folder = tmp_path / "deliverable"
@@ -5269,6 +5432,121 @@ def test_running_out_of_gpu_memory_is_one_line_that_says_lower_the_batch(tmp_pat
                                    "--image-size", "32", "--steps", "1", "--fid-images", "0",
                                    "--out", str(tmp_path / "out")])
     assert "ran out of memory (CUDA out of memory)" in line and "lower --batch-size" in line
+
+
+def test_a_runs_page_names_the_command_that_repeats_it(capsys):
+    """pages.command_line gives back the settings and seed when run.py parses it."""
+    cases = [("gan", tiny_gan(variant="wgan-gp", augment="color,cutout", resume=True)),
+             ("vae", tiny_vae(kl_weight=0.5, attribute="Male")),
+             ("ddpm", tiny_diffusion(amp="on", sampler="ddpm")[1]),
+             ("uda", tiny_uda(method="self-ensembling", anneal=False)),
+             ("classifier", classifier.ClassifierSettings(epochs=1, data="usps"))]
+    classes = {"gan": gan.GANSettings, "vae": vae.VAESettings, "ddpm": ddpm.DDPMSettings,
+               "uda": uda.UDASettings, "classifier": classifier.ClassifierSettings}
+    for command, settings in cases:
+        words = shlex.split(pages.command_line(command, settings, seed=7))
+        assert words[:3] == ["python", "run.py", command] and "--resume" not in words
+        args = run.parse(words[2:])
+        parsed = run.settings_from(args, classes[command])
+        assert parsed == dataclasses.replace(settings, resume=False), command
+        assert args.seed == 7
+    line = pages.command_line("gan", gan.GANSettings(), 0)  # the defaults: the variant named
+    assert line == "python run.py gan --variant b --seed 0"
+
+
+def test_a_training_run_keeps_a_page_that_reloads_until_results_json_is_written(
+        tmp_path, monkeypatch):
+    calls = []
+    real = reports.gan_pictures
+
+    def stop_at_the_second(*args, **kwargs):  # the first checkpoint's page is written
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(reports, "gan_pictures", stop_at_the_second)
+        with pytest.raises(KeyboardInterrupt):
+            gan.train(toy_faces(), None, tiny_gan(steps=3), tmp_path, "cpu", 0)
+    running = Page(tmp_path / "index.html")
+    assert running.refresh is not None and "Running: step 1 of 3" in running.text
+    assert [f.name for f in running.files(tmp_path)].count("step_000001.png") == 2
+    results = gan.train(toy_faces(), None, tiny_gan(steps=3, resume=True), tmp_path, "cpu",
+                        0)
+    page = Page(tmp_path / "index.html")
+    assert page.refresh is None and "Finished: 3 steps" in page.text
+    assert {f.name for f in page.files(tmp_path)} >= {"samples.png", "samples.gif", "loss.png",
+                                                      "step_000003.png", "d_outputs.png"}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert page.pres == [saved["command_line"]]
+    for name, (cell,) in page.table("result").items():
+        assert cell == str(saved[name]) if isinstance(saved[name], (str, int)) else \
+            float(cell) == pytest.approx(saved[name], rel=1e-5) if saved[name] is not None \
+            else cell == "none", name
+    assert page.table("curve")["loss_d"] == [pages.number(saved["final_loss_d"]), "3"]
+
+
+def test_the_report_fills_each_part_from_the_runs_and_names_the_command_of_the_rest(
+        tmp_path, capsys):
+    runs = tmp_path / 'runs & <b>"x"</b>'
+    gan.train(toy_faces(), None, tiny_gan(variant="b"), runs / "gan_b", "cpu", 0)
+    settings = tiny_uda(src="mnistm", tgt="usps", tsne_points=20)
+    run.uda_methods(settings, ["source", "dann"], toy_load, runs / "uda" / "mnistm-usps",
+                    "cpu", 0)
+    (runs / "gan_b" / "faces").mkdir()
+    util.write_json({"folder": str(runs / "gan_b" / "faces"), "face_rate": 0.875},
+                    runs / "facerate" / "faces-1234abcd.json")
+    (runs / "gan_acgan").mkdir()
+    (runs / "gan_acgan" / "results.json").write_text("{not json")
+    assert run.main(["report", str(runs)]) == 0
+    page = Page(runs / "report.html")
+    files = page.files(runs)
+    assert {f.name for f in files} >= {"samples.png", "tsne_class.png", "tsne_domain.png"}
+    assert {f.parent.relative_to(runs.resolve()).as_posix() for f in files
+            if f.name == "index.html"} == {"gan_b", "uda/mnistm-usps/source",
+                                           "uda/mnistm-usps/dann"}  # each run's page
+    gan_b = json.loads((runs / "gan_b" / "results.json").read_text())
+    assert page.table("variant") == {"b": ["2", "32", "none", "", "", "0.875"]}
+    assert "gan variant b: generator" in page.pres[1] and "Total params" in page.pres[1]
+    assert gan_b["command_line"] in page.text  # under the samples
+    accuracy = page.table("method")
+    for method, title in (("source", "Trained on source"), ("dann", "DANN")):
+        row = json.loads((runs / "uda" / "mnistm-usps" / method / "results.json").read_text())
+        cell, = accuracy[title]
+        assert cell == f"{pages.number(row['target_accuracy'])} ({row['correct']}/40)"
+    out = f" --out {shlex.quote(str(runs))}"
+    lines = [line for text in page.pres for line in text.splitlines()]
+    for command in ("gan --variant a", "gan --variant acgan", "vae --kl-weight 1", "ddpm",
+                    "uda --table"):  # the parts without a run (acgan's results: damaged)
+        assert f"python run.py {command}{out}" in lines, command
+    assert "gan_acgan/results.json is damaged" in page.text
+    assert "<b>" not in (runs / "report.html").read_text()
+    assert one_line_error(capsys, ["report", str(tmp_path / "none")]).endswith(
+        "is not a folder: give the folder the runs wrote into (their --out, default runs/)")
+
+
+def test_the_reports_vae_and_ddpm_tables_show_the_numbers_of_results_json(tmp_path):
+    vaes = {"vae_lambda1": {"kl_weight": 1.0, "epochs": 3, "test_mse": 0.0123456789,
+                            "test_kl": 31.25, "reconstruction_mse_10_faces": 0.02,
+                            "fid": None},
+            "vae_lambda0.1": {"kl_weight": 0.1, "epochs": 2, "test_mse": 0.011,
+                              "test_kl": 88.5, "reconstruction_mse_10_faces": 0.015,
+                              "fid": 123.456789, "reconstruction_fid": 99.5}}
+    ddpm_results = {"steps": 500, "sampler": "ddim", "digit_accuracy": 0.937,
+                    "fid": 41.2345678, "course_digits_fid": 12.5}
+    for name, results in [*vaes.items(), ("ddpm", ddpm_results)]:
+        util.write_json(results, tmp_path / name / "results.json")
+    page = Page(pages.course_report(tmp_path, str, reports.TITLES, uda.SCENARIOS))
+    rows = page.table("lambda")
+    assert list(rows) == ["0.1", "1"]  # folders in order; lambda = 1 is the one drawn
+    for results in vaes.values():
+        cells = rows[pages.number(results["kl_weight"])]
+        expected = [results.get(key, "") for _, key in pages.VAE_COLUMNS[1:]]
+        assert cells == [pages.number(value) if value != "" else "" for value in expected]
+    assert float(rows["1"][1]) == pytest.approx(0.0123456789, rel=1e-5)
+    assert page.table("steps") == {"500": ["ddim", "0.937", "41.2346", "12.5"]}
+    assert "<h3>lambda = 1</h3>" in (tmp_path / "report.html").read_text()
 
 
 # ============================================================================ bench

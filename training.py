@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+import pages
 import parallel
 import util
 from util import UserError
@@ -145,6 +146,8 @@ class Run:
       lower than every earlier one, the same checkpoint also as OUT/best.pt.
     - Training time leaves out evaluation, checkpoints and pictures: the clock stops at
       each checkpoint step's log and starts again when the next step begins.
+    - The run's page, OUT/index.html (pages.run_page), is written when the loop's work at
+      a checkpoint step (evaluation, checkpoint, pictures) is done.
     """
 
     def __init__(self, out, command: str, settings, seed: int, device, state: dict,
@@ -201,6 +204,7 @@ class Run:
             self.step = step
             yield step
             if self.at_checkpoint:  # evaluation, checkpoint and pictures are done
+                pages.run_page(self)  # OUT/index.html, reloading until the run ends
                 self.step_log.start_clock()
         self.progress.close()
 

@@ -373,9 +373,9 @@ def write_text(text: str, path) -> Path:
     return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def write_image(image, path) -> Path:
-    """A Pillow image as PNG, atomically."""
-    return _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+def write_image(image, path, format: str = "PNG", **options) -> Path:
+    """A Pillow image as PNG (or `format`, with Pillow's options for it), atomically."""
+    return _atomic_write(path, lambda tmp: image.save(tmp, format=format, **options))
 
 
 def write_json(obj, path) -> Path:
