@@ -141,8 +141,11 @@ class GANSettings:
     sample_every: int = field(default=500, metadata={
         "help": "steps between sample grids, curves and checkpoints"})
     fid_images: int = field(default=1000, metadata={
-        "help": "generated images for the FID against every held-out face, at each "
-                "--sample-every checkpoint (0: no FID; 10000 on a GPU: --preset gpu)"})
+        "help": "generated images for the FID and KID against every held-out face, at each "
+                "--fid-every step (0: no FID; 10000 on a GPU: --preset gpu)"})
+    fid_every: int = field(default=0, metadata={
+        "help": "steps between FIDs, a multiple of --sample-every (0: at every checkpoint); "
+                "long runs checkpoint more often than they measure"})
     limit: int = field(default=0, metadata={"help": "use only the first N training faces"})
     resume: bool = field(default=False, metadata={"help": "continue from checkpoint.pt"})
 
@@ -431,13 +434,17 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
     parallel.distribute(gan)  # under torchrun: G's and D's gradients averaged in backward
     optimizers = build_optimizers(gan, settings)
     faces = faces.to(device)
-    fid = metrics.fid_tracker(held_out, settings.fid_images, settings.sample_every, device,
-                              cache_dir, weights)
+    fid_every = settings.fid_every or settings.sample_every
+    if fid_every % settings.sample_every:
+        raise UserError(f"--fid-every {fid_every} is no multiple of --sample-every "
+                        f"{settings.sample_every}: the FID is measured at checkpoints")
+    fid = metrics.fid_tracker(held_out, settings.fid_images, fid_every, device, cache_dir,
+                              weights)
     # with --resume, every part of `state` comes back from the checkpoint here
     run = training.Run(out, "gan", settings, seed, device, state={
         "gan": gan, "generator_optimizer": optimizers["generator"],
         "discriminator_optimizer": optimizers["discriminator"]}, steps=settings.steps,
-        every=settings.sample_every, may_change=("steps", "sample_every"),
+        every=settings.sample_every, may_change=("steps", "sample_every", "fid_every"),
         desc=f"GAN {settings.variant}")
     # the training streams (training.py): which faces; z, c, hacks' targets and instance
     # noise, WGAN-GP's eps; DiffAugment's transforms (dropout draws from torch's own)

@@ -2884,7 +2884,7 @@ def hacks_step(monkeypatch=None, noise_std=0.0, seed=0, **changes):
 @pytest.mark.parametrize("variant", ["a", "b"])
 def test_gan_fid_curve_is_of_the_fixed_samples_of_each_checkpoint_against_all_held_out(
         tmp_path, cheap_fid, variant):
-    """At each checkpoint: FID of fid_images samples (z from seed + 2, the EMA generator
+    """At each checkpoint: FID of fid_images samples (z of the fixed stream "fid", the EMA generator
     for b) against every held-out face; final = last point, best.pt = the lowest.
     Catches: FID against the training faces or only fid_images of the held-out ones,
     other z at each checkpoint, the FID of weights other than those saved, best.pt
@@ -2994,6 +2994,25 @@ def test_resumed_gan_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, vari
     assert whole["step"] == parts["step"] == 3
     for name, tensor in whole["gan"].items():
         assert torch.equal(tensor, parts["gan"][name]), name
+
+
+def test_gan_measures_the_fid_every_fid_every_steps_and_checkpoints_in_between(
+        tmp_path, monkeypatch, cheap_fid):
+    saved = []
+    save = training.Run.save_checkpoint
+
+    def recorded(run):
+        saved.append(run.step + 1)
+        save(run)
+    monkeypatch.setattr(training.Run, "save_checkpoint", recorded)
+    results = gan.train(toy_faces(), toy_faces(12), tiny_gan(
+        variant="b", steps=6, sample_every=2, fid_every=4, fid_images=10), tmp_path, "cpu",
+        0, weights=cheap_fid)
+    assert saved == [2, 4, 6] and results["fid_curve"]["step"] == [4, 6]  # and the last
+    with pytest.raises(util.UserError, match="--fid-every 3 is no multiple of "
+                                             "--sample-every 2"):
+        gan.train(toy_faces(), None, tiny_gan(steps=2, sample_every=2, fid_every=3),
+                  tmp_path / "other", "cpu", 0)
 
 
 def test_generate_writes_exactly_n_images_of_the_right_size(tmp_path, capsys):
