@@ -131,8 +131,11 @@ class DDPMSettings:
         "help": "digit-classifier checkpoint that grades the 1000 images (default: "
                 "OUT/classifier/checkpoint.pt, made by 'run.py classifier')"})
     fid_images: int = field(default=1000, metadata={
-        "help": "digits (all classes in turn) for the FID against the test split at each "
-                "--sample-every checkpoint, and the final 1000 digits' FID (0: no FID)"})
+        "help": "digits (all classes in turn) for the FID and KID against the test split "
+                "and the digit accuracy at each --fid-every step, and the final 1000 "
+                "digits' FID (0: no FID)"})
+    fid_every: int = field(default=0, metadata={
+        "help": "steps between FIDs, a multiple of --sample-every (0: at every checkpoint)"})
     resume: bool = field(default=False, metadata={"help": "continue from checkpoint.pt"})
 
 
@@ -427,15 +430,16 @@ def resumable_changes(settings: DDPMSettings) -> tuple[str, ...]:
     """The settings a --resume may change: sampling, and the length of the run, unless a
     cosine lr depends on it (a new --steps would make the lr jump back up)."""
     length = ("steps",) if settings.lr_schedule == "constant" else ()
-    return length + ("sample_every", "classifier", "sampler", "sampling_steps", "eta",
-                     "guidance")
+    return length + ("sample_every", "fid_every", "classifier", "sampler", "sampling_steps",
+                     "eta", "guidance")
 
 
 def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPMSettings,
           out: Path, device, seed: int, cache_dir=None, weights=None) -> dict:
     """Adam at learning_rate(settings, step) on the loss, an EMA of the weights for
-    sampling; every sample_every steps the FID, a checkpoint, the grid, the reverse
-    process and the loss curve; then the 1000 images, their grades and results.json."""
+    sampling; every sample_every steps a checkpoint, the grid, the reverse process and
+    the loss curve, every fid_every steps the FID, KID and digit accuracy of fid_images
+    digits; then the 1000 images, their grades and results.json."""
     if digits.labels is None:
         raise UserError(f"{settings.data} has no labels: the conditional DDPM needs them")
     training.seed_weights(seed)
@@ -443,8 +447,9 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
     parallel.distribute(model)  # under torchrun: the U-Net's gradients averaged in backward
     optimizer = torch.optim.Adam(model.network.parameters(), settings.lr)
     digits = digits.to(device)
-    fid = metrics.fid_tracker(real_test, settings.fid_images, settings.sample_every, device,
-                              cache_dir, weights)
+    fid = metrics.fid_tracker(real_test, settings.fid_images,
+                              metrics.fid_period(settings.fid_every, settings.sample_every),
+                              device, cache_dir, weights)
     # with --resume, every part of `state` comes back from the checkpoint here
     run = training.Run(out, "ddpm", settings, seed, device,
                        state={"model": model, "optimizer": optimizer},
@@ -466,11 +471,13 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
         run.log({"loss": loss})
         if run.at_checkpoint:  # every sample_every steps, and after the last
             if fid.due(step + 1, settings.steps):
-                # FID digits: classes 0..9 in turn, from a stream apart from the 1000's
+                # FID digits: classes 0..9 in turn, from a stream apart from the 1000's;
+                # the classifier grades them too
                 labels = torch.arange(settings.fid_images) % CLASSES
-                fid.measure(run.history, step + 1,
-                            lambda batch: sample(model, settings, batch[0], seed, batch[1])[0],
-                            label_batches(labels, "fid"))
+                images = fid.measure(run.history, step + 1, lambda batch: sample(
+                    model, settings, batch[0], seed, batch[1])[0], label_batches(labels, "fid"))
+                run.history.setdefault("digit_accuracy", []).append(classifier.grade(
+                    images, labels, settings.classifier, device)["digit_accuracy"])
             run.save_checkpoint()  # after the FID: best.pt is the lowest FID's
             reports.ddpm_pictures(out, settings, run.history, fid, sampler_steps(settings),
                                   *reverse_process(model, settings, seed))

@@ -434,12 +434,9 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
     parallel.distribute(gan)  # under torchrun: G's and D's gradients averaged in backward
     optimizers = build_optimizers(gan, settings)
     faces = faces.to(device)
-    fid_every = settings.fid_every or settings.sample_every
-    if fid_every % settings.sample_every:
-        raise UserError(f"--fid-every {fid_every} is no multiple of --sample-every "
-                        f"{settings.sample_every}: the FID is measured at checkpoints")
-    fid = metrics.fid_tracker(held_out, settings.fid_images, fid_every, device, cache_dir,
-                              weights)
+    fid = metrics.fid_tracker(held_out, settings.fid_images,
+                              metrics.fid_period(settings.fid_every, settings.sample_every),
+                              device, cache_dir, weights)
     # with --resume, every part of `state` comes back from the checkpoint here
     run = training.Run(out, "gan", settings, seed, device, state={
         "gan": gan, "generator_optimizer": optimizers["generator"],

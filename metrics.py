@@ -59,6 +59,8 @@ FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fi
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # the file name carries its SHA-256's first 8 digits
 KID_SUBSETS = 100        # Binkowski et al.'s protocol: MMD^2_u of 100 subsets,
 KID_SUBSET_SIZE = 1000   # each of min(1000, n) images from each side
+# the history's series measured with the FID, at the steps in history["fid_step"]
+AT_FID_STEPS = ("fid", "kid", "kid_std", "digit_accuracy")
 KID_SEED = 0             # the subsets' draws: the same at every checkpoint, like with like
 FID_INF_POINTS = 15      # Chong & Forsyth's count of subset sizes N,
 FID_INF_SMALLEST = 4     # the smallest a quarter of the images (theirs: a tenth of 50,000)
@@ -459,18 +461,19 @@ class FIDTracker:
         return {f"{prefix}fid": fid, f"{prefix}kid": kid_mean, f"{prefix}kid_std": kid_std,
                 f"{prefix}images": len(fake)}
 
-    def measure(self, history: dict, step: int, sample, batches) -> dict:
+    def measure(self, history: dict, step: int, sample, batches) -> torch.Tensor:
         """FID and KID of the images sample(batch) makes of each batch (`count` in all),
-        into the history at `step`. Under torchrun the batches are split across the
-        processes and the images gathered in order (parallel.in_order)."""
-        scores = self.score(torch.cat(parallel.in_order(sample, batches)))
+        into the history at `step`; returns the images. Under torchrun the batches are
+        split across the processes and the images gathered in order (parallel.in_order)."""
+        images = torch.cat(parallel.in_order(sample, batches))
+        scores = self.score(images)
         for name in ("kid", "kid_std"):  # a run resumed from a checkpoint written before
             # KID has none at its earlier steps: None there (null in results.json)
             history.setdefault(name, [None] * len(history.get("fid", [])))
         for name in ("fid", "kid", "kid_std"):
             history.setdefault(name, []).append(scores[name])
         history.setdefault("fid_step", []).append(step)
-        return scores
+        return images
 
     def results(self, history: dict) -> dict:
         """The final and the best FID of the curve, the final KID, the image counts and the
@@ -502,6 +505,16 @@ class NoFID:
 
     def results(self, history: dict) -> dict:
         return {"fid": None, "fid_unavailable": self.reason}
+
+
+def fid_period(fid_every: int, sample_every: int) -> int:
+    """Steps between FIDs: fid_every, a multiple of the checkpoints' sample_every (0: at
+    every checkpoint), since the FID is measured at checkpoints."""
+    period = fid_every or sample_every
+    if period % sample_every:
+        raise UserError(f"--fid-every {period} is no multiple of --sample-every "
+                        f"{sample_every}: the FID is measured at checkpoints")
+    return period
 
 
 def fid_tracker(real, count: int, every: int, device, cache_dir=None, weights=None,

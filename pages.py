@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
+import metrics
 import util
 
 CSS = """
@@ -212,7 +213,8 @@ def last_values(history: dict) -> list:
     for name, values in history.items():
         if name == "step" or name.endswith("_step") or not values:
             continue
-        steps = history.get(f"{name}_step", history["step"])
+        steps = history.get(f"{name}_step", history["fid_step"] if name in
+                            metrics.AT_FID_STEPS else history["step"])
         rows.append((name, values[-1], steps[len(values) - 1]
                      if len(values) <= len(steps) else ""))
     return rows

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import metrics
 import pages
 import parallel
 import plots
@@ -85,7 +86,7 @@ def final_numbers(history: dict) -> dict:
     """The last point of every curve but the steps, FID and KID: each a mean over the
     steps since the checkpoint before (training.StepLog)."""
     return {f"final_{name}": values[-1] for name, values in history.items()
-            if name not in ("step", "fid", "fid_step", "kid", "kid_std")}
+            if name not in ("step", "fid_step", *metrics.AT_FID_STEPS)}
 
 
 # ============================================================================ GAN
@@ -183,8 +184,8 @@ def ddpm_pictures(out: Path, settings, history: dict, fid, sampling_steps: int,
     reverse_process.png, x_t of the first "0" at six of the timesteps, and
     reverse_process.gif, x_t of one of each digit at every one (chain: (len(timesteps), 10,
     3, 28, 28)), enlarged `scale` times (a 28-pixel digit is too small to carry a
-    "t = 1000" label); fid.png and kid.png. sampling_steps: the sampler's network
-    evaluations."""
+    "t = 1000" label); fid.png, kid.png and digit_accuracy.png. sampling_steps: the
+    sampler's network evaluations."""
     out = Path(out)
     plots.line_plot({"training loss": history["loss"]}, out / "loss.png",
                     title=f"DDPM: epsilon-prediction MSE, {settings.loss_weight} weights",
@@ -202,6 +203,12 @@ def ddpm_pictures(out: Path, settings, history: dict, fid, sampling_steps: int,
               for t, digits in zip(timesteps, chain)], out / "reverse_process.gif",
              milliseconds=200)
     fid_curve(fid, history, out / "fid.png", "DDPM")
+    graded = [accuracy is not None for accuracy in history.get("digit_accuracy", [])]
+    if any(graded):  # the classifier's grades of the FID's digits
+        plots.line_plot({f"digit accuracy, {fid.count} digits": history["digit_accuracy"]},
+                        out / "digit_accuracy.png", title="DDPM: digit accuracy by the "
+                        "digit classifier", xlabel="step", ylabel="share graded as asked",
+                        x=history["fid_step"])
 
 
 def course_names(per_digit: int = 100) -> tuple[list[str], torch.Tensor]:

@@ -2437,10 +2437,11 @@ def test_measure_adds_kid_at_the_fid_steps_and_none_before_a_resume_from_before_
     tracker = metrics.FIDTracker(toy_faces(8), 4, 1, "cpu", tmp_path / "cache", cheap_fid)
     history = {"fid": [5.0, 4.0], "fid_step": [1, 2]}
     fake = toy_faces(4).images()
-    scores = tracker.measure(history, 3, lambda batch: batch, [fake[:2], fake[2:]])
-    assert (scores["kid"], scores["kid_std"]) == pytest.approx(own_kid(fake, toy_faces(8)
-                                                                        .images()), rel=1e-9)
-    assert history["kid"] == [None, None, scores["kid"]] and history["fid_step"] == [1, 2, 3]
+    images = tracker.measure(history, 3, lambda batch: batch, [fake[:2], fake[2:]])
+    assert torch.equal(images, fake)
+    scores = history["kid"][-1], history["kid_std"][-1]
+    assert scores == pytest.approx(own_kid(fake, toy_faces(8).images()), rel=1e-9)
+    assert history["kid"] == [None, None, scores[0]] and history["fid_step"] == [1, 2, 3]
     curve = tracker.results(history)["fid_curve"]
     assert len(curve["kid"]) == len(curve["kid_std"]) == len(curve["step"]) == 3
     reports.fid_curve(tracker, history, tmp_path / "fid.png", "test")
@@ -3758,6 +3759,33 @@ def test_ddpm_fid_of_the_1000_course_digits_beside_the_curve(tmp_path, cheap_fid
     assert results["fid"] == results["fid_curve"]["fid"][-1] and results["fid_images"] == 10
     digits = torch.cat([ddpm.sample(model, trained, batch, 0, stream)[0]
                         for batch, stream in ddpm.label_batches(torch.arange(10) % 10, "fid")])
+    assert results["fid_curve"]["fid"][-1] == pytest.approx(own_fid(digits, test.images()),
+                                                            rel=1e-6)
+
+
+def test_ddpm_grades_the_fid_digits_at_every_fid_step(tmp_path, cheap_fid, monkeypatch):
+    """--fid-every 2 with a checkpoint every step: FID, KID and the digit accuracy of the
+    FID's digits (the classifier's grade of those very images and labels) at steps 2 and
+    4 only. Catches grades of other images, labels or steps."""
+    graded = []
+
+    def grade(images, labels, checkpoint, device):
+        graded.append((images.clone(), labels.clone()))
+        return {"digit_accuracy": 0.1 * len(graded)}
+    monkeypatch.setattr(classifier, "grade", grade)
+    test = toy_domain(12, seed=1)
+    _, settings = tiny_diffusion(steps=4, sample_every=1, fid_every=2, width=8,
+                                 sampling_steps=2, fid_images=10)
+    results = ddpm.train(toy_domain(16), test, settings, tmp_path, "cpu", 0, weights=cheap_fid)
+    history = util.load_checkpoint(tmp_path / "checkpoint.pt")["history"]
+    assert history["fid_step"] == [2, 4] and history["digit_accuracy"] == [0.1, 0.2]
+    assert (tmp_path / "digit_accuracy.png").is_file()
+    assert len(graded) == 3  # at steps 2 and 4, then the 1000 course digits
+    model, trained = ddpm.load(tmp_path / "checkpoint.pt", "cpu")
+    digits = torch.cat([ddpm.sample(model, trained, batch, 0, stream)[0]
+                        for batch, stream in ddpm.label_batches(torch.arange(10) % 10, "fid")])
+    assert torch.equal(graded[1][1], torch.arange(10) % 10)
+    assert torch.allclose(graded[1][0], digits)
     assert results["fid_curve"]["fid"][-1] == pytest.approx(own_fid(digits, test.images()),
                                                             rel=1e-6)
 

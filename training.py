@@ -254,7 +254,7 @@ class Run:
         parallel.barrier()  # rank 0's checkpoint exists for every process from here on
         self.progress.note(f"{self.desc} {done}/{self.steps}: " + ", ".join(
             f"{name} {values[-1]:.4g}" for name, values in self.history.items()
-            if name not in ("step", "fid_step") and values))
+            if name not in ("step", "fid_step") and values and values[-1] is not None))
 
 
 def new_best_fid(history: dict, step: int) -> bool:
