@@ -2791,7 +2791,8 @@ def test_gan_pictures_keep_each_checkpoints_grid_and_animate_them_in_order(tmp_p
     for step, samples in zip((5, 10, 15), frames):
         for name in history:
             history[name].append(step if name == "step" else 0.5)
-        reports.gan_pictures(tmp_path, settings, history, metrics.NoFID(""), samples, None)
+        reports.gan_pictures(tmp_path, settings, history, metrics.NoFID(""), samples, None,
+                             None)
     grids = sorted(p.name for p in (tmp_path / "grids").iterdir())
     assert grids == ["step_000005.png", "step_000010.png", "step_000015.png"]
     animation = Image.open(tmp_path / "samples.gif")
@@ -3899,7 +3900,7 @@ def test_the_reverse_process_keeps_one_of_each_digit_from_noise_to_its_sample():
     images, timesteps, chain = ddpm.reverse_process(model, settings, seed=0)
     assert timesteps == [20 - k for k in range(21)] and chain.shape == (21, 10, 3, 28, 28)
     assert torch.equal(chain[-1], images[::10].clamp(-1, 1))  # x_0 of digits 0, 1, .., 9
-    noise = ddpm.pure_noise(100, torch.Generator().manual_seed(0), "cpu")  # x_T
+    noise = training.fixed_random(0, "reverse process").randn(100, 3, 28, 28)  # x_T
     assert torch.equal(chain[0], noise[::10].clamp(-1, 1))
 
 
