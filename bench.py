@@ -345,7 +345,7 @@ def gan_step(device, batch):
 
 
 def vae_step(device, batch):
-    model = nets.VAE(512).to(device)
+    model = vae.VAE(512).to(device)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     rng, faces = parallel.Random(0, device), torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
 

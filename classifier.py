@@ -31,9 +31,7 @@ class ClassifierSettings:
     """How the digit evaluator is trained (flags of `run.py classifier`)."""
     data: str = field(default="mnistm", metadata={"help": "digits to train on"})
     epochs: int = field(default=12, metadata={"help": "passes over the training set"})
-    batch_size: int = field(default=128, metadata={
-        "help": "images per step, the global batch: under torchrun each of N processes "
-                "takes 1/N of it"})
+    batch_size: int = field(default=128, metadata={"help": "images per step"})
     lr: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=5e-4, metadata={"help": "AdamW weight decay"})
     shift: float = field(default=0.1, metadata={

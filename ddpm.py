@@ -101,9 +101,7 @@ class DDPMSettings:
                                                        "choices": ("linear", "cosine")})
     width: int = field(default=64, metadata={"help": "U-Net base channels"})
     steps: int = field(default=30000, metadata={"help": "training steps"})
-    batch_size: int = field(default=128, metadata={
-        "help": "images per step, the global batch: under torchrun each of N processes "
-                "takes 1/N of it"})
+    batch_size: int = field(default=128, metadata={"help": "images per step"})
     lr: float = field(default=2e-4, metadata={
         "help": f"Adam learning rate (a linear warm-up over {WARM_UP_STEPS} steps)"})
     lr_schedule: str = field(default="constant", metadata={

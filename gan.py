@@ -109,9 +109,7 @@ class GANSettings:
     data: str = field(default="celeba", metadata={"help": "celeba or a folder of faces"})
     image_size: int = field(default=64, metadata={"help": "64, or 32 for quick study"})
     steps: int = field(default=20000, metadata={"help": "generator steps"})
-    batch_size: int = field(default=128, metadata={
-        "help": "images per step, the global batch: under torchrun each of N processes "
-                "takes 1/N of it"})
+    batch_size: int = field(default=128, metadata={"help": "images per step"})
     latent_dim: int = field(default=100, metadata={"help": "size of z"})
     attribute: str = field(default="Smiling", metadata={"help": "ACGAN's CelebA attribute"})
     ema_decay: float = field(default=0.999, metadata={"help": "generator EMA (b, acgan)"})

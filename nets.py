@@ -384,41 +384,6 @@ def dcgan_init_(module: nn.Module) -> nn.Module:
     return module
 
 
-# ============================================================================ VAE
-class VAE(nn.Module):
-    """64x64 faces <-> a latent of `latent_dim` (Kingma & Welling 2014).
-
-    Encoder: strided 4x4 convolutions 3 -> 32 -> 64 -> 128 -> 256 (64 -> 4 pixels a side),
-    batch norm, LeakyReLU(0.2), then two linear maps to mu and log sigma^2.
-    Decoder: the mirror image, a linear map to 256x4x4 and transposed convolutions, Tanh."""
-
-    def __init__(self, latent_dim: int = 512, widths=(32, 64, 128, 256)):
-        super().__init__()
-        layers, c_in = [], 3
-        for c_out in widths:                                     # 64 -> 32 -> 16 -> 8 -> 4
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out),
-                       nn.LeakyReLU(0.2, True)]
-            c_in = c_out
-        self.encoder = nn.Sequential(*layers, nn.Flatten())      # (B, 256 * 4 * 4)
-        flat = widths[-1] * 4 * 4
-        self.to_mu, self.to_logvar = nn.Linear(flat, latent_dim), nn.Linear(flat, latent_dim)
-        self.from_latent = nn.Linear(latent_dim, flat)
-        layers = []
-        for c_in, c_out in zip(widths[::-1], widths[::-1][1:]):  # 4 -> 8 -> 16 -> 32
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False),
-                       nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
-        self.decoder = nn.Sequential(*layers, nn.ConvTranspose2d(widths[0], 3, 4, 2, 1),
-                                     nn.Tanh())                  # (B, 3, 64, 64)
-        self.widths = widths
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.encoder(x)
-        return self.to_mu(features), self.to_logvar(features)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.from_latent(z).view(len(z), self.widths[-1], 4, 4))
-
-
 # ============================================================================ U-Net (DDPM)
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Transformer sinusoids of the timestep (Vaswani et al. 2017; as in Ho et al. 2020):

@@ -58,15 +58,16 @@ def add_flags(parser: argparse.ArgumentParser, settings_class, presets=None) -> 
         parser.set_defaults(presets=presets)
     for field in dataclasses.fields(settings_class):
         flag = "--" + field.name.replace("_", "-")
-        default = field.default
+        default, help_text = field.default, field.metadata.get("help")
+        if field.name == "batch_size":
+            help_text += ", the global batch: under torchrun each of N processes takes 1/N"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=field.metadata.get("help"))
+                                help=help_text)
         else:
             kind = type(default) if default is not None else str
             parser.add_argument(flag, type=kind, default=default,
-                                choices=field.metadata.get("choices"),
-                                help=field.metadata.get("help"))
+                                choices=field.metadata.get("choices"), help=help_text)
 
 
 def add_weights_flag(parser):

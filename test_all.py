@@ -742,7 +742,7 @@ def test_two_processes_train_the_same_vae_uda_and_classifier_as_one(tmp_path):
     commands = {  # folder of the checkpoint, key of its weights, model for the start
         "vae": (["vae", "--data", faces, "--epochs", "1", "--batch-size", "4", "--latent-dim",
                  "8", "--fid-images", "0", "--tsne-points", "0"], "vae_lambda1", "model",
-                lambda: nets.VAE(8)),
+                lambda: vae.VAE(8)),
         "uda": (["uda", "--method", "all", "--src", source, "--tgt", target, "--epochs", "1",
                  "--adapt-epochs", "1", "--batch-size", "8", "--tsne-points", "8",
                  "--confidence", "0.2"],  # self-ensembling's consistency terms take part
@@ -1040,7 +1040,7 @@ def test_dcgan_refuses_sizes_it_has_no_layers_for(build):
 
 
 def test_summary_forward_shows_only_the_layers_it_runs():
-    model = nets.VAE(latent_dim=8)
+    model = vae.VAE(latent_dim=8)
     table = nets.summary(model, (3, 64, 64), forward=model.encode)
     encoder_leaves = len([m for m in model.encoder.modules() if not list(m.children())])
     rows = [line for line in table.splitlines() if re.match(r"\s+\w+-\d+ ", line)]
@@ -3523,7 +3523,7 @@ def test_vae_fid_every_k_epochs_and_of_the_reconstructions(tmp_path, cheap_fid):
     # best.pt: the checkpoint of the lowest FID, saved after that FID was measured
     assert util.load_checkpoint(tmp_path / "best.pt")["step"] == results["best_fid_step"]
     model = util.load_trained(tmp_path / "checkpoint.pt", "cpu", vae.VAESettings,
-                              lambda s: nets.VAE(s.latent_dim), "model", "vae")[0]
+                              lambda s: vae.VAE(s.latent_dim), "model", "vae")[0]
     assert results["fid"] == pytest.approx(own_fid(torch.cat(
         [vae.decode(model, z) for z in vae.prior_samples(10, 8, 0, "fid")]), test.images()), rel=1e-6)
     first_ten = test.subset(torch.arange(10))
@@ -3624,7 +3624,7 @@ def test_vae_training_descends_reconstruction_plus_the_warmed_up_lambda_times_kl
     Catches lambda not applied (or not warmed up), and the per-pixel MSE as the loss."""
     torch.manual_seed(0)
     model = StubVAE(side=16)
-    monkeypatch.setattr(nets, "VAE", lambda *args, **kwargs: model)
+    monkeypatch.setattr(vae, "VAE", lambda *args, **kwargs: model)
     pending, checked = [], []
     real_losses = vae.losses
 
@@ -3654,7 +3654,7 @@ def test_vae_training_descends_reconstruction_plus_the_warmed_up_lambda_times_kl
 
 
 def test_vae_decodes_encodes_and_evaluates_each_face_on_its_own():
-    model = nets.VAE(8)
+    model = vae.VAE(8)
     model.train()
     model.decode(model.encode(torch.rand(16, 3, 64, 64) * 2 - 1)[0])  # running statistics
     faces = data.ImageSet((torch.rand(5, 3, 64, 64) * 255).to(torch.uint8))
@@ -3675,7 +3675,7 @@ def test_vae_decodes_encodes_and_evaluates_each_face_on_its_own():
 
 def test_every_tensor_of_a_vae_step_is_on_the_models_device():
     meta = torch.device("meta")
-    model = nets.VAE(8).to(meta)
+    model = vae.VAE(8).to(meta)
     optimizer = torch.optim.Adam(model.parameters())
     terms = vae.losses(model, torch.zeros(4, 3, 64, 64, device=meta),
                        parallel.Random(0, meta).randn(4, 8))
@@ -5040,7 +5040,7 @@ SUMMARY_TOTALS = [
 TRAINED_NETWORKS = {
     "gan": lambda variant: (lambda model: [model.generator, model.discriminator])(
         gan.GAN(gan.GANSettings(variant=variant))),
-    "vae": lambda _: [nets.VAE(vae.VAESettings().latent_dim)],
+    "vae": lambda _: [vae.VAE(vae.VAESettings().latent_dim)],
     "ddpm": lambda _: [ddpm.Diffusion(ddpm.DDPMSettings()).network],
     "uda": lambda _: [uda.Networks("source").features, uda.Networks("source").classifier,
                       uda.Networks("dann").domain, uda.Networks("adda").domain,

@@ -121,20 +121,17 @@ class UDASettings:
         "choices": METHODS + ("all",)})
     src: str = field(default="mnistm", metadata={"help": "labelled source digits"})
     tgt: str = field(default="usps", metadata={"help": "unlabelled target digits"})
-    image_size: int = field(default=28, metadata={
-        "help": "every domain is resized to this (the networks take 28)"})
+    image_size: int = field(default=28, metadata={"help": "every domain resized to it"})
     epochs: int = field(default=10, metadata={"help": "training epochs (ADDA: pre-training)"})
     adapt_epochs: int = field(default=10, metadata={"help": "ADDA adversarial epochs"})
-    batch_size: int = field(default=128, metadata={
-        "help": "images per domain per step, the global batch: under torchrun each of N processes "
-                "takes 1/N of it"})
+    batch_size: int = field(default=128, metadata={"help": "images per domain per step"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     adda_lr: float = field(default=2e-4, metadata={"help": "ADDA adversarial learning rate"})
     anneal: bool = field(default=True, metadata={
         "help": "DANN paper's annealing lr / (1 + 10 p)^0.75 (--no-anneal: a constant lr); "
                 "self-ensembling keeps its paper's constant lr, GTA its authors' decay"})
     entropy_weight: float = field(default=0.1, metadata={
-        "help": "weight of the target entropy (dann-ent)"})
+        "help": "dann-ent: the weight of the target's entropy"})
     gta_lr: float = field(default=5e-4, metadata={
         "help": "GTA's Adam learning rate (betas 0.8, 0.999), as lr / (1 + 1e-4 t) for D, F, C"})
     adversarial_weight: float = field(default=0.1, metadata={
@@ -148,11 +145,9 @@ class UDASettings:
     balance_weight: float = field(default=0.005, metadata={
         "help": "self-ensembling: b, the weight of the class-balance loss"})
     ema_decay: float = field(default=0.99, metadata={
-        "help": "decay of the weight average that is evaluated and saved (self-ensembling's "
-                "teacher)"})
-    limit: int = field(default=0, metadata={"help": "use only the first N images of each split"})
-    tsne_points: int = field(default=1000, metadata={
-        "help": "test images per domain in the t-SNE plots (0: no plots)"})
+        "help": "decay of the weight average that is evaluated (self-ensembling's teacher)"})
+    limit: int = field(default=0, metadata={"help": "the first N images of each split only"})
+    tsne_points: int = field(default=1000, metadata={"help": "t-SNE: test images a domain"})
     resume: bool = field(default=False, metadata={"help": "continue from checkpoint.pt"})
 
 

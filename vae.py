@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 import data
 import metrics
@@ -52,9 +53,7 @@ class VAESettings:
     warmup_epochs: int = field(default=0, metadata={
         "help": "epochs over which lambda grows linearly from 0 (KL warm-up)"})
     epochs: int = field(default=20, metadata={"help": "passes over the training faces"})
-    batch_size: int = field(default=64, metadata={
-        "help": "images per step, the global batch: under torchrun each of N processes "
-                "takes 1/N of it"})
+    batch_size: int = field(default=64, metadata={"help": "images per step"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     attribute: str = field(default="Male", metadata={"help": "colours the t-SNE of latents"})
     tsne_points: int = field(default=2000, metadata={"help": "test faces in the t-SNE (0: none)"})
@@ -65,6 +64,46 @@ class VAESettings:
         "help": "epochs between FID evaluations (and always after the last)"})
     limit: int = field(default=0, metadata={"help": "use only the first N training faces"})
     resume: bool = field(default=False, metadata={"help": "continue from checkpoint.pt"})
+
+
+# ============================================================================ the network
+class VAE(nn.Module):
+    """64x64 faces <-> a latent of `latent_dim`: the encoder gives mu(x) and log sigma^2(x)
+    of q(z | x), the decoder the face x^(z), each layer written out as the course prints
+    it. Encoder: strided 4x4 convolutions halve the side four times, 3 -> 32 -> 64 -> 128
+    -> 256 channels, with batch norm and LeakyReLU(0.2); two linear maps to mu and
+    log sigma^2. Decoder: the mirror image, a linear map to 256x4x4, transposed
+    convolutions that double the side, Tanh into the images' [-1, 1]."""
+
+    def __init__(self, latent_dim: int = 512):
+        super().__init__()
+        self.encoder = nn.Sequential(                                          # (B, 3, 64, 64)
+            nn.Conv2d(3, 32, 4, 2, 1, bias=False), nn.BatchNorm2d(32), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(32, 64, 4, 2, 1, bias=False), nn.BatchNorm2d(64), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(64, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128),
+            nn.LeakyReLU(0.2, True),                                           # (B, 128, 8, 8)
+            nn.Conv2d(128, 256, 4, 2, 1, bias=False), nn.BatchNorm2d(256),
+            nn.LeakyReLU(0.2, True),                                           # (B, 256, 4, 4)
+            nn.Flatten())                                                      # (B, 4096)
+        self.to_mu, self.to_logvar = nn.Linear(4096, latent_dim), nn.Linear(4096, latent_dim)
+        self.from_latent = nn.Linear(latent_dim, 4096)
+        self.decoder = nn.Sequential(                                          # (B, 256, 4, 4)
+            nn.ConvTranspose2d(256, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128),
+            nn.LeakyReLU(0.2, True),                                           # (B, 128, 8, 8)
+            nn.ConvTranspose2d(128, 64, 4, 2, 1, bias=False), nn.BatchNorm2d(64),
+            nn.LeakyReLU(0.2, True),                                           # (B, 64, 16, 16)
+            nn.ConvTranspose2d(64, 32, 4, 2, 1, bias=False), nn.BatchNorm2d(32),
+            nn.LeakyReLU(0.2, True),                                           # (B, 32, 32, 32)
+            nn.ConvTranspose2d(32, 3, 4, 2, 1), nn.Tanh())                     # (B, 3, 64, 64)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, log sigma^2) of q(z | x), each (B, latent_dim)."""
+        features = self.encoder(x)
+        return self.to_mu(features), self.to_logvar(features)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """x^(z): (B, latent_dim) -> (B, 3, 64, 64)."""
+        return self.decoder(self.from_latent(z).view(len(z), 256, 4, 4))
 
 
 # ============================================================================ the loss
@@ -79,7 +118,7 @@ def reparameterise(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) ->
     return mu + (0.5 * logvar).exp() * eps.to(mu.device)
 
 
-def losses(model: nets.VAE, x: torch.Tensor, eps: torch.Tensor) -> dict:
+def losses(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> dict:
     """Per-image squared error and KL, averaged over the batch; also the per-pixel MSE.
     eps (B, d): the standard normal noise of the reparameterisation."""
     mu, logvar = model.encode(x)                                   # q(z | x), (B, d) each
@@ -103,7 +142,7 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
     every epoch, the samples' FID every fid_every epochs; then the pictures, the
     reconstructions' FID and results.json."""
     training.seed_weights(seed)
-    model = nets.VAE(settings.latent_dim).to(device)
+    model = VAE(settings.latent_dim).to(device)
     parallel.distribute(model)  # under torchrun: gradients averaged in backward
     optimizer = torch.optim.Adam(model.parameters(), settings.lr)
     faces, test = faces.to(device), test.to(device)
@@ -154,7 +193,7 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
 
 
 @torch.no_grad()
-def evaluate_test(model: nets.VAE, test: data.ImageSet, seed: int, latent_dim: int,
+def evaluate_test(model: VAE, test: data.ImageSet, seed: int, latent_dim: int,
                   batch_size: int = 500) -> dict:
     """Test per-pixel MSE and per-image KL (z sampled with eps of the fixed "test"
     stream), in eval mode."""
@@ -177,7 +216,7 @@ def prior_samples(count: int, latent_dim: int, seed: int, stream: str,
 
 
 @torch.no_grad()
-def decode(model: nets.VAE, z: torch.Tensor) -> torch.Tensor:
+def decode(model: VAE, z: torch.Tensor) -> torch.Tensor:
     """x^(z) in eval mode (batch norm with running statistics: each image depends on its
     own z alone); z goes to the model's device."""
     model.eval()
@@ -185,7 +224,7 @@ def decode(model: nets.VAE, z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstructions(model: nets.VAE, faces: data.ImageSet, batch_size: int = 500):
+def reconstructions(model: VAE, faces: data.ImageSet, batch_size: int = 500):
     """Decoded mean codes mu(x) of the faces, on the CPU, in eval mode."""
     model.eval()
     return torch.cat([model.decode(model.encode(images)[0]).cpu()
@@ -193,7 +232,7 @@ def reconstructions(model: nets.VAE, faces: data.ImageSet, batch_size: int = 500
 
 
 @torch.no_grad()
-def interpolation(model: nets.VAE, first: torch.Tensor, second: torch.Tensor,
+def interpolation(model: VAE, first: torch.Tensor, second: torch.Tensor,
                   count: int = 10) -> torch.Tensor:
     """Decode (1 - a) mu(x_1) + a mu(x_2) for a from 0 to 1: (count, 3, 64, 64)."""
     model.eval()
@@ -203,14 +242,14 @@ def interpolation(model: nets.VAE, first: torch.Tensor, second: torch.Tensor,
 
 
 @torch.no_grad()
-def latent_codes(model: nets.VAE, faces: data.ImageSet, batch_size: int = 500):
+def latent_codes(model: VAE, faces: data.ImageSet, batch_size: int = 500):
     """mu(x) (N, latent) of the faces, on the CPU, in eval mode."""
     model.eval()
     return torch.cat([model.encode(images)[0].cpu()
                       for images, _ in faces.batches(batch_size)])
 
 
-def pictures(model: nets.VAE, test: data.ImageSet, settings: VAESettings, seed: int) -> dict:
+def pictures(model: VAE, test: data.ImageSet, settings: VAESettings, seed: int) -> dict:
     """What the VAE shows after training: the first ten test faces and their
     reconstructions, 32 samples of the prior, an interpolation between the first two
     faces, and the mean codes of the first tsne_points test faces with their labels."""
@@ -227,7 +266,7 @@ def pictures(model: nets.VAE, test: data.ImageSet, settings: VAESettings, seed: 
 
 def summary(settings: VAESettings) -> str:
     """The encoder's and the decoder's layer tables, as `run.py summary vae` prints them."""
-    model = nets.VAE(settings.latent_dim)
+    model = VAE(settings.latent_dim)
     return "\n".join(["vae: encoder", nets.summary(model, (3, 64, 64), forward=model.encode),
                       "vae: decoder", nets.summary(model, (settings.latent_dim,),
                                                    forward=model.decode)])
