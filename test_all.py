@@ -400,6 +400,30 @@ def test_checkpoint_of_non_finite_weights_is_refused_and_the_last_good_one_kept(
     assert util.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
+def test_non_finite_weights_are_refused_when_a_checkpoint_loads_hash_or_not(tmp_path, capsys):
+    """A file of an earlier version carries no SHA-256, and save_checkpoint's own check
+    never saw it: --generate must not sample images from its NaN weights."""
+    settings = tiny_gan()
+    weights = gan.GAN(settings).state_dict()
+    for bad in (float("nan"), float("inf")):
+        broken = {name: tensor.clone() for name, tensor in weights.items()}
+        next(t for t in broken.values() if t.is_floating_point()).view(-1)[0] = bad
+        path = tmp_path / f"old_{bad}.pt"
+        torch.save({"command": "gan", "settings": dataclasses.asdict(settings), "step": 2,
+                    "gan": broken}, path)  # as an earlier version wrote it: no sha256
+        with pytest.raises(util.UserError, match="NaN or infinite weights"):
+            util.load_checkpoint(path)
+        images = tmp_path / f"images_{bad}"
+        line = one_line_error(capsys, ["gan", "--generate", "2", "--ckpt", str(path),
+                                       "--out", str(images)])
+        assert "NaN or infinite weights" in line and "another checkpoint" in line
+        assert not images.exists()
+    good = tmp_path / "good.pt"
+    torch.save({"command": "gan", "settings": dataclasses.asdict(settings), "gan": weights},
+               good)
+    assert util.load_checkpoint(good)["command"] == "gan"  # finite and hashless: accepted
+
+
 def test_a_temporary_left_by_a_killed_writer_is_removed_on_the_next_write(tmp_path):
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                            capture_output=True, text=True).stdout.strip()
@@ -1459,6 +1483,85 @@ def test_a_bad_label_names_its_file_and_line(tmp_path, capsys):
         data.load("mnistm", "train", tmp_path, download=False, cache_dir="")
 
 
+def malformed_text_files(root: Path) -> list:
+    """(data set name, the text file its loader parses, a malformed line written into it,
+    what the error must say) for every text file a loader parses."""
+    make_celeba(root)
+    make_course_folder(root / "course")
+    mnistm = root / "mnist_m" / "mnist_m"
+    (mnistm / "mnist_m_train").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(mnistm / "mnist_m_train" / name)
+    (root / "usps").mkdir()
+    celeba, course = root / "celeba", root / "course" / "train.csv"
+    attributes, partition = celeba / "list_attr_celeba.txt", celeba / "list_eval_partition.txt"
+    labels = mnistm / "mnist_m_train_labels.txt"
+
+    def usps(line):
+        (root / "usps" / "usps.bz2").write_bytes(bz2.compress(f"1 1:-1\n{line}\n".encode()))
+        return root / "usps" / "usps.bz2", 2
+    def replace_line(path, number, line):
+        lines = path.read_text().splitlines()
+        lines[number - 1] = line
+        path.write_text("\n".join(lines) + "\n")
+        return path, number
+    originals = {path: path.read_text() for path in (attributes, partition, course)}
+    cases = [("celeba", lambda: replace_line(attributes, 4, "000002.jpg 1")),       # a field short
+             ("celeba", lambda: replace_line(attributes, 4, "000002.jpg 1 -1 1")),  # one too many
+             ("celeba", lambda: replace_line(attributes, 4, "000002.jpg 1 0")),     # not 1 or -1
+             ("celeba", lambda: replace_line(attributes, 4, "000002.jpg 1 yes")),
+             ("celeba", lambda: replace_line(partition, 2, "000002.jpg")),
+             ("celeba", lambda: replace_line(partition, 2, "000002.jpg 0 1")),
+             ("celeba", lambda: replace_line(partition, 2, "000002.jpg 3")),        # no split 3
+             ("celeba", lambda: replace_line(partition, 2, "000002.jpg train")),
+             ("mnistm", lambda: replace_line(labels, 2, "b.png")),
+             ("mnistm", lambda: replace_line(labels, 2, "b.png 3 4")),
+             ("mnistm", lambda: replace_line(labels, 2, "b.png 10")),               # no digit 10
+             ("mnistm", lambda: replace_line(labels, 2, "b.png 2.5")),
+             ("course", lambda: replace_line(course, 3, "00001.png")),
+             ("course", lambda: replace_line(course, 3, "00001.png,5,7")),
+             ("course", lambda: replace_line(course, 3, ",5")),
+             ("course", lambda: replace_line(course, 3, "00001.png,5.0")),
+             ("usps", lambda: usps("3 1:0.5 2")),          # an index without its value
+             ("usps", lambda: usps("3 1:0.5:2")),
+             ("usps", lambda: usps("3 1:half")),
+             ("usps", lambda: usps("three 1:0.5")),
+             ("usps", lambda: usps("3.5 1:0.5")),
+             ("usps", lambda: usps("3 0:0.5")),            # indices start at 1
+             ("usps", lambda: usps("3 257:0.5")),          # USPS has 256 pixels
+             ("usps", lambda: usps("3 1:nan"))]
+    return cases, originals, labels
+
+
+def test_every_text_file_a_loader_parses_names_its_malformed_line(tmp_path, capsys):
+    """A line with a field short, one too many, or a value that is no number of the
+    kind the format has ends in one error line naming the file and the line (before,
+    numpy's ValueError escaped as a traceback, or the line was read wrongly)."""
+    cases, originals, labels = malformed_text_files(tmp_path)
+    for name, damage in cases:
+        for path, text in originals.items():
+            path.write_text(text)
+        labels.write_text("a.png 3\nb.png 4\n")
+        path, number = damage()
+        argv = ["data", "--name", str(tmp_path / "course") if name == "course" else name,
+                "--data-root", str(tmp_path), "--cache", "", "--out", str(tmp_path / "o")]
+        line = one_line_error(capsys, argv)
+        assert f"{path}, line {number}" in line, (name, path.read_bytes()[-40:], line)
+        assert not (tmp_path / "o").exists()
+    for path, text in originals.items():  # the files as written load
+        path.write_text(text)
+    labels.write_text("a.png 3\nb.png 4\n")
+    assert data.load("celeba", "train", tmp_path, download=False, cache_dir="", image_size=8) \
+        .attributes.shape == (2, 2)
+
+
+def test_a_text_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    make_celeba(tmp_path)
+    (tmp_path / "celeba" / "list_eval_partition.txt").write_bytes(b"000001.jpg 0\n\xff\xfe 1\n")
+    with pytest.raises(util.UserError, match="list_eval_partition.txt is not a text file"):
+        data.load("celeba", "train", tmp_path, download=False, cache_dir="")
+
+
 def test_make_grid_places_each_image_at_its_padded_cell():
     images = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 2, 3) + 1
     grid = data.make_grid(images, nrow=2, padding=1)
@@ -1920,6 +2023,35 @@ def test_run_takes_the_logged_numbers_from_the_device_every_ten_steps(tmp_path, 
         for step in run:
             run.log({"loss": torch.tensor(float("nan") if step == 12 else 1.0)})
     assert run.step == 19  # found when steps 11-20 were taken
+
+
+def test_run_seconds_are_the_steps_time_without_evaluation_through_the_loop(tmp_path,
+                                                                            monkeypatch):
+    """The clock through Run's own loop (not StepLog alone): each step takes 1 s, each
+    checkpoint's evaluation 100 s, building the run 1000 s; the seconds saved in the
+    checkpoints are the steps' alone, counted across a resume."""
+    now = [0.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
+
+    def train(steps, resume=False):
+        run = training.Run(tmp_path, "test", tiny_gan(steps=steps, resume=resume), 0, "cpu",
+                           state={"layer": nn.Linear(1, 1)}, steps=steps, every=2,
+                           may_change=("steps",))
+        now[0] += 1000.0  # data loading, FID statistics: before the loop
+        saved = []
+        for _ in run:
+            now[0] += 1.0                                   # the step
+            run.log({"loss": 0.0})
+            if run.at_checkpoint:
+                now[0] += 100.0                             # evaluation and pictures
+                run.save_checkpoint()
+                saved.append(util.load_checkpoint(tmp_path / "checkpoint.pt")["seconds"])
+                now[0] += 100.0                             # the checkpoint's own time
+        return run, saved
+    run, saved = train(5)
+    assert saved == [2.0, 4.0, 5.0] and run.seconds == 5.0
+    run, saved = train(7, resume=True)  # steps 5 and 6 on top of the first run's 5 s
+    assert saved == [6.0, 7.0] and run.seconds == 7.0
 
 
 # ============================================================================ metrics
