@@ -311,6 +311,27 @@ def alone_equals_in_batch(function, batch: torch.Tensor, atol: float = 1e-5) -> 
     return torch.allclose(together, alone, atol=atol)
 
 
+# What a run saved, and what its numbers should be, computed here: the states of every
+# checkpoint it wrote, and an accuracy by hand.
+def saved_states(monkeypatch, folder: Path) -> list:
+    """Every state util.save_checkpoint writes into folder (a checkpoint.pt), copied."""
+    states, real_save = [], util.save_checkpoint
+
+    def saving(state, path):
+        if Path(path).parent == Path(folder) and Path(path).name == "checkpoint.pt":
+            states.append(copy.deepcopy(state))
+        return real_save(state, path)
+    monkeypatch.setattr(util, "save_checkpoint", saving)
+    return states
+
+
+def own_accuracy(network: nn.Module, images: data.ImageSet) -> tuple[float, torch.Tensor]:
+    """The share of images whose argmax class under network (in eval mode) is their label."""
+    with torch.no_grad():
+        predicted = network.eval()(images.images()).argmax(dim=1)
+    return int((predicted == images.labels).sum()) / len(images), predicted
+
+
 def png_claiming(width: int, height: int) -> bytes:
     """A valid PNG header that claims width x height one-bit pixels, with a few bytes of
     data: what a decompression bomb looks like to Image.open."""
@@ -324,7 +345,8 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 # ============================================================================ util
-# Pins errors, progress, atomic files, checkpoints, locks, devices, seeds.
+# Pins errors, progress, atomic files, checkpoints (finite weights, hash or not), locks,
+# devices, seeds.
 
 
 class RunsCode:
@@ -1117,7 +1139,8 @@ def test_dcgan_discriminator_norm_choices_and_the_spectral_flag_agree():
 
 
 # ============================================================================ data
-# Pins every file format byte for byte, downloads, archives, the cache, folders, grids.
+# Pins every file format byte for byte, a malformed line of each text file named,
+# downloads, archives, the cache, folders, grids.
 
 
 # A MATLAB v5 file written by scipy.io.savemat(..., do_compression=True) (the reference
@@ -1973,7 +1996,8 @@ def test_tsne_learning_rate_auto_is_n_over_12_over_4_at_least_50(monkeypatch, co
 
 
 # ============================================================================ training
-# Pins the run around every loop: step log, NaN stop, best.pt.
+# Pins the run around every loop: step log, the training clock through the loop, NaN
+# stop, best.pt.
 
 
 def test_step_log_means_between_commits_and_time_without_pauses(monkeypatch):
@@ -2065,7 +2089,8 @@ def test_run_seconds_are_the_steps_time_without_evaluation_through_the_loop(tmp_
 
 
 # ============================================================================ metrics
-# Pins FID's Inception against pytorch-fid, the Frechet distance, the held-out cache.
+# Pins FID's Inception against pytorch-fid, the Frechet distance, the held-out cache,
+# the final and best FID of a curve.
 
 
 REFERENCE = Path(__file__).resolve().parent.parent / "shared" / "reference" \
@@ -2218,7 +2243,8 @@ def test_held_out_statistics_are_computed_once_then_read_from_the_cache(tmp_path
 
 
 # ============================================================================ hog
-# Pins HOG features against a pixel-by-pixel reference, the SVM, the detector.
+# Pins HOG features against a pixel-by-pixel reference, the SVM's balanced objective,
+# the detector, the face rates.
 
 
 def own_cell_histograms(image: np.ndarray, cell=4, bins=9) -> np.ndarray:
@@ -2394,7 +2420,8 @@ def test_face_detector_finds_toy_faces_not_noise_and_facerate_writes_its_rate(tm
 
 
 # ============================================================================ classifier
-# Pins the digit classifier's shifts, step and resume; predictions in eval mode.
+# Pins the digit classifier's shifts, step and resume; epochs with a partial batch; each
+# accuracy of the saved network on the test split; predictions in eval mode.
 
 
 def test_classifier_run_writes_every_file_and_learns_a_toy_task(tmp_path):
@@ -2544,7 +2571,8 @@ def test_classifier_uda_and_fid_features_predict_each_image_on_its_own():
 
 
 # ============================================================================ reports
-# Pins labelled grids written once, the UDA tables, the csv, every promised file.
+# Pins labelled grids written once; every number of results.json and results.md from a
+# given history; the csv, the course digits' seconds, every promised file.
 
 
 def test_every_method_writes_every_promised_file(tmp_path):
@@ -2738,6 +2766,20 @@ def test_course_digits_seconds_are_the_sampling_time_and_the_images_keep_their_o
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
 
 
+def test_embed_gives_every_images_features_in_order_in_eval_mode():
+    """The t-SNE's inputs: 13 images in batches of 5, by an encoder left in train mode
+    (batch norm with running statistics unlike the images): each image's eval-mode
+    features, in order."""
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 4), nn.BatchNorm1d(4))
+    encoder(torch.randn(16, 3, 28, 28) + 2)  # running statistics far from the images
+    digits = toy_domain(13, seed=6)
+    features = reports.embed(encoder.train(), digits, batch_size=5)
+    with torch.no_grad():
+        expected = encoder.eval()(digits.images())
+    assert np.allclose(features, expected.numpy(), atol=1e-5)
+
+
 def test_uda_results_and_tables_are_the_target_predictions_accuracy_and_the_curves_end(
         tmp_path):
     test = toy_domain(23, seed=4, inverted=True)
@@ -2771,7 +2813,8 @@ def test_uda_results_and_tables_are_the_target_predictions_accuracy_and_the_curv
 
 
 # ============================================================================ gan
-# Pins losses, DiffAugment, each variant's step with stub players, the loop's wiring.
+# Pins losses, DiffAugment, each variant's step and the numbers it logs with stub
+# players, the loop's wiring.
 
 
 SIDE, LATENT = 8, 4  # the stub networks' image side and z size
@@ -2901,6 +2944,25 @@ def test_logged_wgan_gp_numbers_are_the_critic_steps_estimate_and_loss_with_its_
     assert float(numbers["wasserstein"]) == pytest.approx(wasserstein, rel=1e-5)
     assert float(numbers["penalty"]) == pytest.approx(penalty, rel=1e-4)
     assert float(numbers["loss_d"]) == pytest.approx(-wasserstein + 7.0 * penalty, rel=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["a", "b"])
+def test_gan_samples_come_from_the_weight_average_in_eval_mode(variant):
+    """FID's samples, the grids and --generate: the averaged G where the variant keeps one
+    (b), else G, in eval mode (running batch-norm statistics), whatever mode it was in."""
+    settings = tiny_gan(variant=variant)
+    model = gan.GAN(settings)
+    with torch.no_grad():  # the last weights and the average apart
+        for parameter in model.generator.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model.train()
+    z = torch.randn(5, settings.latent_dim, generator=torch.Generator().manual_seed(1))
+    used = copy.deepcopy(model.ema if variant == "b" else model.generator).eval()
+    other = copy.deepcopy(model.generator).eval()
+    with torch.no_grad():
+        expected = used(z[:, :, None, None])
+        assert torch.allclose(model.sample(z), expected, atol=1e-6)
+        assert (variant == "a") == torch.allclose(other(z[:, :, None, None]), expected)
 
 
 def test_gan_losses_match_their_formulas():
@@ -3463,7 +3525,8 @@ def test_every_tensor_of_a_gan_step_and_sample_is_on_the_models_device(variant):
 
 
 # ============================================================================ vae
-# Pins the ELBO's terms, the reparameterisation, the step and loop, eval-mode sampling.
+# Pins the ELBO's terms, the reparameterisation, the step and loop, every test figure,
+# curve point and result of each epoch's model, eval-mode sampling.
 
 
 class StubVAE(nn.Module):
@@ -4240,7 +4303,8 @@ def test_every_tensor_of_a_ddpm_step_and_its_samplers_is_on_the_models_device(lo
 
 
 # ============================================================================ uda
-# Pins what each method's losses see and move, the average and its statistics, resume.
+# Pins what each method's losses see and move, the average and its statistics, each
+# epoch's accuracies and the results of the saved average, resume.
 
 
 def domain_of(images: torch.Tensor) -> str:
@@ -4881,25 +4945,6 @@ def test_each_uda_method_steps_on_the_domains_labels_and_strengths_it_names(
     assert_all_close(list(averaged.parameters()), moving_average(
         last[0]["before"], [arguments["after"] for arguments in last], settings.ema_decay),
         what="weight average")
-
-
-def saved_states(monkeypatch, folder: Path) -> list:
-    """Every state util.save_checkpoint writes into folder (a checkpoint.pt), copied."""
-    states, real_save = [], util.save_checkpoint
-
-    def saving(state, path):
-        if Path(path).parent == Path(folder) and Path(path).name == "checkpoint.pt":
-            states.append(copy.deepcopy(state))
-        return real_save(state, path)
-    monkeypatch.setattr(util, "save_checkpoint", saving)
-    return states
-
-
-def own_accuracy(network: nn.Module, images: data.ImageSet) -> tuple[float, torch.Tensor]:
-    """The share of images whose argmax class under network (in eval mode) is their label."""
-    with torch.no_grad():
-        predicted = network.eval()(images.images()).argmax(dim=1)
-    return int((predicted == images.labels).sum()) / len(images), predicted
 
 
 @pytest.mark.parametrize("method", ["source", "dann", "adda", "target"])
