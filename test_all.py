@@ -2919,12 +2919,12 @@ def test_logged_d_outputs_are_the_d_steps_scores_of_real_and_fake_before_its_upd
                              settings, parallel.Random(0), noise_std=0.0)
     fake = model.generator.outputs[0]
     with torch.no_grad():
-        assert float(numbers["D(x)"]) == pytest.approx(
+        assert numbers["D(x)"].item() == pytest.approx(
             torch.sigmoid(d_before(real).flatten()).mean().item(), rel=1e-6)
-        assert float(numbers["D(G(z))"]) == pytest.approx(
+        assert numbers["D(G(z))"].item() == pytest.approx(
             torch.sigmoid(d_before(fake).flatten()).mean().item(), rel=1e-6)
         moved = torch.sigmoid(model.discriminator.inner(fake).flatten()).mean().item()
-    assert abs(moved - float(numbers["D(G(z))"])) > 1e-4  # the update changed D's score
+    assert abs(moved - numbers["D(G(z))"].item()) > 1e-4  # the update changed D's score
 
 
 def test_logged_wgan_gp_numbers_are_the_critic_steps_estimate_and_loss_with_its_penalty():
@@ -2941,9 +2941,9 @@ def test_logged_wgan_gp_numbers_are_the_critic_steps_estimate_and_loss_with_its_
     with torch.no_grad():
         wasserstein = (critic(real).mean() - critic(fake).mean()).item()
     penalty = (critic[1].weight.norm().item() - 1) ** 2
-    assert float(numbers["wasserstein"]) == pytest.approx(wasserstein, rel=1e-5)
-    assert float(numbers["penalty"]) == pytest.approx(penalty, rel=1e-4)
-    assert float(numbers["loss_d"]) == pytest.approx(-wasserstein + 7.0 * penalty, rel=1e-4)
+    assert numbers["wasserstein"].item() == pytest.approx(wasserstein, rel=1e-5)
+    assert numbers["penalty"].item() == pytest.approx(penalty, rel=1e-4)
+    assert numbers["loss_d"].item() == pytest.approx(-wasserstein + 7.0 * penalty, rel=1e-4)
 
 
 @pytest.mark.parametrize("variant", ["a", "b"])
