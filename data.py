@@ -217,15 +217,44 @@ def read_idx(path: Path) -> np.ndarray:
 
 def read_libsvm(path: Path, features: int) -> tuple[np.ndarray, np.ndarray]:
     """LIBSVM sparse text: `label index:value ...`, 1-based indices, absent values are 0."""
-    lines = _read_bytes(path).decode("ascii").split("\n")
-    rows = [line.split() for line in lines if line.strip()]
-    labels = np.array([float(row[0]) for row in rows]).astype(np.int64)
+    lines = _text(_read_bytes(path), path).split("\n")
+    rows = [(number, line.split()) for number, line in enumerate(lines, start=1)
+            if line.strip()]
+    labels = np.zeros(len(rows), np.int64)
     values = np.zeros((len(rows), features), np.float32)
-    for i, row in enumerate(rows):  # one pass over text lines, done once, then cached
-        pairs = np.array([item.split(":") for item in row[1:]], dtype=np.float64)
-        if len(pairs):
-            values[i, pairs[:, 0].astype(np.int64) - 1] = pairs[:, 1]
+    for i, (number, row) in enumerate(rows):  # one pass over text lines, then cached
+        labels[i], indices, entries = _libsvm_row(row, features, f"{path}, line {number}")
+        values[i, indices - 1] = entries
     return values, labels
+
+
+def _libsvm_row(row: list[str], features: int, where: str):
+    """(label, indices, values) of one LIBSVM line, or an error naming the line."""
+    fix = (f"{where}: expected 'label index:value ...' (a whole-number label, indices 1 to "
+           f"{features}, numbers as values); fix or remove that line, or download the file "
+           "again")
+    if not all(item.count(":") == 1 for item in row[1:]):
+        raise UserError(fix)
+    try:
+        label = float(row[0])
+        pairs = np.array([item.split(":") for item in row[1:]], np.float64).reshape(-1, 2)
+    except ValueError:  # a field that is no number
+        raise UserError(fix) from None
+    indices = pairs[:, 0]
+    if (not label.is_integer() or not np.isfinite(pairs).all()
+            or (indices != np.rint(indices)).any() or (indices < 1).any()
+            or (indices > features).any()):
+        raise UserError(fix)
+    return int(label), indices.astype(np.int64), pairs[:, 1]
+
+
+def _text(raw: bytes, path) -> str:
+    """A text file's contents (a byte-order mark dropped), or an error naming it."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not a text file (byte {error.start} is no UTF-8): it "
+                        "is damaged or not the expected file; download it again") from None
 
 
 # MATLAB level-5 MAT-file: 128-byte header, then tagged data elements, 8-byte aligned.
@@ -443,8 +472,9 @@ def _mnistm(root: Path, split: str, download: bool):
     part = "train" if split == "train" else "test"
     folder = _first_existing([root / "mnist_m" / "mnist_m", root / "mnist_m"])
     if folder is not None and (folder / f"mnist_m_{part}_labels.txt").exists():
-        labels_text = (folder / f"mnist_m_{part}_labels.txt").read_text(encoding="utf-8-sig")
-        names, labels = _parse_name_label(labels_text, folder / f"mnist_m_{part}_labels.txt")
+        label_file = folder / f"mnist_m_{part}_labels.txt"
+        names, labels = _parse_name_label(_text(label_file.read_bytes(), label_file),
+                                          label_file, classes=10)
         blobs = [(folder / f"mnist_m_{part}" / n).read_bytes() for n in names]
         return _mnistm_from(names, labels, blobs), [folder / f"mnist_m_{part}_labels.txt"]
     archive = root / "mnist_m" / "mnist_m.tar.gz"
@@ -475,8 +505,9 @@ def _mnistm_from_tar(archive: Path, part: str):
             if label_member is None:
                 raise UserError(f"{archive} has no mnist_m_{part}_labels.txt: it is not the "
                                 "original MNIST-M archive")
-            text = bundle.extractfile(label_member).read().decode("utf-8-sig")
-            names, labels = _parse_name_label(text, f"{archive}:{label_member.name}")
+            source = f"{archive}:{label_member.name}"
+            text = _text(bundle.extractfile(label_member).read(), source)
+            names, labels = _parse_name_label(text, source, classes=10)
             blobs = [bundle.extractfile(members[f"mnist_m_{part}/{n}"]).read() for n in names]
     except (tarfile.TarError, EOFError, zlib.error, KeyError) as error:
         raise UserError(f"{archive} is truncated or damaged ({error}): delete it and "
@@ -490,22 +521,28 @@ def _mnistm_from(names, labels, blobs):
     return dict(pixels=pixels, labels=labels, names=names)
 
 
-def _parse_name_label(text: str, source) -> tuple[list[str], np.ndarray]:
-    """Lines `name label` (MNIST-M's labels.txt, CelebA's partition file)."""
+def _parse_name_label(text: str, source, classes: int) -> tuple[list[str], np.ndarray]:
+    """Lines `name label`, label in 0 .. classes - 1 (MNIST-M's labels.txt, CelebA's
+    partition file); a line with another number of fields is named."""
     names, labels = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             row = line.split()
+            if len(row) != 2:
+                raise UserError(f"{source}, line {number}: {len(row)} field(s) where 'name "
+                                "label' has 2: fix or remove that line")
             names.append(row[0])
-            labels.append(_label(row[1] if len(row) > 1 else "", source, number))
+            labels.append(_label(row[1], source, number, classes))
     return names, np.array(labels, np.int64)
 
 
-def _label(text: str, source, line: int) -> int:
-    """A class label of a text file: a whole number from 0, else an error naming the line."""
-    if not text.strip().isdigit():
-        raise UserError(f"{source}, line {line}: label '{text}' is not a whole number from 0 "
-                        "up: fix or remove that line")
+def _label(text: str, source, line: int, classes: int | None = None) -> int:
+    """A class label of a text file: a whole number from 0 (below `classes` when given),
+    else an error naming the line."""
+    if not text.strip().isdigit() or (classes is not None and int(text) >= classes):
+        below = f" below {classes}" if classes is not None else " up"
+        raise UserError(f"{source}, line {line}: label '{text}' is not a whole number from 0"
+                        f"{below}: fix or remove that line")
     return int(text)
 
 
@@ -528,7 +565,8 @@ def _celeba(root: Path, split: str, download: bool, size: int):
                                "from the CelebA page")
     attribute_names, attributes = _parse_celeba_attributes(folder / "list_attr_celeba.txt")
     partition_file = folder / "list_eval_partition.txt"
-    partition = dict(zip(*_parse_name_label(partition_file.read_text(), partition_file)))
+    partition = dict(zip(*_parse_name_label(_text(partition_file.read_bytes(), partition_file),
+                                            partition_file, classes=3)))
     wanted = set(CELEBA_SPLITS[split])
     if (folder / "img_align_celeba").is_dir():
         files = {p.name: p for p in (folder / "img_align_celeba").glob("*.jpg")}
@@ -560,14 +598,23 @@ def _celeba_from_zip(archive: Path, attributes, partition, wanted):
 
 
 def _parse_celeba_attributes(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
-    """list_attr_celeba.txt: count, the 40 names, then `file v1 ... v40` with v in {-1, 1}."""
-    lines = path.read_text().splitlines()
-    names = lines[1].split()
-    rows = [line.split() for line in lines[2:] if line.strip()]
-    values = (np.array([row[1:] for row in rows], dtype=np.int8) > 0).astype(np.int64)
-    if values.shape[1] != len(names):
-        raise UserError(f"{path} has {values.shape[1]} values per row for {len(names)} "
-                        "attributes: it is damaged; download it again")
+    """list_attr_celeba.txt: count, the 40 names, then `file v1 ... v40` with v in {-1, 1};
+    a line that is not so is named."""
+    lines = _text(path.read_bytes(), path).splitlines()
+    if len(lines) < 2 or not lines[1].split():
+        raise UserError(f"{path} has no line of attribute names (line 2): it is damaged; "
+                        "download it again")
+    names, rows = lines[1].split(), []
+    for number, line in enumerate(lines[2:], start=3):
+        row = line.split()
+        if row and (len(row) != len(names) + 1 or not set(row[1:]) <= {"1", "-1"}):
+            raise UserError(f"{path}, line {number}: not a file name and {len(names)} values "
+                            "of 1 or -1: the file is damaged; download it again (or fix "
+                            "that line)")
+        if row:
+            rows.append(row)
+    values = (np.array([row[1:] for row in rows], dtype=np.int8).reshape(len(rows), len(names))
+              > 0).astype(np.int64)
     return names, dict(zip((row[0] for row in rows), values))
 
 
@@ -587,6 +634,11 @@ def _folder(root: Path, split: str, size: int | None):
             raise UserError(f"{table} must start with the header 'image_name,label' (label "
                             "optional)")
         image_dir = root / "data" if (root / "data").is_dir() else root
+        for number, row in numbered:  # csv gives extra fields the key None, missing ones None
+            if None in row or None in row.values() or not row["image_name"].strip():
+                raise UserError(f"{table}, line {number}: not 'image_name,label' (or "
+                                "'image_name' alone, as in the header): fix or remove that "
+                                "line")
         names = [row["image_name"] for row in rows]
         _refuse_repeats(names, [number for number, _ in numbered], table)
         missing = [n for n in names if not (image_dir / n).is_file()]

@@ -25,6 +25,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import types
 import urllib.error
 import zipfile
 import zlib
@@ -183,11 +184,13 @@ def toy_digits(count=64, seed=0) -> data.ImageSet:
     return data.ImageSet(pixels, labels, classes=["dark", "bright"])
 
 
-def toy_domain(count=40, seed=0, inverted=False) -> data.ImageSet:
+def toy_domain(count=40, seed=0, inverted=False, labels=None) -> data.ImageSet:
     """Ten classes told apart by the row of a bright band; the target domain inverts the
-    colours, a shift a classifier trained on the source does not survive."""
+    colours, a shift a classifier trained on the source does not survive. The labels are
+    drawn from the seed, so two splits or domains label their images differently (labels
+    taken from the wrong one do not agree by chance)."""
     generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(count) % 10
+    labels = torch.randint(0, 10, (count,), generator=generator) if labels is None else labels
     pixels = torch.rand(count, 3, 28, 28, generator=generator) * 60
     rows = 2 * labels + 4
     pixels[torch.arange(count), :, rows] = 255.0
@@ -197,10 +200,15 @@ def toy_domain(count=40, seed=0, inverted=False) -> data.ImageSet:
                          classes=[str(d) for d in range(10)])
 
 
+TOY_SIZES = {("mnistm", "train"): 45, ("usps", "train"): 38, ("mnistm", "test"): 23,
+             ("usps", "test"): 29}  # no two alike, none a multiple of a batch of 8
+
+
 def toy_load(name, split, image_size):
     if name == "svhn":
         raise util.UserError("SVHN not found: expected data/svhn/train_32x32.mat")
-    return toy_domain(seed=len(name) + 10 * (split == "test"), inverted=name != "mnistm")
+    return toy_domain(TOY_SIZES.get((name, split), 40), seed=len(name) + 10 * (split == "test"),
+                      inverted=name != "mnistm")
 
 
 def tiny_uda(**changes) -> "uda.UDASettings":
@@ -317,6 +325,27 @@ def alone_equals_in_batch(function, batch: torch.Tensor, atol: float = 1e-5) -> 
     return torch.allclose(together, alone, atol=atol)
 
 
+# What a run saved, and what its numbers should be, computed here: the states of every
+# checkpoint it wrote, and an accuracy by hand.
+def saved_states(monkeypatch, folder: Path) -> list:
+    """Every state util.save_checkpoint writes into folder (a checkpoint.pt), copied."""
+    states, real_save = [], util.save_checkpoint
+
+    def saving(state, path):
+        if Path(path).parent == Path(folder) and Path(path).name == "checkpoint.pt":
+            states.append(copy.deepcopy(state))
+        return real_save(state, path)
+    monkeypatch.setattr(util, "save_checkpoint", saving)
+    return states
+
+
+def own_accuracy(network: nn.Module, images: data.ImageSet) -> tuple[float, torch.Tensor]:
+    """The share of images whose argmax class under network (in eval mode) is their label."""
+    with torch.no_grad():
+        predicted = network.eval()(images.images()).argmax(dim=1)
+    return int((predicted == images.labels).sum()) / len(images), predicted
+
+
 def png_claiming(width: int, height: int) -> bytes:
     """A valid PNG header that claims width x height one-bit pixels, with a few bytes of
     data: what a decompression bomb looks like to Image.open."""
@@ -382,7 +411,8 @@ class Page(html.parser.HTMLParser):
 
 
 # ============================================================================ util
-# Pins errors, progress, atomic files, checkpoints, locks, devices, seeds.
+# Pins errors, progress, atomic files, checkpoints (finite weights, hash or not), locks,
+# devices, seeds.
 
 
 class RunsCode:
@@ -464,6 +494,30 @@ def test_checkpoint_of_non_finite_weights_is_refused_and_the_last_good_one_kept(
             util.save_checkpoint({"step": 2, "model": {"w": torch.tensor([1.0, bad])},
                                   "optimizer": [{"m": torch.zeros(1)}]}, path)
     assert util.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_non_finite_weights_are_refused_when_a_checkpoint_loads_hash_or_not(tmp_path, capsys):
+    """A file of an earlier version carries no SHA-256, and save_checkpoint's own check
+    never saw it: --generate must not sample images from its NaN weights."""
+    settings = tiny_gan()
+    weights = gan.GAN(settings).state_dict()
+    for bad in (float("nan"), float("inf")):
+        broken = {name: tensor.clone() for name, tensor in weights.items()}
+        next(t for t in broken.values() if t.is_floating_point()).view(-1)[0] = bad
+        path = tmp_path / f"old_{bad}.pt"
+        torch.save({"command": "gan", "settings": dataclasses.asdict(settings), "step": 2,
+                    "gan": broken}, path)  # as an earlier version wrote it: no sha256
+        with pytest.raises(util.UserError, match="NaN or infinite weights"):
+            util.load_checkpoint(path)
+        images = tmp_path / f"images_{bad}"
+        line = one_line_error(capsys, ["gan", "--generate", "2", "--ckpt", str(path),
+                                       "--out", str(images)])
+        assert "NaN or infinite weights" in line and "another checkpoint" in line
+        assert not images.exists()
+    good = tmp_path / "good.pt"
+    torch.save({"command": "gan", "settings": dataclasses.asdict(settings), "gan": weights},
+               good)
+    assert util.load_checkpoint(good)["command"] == "gan"  # finite and hashless: accepted
 
 
 def test_a_temporary_left_by_a_killed_writer_is_removed_on_the_next_write(tmp_path):
@@ -563,7 +617,9 @@ def test_device_names_are_checked_whatever_the_command(monkeypatch, capsys):
 
 def digit_folder(root: Path, count: int = 16, inverted: bool = False) -> str:
     """toy_domain's digits as a course folder (data/*.png, train.csv, val.csv)."""
-    digits = toy_domain(count, inverted=inverted)
+    # labels 0..9 in turn: the 2-process test compares accuracies, and these runs' weights
+    # differ in the last bits, at no image near a decision boundary for these labels
+    digits = toy_domain(count, inverted=inverted, labels=torch.arange(count) % 10)
     (root / "data").mkdir(parents=True)
     data.save_images(digits.pixels.float() / 127.5 - 1, root / "data", digits.names)
     rows = "".join(f"{name},{int(label)}\n" for name, label in zip(digits.names, digits.labels))
@@ -1201,7 +1257,8 @@ def test_dcgan_discriminator_norm_choices_and_the_spectral_flag_agree():
 
 
 # ============================================================================ data
-# Pins every file format byte for byte, downloads, archives, the cache, folders, grids.
+# Pins every file format byte for byte, a malformed line of each text file named,
+# downloads, archives, the cache, folders, grids.
 
 
 # A MATLAB v5 file written by scipy.io.savemat(..., do_compression=True) (the reference
@@ -1575,6 +1632,85 @@ def test_a_bad_label_names_its_file_and_line(tmp_path, capsys):
     (folder / "mnist_m_train_labels.txt").write_text("a.png 3\n\nb.png -1\n")
     with pytest.raises(util.UserError, match="labels.txt, line 3: label '-1'"):
         data.load("mnistm", "train", tmp_path, download=False, cache_dir="")
+
+
+def malformed_text_files(root: Path) -> list:
+    """(data set name, the text file its loader parses, a malformed line written into it,
+    what the error must say) for every text file a loader parses."""
+    make_celeba(root)
+    make_course_folder(root / "course")
+    mnistm = root / "mnist_m" / "mnist_m"
+    (mnistm / "mnist_m_train").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(mnistm / "mnist_m_train" / name)
+    (root / "usps").mkdir()
+    celeba, course = root / "celeba", root / "course" / "train.csv"
+    attributes, partition = celeba / "list_attr_celeba.txt", celeba / "list_eval_partition.txt"
+    labels = mnistm / "mnist_m_train_labels.txt"
+
+    def usps(line):
+        (root / "usps" / "usps.bz2").write_bytes(bz2.compress(f"1 1:-1\n{line}\n".encode()))
+        return root / "usps" / "usps.bz2", 2
+    def replace_line(path, number, line):
+        lines = path.read_text().splitlines()
+        lines[number - 1] = line
+        path.write_text("\n".join(lines) + "\n")
+        return path, number
+    originals = {path: path.read_text() for path in (attributes, partition, course)}
+    cases = [("celeba", lambda: replace_line(attributes, 4, "000002.jpg 1")),       # a field short
+             ("celeba", lambda: replace_line(attributes, 4, "000002.jpg 1 -1 1")),  # one too many
+             ("celeba", lambda: replace_line(attributes, 4, "000002.jpg 1 0")),     # not 1 or -1
+             ("celeba", lambda: replace_line(attributes, 4, "000002.jpg 1 yes")),
+             ("celeba", lambda: replace_line(partition, 2, "000002.jpg")),
+             ("celeba", lambda: replace_line(partition, 2, "000002.jpg 0 1")),
+             ("celeba", lambda: replace_line(partition, 2, "000002.jpg 3")),        # no split 3
+             ("celeba", lambda: replace_line(partition, 2, "000002.jpg train")),
+             ("mnistm", lambda: replace_line(labels, 2, "b.png")),
+             ("mnistm", lambda: replace_line(labels, 2, "b.png 3 4")),
+             ("mnistm", lambda: replace_line(labels, 2, "b.png 10")),               # no digit 10
+             ("mnistm", lambda: replace_line(labels, 2, "b.png 2.5")),
+             ("course", lambda: replace_line(course, 3, "00001.png")),
+             ("course", lambda: replace_line(course, 3, "00001.png,5,7")),
+             ("course", lambda: replace_line(course, 3, ",5")),
+             ("course", lambda: replace_line(course, 3, "00001.png,5.0")),
+             ("usps", lambda: usps("3 1:0.5 2")),          # an index without its value
+             ("usps", lambda: usps("3 1:0.5:2")),
+             ("usps", lambda: usps("3 1:half")),
+             ("usps", lambda: usps("three 1:0.5")),
+             ("usps", lambda: usps("3.5 1:0.5")),
+             ("usps", lambda: usps("3 0:0.5")),            # indices start at 1
+             ("usps", lambda: usps("3 257:0.5")),          # USPS has 256 pixels
+             ("usps", lambda: usps("3 1:nan"))]
+    return cases, originals, labels
+
+
+def test_every_text_file_a_loader_parses_names_its_malformed_line(tmp_path, capsys):
+    """A line with a field short, one too many, or a value that is no number of the
+    kind the format has ends in one error line naming the file and the line (before,
+    numpy's ValueError escaped as a traceback, or the line was read wrongly)."""
+    cases, originals, labels = malformed_text_files(tmp_path)
+    for name, damage in cases:
+        for path, text in originals.items():
+            path.write_text(text)
+        labels.write_text("a.png 3\nb.png 4\n")
+        path, number = damage()
+        argv = ["data", "--name", str(tmp_path / "course") if name == "course" else name,
+                "--data-root", str(tmp_path), "--cache", "", "--out", str(tmp_path / "o")]
+        line = one_line_error(capsys, argv)
+        assert f"{path}, line {number}" in line, (name, path.read_bytes()[-40:], line)
+        assert not (tmp_path / "o").exists()
+    for path, text in originals.items():  # the files as written load
+        path.write_text(text)
+    labels.write_text("a.png 3\nb.png 4\n")
+    assert data.load("celeba", "train", tmp_path, download=False, cache_dir="", image_size=8) \
+        .attributes.shape == (2, 2)
+
+
+def test_a_text_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    make_celeba(tmp_path)
+    (tmp_path / "celeba" / "list_eval_partition.txt").write_bytes(b"000001.jpg 0\n\xff\xfe 1\n")
+    with pytest.raises(util.UserError, match="list_eval_partition.txt is not a text file"):
+        data.load("celeba", "train", tmp_path, download=False, cache_dir="")
 
 
 def test_make_grid_places_each_image_at_its_padded_cell():
@@ -2049,7 +2185,8 @@ def test_the_earlier_grids_are_a_strip_of_captioned_pictures_without_scripts(tmp
 
 
 # ============================================================================ training
-# Pins the run around every loop: step log, NaN stop, best.pt.
+# Pins the run around every loop: step log, the training clock through the loop, NaN
+# stop, best.pt.
 
 
 def test_step_log_means_between_commits_and_time_without_pauses(monkeypatch):
@@ -2158,9 +2295,39 @@ def test_run_takes_the_logged_numbers_from_the_device_every_ten_steps(tmp_path, 
     assert run.step == 19  # found when steps 11-20 were taken
 
 
+def test_run_seconds_are_the_steps_time_without_evaluation_through_the_loop(tmp_path,
+                                                                            monkeypatch):
+    """The clock through Run's own loop (not StepLog alone): each step takes 1 s, each
+    checkpoint's evaluation 100 s, building the run 1000 s; the seconds saved in the
+    checkpoints are the steps' alone, counted across a resume."""
+    now = [0.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
+
+    def train(steps, resume=False):
+        run = training.Run(tmp_path, "test", tiny_gan(steps=steps, resume=resume), 0, "cpu",
+                           state={"layer": nn.Linear(1, 1)}, steps=steps, every=2,
+                           may_change=("steps",))
+        now[0] += 1000.0  # data loading, FID statistics: before the loop
+        saved = []
+        for _ in run:
+            now[0] += 1.0                                   # the step
+            run.log({"loss": 0.0})
+            if run.at_checkpoint:
+                now[0] += 100.0                             # evaluation and pictures
+                run.save_checkpoint()
+                saved.append(util.load_checkpoint(tmp_path / "checkpoint.pt")["seconds"])
+                now[0] += 100.0                             # the checkpoint's own time
+        return run, saved
+    run, saved = train(5)
+    assert saved == [2.0, 4.0, 5.0] and run.seconds == 5.0
+    run, saved = train(7, resume=True)  # steps 5 and 6 on top of the first run's 5 s
+    assert saved == [6.0, 7.0] and run.seconds == 7.0
+
+
 # ============================================================================ metrics
 # Pins FID's Inception against pytorch-fid, the Frechet distance, KID against its formula
-# and its unbiasedness, FID_inf's line, the held-out cache with its features.
+# and its unbiasedness, FID_inf's line, the held-out cache with its features, the final
+# and best FID of a curve.
 
 
 REFERENCE = Path(__file__).resolve().parent.parent / "shared" / "reference" \
@@ -2328,6 +2495,22 @@ def test_fid_infinity_of_samples_of_the_reference_averages_to_zero_unlike_fid_n(
     assert np.mean(at_n) > 10 * np.std(at_n) / np.sqrt(30)
 
 
+def test_fid_results_are_the_last_and_the_lowest_fid_of_the_curve_and_both_sides_counts():
+    tracker = metrics.FIDTracker.__new__(metrics.FIDTracker)  # no Inception: results only
+    tracker.count, tracker.weights, tracker.seconds = 7, "w", 1.5
+    tracker.real = types.SimpleNamespace(count=19)
+    history = {"fid": [9.0, 4.0, 6.0, 5.0], "fid_step": [10, 20, 30, 35],
+               "kid": [0.3, 0.1, 0.2, 0.25], "kid_std": [0.01, 0.02, 0.03, 0.04]}
+    results = tracker.results(history)
+    assert (results["fid"], results["best_fid"], results["best_fid_step"]) == (5.0, 4.0, 20)
+    assert (results["kid"], results["kid_std"]) == (0.25, 0.04)  # the last, as the FID
+    assert (results["fid_images"], results["fid_real_images"]) == (7, 19)
+    assert results["fid_curve"] == {"images": 7, "real_images": 19, "step": [10, 20, 30, 35],
+                                    "fid": [9.0, 4.0, 6.0, 5.0], "kid": history["kid"],
+                                    "kid_std": history["kid_std"]}
+    assert results["fid_seconds"] == 1.5 and results["fid_weights"] == "w"
+
+
 def test_fid_weights_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
     fake_network(monkeypatch, None)
     with pytest.raises(util.UserError, match="by hand") as error:
@@ -2449,7 +2632,8 @@ def test_measure_adds_kid_at_the_fid_steps_and_none_before_a_resume_from_before_
 
 
 # ============================================================================ hog
-# Pins HOG features against a pixel-by-pixel reference, the SVM, the detector.
+# Pins HOG features against a pixel-by-pixel reference, the SVM's balanced objective,
+# the detector, the face rates.
 
 
 def own_cell_histograms(image: np.ndarray, cell=4, bins=9) -> np.ndarray:
@@ -2543,6 +2727,51 @@ def test_linear_svm_separates_separable_windows_with_a_margin():
     assert (scores[is_face] > 0.5).all() and (scores[~is_face] < -0.5).all()
 
 
+def test_svm_minimises_the_mean_over_faces_plus_the_mean_over_non_faces():
+    """40 faces against 5 non-faces that overlap them: at the fitted w, b the gradient of
+    the balanced objective (each class's mean hinge^2, plus the ridge) is zero, and that
+    of one mean over all 45 windows is not: each class counts the same."""
+    generator = torch.Generator().manual_seed(4)
+    features = torch.cat([torch.randn(40, 3, generator=generator) + 0.5,
+                          torch.randn(5, 3, generator=generator) - 0.5])
+    is_face = torch.arange(45) < 40
+    svm = nn.Linear(3, 1)
+    hog.fit_svm(svm, features, is_face, penalty=1e-3)
+    y = is_face.float() * 2 - 1
+
+    def objective(balanced):
+        hinge = F.relu(1 - y * svm(features).squeeze(1)).pow(2)
+        mean = (hinge[is_face].mean() + hinge[~is_face].mean()) if balanced else hinge.mean()
+        return mean + 1e-3 * svm.weight.pow(2).sum()
+    balanced = torch.cat([g.flatten() for g in gradients(objective(True), svm.parameters())])
+    pooled = torch.cat([g.flatten() for g in gradients(objective(False), svm.parameters())])
+    assert balanced.abs().max() < 1e-3 and pooled.abs().max() > 3e-2
+
+
+def test_face_rates_are_the_shares_found_among_faces_backgrounds_and_scrambled_faces():
+    """A stub detector that calls an image a face when its top-left tile is bright:
+    faces (bright corner) 1, backgrounds (dark) 0, and the faces scrambled, whose corner
+    tile comes from anywhere in the face, the share whose new corner tile is bright."""
+    faces = torch.full((6, 3, 64, 64), -1.0)
+    faces[:, :, :16, :16] = 1.0  # the one bright tile of 16, in the corner
+    backgrounds = torch.full((9, 3, 64, 64), -1.0)
+    seen = []
+
+    class Corner:
+        def detect(self, images):
+            seen.append(images)
+            return images[:, :, :16, :16].mean(dim=(1, 2, 3)) > 0
+    rates = hog.face_rates(Corner(), faces, backgrounds, seed=2)
+    scrambled = seen[2]
+    assert len(seen) == 3 and scrambled.shape == faces.shape
+    assert torch.equal(scrambled.sort(dim=-1).values.sum(dim=(1, 2, 3)),
+                       faces.sort(dim=-1).values.sum(dim=(1, 2, 3)))  # the same pixels
+    corner_bright = (scrambled[:, :, :16, :16].mean(dim=(1, 2, 3)) > 0).float().mean().item()
+    assert rates == {"faces_detected": 1.0, "backgrounds_detected": 0.0,
+                     "scrambled_detected": corner_bright}
+    assert corner_bright < 1.0
+
+
 def test_scrambled_faces_keep_every_tile_in_a_new_order():
     faces = toy_faces(3, 16).images()
     mixed = hog.scrambled(faces, torch.Generator().manual_seed(0))
@@ -2572,6 +2801,7 @@ def test_face_detector_finds_toy_faces_not_noise_and_facerate_writes_its_rate(tm
     saved = json.loads(next((tmp_path / "o" / "facerate").glob("generated-*.json"))
                        .read_text())
     assert saved["faces"] == int(found.sum()) and saved["images"] == 10
+    assert saved["face_rate"] == pytest.approx(int(found.sum()) / 10, rel=1e-6)
     assert f"face rate {found.float().mean():.4f}" in capsys.readouterr().out
     line = one_line_error(capsys, ["facerate", "--folder", str(folder), "--detector",
                                    str(tmp_path / "none.pt")])
@@ -2579,7 +2809,8 @@ def test_face_detector_finds_toy_faces_not_noise_and_facerate_writes_its_rate(tm
 
 
 # ============================================================================ classifier
-# Pins the digit classifier's shifts, step and resume; predictions in eval mode.
+# Pins the digit classifier's shifts, step and resume; epochs with a partial batch; each
+# accuracy of the saved network on the test split; predictions in eval mode.
 
 
 def test_classifier_run_writes_every_file_and_learns_a_toy_task(tmp_path):
@@ -2656,6 +2887,45 @@ def test_classifier_step_descends_label_smoothed_cross_entropy_of_shifted_digits
     assert checked == [8] * 8
 
 
+def test_classifier_epochs_cover_every_image_and_each_accuracy_is_the_saved_nets_on_test(
+        tmp_path, monkeypatch):
+    """21 training digits in batches of 8: each epoch three steps, the last of 5 digits;
+    after each epoch the accuracy of the network as saved then on the test split (13
+    digits, four of them labelled against their brightness, so no network reads them
+    all right and the train split's accuracy differs), computed here by hand;
+    results.json holds the last network's."""
+    networks = []
+
+    def tiny_classifier(classes=10, **kwargs):
+        torch.manual_seed(0)
+        networks.append(Recorder(nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, classes))))
+        return networks[-1]
+    monkeypatch.setattr(nets, "digit_classifier", tiny_classifier)
+    states = saved_states(monkeypatch, tmp_path)
+    sizes = []
+    train, test = toy_digits(21), toy_digits(13, seed=1)
+    test.labels[::4] = 1 - test.labels[::4]
+    settings = classifier.ClassifierSettings(epochs=2, batch_size=8, lr=0.01)
+    with optimiser_hooks(lambda optimizer: sizes.append(len(networks[0].inputs[-1]))):
+        results = classifier.train(train, test, settings, tmp_path, "cpu", 0)
+    assert sizes == [8, 8, 5] * 2 and len(states) == 2
+    for epoch, state in enumerate(states):
+        network = tiny_classifier(classes=2)
+        network.load_state_dict(state["network"])
+        accuracy, _ = own_accuracy(network, test)
+        assert state["history"]["test_accuracy"][-1] == accuracy, epoch
+    assert accuracy < 1.0 and own_accuracy(network, train)[0] != accuracy
+    assert results == json.loads((tmp_path / "results.json").read_text())
+    assert (results["test_accuracy"], results["correct"], results["total"]) == (
+        accuracy, round(accuracy * 13), 13)
+
+
+def test_accuracy_is_the_share_of_predictions_equal_to_their_labels():
+    predictions = torch.tensor([3, 1, 4, 1, 5, 9, 2])
+    labels = torch.tensor([3, 1, 4, 0, 5, 0, 0])
+    assert classifier.accuracy(predictions, labels) == (4 / 7, 4, 7)
+
+
 def test_classifier_uda_and_fid_features_predict_each_image_on_its_own():
     """classifier.predict (the digit accuracy, UDA's evaluation) and FID's Inception run in
     eval mode: batch norm's running statistics, no dropout."""
@@ -2690,7 +2960,8 @@ def test_classifier_uda_and_fid_features_predict_each_image_on_its_own():
 
 
 # ============================================================================ reports
-# Pins labelled grids written once, the UDA tables, the csv, every promised file.
+# Pins labelled grids written once; every number of results.json and results.md from a
+# given history; the csv, the course digits' seconds, every promised file.
 
 
 def test_every_method_writes_every_promised_file(tmp_path):
@@ -2701,11 +2972,12 @@ def test_every_method_writes_every_promised_file(tmp_path):
         for name in ("checkpoint.pt", "loss.png", "accuracy.png", "tsne_class.png",
                      "tsne_domain.png", "results.json", "predictions.csv"):
             assert (tmp_path / method / name).is_file(), (method, name)
-        assert rows[method]["total"] == 40 and 0 <= rows[method]["correct"] <= 40
+        total = TOY_SIZES[("usps", "test")]
+        assert rows[method]["total"] == total and 0 <= rows[method]["correct"] <= total
     assert (tmp_path / "gta" / "generated.png").is_file()  # G's drawings, GTA alone
     assert not (tmp_path / "dann" / "generated.png").exists()
     table = (tmp_path / "results.md").read_text()
-    assert "| ADDA | " in table and f"({rows['adda']['correct']}/40)" in table
+    assert "| ADDA | " in table and f"({rows['adda']['correct']}/{total})" in table
 
 
 def test_table_reports_a_scenario_with_missing_data_and_runs_the_rest(tmp_path):
@@ -2722,7 +2994,7 @@ def test_predictions_csv_has_the_course_header_and_one_row_per_image(tmp_path, c
     settings = tiny_uda(src="mnistm", tgt="usps", method="dann", tsne_points=0)
     run.uda_methods(settings, ["dann"], toy_load, tmp_path, "cpu", seed=0)
     lines = (tmp_path / "dann" / "predictions.csv").read_text().splitlines()
-    assert lines[0] == "image_name,label" and len(lines) == 41
+    assert lines[0] == "image_name,label" and len(lines) == 1 + TOY_SIZES[("usps", "test")]
     assert all(name.endswith(".png") and label.isdigit() and 0 <= int(label) <= 9
                for name, label in (line.split(",") for line in lines[1:]))
     folder = tmp_path / "unlabelled"
@@ -2815,8 +3087,144 @@ def test_the_data_preview_has_a_title(tmp_path, capsys):
     assert ink.shape[0] == grid.height + 20 and ink[:18].any()  # a title line above
 
 
+def fake_run(history: dict, seconds: float = 12.0, seed: int = 3):
+    """What the results writers read of a training.Run: its history, seconds and seed."""
+    return types.SimpleNamespace(history=history, seconds=seconds, seed=seed)
+
+
+def stub_digit_classifier(monkeypatch, path: Path) -> nn.Module:
+    """A saved 'run.py classifier' checkpoint of a one-Linear digit classifier (built in
+    place of nets.digit_classifier); the network, in eval mode."""
+    def tiny_classifier(classes=10, **kwargs):
+        torch.manual_seed(5)
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, classes))
+    monkeypatch.setattr(nets, "digit_classifier", tiny_classifier)
+    network = tiny_classifier()
+    util.save_checkpoint({"command": "classifier", "settings": {}, "network":
+                          network.state_dict(), "classes": [str(d) for d in range(10)]}, path)
+    return network.eval()
+
+
+def test_final_numbers_are_each_curves_last_point_and_gan_results_its_step_and_seconds(
+        tmp_path):
+    history = {"step": [5, 10, 13], "loss_d": [1.0, 0.5, 0.25], "loss_g": [2.0, 1.5, 1.0],
+               "D(x)": [0.6, 0.7, 0.8], "D(G(z))": [0.3, 0.4, 0.45]}
+    results = reports.gan_results(tmp_path, tiny_gan(variant="a"), fake_run(history, 26.0),
+                                  metrics.NoFID("not asked for"))
+    assert results == json.loads((tmp_path / "results.json").read_text())
+    assert {k: v for k, v in results.items() if k.startswith("final_")} == {
+        "final_loss_d": 0.25, "final_loss_g": 1.0, "final_D(x)": 0.8, "final_D(G(z))": 0.45}
+    assert results["steps"] == 13 and results["train_seconds"] == 26.0
+    assert results["seconds_per_step"] == 2.0 and results["seed"] == 3
+
+
+def test_vae_results_are_the_last_epochs_test_figures_and_the_ten_faces_mse_per_pixel(
+        tmp_path):
+    history = {"step": [3, 6, 9], "train_mse": [0.5, 0.4, 0.3], "train_kl": [9.0, 8.0, 7.0],
+               "test_mse": [0.45, 0.35, 0.31], "test_kl": [8.5, 7.5, 6.5]}
+    generator = torch.Generator().manual_seed(0)
+    faces = torch.rand(10, 3, 8, 8, generator=generator) * 2 - 1
+    rebuilt = faces.clone()
+    rebuilt[3, 1, 2, 5] += 0.5   # one pixel of one face off by 0.5, another by 0.25
+    rebuilt[7, 0, 0, 0] -= 0.25
+    results = reports.vae_results(tmp_path, tiny_vae(), fake_run(history, 27.0),
+                                  {"fid": None}, faces, rebuilt, faces[:4], faces[:10], None)
+    assert results == json.loads((tmp_path / "results.json").read_text())
+    assert results["reconstruction_mse_10_faces"] == pytest.approx(
+        (0.5 ** 2 + 0.25 ** 2) / (10 * 3 * 8 * 8))  # a mean over every pixel of every face
+    assert (results["test_mse"], results["test_kl"], results["epochs"]) == (0.31, 6.5, 3)
+    assert results["train_seconds"] == 27.0 and results["seconds_per_epoch"] == 9.0
+
+
+def test_ddpm_results_grade_each_digit_against_its_own_label(tmp_path, monkeypatch):
+    network = stub_digit_classifier(monkeypatch, tmp_path / "classifier.pt")
+    digits = toy_domain(23, seed=4)
+    images = digits.images()
+    with torch.no_grad():  # the pixels as the saved PNGs hold them: whole bytes
+        read = network((images * 127.5 + 127.5).round().clamp(0, 255) / 127.5 - 1).argmax(1)
+    labels = read.clone()
+    labels[::3] = (labels[::3] + 1) % 10  # every third image graded wrong
+    settings = ddpm.DDPMSettings(classifier=str(tmp_path / "classifier.pt"))
+    history = {"step": [4, 8, 11], "loss": [0.9, 0.5, 0.4]}
+    results = reports.ddpm_results(tmp_path, settings, fake_run(history), metrics.NoFID("no"),
+                                   images, labels, 2.5, 7, "cpu")
+    assert results == json.loads((tmp_path / "results.json").read_text())
+    assert (results["digit_correct"], results["digit_total"]) == (23 - 8, 23)
+    assert results["digit_accuracy"] == 15 / 23
+    assert (results["steps"], results["final_loss"], results["train_seconds"]) == (11, 0.4, 12.0)
+    assert results["seconds_for_1000_images"] == 2.5 and results["sampling_steps"] == 7
+
+
+def test_course_digits_seconds_are_the_sampling_time_and_the_images_keep_their_order(
+        tmp_path, monkeypatch):
+    """seconds_for_1000_images: the time spent in the sampler (2 s a batch here), not the
+    saving of the PNGs (100 s here); the images come back and are named in batch order."""
+    now = [0.0]
+    monkeypatch.setattr(reports.time, "perf_counter", lambda: now[0])
+    real_save = data.save_images
+    monkeypatch.setattr(data, "save_images", lambda *args: (now.__setitem__(0, now[0] + 100)
+                                                            or real_save(*args)))
+
+    def sample_batch(batch, on_step):
+        now[0] += 2.0
+        labels, _ = batch
+        return labels.view(-1, 1, 1, 1).expand(-1, 3, 4, 4).float() / 10 - 0.5
+    names, labels = reports.course_names(per_digit=3)
+    images, seconds = reports.save_course_digits(sample_batch, ddpm.label_batches(labels, 0, 7),
+                                                 1, tmp_path, names)
+    assert seconds == 2.0 * 5 and images[:, 0, 0, 0].tolist() == (labels / 10 - 0.5).tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+
+
+def test_embed_gives_every_images_features_in_order_in_eval_mode():
+    """The t-SNE's inputs: 13 images in batches of 5, by an encoder left in train mode
+    (batch norm with running statistics unlike the images): each image's eval-mode
+    features, in order."""
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 4), nn.BatchNorm1d(4))
+    encoder(torch.randn(16, 3, 28, 28) + 2)  # running statistics far from the images
+    digits = toy_domain(13, seed=6)
+    features = reports.embed(encoder.train(), digits, batch_size=5)
+    with torch.no_grad():
+        expected = encoder.eval()(digits.images())
+    assert np.allclose(features, expected.numpy(), atol=1e-5)
+
+
+def test_uda_results_and_tables_are_the_target_predictions_accuracy_and_the_curves_end(
+        tmp_path):
+    test = toy_domain(23, seed=4, inverted=True)
+    predictions = test.labels.clone()
+    predictions[:6] = (predictions[:6] + 3) % 10  # six of 23 wrong
+    domains = uda.Domains(toy_domain(45), toy_domain(38, seed=1, inverted=True),
+                          toy_domain(29, seed=2), test)
+    history = {"step": [5, 10, 15], "class": [2.0, 1.0, 0.5],
+               "target_accuracy": [0.1, 0.2, 0.3], "source_accuracy": [0.5, 0.6, 0.7]}
+    settings = tiny_uda(src="mnistm", tgt="usps", method="dann", tsne_points=0)
+    results = reports.uda_results(tmp_path, settings, fake_run(history), domains,
+                                  predictions, None, None, None)
+    assert results == json.loads((tmp_path / "results.json").read_text())
+    assert (results["target_accuracy"], results["correct"], results["total"]) == \
+        (17 / 23, 17, 23)
+    assert results["source_test_accuracy"] == 0.7 and results["epochs"] == 3
+    assert results["train_seconds"] == 12.0
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert rows == ["image_name,label"] + [f"{name},{int(label)}" for name, label
+                                           in zip(test.names, predictions)]
+    other = {**results, "target_accuracy": 0.5, "correct": 10, "total": 20}
+    assert reports.scenario_table({"dann": results, "source": other}, "mnistm", "usps") == (
+        "| mnistm -> usps | accuracy on usps test |\n|---|---|\n"
+        "| DANN | 0.7391 (17/23) |\n| Trained on source | 0.5000 (10/20) |\n")
+    table = reports.full_table({"mnistm-usps": {"rows": {"dann": results}},
+                                "usps-mnistm": {"rows": {"dann": other, "source": other}},
+                                "svhn-usps": {"error": "SVHN not found"}})
+    assert table.splitlines()[2:4] == [
+        "| Trained on source | not run | 0.5000 (10/20) | not run |",
+        "| DANN | 0.7391 (17/23) | 0.5000 (10/20) | not run |"]
+
+
 # ============================================================================ gan
-# Pins losses, DiffAugment, each variant's step with stub players, the loop's wiring.
+# Pins losses, DiffAugment, each variant's step and the numbers it logs with stub
+# players, the loop's wiring.
 
 
 SIDE, LATENT = 8, 4  # the stub networks' image side and z size
@@ -2911,6 +3319,64 @@ def test_gan_fid_curve_is_of_the_fixed_samples_of_each_checkpoint_against_all_he
     assert (tmp_path / "fid.png").is_file()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["best_fid_step"] == curve["step"][int(np.argmin(curve["fid"]))]
+
+
+@pytest.mark.parametrize("variant", ["a", "hacks"])
+def test_logged_d_outputs_are_the_d_steps_scores_of_real_and_fake_before_its_update(variant):
+    """D(x) and D(G(z)) on the loss curves: sigmoid of the scores D gave in its own step,
+    before it moved, to the real batch and to this step's fakes (not the updated D's
+    scores that G's step sees, nor raw scores)."""
+    model, settings = stub_gan(variant)
+    d_before = copy.deepcopy(model.discriminator.inner)
+    real = real_batch()
+    numbers = gan.train_step(model, gan.build_optimizers(model, settings), real, None,
+                             settings, parallel.Random(0), noise_std=0.0)
+    fake = model.generator.outputs[0]
+    with torch.no_grad():
+        assert numbers["D(x)"].item() == pytest.approx(
+            torch.sigmoid(d_before(real).flatten()).mean().item(), rel=1e-6)
+        assert numbers["D(G(z))"].item() == pytest.approx(
+            torch.sigmoid(d_before(fake).flatten()).mean().item(), rel=1e-6)
+        moved = torch.sigmoid(model.discriminator.inner(fake).flatten()).mean().item()
+    assert abs(moved - numbers["D(G(z))"].item()) > 1e-4  # the update changed D's score
+
+
+def test_logged_wgan_gp_numbers_are_the_critic_steps_estimate_and_loss_with_its_penalty():
+    """With a linear critic D(x) = <w, x> + b, grad_x D = w at every x~, so the penalty is
+    (||w|| - 1)^2 whatever the interpolation draws; W = mean D(x) - mean D(G(z)) of the
+    critic before its step; the logged D loss is -W + lambda * penalty."""
+    model, settings = stub_gan("wgan-gp")
+    settings = dataclasses.replace(settings, n_critic=1, gp_weight=7.0)
+    critic = copy.deepcopy(model.discriminator.inner)
+    real = real_batch()
+    numbers = gan.wgan_gp_step(model, gan.build_optimizers(model, settings), lambda: real,
+                               settings, parallel.Random(0))
+    fake = model.generator.outputs[0]
+    with torch.no_grad():
+        wasserstein = (critic(real).mean() - critic(fake).mean()).item()
+    penalty = (critic[1].weight.norm().item() - 1) ** 2
+    assert numbers["wasserstein"].item() == pytest.approx(wasserstein, rel=1e-5)
+    assert numbers["penalty"].item() == pytest.approx(penalty, rel=1e-4)
+    assert numbers["loss_d"].item() == pytest.approx(-wasserstein + 7.0 * penalty, rel=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["a", "b"])
+def test_gan_samples_come_from_the_weight_average_in_eval_mode(variant):
+    """FID's samples, the grids and --generate: the averaged G where the variant keeps one
+    (b), else G, in eval mode (running batch-norm statistics), whatever mode it was in."""
+    settings = tiny_gan(variant=variant)
+    model = gan.GAN(settings)
+    with torch.no_grad():  # the last weights and the average apart
+        for parameter in model.generator.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model.train()
+    z = torch.randn(5, settings.latent_dim, generator=torch.Generator().manual_seed(1))
+    used = copy.deepcopy(model.ema if variant == "b" else model.generator).eval()
+    other = copy.deepcopy(model.generator).eval()
+    with torch.no_grad():
+        expected = used(z[:, :, None, None])
+        assert torch.allclose(model.sample(z), expected, atol=1e-6)
+        assert (variant == "a") == torch.allclose(other(z[:, :, None, None]), expected)
 
 
 def test_gan_losses_match_their_formulas():
@@ -3493,7 +3959,8 @@ def test_every_tensor_of_a_gan_step_and_sample_is_on_the_models_device(variant):
 
 
 # ============================================================================ vae
-# Pins the ELBO's terms, the reparameterisation, the step and loop, eval-mode sampling.
+# Pins the ELBO's terms, the reparameterisation, the step and loop, every test figure,
+# curve point and result of each epoch's model, eval-mode sampling.
 
 
 class StubVAE(nn.Module):
@@ -3532,6 +3999,102 @@ def test_vae_fid_every_k_epochs_and_of_the_reconstructions(tmp_path, cheap_fid):
     assert (results["reconstruction_kid"], results["reconstruction_kid_std"]) == pytest.approx(
         own_kid(vae.reconstructions(model, first_ten), test.images()), rel=1e-6)
     assert results["reconstruction_images"] == 10
+
+
+class NormedVAE(StubVAE):
+    """StubVAE with batch norm on the code (so train mode, with batch statistics, and eval
+    mode give different figures) and log sigma^2 = -40 (so z = mu to 1e-8 whatever eps is
+    drawn: each figure is a function of the weights and the images alone)."""
+
+    def __init__(self, latent_dim=3, side=8):
+        super().__init__(latent_dim, side)
+        self.to_code = nn.Sequential(nn.Flatten(), nn.Linear(3 * side * side, latent_dim),
+                                     nn.BatchNorm1d(latent_dim))
+        self.seen = []
+
+    def encode(self, x):
+        self.seen.append(x.detach().clone())
+        mu = self.to_code(x)
+        return mu, torch.full_like(mu, -40.0)
+
+
+def own_vae_figures(model: nn.Module, images: torch.Tensor, mode: str = "eval"):
+    """(per-pixel MSE, per-image KL) of images by a NormedVAE, each a mean over the images,
+    z = mu: the KL of N(mu, e^-40) against N(0, 1) is 1/2 sum_j (mu_j^2 + e^-40 + 40 - 1)."""
+    model = copy.deepcopy(model).train(mode == "train")
+    with torch.no_grad():
+        mu = model.to_code(images)
+        mse = (model.from_code(mu) - images).pow(2).mean().item()
+    kl = 0.5 * (mu.double().pow(2) + math.exp(-40) + 40 - 1).sum(dim=1).mean().item()
+    return mse, kl
+
+
+def test_vae_test_figures_are_means_over_every_test_image_in_eval_mode():
+    """13 test faces in batches of 5: the last batch holds 3, so a mean over batches would
+    weigh its faces more; batch norm in train mode would use the batches' statistics."""
+    torch.manual_seed(0)
+    model = NormedVAE()
+    model.train().to_code(torch.randn(32, 3, 8, 8) * 2 + 1)  # running statistics unlike the faces
+    test = toy_faces(13, 8)
+    figures = vae.evaluate_test(model.train(), test, seed=0, latent_dim=3, batch_size=5)
+    mse, kl = own_vae_figures(model, test.images())
+    assert figures["mse"] == pytest.approx(mse, rel=1e-5)
+    assert figures["kl"] == pytest.approx(kl, rel=1e-6)
+    assert not model.training and [len(x) for x in model.seen] == [5, 5, 3]
+
+
+def test_vae_curves_results_and_t_sne_inputs_are_each_epochs_model_on_the_test_faces(
+        tmp_path, monkeypatch):
+    """Through vae.train: each epoch's train MSE and KL are the means over its steps of
+    the batches' figures (train mode, per pixel), its test MSE and KL those of the model
+    saved at that epoch on the test faces (eval mode); results.json holds the last ones,
+    the first ten test faces' reconstruction MSE per pixel, the seconds of the last
+    checkpoint and their share per epoch; the t-SNE embeds mu of the test faces."""
+    models = []
+
+    def normed(latent_dim):
+        torch.manual_seed(0)
+        models.append(NormedVAE(latent_dim, side=16))
+        return models[-1]
+    monkeypatch.setattr(nets, "VAE", normed)
+    states = saved_states(monkeypatch, tmp_path)
+    embedded = []
+    monkeypatch.setattr(tsne, "pca", lambda codes, dims: embedded.append(codes) or codes[:, :2])
+    monkeypatch.setattr(tsne, "tsne", lambda points, **kwargs: points)
+    step_figures = []
+
+    def before(optimizer):  # the batch the step trained on, by the weights before the step
+        model = models[0]
+        step_figures.append(own_vae_figures(model, model.seen[-1], mode="train"))
+    faces, test = toy_faces(21, 16), data.ImageSet(toy_faces(15, 16).pixels.flip(0),
+                                                    torch.arange(15) % 3 == 0)
+    settings = tiny_vae(latent_dim=3, epochs=3, batch_size=8, tsne_points=12)
+    with optimiser_hooks(before):
+        results = vae.train(faces, test, settings, tmp_path, "cpu", seed=0)
+    assert len(step_figures) == 3 * 2 and len(states) == 3  # 21 faces: 2 full batches of 8
+    for epoch, state in enumerate(states):
+        model = NormedVAE(3, side=16)
+        model.load_state_dict(state["model"])
+        mse, kl = own_vae_figures(model, test.images())
+        history = state["history"]
+        assert history["test_mse"][-1] == pytest.approx(mse, rel=1e-5), epoch
+        assert history["test_kl"][-1] == pytest.approx(kl, rel=1e-6), epoch
+        own_train = np.mean(step_figures[2 * epoch:2 * epoch + 2], axis=0)
+        assert history["train_mse"][-1] == pytest.approx(own_train[0], rel=1e-5), epoch
+        assert history["train_kl"][-1] == pytest.approx(own_train[1], rel=1e-5), epoch
+    assert results == json.loads((tmp_path / "results.json").read_text())
+    assert (results["test_mse"], results["test_kl"]) == (history["test_mse"][-1],
+                                                        history["test_kl"][-1])
+    assert results["epochs"] == 3 and results["train_seconds"] == states[-1]["seconds"]
+    assert results["seconds_per_epoch"] == pytest.approx(states[-1]["seconds"] / 3)
+    ten = test.images()[:10]
+    with torch.no_grad():
+        rebuilt = model.eval().from_code(model.to_code(ten))
+    assert results["reconstruction_mse_10_faces"] == pytest.approx(
+        (rebuilt - ten).pow(2).mean().item(), rel=1e-5)
+    with torch.no_grad():
+        codes = model.eval().to_code(test.images()[:12])
+    assert len(embedded) == 1 and np.allclose(embedded[0], codes.double().numpy(), atol=1e-6)
 
 
 def test_kl_term_matches_torch_distributions_and_a_monte_carlo_estimate():
@@ -4223,7 +4786,8 @@ def test_every_tensor_of_a_ddpm_step_and_its_samplers_is_on_the_models_device(lo
 
 
 # ============================================================================ uda
-# Pins what each method's losses see and move, the average and its statistics, resume.
+# Pins what each method's losses see and move, the average and its statistics, each
+# epoch's accuracies and the results of the saved average, resume.
 
 
 def domain_of(images: torch.Tensor) -> str:
@@ -4428,7 +4992,9 @@ def test_weight_average_has_batch_norm_statistics_of_its_own_weights(
     first = 1 if method == "self-ensembling" else 0  # after self-ensembling's Standardise
     before, conv, norm = getattr(average, encoder)[:first], *getattr(average, encoder)[
         first:first + 2]
-    images = torch.cat([getattr(domains, f"{name}_train").images() for name in domains_seen])
+    # refresh_statistics takes full batches of 8 alone: of 45 images 40, of 38 images 32
+    images = torch.cat([getattr(domains, f"{name}_train").images()[:len(getattr(
+        domains, f"{name}_train")) // 8 * 8] for name in domains_seen])
     with torch.no_grad():  # the first batch norm's mean: of the averaged convolution's output
         expected = conv(before(images)).mean(dim=(0, 2, 3))
     assert torch.allclose(norm.running_mean, expected, atol=1e-5)
@@ -4862,6 +5428,63 @@ def test_each_uda_method_steps_on_the_domains_labels_and_strengths_it_names(
     assert_all_close(list(averaged.parameters()), moving_average(
         last[0]["before"], [arguments["after"] for arguments in last], settings.ema_decay),
         what="weight average")
+
+
+@pytest.mark.parametrize("method", ["source", "dann", "adda", "target"])
+def test_each_epochs_accuracies_and_the_results_are_the_averages_on_the_test_splits(
+        tmp_path, monkeypatch, method):
+    """After each epoch: the weight average (as saved then), in eval mode, classifies the
+    target test split through its target encoder (ADDA's F_t, else F) and the source test
+    split through F; computed here from the saved weights and compared with the curves;
+    results.json, predictions.csv and the t-SNE's inputs are those of the last average.
+    The four splits differ in size and labels, and the test splits are large, so a wrong
+    split, network or set of weights does not give the same accuracy by chance."""
+    small_uda_networks(monkeypatch)
+    states = saved_states(monkeypatch, tmp_path)
+    embedded, coloured = [], []
+    monkeypatch.setattr(tsne, "pca", lambda features, dims: embedded.append(features)
+                        or features[:, :2])
+    monkeypatch.setattr(tsne, "tsne", lambda points, **kwargs: points)
+    monkeypatch.setattr(plots, "scatter_plot", lambda points, labels, path, **kwargs:
+                        coloured.append((Path(path).name, labels)))
+    domains = uda.Domains(toy_domain(45), toy_domain(38, seed=1, inverted=True),
+                          toy_domain(83, seed=2), toy_domain(97, seed=3, inverted=True))
+    settings = tiny_uda(src="mnistm", tgt="usps", method=method, epochs=2, adapt_epochs=2,
+                        tsne_points=30)
+    results = uda.train(domains, settings, tmp_path, "cpu", seed=0)
+    assert len(states) == 2  # one a epoch (ADDA: of its adaptation)
+    for epoch, state in enumerate(states):
+        average = uda.Networks(method)
+        average.load_state_dict(state["average"])
+        encoder = average.target_features if method == "adda" else average.features
+        target, predicted = own_accuracy(nn.Sequential(encoder, average.classifier),
+                                         domains.target_test)
+        source, _ = own_accuracy(nn.Sequential(average.features, average.classifier),
+                                 domains.source_test)
+        history = state["history"]
+        assert len(history["step"]) == epoch + 1
+        assert history["target_accuracy"][-1] == pytest.approx(target, abs=1e-12), epoch
+        assert history["source_accuracy"][-1] == pytest.approx(source, abs=1e-12), epoch
+    last = states[-1]
+    assert results == json.loads((tmp_path / "results.json").read_text())
+    assert results["target_accuracy"] == pytest.approx(target, abs=1e-12)
+    assert (results["correct"], results["total"]) == (int((predicted == domains.target_test
+                                                           .labels).sum()), 97)
+    assert results["source_test_accuracy"] == pytest.approx(source, abs=1e-12)
+    assert results["epochs"] == 2 and results["train_seconds"] == last["seconds"]
+    if method == "adda":  # and the source-only pre-training's, apart
+        assert results["pretrain_seconds"] == util.load_checkpoint(
+            tmp_path / "pretrain" / "checkpoint.pt")["seconds"]
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()[1:]
+    assert rows == [f"{name},{int(label)}" for name, label in
+                    zip(domains.target_test.names, predicted)]
+    with torch.no_grad():  # t-SNE: the first 30 test images of each domain, in eval mode
+        features = torch.cat([average.features.eval()(domains.source_test.images()[:30]),
+                              encoder.eval()(domains.target_test.images()[:30])])
+    assert len(embedded) == 1 and np.allclose(embedded[0], features.numpy(), atol=1e-5)
+    assert coloured[0][0] == "tsne_domain.png" and coloured[0][1].tolist() == [0] * 30 + [1] * 30
+    assert coloured[1][0] == "tsne_class.png" and coloured[1][1].tolist() == (
+        domains.source_test.labels[:30].tolist() + domains.target_test.labels[:30].tolist())
 
 
 def test_adda_adapts_f_t_from_a_copy_of_the_pretrained_f_s_while_f_s_and_c_stay_frozen(

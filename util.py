@@ -324,6 +324,11 @@ def load_checkpoint(path, device="cpu", given_by: str = "--ckpt") -> dict:
     if saved is not None and saved != payload_sha256(state):
         raise UserError(f"{path} is damaged: its contents no longer match the SHA-256 saved "
                         f"with them (a disk or copy fault); {instead}, or train again")
+    # save_checkpoint refuses such weights, but a file of an earlier version (no SHA-256)
+    # or one written elsewhere may hold them, and would sample NaN images
+    if not all(torch.isfinite(tensor).all() for tensor in _floating_tensors(state)):
+        raise UserError(f"{path} holds NaN or infinite weights (a run that diverged, or a "
+                        f"damaged file): {instead}, or train again")
     return state
 
 
