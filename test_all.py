@@ -2119,10 +2119,12 @@ def test_tsne_learning_rate_auto_is_n_over_12_over_4_at_least_50(monkeypatch, co
 # stay inside the folder; escaped names) and the command line that repeats a run.
 
 
-def fake_run(out: Path, step: int = 1, steps: int = 4, **changes) -> SimpleNamespace:
-    """What pages.run_page reads of a training.Run, after `step` + 1 of `steps` steps."""
-    history = {"step": [2, 4][:step // 2 + 1], "loss_d": [0.5, 0.25][:step // 2 + 1],
-               "fid": [80.5], "fid_step": [2]}
+def fake_run(out: Path, step: int = 1, steps: int = 4, history: dict | None = None,
+             **changes) -> SimpleNamespace:
+    """What pages.run_page and the results writers read of a training.Run, after
+    `step` + 1 of `steps` steps (by default a GAN's history of two checkpoints)."""
+    history = history or {"step": [2, 4][:step // 2 + 1], "loss_d": [0.5, 0.25][:step // 2 + 1],
+                          "fid": [80.5], "fid_step": [2]}
     return SimpleNamespace(**{"out": out, "command": "gan", "settings": tiny_gan(),
                               "seed": 3, "step": step, "steps": steps, "every": 2,
                               "seconds": 4.0, "history": history, "desc": "GAN b",
@@ -2844,12 +2846,9 @@ def test_resumed_classifier_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         assert torch.equal(whole[name], parts[name]), name
 
 
-def test_classifier_step_descends_label_smoothed_cross_entropy_of_shifted_digits_one_cycle(
-        tmp_path, monkeypatch):
-    """The digit evaluator's step: AdamW with the settings' weight decay, the one-cycle
-    learning rate, the gradient of CE with label smoothing 0.1 of the network on randomly
-    shifted images (none is a raw training image) and their own labels (toy_digits: dark 0,
-    bright 1)."""
+def recorded_digit_classifiers(monkeypatch) -> list:
+    """nets.digit_classifier replaced by one Linear layer in a Recorder (the same initial
+    weights every time); returns the list the networks built go into."""
     networks = []
 
     def tiny_classifier(classes=10, **kwargs):
@@ -2857,6 +2856,16 @@ def test_classifier_step_descends_label_smoothed_cross_entropy_of_shifted_digits
         networks.append(Recorder(nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, classes))))
         return networks[-1]
     monkeypatch.setattr(nets, "digit_classifier", tiny_classifier)
+    return networks
+
+
+def test_classifier_step_descends_label_smoothed_cross_entropy_of_shifted_digits_one_cycle(
+        tmp_path, monkeypatch):
+    """The digit evaluator's step: AdamW with the settings' weight decay, the one-cycle
+    learning rate, the gradient of CE with label smoothing 0.1 of the network on randomly
+    shifted images (none is a raw training image) and their own labels (toy_digits: dark 0,
+    bright 1)."""
+    networks = recorded_digit_classifiers(monkeypatch)
     train = toy_digits(32)
     settings = classifier.ClassifierSettings(epochs=2, batch_size=8, lr=0.01, weight_decay=0.02)
     reference = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], 0.01)
@@ -2894,13 +2903,7 @@ def test_classifier_epochs_cover_every_image_and_each_accuracy_is_the_saved_nets
     digits, four of them labelled against their brightness, so no network reads them
     all right and the train split's accuracy differs), computed here by hand;
     results.json holds the last network's."""
-    networks = []
-
-    def tiny_classifier(classes=10, **kwargs):
-        torch.manual_seed(0)
-        networks.append(Recorder(nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, classes))))
-        return networks[-1]
-    monkeypatch.setattr(nets, "digit_classifier", tiny_classifier)
+    networks = recorded_digit_classifiers(monkeypatch)
     states = saved_states(monkeypatch, tmp_path)
     sizes = []
     train, test = toy_digits(21), toy_digits(13, seed=1)
@@ -3087,11 +3090,6 @@ def test_the_data_preview_has_a_title(tmp_path, capsys):
     assert ink.shape[0] == grid.height + 20 and ink[:18].any()  # a title line above
 
 
-def fake_run(history: dict, seconds: float = 12.0, seed: int = 3):
-    """What the results writers read of a training.Run: its history, seconds and seed."""
-    return types.SimpleNamespace(history=history, seconds=seconds, seed=seed)
-
-
 def stub_digit_classifier(monkeypatch, path: Path) -> nn.Module:
     """A saved 'run.py classifier' checkpoint of a one-Linear digit classifier (built in
     place of nets.digit_classifier); the network, in eval mode."""
@@ -3109,8 +3107,8 @@ def test_final_numbers_are_each_curves_last_point_and_gan_results_its_step_and_s
         tmp_path):
     history = {"step": [5, 10, 13], "loss_d": [1.0, 0.5, 0.25], "loss_g": [2.0, 1.5, 1.0],
                "D(x)": [0.6, 0.7, 0.8], "D(G(z))": [0.3, 0.4, 0.45]}
-    results = reports.gan_results(tmp_path, tiny_gan(variant="a"), fake_run(history, 26.0),
-                                  metrics.NoFID("not asked for"))
+    run_ = fake_run(tmp_path, history=history, seconds=26.0, settings=tiny_gan(variant="a"))
+    results = reports.gan_results(tmp_path, run_.settings, run_, metrics.NoFID("not asked for"))
     assert results == json.loads((tmp_path / "results.json").read_text())
     assert {k: v for k, v in results.items() if k.startswith("final_")} == {
         "final_loss_d": 0.25, "final_loss_g": 1.0, "final_D(x)": 0.8, "final_D(G(z))": 0.45}
@@ -3127,7 +3125,8 @@ def test_vae_results_are_the_last_epochs_test_figures_and_the_ten_faces_mse_per_
     rebuilt = faces.clone()
     rebuilt[3, 1, 2, 5] += 0.5   # one pixel of one face off by 0.5, another by 0.25
     rebuilt[7, 0, 0, 0] -= 0.25
-    results = reports.vae_results(tmp_path, tiny_vae(), fake_run(history, 27.0),
+    results = reports.vae_results(tmp_path, tiny_vae(), fake_run(
+        tmp_path, history=history, seconds=27.0, command="vae", settings=tiny_vae()),
                                   {"fid": None}, faces, rebuilt, faces[:4], faces[:10], None)
     assert results == json.loads((tmp_path / "results.json").read_text())
     assert results["reconstruction_mse_10_faces"] == pytest.approx(
@@ -3146,8 +3145,10 @@ def test_ddpm_results_grade_each_digit_against_its_own_label(tmp_path, monkeypat
     labels[::3] = (labels[::3] + 1) % 10  # every third image graded wrong
     settings = ddpm.DDPMSettings(classifier=str(tmp_path / "classifier.pt"))
     history = {"step": [4, 8, 11], "loss": [0.9, 0.5, 0.4]}
-    results = reports.ddpm_results(tmp_path, settings, fake_run(history), metrics.NoFID("no"),
-                                   images, labels, 2.5, 7, "cpu")
+    grades = classifier.grade(images, labels, settings.classifier, "cpu")
+    run_ = fake_run(tmp_path, history=history, seconds=12.0, command="ddpm", settings=settings)
+    results = reports.ddpm_results(tmp_path, settings, run_, metrics.NoFID("no"),
+                                   images, grades, 2.5, 7)
     assert results == json.loads((tmp_path / "results.json").read_text())
     assert (results["digit_correct"], results["digit_total"]) == (23 - 8, 23)
     assert results["digit_accuracy"] == 15 / 23
@@ -3200,8 +3201,10 @@ def test_uda_results_and_tables_are_the_target_predictions_accuracy_and_the_curv
     history = {"step": [5, 10, 15], "class": [2.0, 1.0, 0.5],
                "target_accuracy": [0.1, 0.2, 0.3], "source_accuracy": [0.5, 0.6, 0.7]}
     settings = tiny_uda(src="mnistm", tgt="usps", method="dann", tsne_points=0)
-    results = reports.uda_results(tmp_path, settings, fake_run(history), domains,
-                                  predictions, None, None, None)
+    run_ = fake_run(tmp_path, history=history, seconds=12.0, command="uda", settings=settings)
+    results = reports.uda_results(tmp_path, settings, run_, domains, predictions,
+                                  classifier.accuracy(predictions, test.labels), None, None,
+                                  None)
     assert results == json.loads((tmp_path / "results.json").read_text())
     assert (results["target_accuracy"], results["correct"], results["total"]) == \
         (17 / 23, 17, 23)
@@ -3330,7 +3333,7 @@ def test_logged_d_outputs_are_the_d_steps_scores_of_real_and_fake_before_its_upd
     d_before = copy.deepcopy(model.discriminator.inner)
     real = real_batch()
     numbers = gan.train_step(model, gan.build_optimizers(model, settings), real, None,
-                             settings, parallel.Random(0), noise_std=0.0)
+                             settings, parallel.Random(0), parallel.Random(0), noise_std=0.0)
     fake = model.generator.outputs[0]
     with torch.no_grad():
         assert numbers["D(x)"].item() == pytest.approx(
@@ -4056,7 +4059,7 @@ def test_vae_curves_results_and_t_sne_inputs_are_each_epochs_model_on_the_test_f
         torch.manual_seed(0)
         models.append(NormedVAE(latent_dim, side=16))
         return models[-1]
-    monkeypatch.setattr(nets, "VAE", normed)
+    monkeypatch.setattr(vae, "VAE", normed)
     states = saved_states(monkeypatch, tmp_path)
     embedded = []
     monkeypatch.setattr(tsne, "pca", lambda codes, dims: embedded.append(codes) or codes[:, :2])
@@ -6185,7 +6188,7 @@ def test_the_report_fills_each_part_from_the_runs_and_names_the_command_of_the_r
     for method, title in (("source", "Trained on source"), ("dann", "DANN")):
         row = json.loads((runs / "uda" / "mnistm-usps" / method / "results.json").read_text())
         cell, = accuracy[title]
-        assert cell == f"{pages.number(row['target_accuracy'])} ({row['correct']}/40)"
+        assert cell == f"{pages.number(row['target_accuracy'])} ({row['correct']}/{row['total']})"
     out = f" --out {shlex.quote(str(runs))}"
     lines = [line for text in page.pres for line in text.splitlines()]
     for command in ("gan --variant a", "gan --variant acgan", "vae --kl-weight 1", "ddpm",
