@@ -419,9 +419,9 @@ def real_batch(faces: data.ImageSet, settings: GANSettings, data_order: Random):
 # ============================================================================ training
 def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSettings,
           out: Path, device, seed: int, cache_dir=None, weights=None) -> dict:
-    """Alternate D and G steps for settings.steps steps; every sample_every steps the
-    FID of fixed samples, a checkpoint (and best.pt at the lowest FID) and the pictures;
-    then results.json. weights: the FID Inception weights file (default: the cache's)."""
+    """Alternate D and G steps for settings.steps steps; every sample_every steps a
+    checkpoint and the pictures, every fid_every steps first the FID and KID of fixed
+    samples (best.pt: the lowest FID's checkpoint); then results.json. weights: the FID Inception weights file (default: the cache's)."""
     if settings.variant not in VARIANTS:
         raise UserError(f"unknown --variant '{settings.variant}': use {', '.join(VARIANTS)}")
     if settings.variant == "acgan" and faces.labels is None:
@@ -441,10 +441,10 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
         "discriminator_optimizer": optimizers["discriminator"]}, steps=settings.steps,
         every=settings.sample_every, may_change=("steps", "sample_every", "fid_every"),
         desc=f"GAN {settings.variant}")
-    # the training streams (training.py): which faces; z, c, hacks' targets and instance
-    # noise, WGAN-GP's eps; DiffAugment's transforms (dropout draws from torch's own)
-    data_order, noise, augmentation = (run.random(name) for name in
-                                       ("data", "noise", "augment"))
+    # the training streams (training.py; dropout draws from torch's own)
+    data_order = run.random("data")        # which faces
+    noise = run.random("noise")            # z, c, hacks' targets and noise, WGAN-GP's eps
+    augmentation = run.random("augment")   # DiffAugment's transforms
     for step in run:
         gan.train()  # sampling at the last checkpoint left G (a, hacks) in eval mode
         if settings.variant == "wgan-gp":  # n_critic real batches, fetched as it needs them

@@ -430,10 +430,10 @@ def train(domains: "Domains", settings: UDASettings, out: Path, device, seed: in
                        state={"networks": networks, "average": average, **optimizers},
                        steps=settings.epochs * epochs.steps, every=epochs.steps,
                        may_change=("tsne_points",))
-    # the training streams (training.py): each epoch's batches; GTA's z;
-    # self-ensembling's augmentations (dropout draws from torch's own)
-    data_order, noise, augmentation = (run.random(name) for name in
-                                       ("data", "noise", "augment"))
+    # the training streams (training.py; dropout draws from torch's own)
+    data_order = run.random("data")        # each epoch's batches
+    noise = run.random("noise")            # GTA's z
+    augmentation = run.random("augment")   # self-ensembling's augmentations
     for step in run:
         (xs, ys), (xt, yt) = epochs.batch(step, data_order)
         set_learning_rates(optimizers, settings, step, run.steps)
