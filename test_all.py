@@ -4333,7 +4333,8 @@ def test_ddpm_fid_of_the_1000_course_digits_beside_the_curve(tmp_path, cheap_fid
 def test_ddpm_grades_the_fid_digits_at_every_fid_step(tmp_path, cheap_fid, monkeypatch):
     """--fid-every 2 with a checkpoint every step: FID, KID and the digit accuracy of the
     FID's digits (the classifier's grade of those very images and labels) at steps 2 and
-    4 only. Catches grades of other images, labels or steps."""
+    4 only; at the end the 1000 course digits graded against their own labels. Catches
+    grades of other images, labels or steps."""
     graded = []
 
     def grade(images, labels, checkpoint, device):
@@ -4353,6 +4354,10 @@ def test_ddpm_grades_the_fid_digits_at_every_fid_step(tmp_path, cheap_fid, monke
                         for batch, stream in ddpm.label_batches(torch.arange(10) % 10, "fid")])
     assert torch.equal(graded[1][1], torch.arange(10) % 10)
     assert torch.allclose(graded[1][0], digits)
+    _, course_labels = reports.course_names()  # the 1000 course digits, each its own label
+    course = torch.cat([ddpm.sample(model, trained, batch, 0, stream)[0]
+                        for batch, stream in ddpm.label_batches(course_labels, "course digits")])
+    assert torch.equal(graded[2][1], course_labels) and torch.allclose(graded[2][0], course)
     assert results["fid_curve"]["fid"][-1] == pytest.approx(own_fid(digits, test.images()),
                                                             rel=1e-6)
 
