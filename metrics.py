@@ -59,11 +59,11 @@ FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fi
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # the file name carries its SHA-256's first 8 digits
 KID_SUBSETS = 100        # Binkowski et al.'s protocol: MMD^2_u of 100 subsets,
 KID_SUBSET_SIZE = 1000   # each of min(1000, n) images from each side
-# the history's series measured with the FID, at the steps in history["fid_step"]
-AT_FID_STEPS = ("fid", "kid", "kid_std", "digit_accuracy")
 KID_SEED = 0             # the subsets' draws: the same at every checkpoint, like with like
 FID_INF_POINTS = 15      # Chong & Forsyth's count of subset sizes N,
 FID_INF_SMALLEST = 4     # the smallest a quarter of the images (theirs: a tenth of 50,000)
+# the history's series measured with the FID, at the steps in history["fid_step"]
+AT_FID_STEPS = ("fid", "kid", "kid_std", "digit_accuracy")
 
 
 # ============================================================================ Inception

@@ -131,9 +131,10 @@ class Run:
     - Random streams: `random(name)` (the module's docstring), saved in each checkpoint
       with torch's default stream (dropout's).
     - Resume: with settings.resume and OUT/checkpoint.pt present, every part of `state`,
-      the random streams, the history and the step counter come back from the checkpoint (util.resume_state
-      checks that it is this run's: same command, seed and settings, apart from the
-      fields in may_change), and iterating continues where the run stopped.
+      the random streams, the history and the step counter come back from the
+      checkpoint (util.resume_state checks that it is this run's: same command, seed and
+      settings, apart from the fields in may_change), and iterating continues where the
+      run stopped.
     - `log(numbers)`: the numbers a step returned, as their means over the processes
       under torchrun (each process's are the means of its rows), shown on the progress
       line; one that is NaN or infinite stops the run. `at_checkpoint` is true at each
@@ -158,8 +159,8 @@ class Run:
         self.record, self.desc = record or {}, desc or command
         self.checkpoint, self.device = self.out / "checkpoint.pt", device
         self.step_log, self.first = StepLog(), 0
+        # the streams the run draws from; those of the checkpoint, None unless resumed
         self.streams, self.stored_streams = {"dropout": DefaultStream(seed)}, None
-        self.resumed = False
         if settings.resume and self.checkpoint.exists():
             stored = util.resume_state(self.checkpoint, device, command, settings, seed,
                                        may_change)
@@ -167,7 +168,6 @@ class Run:
                 part.load_state_dict(stored[name])
             self.step_log = StepLog(stored["history"], stored["seconds"])
             self.first, self.stored_streams = stored["step"], stored.get("random", {})
-            self.resumed = True
             self._restore(self.streams["dropout"], "dropout")
             print(f"resumed from {self.checkpoint} at step {self.first}")
         self.step, self.pending = self.first, []  # the logged numbers not yet taken
@@ -178,7 +178,7 @@ class Run:
         name) and saved with every checkpoint: on --resume it continues from there."""
         stream = parallel.Random(stream_seed(self.seed, name), self.device)
         self.streams[name] = stream
-        if self.resumed:
+        if self.stored_streams is not None:
             self._restore(stream, name)
         return stream
 
