@@ -474,8 +474,8 @@ def train(digits: data.ImageSet, real_test: data.ImageSet | None, settings: DDPM
                 labels = torch.arange(settings.fid_images) % CLASSES
                 images = fid.measure(run.history, step + 1, lambda batch: sample(
                     model, settings, batch[0], seed, batch[1])[0], label_batches(labels, "fid"))
-                run.history.setdefault("digit_accuracy", []).append(classifier.grade(
-                    images, labels, settings.classifier, device)["digit_accuracy"])
+                metrics.record(run.history, {"digit_accuracy": classifier.grade(
+                    images, labels, settings.classifier, device)["digit_accuracy"]})
             run.save_checkpoint()  # after the FID: best.pt is the lowest FID's
             reports.ddpm_pictures(out, settings, run.history, fid, sampler_steps(settings),
                                   *reverse_process(model, settings, seed))

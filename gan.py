@@ -463,10 +463,40 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
             if fid.due(step + 1, settings.steps):  # the same z every time: like with like
                 fid.measure(run.history, step + 1, lambda batch: gan.sample(*batch),
                             noise_batches(settings, settings.fid_images, seed, "fid"))
+                if settings.variant != "wgan-gp":  # a critic's score is no probability
+                    metrics.record(run.history, memorisation(gan, faces, held_out, settings))
             run.save_checkpoint()  # after the FID: best.pt is the lowest FID's
             reports.gan_pictures(out, settings, run.history, fid,
                                  *pictures(gan, settings, seed, step))
     return reports.gan_results(out, settings, run, fid)
+
+
+@torch.no_grad()
+def memorisation(gan: GAN, faces: data.ImageSet, held_out: data.ImageSet,
+                 settings: GANSettings, count: int = 1000) -> dict:
+    """Is D learning its training faces by heart? sigmoid(D(x)) averaged over the first
+    `count` training faces and over as many held-out faces, which D never sees. While D
+    generalises the two agree; when it overfits they part ways, the held-out faces
+    sliding toward "fake", and FID soon stops improving (Karras et al. 2020, "Training
+    Generative Adversarial Networks with Limited Data", Fig. 1). Batch norm as in
+    training (each batch of batch_size its own statistics); no augmentation; dropout
+    (hacks) off, so no mask is drawn from training's stream."""
+    discriminator = gan.discriminator.train()
+    for layer in discriminator.modules():
+        if isinstance(layer, nn.Dropout):
+            layer.eval()
+    device = next(discriminator.parameters()).device
+    count = min(count, len(faces), len(held_out))
+
+    def mean_score(images: data.ImageSet) -> float:
+        scores = [discriminator(images.images(slice(i, min(i + settings.batch_size, count)))
+                                .to(device)).flatten(1)[:, 0]
+                  for i in range(0, count, settings.batch_size)]
+        return torch.sigmoid(torch.cat(scores)).mean().item()
+
+    scores = {"D(training x)": mean_score(faces), "D(held-out x)": mean_score(held_out)}
+    discriminator.train()
+    return scores
 
 
 # ============================================================================ sampling

@@ -63,7 +63,7 @@ KID_SEED = 0             # the subsets' draws: the same at every checkpoint, lik
 FID_INF_POINTS = 15      # Chong & Forsyth's count of subset sizes N,
 FID_INF_SMALLEST = 4     # the smallest a quarter of the images (theirs: a tenth of 50,000)
 # the history's series measured with the FID, at the steps in history["fid_step"]
-AT_FID_STEPS = ("fid", "kid", "kid_std", "digit_accuracy")
+AT_FID_STEPS = ("fid", "kid", "kid_std", "digit_accuracy", "D(training x)", "D(held-out x)")
 
 
 # ============================================================================ Inception
@@ -467,12 +467,8 @@ class FIDTracker:
         split across the processes and the images gathered in order (parallel.in_order)."""
         images = torch.cat(parallel.in_order(sample, batches))
         scores = self.score(images)
-        for name in ("kid", "kid_std"):  # a run resumed from a checkpoint written before
-            # KID has none at its earlier steps: None there (null in results.json)
-            history.setdefault(name, [None] * len(history.get("fid", [])))
-        for name in ("fid", "kid", "kid_std"):
-            history.setdefault(name, []).append(scores[name])
         history.setdefault("fid_step", []).append(step)
+        record(history, {name: scores[name] for name in ("fid", "kid", "kid_std")})
         return images
 
     def results(self, history: dict) -> dict:
@@ -489,6 +485,14 @@ class FIDTracker:
                 "fid_curve": {"images": self.count, "real_images": self.real.count,
                               "step": history["fid_step"], "fid": history["fid"],
                               "kid": history["kid"], "kid_std": history["kid_std"]}}
+
+
+def record(history: dict, numbers: dict):
+    """Append numbers measured at the FID step just added to history["fid_step"]. A run
+    resumed from a checkpoint written before a series existed (KID) has no value of it at
+    the earlier steps: None there (null in results.json, a gap in the curve)."""
+    for name, value in numbers.items():
+        history.setdefault(name, [None] * (len(history["fid_step"]) - 1)).append(value)
 
 
 class NoFID:

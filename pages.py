@@ -70,7 +70,8 @@ PICTURES = ("samples.gif", "samples.png", "pairs.png", "grid.png",
                    "reverse_process.gif", "reverse_process.png", "reconstructions.png",
                    "interpolation.gif", "interpolation.png", "generated.png", "tsne.png",
                    "tsne_class.png", "tsne_domain.png")
-CURVES = ("loss.png", "d_outputs.png", "mse.png", "kl.png", "accuracy.png", "fid.png")
+CURVES = ("loss.png", "d_outputs.png", "mse.png", "kl.png", "accuracy.png", "fid.png",
+          "kid.png", "digit_accuracy.png")
 GRIDS = "grids"  # OUT/grids/step_000500.png: the sample grid of each checkpoint
 
 

@@ -93,7 +93,8 @@ def final_numbers(history: dict) -> dict:
 def gan_pictures(out: Path, settings, history: dict, fid, samples: torch.Tensor,
                  pairs: torch.Tensor | None, averaged_steps: float | None):
     """samples.png (the fixed z), grids/step_N.png and samples.gif (the fixed z at every
-    checkpoint so far), loss.png, d_outputs.png, ACGAN's pairs.png, fid.png and kid.png;
+    checkpoint so far), loss.png, d_outputs.png (with D's scores of training and held-out
+    faces at the FID steps), ACGAN's pairs.png, fid.png and kid.png;
     averaged_steps: about how many steps G's average holds (None: no average)."""
     out, title, step = Path(out), f"GAN variant {settings.variant}", history["step"][-1]
     save_grid(samples, out / "samples.png", title=(
@@ -111,10 +112,15 @@ def gan_pictures(out: Path, settings, history: dict, fid, samples: torch.Tensor,
         plots.line_plot({"E[D(x)] - E[D(G(z))]": history["wasserstein"]},
                         out / "d_outputs.png", title=f"{title}: the critic's Wasserstein "
                         "estimate", xlabel="step", ylabel="critic score", x=history["step"])
-    else:
-        plots.line_plot({"D(x)": history["D(x)"], "D(G(z))": history["D(G(z))"]},
+    else:  # the training batches' means, and at the FID steps gan.memorisation's scores
+        batches, fixed = history["step"], history.get("fid_step", [])
+        plots.line_plot({"D(x)": history["D(x)"], "D(G(z))": history["D(G(z))"],
+                         "D(x), fixed training faces": history.get("D(training x)", []),
+                         "D(x), held-out faces": history.get("D(held-out x)", [])},
                         out / "d_outputs.png", title=f"{title}: sigmoid of D's score",
-                        xlabel="step", ylabel="mean sigmoid(D)", x=history["step"])
+                        xlabel="step", ylabel="mean sigmoid(D)",
+                        x={"D(x)": batches, "D(G(z))": batches,
+                           "D(x), fixed training faces": fixed, "D(x), held-out faces": fixed})
     if pairs is not None:  # ACGAN: each column one z, without and with the attribute
         save_grid(pairs, out / "pairs.png", nrow=len(pairs) // 2,
                   rows=[f"{settings.attribute} = 0", f"{settings.attribute} = 1"],
@@ -129,6 +135,10 @@ def gan_results(out: Path, settings, run, fid) -> dict:
                "image_size": settings.image_size, "train_seconds": run.seconds,
                "seconds_per_step": run.seconds / max(steps, 1), **final_numbers(history),
                **fid.results(history)}
+    if history.get("D(held-out x)"):  # gan.memorisation's curves
+        results["memorisation"] = {"step": history["fid_step"],
+                                   "training_faces": history["D(training x)"],
+                                   "held_out_faces": history["D(held-out x)"]}
     return save_results(results, run)
 
 

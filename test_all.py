@@ -3324,6 +3324,65 @@ def test_gan_fid_curve_is_of_the_fixed_samples_of_each_checkpoint_against_all_he
     assert saved["best_fid_step"] == curve["step"][int(np.argmin(curve["fid"]))]
 
 
+def own_mean_score(discriminator, images: torch.Tensor, batch: int) -> float:
+    """sigmoid(D) of images in batches of `batch`, D a copy in training mode, dropout 0."""
+    discriminator = copy.deepcopy(discriminator).train()
+    for layer in discriminator.modules():
+        if isinstance(layer, torch.nn.Dropout):
+            layer.p = 0.0
+    with torch.no_grad():
+        return torch.cat([torch.sigmoid(discriminator(images[i:i + batch]).flatten())
+                          for i in range(0, len(images), batch)]).mean().item()
+
+
+def test_memorisation_scores_fixed_training_and_held_out_faces_as_d_sees_batches():
+    """gan.memorisation: D's mean sigmoid over the first `count` training faces and as many
+    held-out ones, in batches of batch_size with batch norm's batch statistics, dropout
+    off and no draw from the dropout stream. Catches the two sides swapped, scores after
+    running statistics (eval mode) or of one batch of all, dropout masks left on (they
+    would shift the run's default stream), raw scores instead of sigmoids."""
+    settings = tiny_gan(variant="hacks", batch_size=3)
+    training.seed_weights(0)
+    model = gan.GAN(settings)
+    faces, held_out = toy_faces(12), data.ImageSet(toy_faces(12).pixels.flip(0)[:9])
+    state = torch.get_rng_state()
+    scores = gan.memorisation(model, faces, held_out, settings, count=7)
+    assert torch.equal(torch.get_rng_state(), state)  # dropout drew nothing
+    d = model.discriminator
+    expected = {"D(training x)": own_mean_score(d, faces.images()[:7], 3),
+                "D(held-out x)": own_mean_score(d, held_out.images()[:7], 3)}
+    assert scores == pytest.approx(expected, rel=1e-6)
+    assert abs(expected["D(training x)"] - expected["D(held-out x)"]) > 1e-3
+    assert abs(own_mean_score(d, faces.images()[:7], 7) - expected["D(training x)"]) > 1e-4
+    with torch.no_grad():
+        evaluated = torch.sigmoid(copy.deepcopy(d).eval()(faces.images()[:7])).mean().item()
+    assert abs(evaluated - expected["D(training x)"]) > 1e-4
+    assert d.training  # left in training mode, dropout on again
+    assert all(layer.training for layer in d.modules())
+
+
+@pytest.mark.parametrize("variant", ["b", "wgan-gp"])
+def test_a_gan_run_records_ds_memorisation_scores_at_the_fid_steps(tmp_path, cheap_fid,
+                                                                    variant):
+    """At each FID step the run records gan.memorisation of the weights it then saves, in
+    the history, in results.json and on d_outputs.png; a WGAN-GP critic's scores are no
+    probabilities, so it records none."""
+    held_out = data.ImageSet(toy_faces(10).pixels.flip(0))
+    settings = tiny_gan(variant=variant, steps=2, fid_images=4, n_critic=1)
+    results = gan.train(toy_faces(), held_out, settings, tmp_path, "cpu", 0, weights=cheap_fid)
+    if variant == "wgan-gp":
+        assert "memorisation" not in results
+        return
+    curve = results["memorisation"]
+    assert curve["step"] == [1, 2] == results["fid_curve"]["step"]
+    model, _ = gan.load(tmp_path / "checkpoint.pt", "cpu")
+    again = gan.memorisation(model, toy_faces().to("cpu"), held_out, settings)
+    assert (curve["training_faces"][-1], curve["held_out_faces"][-1]) == pytest.approx(
+        (again["D(training x)"], again["D(held-out x)"]), rel=1e-6)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["memorisation"] == curve
+
+
 @pytest.mark.parametrize("variant", ["a", "hacks"])
 def test_logged_d_outputs_are_the_d_steps_scores_of_real_and_fake_before_its_update(variant):
     """D(x) and D(G(z)) on the loss curves: sigmoid of the scores D gave in its own step,
