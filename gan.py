@@ -13,7 +13,9 @@ loss above (binary cross-entropy on logits), Adam lr 2e-4, beta1 0.5, batch 128.
 Variant b keeps DCGAN's networks and changes how they are trained, each for a reason:
 - the hinge loss (Lim & Ye 2017; used by SNGAN, BigGAN)
       L_D = E[relu(1 - D(x))] + E[relu(1 + D(G(z)))],   L_G = -E[D(G(z))]:
-  D stops pushing scores it already gets right, so it does not overfit;
+  an image D already scores past the margin gives it no gradient, so it learns only
+  from those it gets wrong or nearly wrong (it still memorises a small training set in
+  long runs: see `memorisation`);
 - Adam at twice DCGAN's rate, 4e-4 for both players: on the budgets this project
   measures (1,000 to 2,000 steps) how fast G learns is what limits the FID, and the
   average below absorbs the larger steps' jitter;
