@@ -3403,20 +3403,34 @@ def test_logged_d_outputs_are_the_d_steps_scores_of_real_and_fake_before_its_upd
     assert abs(moved - numbers["D(G(z))"].item()) > 1e-4  # the update changed D's score
 
 
-def test_logged_wgan_gp_numbers_are_the_critic_steps_estimate_and_loss_with_its_penalty():
+def test_logged_wgan_gp_numbers_are_the_last_critic_steps_estimate_and_loss_with_penalty():
     """With a linear critic D(x) = <w, x> + b, grad_x D = w at every x~, so the penalty is
     (||w|| - 1)^2 whatever the interpolation draws; W = mean D(x) - mean D(G(z)) of the
-    critic before its step; the logged D loss is -W + lambda * penalty."""
+    critic as it was in the last of the n_critic steps, on that step's real batch and
+    fakes; the logged D loss is -W + lambda * penalty. Catches the first critic step's
+    numbers logged, or the critic's after its update."""
     model, settings = stub_gan("wgan-gp")
-    settings = dataclasses.replace(settings, n_critic=1, gp_weight=7.0)
-    critic = copy.deepcopy(model.discriminator.inner)
-    real = real_batch()
-    numbers = gan.wgan_gp_step(model, gan.build_optimizers(model, settings), lambda: real,
-                               settings, parallel.Random(0))
-    fake = model.generator.outputs[0]
+    settings = dataclasses.replace(settings, n_critic=2, gp_weight=7.0)
+    optimizers = gan.build_optimizers(model, settings)
+    critics, critic_step = [], optimizers["discriminator"].step
+
+    def step_after_a_snapshot(*args, **kwargs):  # the critic each step's forward saw
+        critics.append(copy.deepcopy(model.discriminator.inner))
+        return critic_step(*args, **kwargs)
+    optimizers["discriminator"].step = step_after_a_snapshot
+    batches = iter([real_batch(), real_batch().flip(0) * 0.5])
+    real = None
+
+    def next_batch():
+        nonlocal real
+        real = next(batches)
+        return real
+    numbers = gan.wgan_gp_step(model, optimizers, next_batch, settings, parallel.Random(0))
+    critic, fake = critics[-1], model.generator.outputs[1]  # the second critic step's
     with torch.no_grad():
         wasserstein = (critic(real).mean() - critic(fake).mean()).item()
     penalty = (critic[1].weight.norm().item() - 1) ** 2
+    assert abs((critics[0][1].weight.norm().item() - 1) ** 2 - penalty) > 1e-6
     assert numbers["wasserstein"].item() == pytest.approx(wasserstein, rel=1e-5)
     assert numbers["penalty"].item() == pytest.approx(penalty, rel=1e-4)
     assert numbers["loss_d"].item() == pytest.approx(-wasserstein + 7.0 * penalty, rel=1e-4)
