@@ -5511,7 +5511,8 @@ def test_each_uda_method_steps_on_the_domains_labels_and_strengths_it_names(
         what="weight average")
 
 
-@pytest.mark.parametrize("method", ["source", "dann", "adda", "target"])
+@pytest.mark.parametrize("method", ["source", "dann", "adda", "gta", "self-ensembling",
+                                    "target"])
 def test_each_epochs_accuracies_and_the_results_are_the_averages_on_the_test_splits(
         tmp_path, monkeypatch, method):
     """After each epoch: the weight average (as saved then), in eval mode, classifies the
