@@ -548,10 +548,13 @@ def command_curves(args) -> None:
     """The FID curves of several runs in one picture, from their results.json files, and
     their KID curves in a second (TO_kid.png) when every run measured KID."""
     curves = {}
-    for folder in args.runs:
+    names = [Path(folder).resolve().name for folder in args.runs]
+    for folder, name in zip(args.runs, names):
         curve = fid_curve_of(Path(folder) / "results.json")
         against = f" against {curve['real_images']:,}" if "real_images" in curve else ""
-        curves[f"{Path(folder).resolve().name} ({curve['images']:,} samples{against})"] = curve
+        if names.count(name) > 1:  # runs/x/gan_b and runs/y/gan_b: x/gan_b and y/gan_b
+            name = "/".join(Path(folder).resolve().parts[-2:])
+        curves[f"{name} ({curve['images']:,} samples{against})"] = curve
     steps = {name: curve["step"] for name, curve in curves.items()}
     plots.line_plot({name: curve["fid"] for name, curve in curves.items()}, args.to,
                     title=args.title, xlabel="step", ylabel="FID", x=steps)

@@ -5929,6 +5929,14 @@ def test_curves_draws_the_fid_curves_of_several_runs_in_one_picture(tmp_path, ca
     assert series["gan_a (500 samples against 2,000)"][1] == 0.25
     util.write_json({"fid": None}, tmp_path / "no_fid" / "results.json")
     assert "has no FID curve" in one_line_error(capsys, ["curves", str(tmp_path / "no_fid")])
+    # two runs of one name in different folders are two curves, named by their folders
+    util.write_json({"fid_curve": {"images": 500, "step": [1], "fid": [9.0]}},
+                    tmp_path / "augmented" / "gan_b" / "results.json")
+    assert run.main(["curves", str(tmp_path / "gan_b"), str(tmp_path / "augmented" / "gan_b"),
+                     "--to", str(tmp_path / "fid.png")]) == 0
+    series, _ = drawn["fid.png"]
+    assert series == {f"{tmp_path.name}/gan_b (500 samples)": [280.0, 200.0, 150.0],
+                      "augmented/gan_b (500 samples)": [9.0]}
 
 
 def test_cpu_cost_note_says_about_how_long_a_run_trains_and_the_shorter_preset():
