@@ -112,15 +112,15 @@ def gan_pictures(out: Path, settings, history: dict, fid, samples: torch.Tensor,
         plots.line_plot({"E[D(x)] - E[D(G(z))]": history["wasserstein"]},
                         out / "d_outputs.png", title=f"{title}: the critic's Wasserstein "
                         "estimate", xlabel="step", ylabel="critic score", x=history["step"])
-    else:  # the training batches' means, and at the FID steps gan.memorisation's scores
-        batches, fixed = history["step"], history.get("fid_step", [])
-        plots.line_plot({"D(x)": history["D(x)"], "D(G(z))": history["D(G(z))"],
-                         "D(x), fixed training faces": history.get("D(training x)", []),
-                         "D(x), held-out faces": history.get("D(held-out x)", [])},
-                        out / "d_outputs.png", title=f"{title}: sigmoid of D's score",
-                        xlabel="step", ylabel="mean sigmoid(D)",
-                        x={"D(x)": batches, "D(G(z))": batches,
-                           "D(x), fixed training faces": fixed, "D(x), held-out faces": fixed})
+    else:  # the training batches' means; at the FID steps gan.memorisation's, if measured
+        scores = {"D(x)": history["D(x)"], "D(G(z))": history["D(G(z))"]}
+        steps = dict.fromkeys(scores, history["step"])
+        for name, label in (("D(training x)", "D(x), fixed training faces"),
+                            ("D(held-out x)", "D(x), held-out faces")):
+            if history.get(name):
+                scores[label], steps[label] = history[name], history["fid_step"]
+        plots.line_plot(scores, out / "d_outputs.png", title=f"{title}: sigmoid of D's score",
+                        xlabel="step", ylabel="mean sigmoid(D)", x=steps)
     if pairs is not None:  # ACGAN: each column one z, without and with the attribute
         save_grid(pairs, out / "pairs.png", nrow=len(pairs) // 2,
                   rows=[f"{settings.attribute} = 0", f"{settings.attribute} = 1"],

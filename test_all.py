@@ -3363,10 +3363,16 @@ def test_memorisation_scores_fixed_training_and_held_out_faces_as_d_sees_batches
 
 @pytest.mark.parametrize("variant", ["b", "wgan-gp"])
 def test_a_gan_run_records_ds_memorisation_scores_at_the_fid_steps(tmp_path, cheap_fid,
-                                                                    variant):
+                                                                    monkeypatch, variant):
     """At each FID step the run records gan.memorisation of the weights it then saves, in
     the history, in results.json and on d_outputs.png; a WGAN-GP critic's scores are no
     probabilities, so it records none."""
+    drawn, line_plot = {}, plots.line_plot
+
+    def recorded(series, path, **options):
+        drawn[Path(path).name] = (series, options["x"])
+        return line_plot(series, path, **options)
+    monkeypatch.setattr(plots, "line_plot", recorded)
     held_out = data.ImageSet(toy_faces(10).pixels.flip(0))
     settings = tiny_gan(variant=variant, steps=2, fid_images=4, n_critic=1)
     results = gan.train(toy_faces(), held_out, settings, tmp_path, "cpu", 0, weights=cheap_fid)
@@ -3381,6 +3387,10 @@ def test_a_gan_run_records_ds_memorisation_scores_at_the_fid_steps(tmp_path, che
         (again["D(training x)"], again["D(held-out x)"]), rel=1e-6)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["memorisation"] == curve
+    series, x = drawn["d_outputs.png"]
+    assert series["D(x), held-out faces"] == curve["held_out_faces"]
+    assert series["D(x), fixed training faces"] == curve["training_faces"]
+    assert x["D(x), held-out faces"] == [1, 2] and len(series["D(x)"]) == 2
 
 
 @pytest.mark.parametrize("variant", ["a", "hacks"])
