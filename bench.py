@@ -4,6 +4,7 @@
     python bench.py tsne --data-root DIR [--sizes 2000,5000] [--sklearn]
     python bench.py fid [--images 100] [--threads 2] [--batch-size 50] [--device cpu]
                          [--weights FILE]
+    python bench.py kid [--real 2000] [--fake 1000] [--threads 1]
     python bench.py ddp --data-root DIR [--nproc 2] [--variant b] [--image-size 32]
                          [--steps 40] [--batch-size 64]
     python bench.py uda [--methods source,dann,gta,self-ensembling] [--steps 20]
@@ -17,6 +18,8 @@ not a dependency) the same input goes through sklearn.manifold.TSNE's defaults.
 `fid`: images per second of FID feature extraction on 64x64 inputs: ours, and pytorch-fid's
 network when `pytorch_fid` can be imported (random weights unless --weights: the speed is
 the same).
+`kid`: seconds for KID of --fake against --real random 2048-d features (pool3's size),
+the kernels of all pairs computed once against each subset's own (metrics.kid).
 `ddp`: GAN training steps per second in one process (`python run.py gan ...`) and in
 --nproc processes (`torchrun --nproc_per_node N run.py gan ...`), the same flags and global
 batch, no FID; the seconds per step come from each run's results.json.
@@ -126,6 +129,24 @@ def bench_fid(args):
         seconds = time.perf_counter() - start
         print(f"{name}: FID features of {args.images} images 64x64, batch {args.batch_size}, "
               f"{args.threads} threads, {device}: {args.images / seconds:.2f} images/s")
+
+
+def bench_kid(args):
+    """KID of `fake` generated against `real` held-out features (2048 numbers each, as
+    pool3 gives), with the kernels of all pairs computed once and with each subset's own,
+    one after the other in one run: the same figure, and the time of each."""
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(args.real, 2048, generator=generator).numpy()
+    fake = (torch.randn(args.fake, 2048, generator=generator) + 0.1).numpy()
+    every_pair = metrics.KID_KERNEL_ENTRIES
+    for name, limit in (("kernels of all pairs at once", every_pair), ("each subset's", 0)):
+        metrics.KID_KERNEL_ENTRIES = limit
+        start = time.perf_counter()
+        mean, std = metrics.kid(real, fake, torch.Generator().manual_seed(metrics.KID_SEED))
+        print(f"KID {mean:.6f} +- {std:.6f} of {args.fake} against {args.real} features, "
+              f"{name}: {time.perf_counter() - start:.1f} s, {args.threads} threads")
+    metrics.KID_KERNEL_ENTRIES = every_pair
 
 
 def bench_ddp(args):
@@ -489,6 +510,10 @@ def main(argv=None):
     fid_parser.add_argument("--batch-size", type=int, default=50)
     fid_parser.add_argument("--weights", default=None, help="the FID weights (default: random)")
     fid_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    kid_parser = commands.add_parser("kid")
+    kid_parser.add_argument("--real", type=int, default=2000)
+    kid_parser.add_argument("--fake", type=int, default=1000)
+    kid_parser.add_argument("--threads", type=int, default=1)
     ddp_parser = commands.add_parser("ddp")
     ddp_parser.add_argument("--data-root", default="data")
     ddp_parser.add_argument("--nproc", type=int, default=2)
@@ -510,7 +535,7 @@ def main(argv=None):
                             "these comma-separated words (a rerun; rows use earlier ones' "
                             "outputs)")
     args = parser.parse_args(argv)
-    return {"data": bench_data, "tsne": bench_tsne, "fid": bench_fid, "ddp": bench_ddp,
+    return {"data": bench_data, "tsne": bench_tsne, "fid": bench_fid, "kid": bench_kid, "ddp": bench_ddp,
             "uda": bench_uda, "gpu": bench_gpu}[args.command](args)
 
 

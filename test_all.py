@@ -2429,25 +2429,30 @@ def mmd2_with_loops(x, y, unbiased=True) -> float:
     return within(x) + within(y) - 2 * between
 
 
-def test_kid_matches_the_formula_written_with_loops():
+@pytest.mark.parametrize("kernels", ["of every pair at once", "of each subset"])
+def test_kid_matches_the_formula_written_with_loops(monkeypatch, kernels):
     """Catches: the diagonal kept or divided by m^2, d not dividing the dot product, another
-    exponent, the cross term counted once, subsets with repeats, a sample-size std."""
+    exponent, the cross term counted once, subsets with repeats, a sample-size std; and,
+    where the kernels of all pairs are computed once, a subset reading other rows or
+    columns than its own (x's rows against y's, or its rows without its columns)."""
+    if kernels == "of each subset":
+        monkeypatch.setattr(metrics, "KID_KERNEL_ENTRIES", 0)
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(5, 3, generator=generator, dtype=torch.float64)
     y = torch.rand(4, 3, generator=generator, dtype=torch.float64) + 0.5
     assert float(metrics.mmd2_unbiased(x, y)) == pytest.approx(mmd2_with_loops(x, y), rel=1e-12)
-    # 3 subsets of min(4, 5, 4) = 4 images a side, without replacement
-    mean, std = metrics.kid(x.numpy(), y.numpy(), torch.Generator().manual_seed(7), subsets=3,
-                            subset_size=10)
-    draws = torch.Generator().manual_seed(7)
-    estimates = []
-    for _ in range(3):
-        real = x[torch.randperm(5, generator=draws)[:4]]
-        fake = y[torch.randperm(4, generator=draws)[:4]]
-        assert len(set(map(tuple, real.tolist()))) == 4
-        estimates.append(mmd2_with_loops(real, fake))
-    assert (mean, std) == pytest.approx((np.mean(estimates), np.std(estimates)), rel=1e-10)
-    assert std > 0  # the real subsets differ
+    for subset_size, subsets in ((10, 3), (3, 6)):  # min(10, 5, 4) = 4 a side; 3 a side
+        mean, std = metrics.kid(x.numpy(), y.numpy(), torch.Generator().manual_seed(7),
+                                subsets=subsets, subset_size=subset_size)
+        draws, m = torch.Generator().manual_seed(7), min(subset_size, 4)
+        estimates = []
+        for _ in range(subsets):  # without replacement
+            real = x[torch.randperm(5, generator=draws)[:m]]
+            fake = y[torch.randperm(4, generator=draws)[:m]]
+            assert len(set(map(tuple, real.tolist()))) == m
+            estimates.append(mmd2_with_loops(real, fake))
+        assert (mean, std) == pytest.approx((np.mean(estimates), np.std(estimates)), rel=1e-10)
+        assert std > 0  # the subsets differ
 
 
 def test_kid_of_two_samples_of_one_distribution_averages_to_zero_unlike_the_biased_mmd():
@@ -6342,6 +6347,16 @@ def test_bench_uda_times_the_steps_of_each_method_it_names(capsys, monkeypatch):
     lines = [line for line in capsys.readouterr().out.splitlines() if " s a step" in line]
     assert seen == [("source", 256), ("dann", 256)]  # 2 steps of 128 images a domain
     assert [line.split(":")[0] for line in lines] == ["source", "dann"]
+
+
+def test_bench_kid_times_both_ways_to_one_figure_and_restores_the_limit(capsys):
+    limit = metrics.KID_KERNEL_ENTRIES
+    bench.main(["kid", "--real", "30", "--fake", "20"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].split(", ")[-1] for line in lines] == [
+        "kernels of all pairs at once", "each subset's"]
+    assert len({line.split(" of ")[0] for line in lines}) == 1  # the same KID both ways
+    assert metrics.KID_KERNEL_ENTRIES == limit
 
 
 def test_the_gpu_check_says_so_in_one_line_without_a_gpu(capsys, monkeypatch):
