@@ -144,7 +144,7 @@ def bench_kid(args):
         metrics.KID_KERNEL_ENTRIES = limit
         start = time.perf_counter()
         mean, std = metrics.kid(real, fake, torch.Generator().manual_seed(metrics.KID_SEED))
-        print(f"KID {mean:.6f} +- {std:.6f} of {args.fake} against {args.real} features, "
+        print(f"KID {mean:.15f} +- {std:.15f} of {args.fake} against {args.real} features, "
               f"{name}: {time.perf_counter() - start:.1f} s, {args.threads} threads")
     metrics.KID_KERNEL_ENTRIES = every_pair
 

@@ -480,25 +480,25 @@ def memorisation(gan: GAN, faces: data.ImageSet, held_out: data.ImageSet,
     `count` training faces and over as many held-out faces, which D never sees. While D
     generalises the two agree; when it overfits they part ways, the held-out faces
     sliding toward "fake", and FID soon stops improving (Karras et al. 2020, "Training
-    Generative Adversarial Networks with Limited Data", Fig. 1). Batch norm as in
-    training (each batch of batch_size its own statistics); no augmentation; dropout
-    (hacks) off, so no mask is drawn from training's stream."""
-    discriminator = gan.discriminator.train()
-    for layer in discriminator.modules():
-        if isinstance(layer, nn.Dropout):
-            layer.eval()
-    device = next(discriminator.parameters()).device
+    Generative Adversarial Networks with Limited Data", Fig. 1). D is scored as it trains
+    (batch norm with each batch's statistics, batches of batch_size), without
+    augmentation or dropout, each side by its own copy of D: the running statistics and
+    spectral norm's vectors, which a forward pass in training mode updates, stay as
+    training left them, and both sides meet the same D."""
     count = min(count, len(faces), len(held_out))
 
     def mean_score(images: data.ImageSet) -> float:
+        discriminator = copy.deepcopy(gan.discriminator).train()
+        for layer in discriminator.modules():
+            if isinstance(layer, nn.Dropout):  # hacks: no mask, so no draw from its stream
+                layer.eval()
+        device = next(discriminator.parameters()).device
         scores = [discriminator(images.images(slice(i, min(i + settings.batch_size, count)))
-                                .to(device)).flatten(1)[:, 0]
+                                .to(device)).flatten(1)[:, 0]         # D's real/fake score
                   for i in range(0, count, settings.batch_size)]
         return torch.sigmoid(torch.cat(scores)).mean().item()
 
-    scores = {"D(training x)": mean_score(faces), "D(held-out x)": mean_score(held_out)}
-    discriminator.train()
-    return scores
+    return {"D(training x)": mean_score(faces), "D(held-out x)": mean_score(held_out)}
 
 
 # ============================================================================ sampling

@@ -60,7 +60,8 @@ FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # the file name carries its SHA-256's fi
 KID_SUBSETS = 100        # Binkowski et al.'s protocol: MMD^2_u of 100 subsets,
 KID_SUBSET_SIZE = 1000   # each of min(1000, n) images from each side
 KID_SEED = 0             # the subsets' draws: the same at every checkpoint, like with like
-KID_KERNEL_ENTRIES = 50_000_000  # all kernels at once up to 7,071 images in all (400 MB)
+KID_KERNEL_ENTRIES = 50_000_000  # all kernels at once up to 7,071 images in all (400 MB
+                                 # of float64, twice that while they are computed)
 FID_INF_POINTS = 15      # Chong & Forsyth's count of subset sizes N,
 FID_INF_SMALLEST = 4     # the smallest a quarter of the images (theirs: a tenth of 50,000)
 # the history's series measured with the FID, at the steps in history["fid_step"]
@@ -508,9 +509,12 @@ class FIDTracker:
 def record(history: dict, numbers: dict):
     """Append numbers measured at the FID step just added to history["fid_step"]. A run
     resumed from a checkpoint written before a series existed (KID) has no value of it at
-    the earlier steps: None there (null in results.json, a gap in the curve)."""
+    the earlier steps, nor a series measured only at some: None there (null in
+    results.json, a gap in the curve)."""
     for name, value in numbers.items():
-        history.setdefault(name, [None] * (len(history["fid_step"]) - 1)).append(value)
+        series = history.setdefault(name, [])
+        series.extend([None] * (len(history["fid_step"]) - 1 - len(series)))
+        series.append(value)
 
 
 class NoFID:

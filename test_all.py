@@ -2437,13 +2437,17 @@ def test_kid_matches_the_formula_written_with_loops(monkeypatch, kernels):
     columns than its own (x's rows against y's, or its rows without its columns)."""
     if kernels == "of each subset":
         monkeypatch.setattr(metrics, "KID_KERNEL_ENTRIES", 0)
+    kernel, calls = metrics.polynomial_kernel, []
+    monkeypatch.setattr(metrics, "polynomial_kernel", lambda x, y: calls.append(1) or kernel(x, y))
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(5, 3, generator=generator, dtype=torch.float64)
     y = torch.rand(4, 3, generator=generator, dtype=torch.float64) + 0.5
     assert float(metrics.mmd2_unbiased(x, y)) == pytest.approx(mmd2_with_loops(x, y), rel=1e-12)
     for subset_size, subsets in ((10, 3), (3, 6)):  # min(10, 5, 4) = 4 a side; 3 a side
+        calls.clear()
         mean, std = metrics.kid(x.numpy(), y.numpy(), torch.Generator().manual_seed(7),
                                 subsets=subsets, subset_size=subset_size)
+        assert len(calls) == (3 if kernels == "of every pair at once" else 3 * subsets)
         draws, m = torch.Generator().manual_seed(7), min(subset_size, 4)
         estimates = []
         for _ in range(subsets):  # without replacement
@@ -3330,43 +3334,52 @@ def test_gan_fid_curve_is_of_the_fixed_samples_of_each_checkpoint_against_all_he
 
 
 def own_mean_score(discriminator, images: torch.Tensor, batch: int) -> float:
-    """sigmoid(D) of images in batches of `batch`, D a copy in training mode, dropout 0."""
+    """sigmoid(D) of images in batches of `batch`, D a copy in training mode, dropout 0;
+    ACGAN's D: its first output (real or fake), not its attribute's."""
     discriminator = copy.deepcopy(discriminator).train()
     for layer in discriminator.modules():
         if isinstance(layer, torch.nn.Dropout):
             layer.p = 0.0
     with torch.no_grad():
-        return torch.cat([torch.sigmoid(discriminator(images[i:i + batch]).flatten())
+        return torch.cat([torch.sigmoid(discriminator(images[i:i + batch]).flatten(1)[:, 0])
                           for i in range(0, len(images), batch)]).mean().item()
 
 
-def test_memorisation_scores_fixed_training_and_held_out_faces_as_d_sees_batches():
+@pytest.mark.parametrize("variant, d_norm", [("hacks", "batch"), ("b", "spectral")])
+def test_memorisation_scores_fixed_training_and_held_out_faces_as_d_sees_batches(variant,
+                                                                                  d_norm):
     """gan.memorisation: D's mean sigmoid over the first `count` training faces and as many
-    held-out ones, in batches of batch_size with batch norm's batch statistics, dropout
-    off and no draw from the dropout stream. Catches the two sides swapped, scores after
-    running statistics (eval mode) or of one batch of all, dropout masks left on (they
-    would shift the run's default stream), raw scores instead of sigmoids."""
-    settings = tiny_gan(variant="hacks", batch_size=3)
+    held-out ones (fewer here: all 9), in batches of batch_size with batch norm's batch
+    statistics, dropout off and no draw from the dropout stream, D left as it was.
+    Catches the two sides swapped, scores after running statistics (eval mode) or of one
+    batch of all, dropout masks left on (they would shift the run's default stream), raw
+    scores instead of sigmoids, count not cut to the held-out faces, and a scoring that
+    moves D's running statistics or spectral norm's vectors (training would then depend
+    on when FID runs)."""
+    settings = tiny_gan(variant=variant, d_norm=d_norm, batch_size=4)
     training.seed_weights(0)
     model = gan.GAN(settings)
     faces, held_out = toy_faces(12), data.ImageSet(toy_faces(12).pixels.flip(0)[:9])
-    state = torch.get_rng_state()
-    scores = gan.memorisation(model, faces, held_out, settings, count=7)
+    state, saved = torch.get_rng_state(), copy.deepcopy(model.discriminator.state_dict())
+    scores = gan.memorisation(model, faces, held_out, settings, count=10)
     assert torch.equal(torch.get_rng_state(), state)  # dropout drew nothing
+    assert all(torch.equal(value, saved[name])
+               for name, value in model.discriminator.state_dict().items())
     d = model.discriminator
-    expected = {"D(training x)": own_mean_score(d, faces.images()[:7], 3),
-                "D(held-out x)": own_mean_score(d, held_out.images()[:7], 3)}
+    expected = {"D(training x)": own_mean_score(d, faces.images()[:9], 4),
+                "D(held-out x)": own_mean_score(d, held_out.images()[:9], 4)}
     assert scores == pytest.approx(expected, rel=1e-6)
-    assert abs(expected["D(training x)"] - expected["D(held-out x)"]) > 1e-3
-    assert abs(own_mean_score(d, faces.images()[:7], 7) - expected["D(training x)"]) > 1e-4
-    with torch.no_grad():
-        evaluated = torch.sigmoid(copy.deepcopy(d).eval()(faces.images()[:7])).mean().item()
-    assert abs(evaluated - expected["D(training x)"]) > 1e-4
-    assert d.training  # left in training mode, dropout on again
-    assert all(layer.training for layer in d.modules())
+    assert abs(expected["D(training x)"] - expected["D(held-out x)"]) > 1e-5  # >> rel 1e-6
+    assert abs(own_mean_score(d, faces.images()[:10], 4) - expected["D(training x)"]) > 1e-5
+    if d_norm == "batch":  # what batch norm makes of the batches
+        assert abs(own_mean_score(d, faces.images()[:9], 9) - expected["D(training x)"]) > 1e-4
+        with torch.no_grad():
+            evaluated = torch.sigmoid(copy.deepcopy(d).eval()(faces.images()[:9])).mean()
+        assert abs(evaluated.item() - expected["D(training x)"]) > 1e-4
+    assert all(layer.training for layer in d.modules())  # dropout on for training
 
 
-@pytest.mark.parametrize("variant", ["b", "wgan-gp"])
+@pytest.mark.parametrize("variant", ["b", "acgan", "wgan-gp"])
 def test_a_gan_run_records_ds_memorisation_scores_at_the_fid_steps(tmp_path, cheap_fid,
                                                                     monkeypatch, variant):
     """At each FID step the run records gan.memorisation of the weights it then saves, in
@@ -3379,23 +3392,24 @@ def test_a_gan_run_records_ds_memorisation_scores_at_the_fid_steps(tmp_path, che
         return line_plot(series, path, **options)
     monkeypatch.setattr(plots, "line_plot", recorded)
     held_out = data.ImageSet(toy_faces(10).pixels.flip(0))
-    settings = tiny_gan(variant=variant, steps=2, fid_images=4, n_critic=1)
-    results = gan.train(toy_faces(), held_out, settings, tmp_path, "cpu", 0, weights=cheap_fid)
+    settings = tiny_gan(variant=variant, steps=4, fid_every=2, fid_images=4, n_critic=1)
+    faces = toy_faces()
+    results = gan.train(faces, held_out, settings, tmp_path, "cpu", 0, weights=cheap_fid)
     if variant == "wgan-gp":
         assert "memorisation" not in results
         return
     curve = results["memorisation"]
-    assert curve["step"] == [1, 2] == results["fid_curve"]["step"]
-    model, _ = gan.load(tmp_path / "checkpoint.pt", "cpu")
-    again = gan.memorisation(model, toy_faces().to("cpu"), held_out, settings)
+    assert curve["step"] == [2, 4] == results["fid_curve"]["step"]
+    model, _ = gan.load(tmp_path / "checkpoint.pt", "cpu")  # 10 faces a side, 4 a batch
     assert (curve["training_faces"][-1], curve["held_out_faces"][-1]) == pytest.approx(
-        (again["D(training x)"], again["D(held-out x)"]), rel=1e-6)
+        (own_mean_score(model.discriminator, faces.images()[:10], 4),
+         own_mean_score(model.discriminator, held_out.images(), 4)), rel=1e-6)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["memorisation"] == curve
     series, x = drawn["d_outputs.png"]
     assert series["D(x), held-out faces"] == curve["held_out_faces"]
     assert series["D(x), fixed training faces"] == curve["training_faces"]
-    assert x["D(x), held-out faces"] == [1, 2] and len(series["D(x)"]) == 2
+    assert x["D(x), held-out faces"] == [2, 4] and len(series["D(x)"]) == 4
 
 
 @pytest.mark.parametrize("variant", ["a", "hacks"])
@@ -6355,7 +6369,8 @@ def test_bench_kid_times_both_ways_to_one_figure_and_restores_the_limit(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0].split(", ")[-1] for line in lines] == [
         "kernels of all pairs at once", "each subset's"]
-    assert len({line.split(" of ")[0] for line in lines}) == 1  # the same KID both ways
+    figures = [[float(word) for word in line.split(" of ")[0].split()[1::2]] for line in lines]
+    assert figures[0] == pytest.approx(figures[1], rel=1e-12)  # the same KID both ways
     assert metrics.KID_KERNEL_ENTRIES == limit
 
 

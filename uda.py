@@ -108,8 +108,8 @@ GTA_WIDTH = 32  # G's and D's channels: the authors' 64 made a step 11 times DAN
 
 
 # Named settings (run.py --preset NAME). gpu: three times the CPU table's epochs, about
-# 30 minutes for the seven methods of one scenario on one GPU; measured on the CPU, where
-# a method takes 10 to 30 minutes a scenario at one thread (RESULTS.md).
+# 30 minutes for the seven methods of one scenario on one GPU; its accuracies were
+# measured on the CPU, where a method took 7 to 29 minutes at one thread (RESULTS.md).
 PRESETS = {"gpu": {"epochs": 30, "adapt_epochs": 30}}
 
 
