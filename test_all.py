@@ -2435,8 +2435,7 @@ def test_kid_matches_the_formula_written_with_loops(monkeypatch, kernels):
     exponent, the cross term counted once, subsets with repeats, a sample-size std; and,
     where the kernels of all pairs are computed once, a subset reading other rows or
     columns than its own (x's rows against y's, or its rows without its columns)."""
-    if kernels == "of each subset":
-        monkeypatch.setattr(metrics, "KID_KERNEL_ENTRIES", 0)
+    entries = 0 if kernels == "of each subset" else metrics.KID_KERNEL_ENTRIES
     kernel, calls = metrics.polynomial_kernel, []
     monkeypatch.setattr(metrics, "polynomial_kernel", lambda x, y: calls.append(1) or kernel(x, y))
     generator = torch.Generator().manual_seed(0)
@@ -2446,7 +2445,8 @@ def test_kid_matches_the_formula_written_with_loops(monkeypatch, kernels):
     for subset_size, subsets in ((10, 3), (3, 6)):  # min(10, 5, 4) = 4 a side; 3 a side
         calls.clear()
         mean, std = metrics.kid(x.numpy(), y.numpy(), torch.Generator().manual_seed(7),
-                                subsets=subsets, subset_size=subset_size)
+                                subsets=subsets, subset_size=subset_size,
+                                kernel_entries=entries)
         assert len(calls) == (3 if kernels == "of every pair at once" else 3 * subsets)
         draws, m = torch.Generator().manual_seed(7), min(subset_size, 4)
         estimates = []
@@ -6363,15 +6363,13 @@ def test_bench_uda_times_the_steps_of_each_method_it_names(capsys, monkeypatch):
     assert [line.split(":")[0] for line in lines] == ["source", "dann"]
 
 
-def test_bench_kid_times_both_ways_to_one_figure_and_restores_the_limit(capsys):
-    limit = metrics.KID_KERNEL_ENTRIES
+def test_bench_kid_times_both_ways_to_one_figure(capsys):
     bench.main(["kid", "--real", "30", "--fake", "20"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0].split(", ")[-1] for line in lines] == [
         "kernels of all pairs at once", "each subset's"]
     figures = [[float(word) for word in line.split(" of ")[0].split()[1::2]] for line in lines]
     assert figures[0] == pytest.approx(figures[1], rel=1e-12)  # the same KID both ways
-    assert metrics.KID_KERNEL_ENTRIES == limit
 
 
 def test_the_gpu_check_says_so_in_one_line_without_a_gpu(capsys, monkeypatch):
