@@ -425,7 +425,8 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
           out: Path, device, seed: int, cache_dir=None, weights=None) -> dict:
     """Alternate D and G steps for settings.steps steps; every sample_every steps a
     checkpoint and the pictures, every fid_every steps first the FID and KID of fixed
-    samples (best.pt: the lowest FID's checkpoint); then results.json. weights: the FID Inception weights file (default: the cache's)."""
+    samples and D's memorisation scores (best.pt: the lowest FID's checkpoint); then
+    results.json. weights: the FID Inception weights file (default: the cache's)."""
     if settings.variant not in VARIANTS:
         raise UserError(f"unknown --variant '{settings.variant}': use {', '.join(VARIANTS)}")
     if settings.variant == "acgan" and faces.labels is None:
