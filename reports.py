@@ -45,12 +45,14 @@ def save_gif(frames: list, path, milliseconds: int = 500) -> Path:
 
 
 def save_checkpoint_grid(images: torch.Tensor, out: Path, history: dict, nrow: int = 8,
-                         gif: str | None = None):
+                         gif: str | None = None, title: str = ""):
     """This checkpoint's grid as OUT/grids/step_NNNNNN.png (the run's page shows them
-    all), and with `gif` the grids of every checkpoint so far as one animation."""
+    all), titled "step N" unless `title` says otherwise, and with `gif` the grids of every
+    checkpoint so far as one animation."""
     step = history["step"][-1]
     util.write_image(plots.label_grid(data.grid_image(images, nrow), images.shape[-1],
-                                      title=f"step {step}"), pages.grid_path(out, step))
+                                      title=title or f"step {step}"),
+                     pages.grid_path(out, step))
     if gif and util.main_process():  # the grids are on disk: the main process wrote them
         paths = [pages.grid_path(out, s) for s in history["step"]]
         save_gif([Image.open(p) for p in paths if p.is_file()], Path(out) / gif)
@@ -143,9 +145,12 @@ def gan_results(out: Path, settings, run, fid) -> dict:
 
 
 # ============================================================================ VAE
-def vae_curves(out: Path, settings, history: dict, fid):
-    """mse.png and kl.png, train and test by epoch; fid.png and kid.png."""
+def vae_curves(out: Path, settings, history: dict, fid, samples: torch.Tensor):
+    """mse.png and kl.png, train and test by epoch; fid.png and kid.png; grids/step_N.png
+    and samples.gif, the samples of the fixed z at every epoch so far."""
     out, title = Path(out), f"VAE, lambda = {settings.kl_weight:g}"
+    save_checkpoint_grid(samples, out, history, gif="samples.gif",
+                         title=f"epoch {len(history['test_mse'])}")
     plots.line_plot({"train": history["train_mse"], "test": history["test_mse"]},
                     out / "mse.png", title=f"{title}: reconstruction MSE per pixel",
                     xlabel="epoch", ylabel="MSE per pixel")

@@ -4249,6 +4249,43 @@ def test_a_tiny_vae_run_writes_every_file_and_resumes_to_the_same_weights(tmp_pa
         assert torch.equal(tensor, parts[name]), name
 
 
+def test_vae_grids_are_the_fixed_z_decoded_by_each_epochs_model(tmp_path, monkeypatch):
+    """grids/step_N.png at the end of every epoch, titled with the epoch, and samples.gif of
+    them in order: each is the same 32 z of the "grid" stream decoded by that epoch's
+    weights in eval mode (a grid of fresh z, of the training noise, or of last epoch's
+    model would differ)."""
+    states = saved_states(monkeypatch, tmp_path)
+    titles = []
+    real_label_grid = plots.label_grid
+    monkeypatch.setattr(plots, "label_grid", lambda grid, side, title="", **kw: titles.append(
+        title) or real_label_grid(grid, side, title=title, **kw))
+    faces = toy_faces(24, 64)  # 3 batches of 8 an epoch
+    vae.train(faces, toy_faces(16, 64), tiny_vae(epochs=3), tmp_path, "cpu", seed=0)
+    steps = [3, 6, 9]
+    assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == [
+        f"step_{step:06d}.png" for step in steps]
+    assert [t for t in titles if t.startswith("epoch")] == ["epoch 1", "epoch 2", "epoch 3"]
+    z = training.fixed_random(0, "grid").randn(32, 8)
+    grids = []
+    for epoch, (state, step) in enumerate(zip(states, steps, strict=True)):
+        model = vae.VAE(8)
+        model.load_state_dict(state["model"])
+        with torch.no_grad():
+            expected = np.asarray(data.grid_image(model.eval().decode(z)), dtype=int)
+        drawn = np.asarray(Image.open(tmp_path / "grids" / f"step_{step:06d}.png")
+                           .convert("RGB"), dtype=int)[-expected.shape[0]:, -expected.shape[1]:]
+        assert np.abs(drawn - expected).max() <= 1, epoch
+        grids.append(drawn)
+    animation = Image.open(tmp_path / "samples.gif")
+    assert animation.n_frames == 3
+    for epoch in range(3):  # GIF's palette blurs colours: each frame is nearest its grid
+        animation.seek(epoch)
+        frame = np.asarray(animation.convert("RGB"), dtype=int)[-grids[0].shape[0]:,
+                                                                -grids[0].shape[1]:]
+        distances = [np.abs(frame - grid).mean() for grid in grids]
+        assert np.argmin(distances) == epoch and distances[epoch] < 1, (epoch, distances)
+
+
 def test_kl_warm_up_grows_lambda_linearly():
     settings = vae.VAESettings(kl_weight=2.0, warmup_epochs=4)
     assert vae.kl_weight_at(settings, 0, 0.0) == 0.0

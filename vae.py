@@ -183,7 +183,7 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
                 fid.measure(run.history, step + 1, lambda z: decode(model, z),
                             prior_samples(settings.fid_images, settings.latent_dim, seed, "fid"))
             run.save_checkpoint()  # after the FID: best.pt is the lowest FID's
-            reports.vae_curves(out, settings, run.history, fid)
+            reports.vae_curves(out, settings, run.history, fid, prior_grid(model, settings, seed))
     fid_results = fid.results(run.history)
     if fid:  # also the FID of the reconstructions (from the mean code) of the first
         # fid_images test faces, against all the test faces
@@ -214,6 +214,13 @@ def prior_samples(count: int, latent_dim: int, seed: int, stream: str,
                   batch_size: int = 500):
     """count z ~ N(0, I) of a fixed stream ("grid", "fid"), in batches, on the CPU."""
     return training.fixed_random(seed, stream).randn(count, latent_dim).split(batch_size)
+
+
+def prior_grid(model: VAE, settings: VAESettings, seed: int) -> torch.Tensor:
+    """The 32 samples of the grids, decoded from the fixed z of the "grid" stream: the
+    same z at every epoch, so the grids show the decoder learning. (32, 3, H, W), CPU."""
+    return torch.cat([decode(model, z) for z in
+                      prior_samples(32, settings.latent_dim, seed, "grid")]).cpu()
 
 
 @torch.no_grad()
@@ -258,8 +265,7 @@ def pictures(model: VAE, test: data.ImageSet, settings: VAESettings, seed: int) 
     faces = first_ten.images()
     chosen = test.subset(torch.arange(min(settings.tsne_points, len(test))))
     return {"faces": faces.cpu(), "rebuilt": reconstructions(model, first_ten),
-            "samples": torch.cat([decode(model, z) for z in
-                                  prior_samples(32, settings.latent_dim, seed, "grid")]).cpu(),
+            "samples": prior_grid(model, settings, seed),
             "interpolation": interpolation(model, faces[0], faces[1]).cpu(),
             "latents": (latent_codes(model, chosen), chosen.labels)
             if settings.tsne_points and test.labels is not None else None}
