@@ -98,8 +98,8 @@ VARIANTS = ("a", "b", "acgan", "wgan-gp", "hacks")
 
 # Named settings (run.py --preset NAME): the configurations RESULTS.md measured or
 # expects. cpu: about 25 min a variant on 2 cores, FID of 500 samples 4 times (under 15%
-# of it); gpu: about 30 minutes on one GPU, 20,000 steps of 128 faces (16 epochs of the
-# full CelebA) and the usual FID of 10,000 samples every 2,000 steps (not yet measured).
+# of it); gpu: 20,000 steps of 128 faces (16 epochs of the full CelebA) and the usual FID
+# of 10,000 samples every 2,000 steps, an estimated 30 minutes on one GPU (not measured).
 PRESETS = {"cpu": {"batch_size": 64, "steps": 1000, "sample_every": 250, "fid_images": 500},
            "gpu": {"sample_every": 2000, "fid_images": 10000}}
 
@@ -253,13 +253,16 @@ def _translation(x, rng: Random, ratio: float = 0.125):
 
 
 def _cutout(x, rng: Random, ratio: float = 0.5):
-    """Zero a random square of half the side (it may hang over the border)."""
+    """Zero a random square of `ratio` times the side, `cut` pixels (DiffAugment's: 16 at
+    32x32), rows and columns c - cut // 2 to c - cut // 2 + cut - 1 around a random centre
+    c (the square may hang over the border)."""
     count, _, size, _ = x.shape
-    half = int(size * ratio / 2 + 0.5)
-    centres = rng.randint(0, size, (count, 2))
+    cut = int(size * ratio + 0.5)
+    centres = rng.randint(0, size + 1 - cut % 2, (count, 2))
     rows = torch.arange(size, device=x.device)
-    off_y = (rows.view(1, size) - centres[:, :1]).abs() >= half           # (B, S)
-    off_x = (rows.view(1, size) - centres[:, 1:]).abs() >= half
+    into_y = rows.view(1, size) - (centres[:, :1] - cut // 2)  # row - the square's first
+    into_x = rows.view(1, size) - (centres[:, 1:] - cut // 2)                 # (B, S)
+    off_y, off_x = (into_y < 0) | (into_y >= cut), (into_x < 0) | (into_x >= cut)
     keep = off_y.unsqueeze(2) | off_x.unsqueeze(1)                         # (B, S, S)
     return x * keep.unsqueeze(1)
 
@@ -451,7 +454,7 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
     noise = run.random("noise")            # z, c, hacks' targets and noise, WGAN-GP's eps
     augmentation = run.random("augment")   # DiffAugment's transforms
     for step in run:
-        gan.train()  # sampling at the last checkpoint left G (a, hacks) in eval mode
+        gan.train()  # sampling at the last checkpoint left G in eval mode (no average)
         if settings.variant == "wgan-gp":  # n_critic real batches, fetched as it needs them
             numbers = wgan_gp_step(gan, optimizers,
                                    lambda: real_batch(faces, settings, data_order)[0],
@@ -465,10 +468,12 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
         if run.at_checkpoint:  # every sample_every steps, and after the last
             # standing statistics for the average, from z of their own fixed stream
             gan.refresh_ema_statistics(settings, seed)
-            if fid.due(step + 1, settings.steps):  # the same z every time: like with like
+            if fid.due(step + 1, settings.steps):
                 fid.measure(run.history, step + 1, lambda batch: gan.sample(*batch),
                             noise_batches(settings, settings.fid_images, seed, "fid"))
-                if settings.variant != "wgan-gp":  # a critic's score is no probability
+                # (the same z every time: like with like) and D's view of real faces,
+                # where D(x) = 0 is its boundary between real and fake (not a critic's)
+                if settings.variant != "wgan-gp":
                     metrics.record(run.history, memorisation(gan, faces, held_out, settings))
             run.save_checkpoint()  # after the FID: best.pt is the lowest FID's
             reports.gan_pictures(out, settings, run.history, fid,
@@ -487,7 +492,9 @@ def memorisation(gan: GAN, faces: data.ImageSet, held_out: data.ImageSet,
     (batch norm with each batch's statistics, batches of batch_size), without
     augmentation or dropout, each side by its own copy of D: the running statistics and
     spectral norm's vectors, which a forward pass in training mode updates, stay as
-    training left them, and both sides meet the same D."""
+    training left them, and both sides meet the same D. The sigmoid squashes the scores of
+    the hinge D (b, acgan) as those of BCE's: 0.5 is D(x) = 0, the boundary of both losses
+    (WGAN-GP's critic has no boundary: its score moves by any constant)."""
     count = min(count, len(faces), len(held_out))
 
     def mean_score(images: data.ImageSet) -> float:

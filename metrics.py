@@ -28,8 +28,8 @@ features x_i and n generated y_j:
 
 Leaving out the diagonal i = j makes each term's expectation the kernel's mean over two
 independent draws, so the estimate's mean is the true MMD^2 at any sample size (it can
-be below 0). The paper's protocol: the mean and the standard deviation of MMD^2_u over
-100 subsets of m = min(1000, n) images from each side.
+be below 0). The paper's protocol, with its reference code's defaults: the mean and the
+standard deviation of MMD^2_u over 100 subsets of m = min(1000, n) images from each side.
 
 FID_inf (Chong & Forsyth 2020, "Effectively Unbiased FID and Inception Score and where to
 find them"): FID_N = FID_inf + k / N + O(1/N^2), so FIDs of subsets of several sizes N lie
@@ -57,13 +57,13 @@ from util import UserError
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"  # the file name carries its SHA-256's first 8 digits
-KID_SUBSETS = 100        # Binkowski et al.'s protocol: MMD^2_u of 100 subsets,
+KID_SUBSETS = 100        # Binkowski et al.'s code's defaults: MMD^2_u of 100 subsets,
 KID_SUBSET_SIZE = 1000   # each of min(1000, n) images from each side
 KID_SEED = 0             # the subsets' draws: the same at every checkpoint, like with like
 KID_KERNEL_ENTRIES = 50_000_000  # all kernels at once up to 7,071 images in all (400 MB
                                  # of float64, twice that while they are computed)
-FID_INF_POINTS = 15      # Chong & Forsyth's count of subset sizes N,
-FID_INF_SMALLEST = 4     # the smallest a quarter of the images (theirs: a tenth of 50,000)
+FID_INF_POINTS = 15      # Chong & Forsyth's count of subset sizes N; theirs run from
+FID_INF_SMALLEST = 4     # 5,000 to 50,000, ours from a quarter of the images to all of them
 # the history's series measured with the FID, at the steps in history["fid_step"]
 AT_FID_STEPS = ("fid", "kid", "kid_std", "digit_accuracy", "D(training x)", "D(held-out x)")
 
@@ -385,7 +385,8 @@ def kid(real_features, fake_features, generator: torch.Generator,
     of MMD^2_u over `subsets` subsets of m = min(subset_size, both counts) images from each
     side, each drawn without replacement by `generator`. Where a side has m images, every
     subset holds all of them. In float64. The kernels of all pairs are computed once when
-    (both counts)^2 is at most kernel_entries, else each subset's (the same figure)."""
+    (real count + generated count)^2 is at most kernel_entries, else each subset's (the
+    same figure)."""
     real = torch.as_tensor(np.asarray(real_features)).double()
     fake = torch.as_tensor(np.asarray(fake_features)).double()
     m = min(subset_size, len(real), len(fake))
@@ -413,8 +414,9 @@ def kid(real_features, fake_features, generator: torch.Generator,
 
 def fid_infinity_counts(count: int, points: int = FID_INF_POINTS) -> list[int]:
     """The subset sizes N of FID_inf: `points` values evenly spaced in 1/N (so that the
-    line's points spread evenly along its x axis) from count / FID_INF_SMALLEST to all
-    `count` images; fewer when rounding makes some equal."""
+    line's points spread evenly along its x axis; Chong & Forsyth space them evenly in N)
+    from count / FID_INF_SMALLEST to all `count` images; fewer when rounding makes some
+    equal."""
     smallest = max(2, count // FID_INF_SMALLEST)  # a covariance needs 2 images
     return sorted({round(1 / inverse) for inverse in np.linspace(1 / smallest, 1 / count,
                                                                  points)})
@@ -433,7 +435,9 @@ def fid_infinity(fake_features, real_mu, real_sigma, generator: torch.Generator,
                  points: int = FID_INF_POINTS) -> float:
     """FID_inf (Chong & Forsyth 2020): the FID against the real statistics of one random
     subset (drawn by `generator`) of the generated features at each size N of
-    fid_infinity_counts, extrapolated along the line in 1/N to infinitely many images."""
+    fid_infinity_counts, extrapolated along the line in 1/N to infinitely many images.
+    Below 2,048 images (the features' dimension) the covariances are singular and the
+    O(1/N^2) term is no longer small: there the intercept is a guide, not their figure."""
     features = np.asarray(fake_features, np.float64)
     counts = fid_infinity_counts(len(features), points)
     if len(counts) < 2:

@@ -3507,14 +3507,27 @@ def test_translation_shifts_whole_pixels_and_fills_mid_gray():
         assert torch.equal(moved, expected)
 
 
-def test_cutout_zeroes_one_half_side_square_and_augmentations_pass_gradients():
-    images = torch.ones(4, 3, 16, 16, requires_grad=True)
+@pytest.mark.parametrize("side", [16, 15])
+def test_cutout_zeroes_dataugments_square_and_augmentations_pass_gradients(side):
+    """DiffAugment's rand_cutout written out with loops: a square of int(side / 2 + 0.5)
+    pixels, its offsets drawn from 0 to side - (its size odd), starting size // 2 before
+    them, clipped at the border."""
+    count = 64
+    images = torch.ones(count, 3, side, side, requires_grad=True)
     cut = gan._cutout(images, parallel.Random(2))
-    centres = torch.randint(0, 16, (4, 2), generator=torch.Generator().manual_seed(2))
-    for image, (cy, cx) in zip(cut, centres.tolist()):
-        rows = (torch.arange(16) - cy).abs() < 4
-        cols = (torch.arange(16) - cx).abs() < 4
-        assert torch.equal(image[0] == 0, rows[:, None] & cols[None, :])
+    size = int(side * 0.5 + 0.5)
+    offsets = torch.randint(0, side + (1 - size % 2), (count, 2),
+                            generator=torch.Generator().manual_seed(2))
+    zeroed_areas = set()
+    for image, (oy, ox) in zip(cut, offsets.tolist()):
+        mask = torch.ones(side, side)
+        for i in range(size):
+            for j in range(size):
+                y, x = oy + i - size // 2, ox + j - size // 2
+                mask[min(max(y, 0), side - 1), min(max(x, 0), side - 1)] = 0
+        assert torch.equal(image, mask.expand(3, -1, -1)), (oy, ox)
+        zeroed_areas.add(int((mask == 0).sum()))
+    assert size * size in zeroed_areas and min(zeroed_areas) < size * size  # inside, over
     augmented = gan.diff_augment(images, "translation,color,cutout", parallel.Random(0))
     augmented.sum().backward()
     assert images.grad.abs().sum() > 0
