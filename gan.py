@@ -27,12 +27,11 @@ Variant b keeps DCGAN's networks and changes how they are trained, each for a re
   of every D layer instead of batch norm (Miyato et al. 2018), which makes D 1-Lipschitz
   so its gradients stay informative; and `--augment translation,color,cutout`,
   differentiable augmentation of every image D sees, real and fake, in both steps (Zhao
-  et al. 2020, "DiffAugment"), which keeps D from memorising a small training set. In
-  1,000 steps at 32x32 both slowed learning: spectral norm to FID 241 from 139,
-  translation alone to 149. In 20,000 steps at 32x32 all three transforms stopped D's
-  memorising of the 8,000 faces, yet ended at FID 51 against 40 without them
-  (RESULTS.md, "Long runs on the CPU" and "Tried and rejected").
-RESULTS.md holds what this project has measured against variant a.
+  et al. 2020, "DiffAugment"), which keeps D from memorising a small training set. On
+  8,000 faces both cost G more than they gave it, in short runs and in long ones (the
+  augmented D stops memorising, yet G learns from its harder, blurrier signal more
+  slowly), so they are options, not the default.
+RESULTS.md holds what this project has measured, against variant a too.
 
 ACGAN (Odena et al. 2017, "Conditional Image Synthesis with Auxiliary Classifier GANs"):
 G gets z and a binary attribute c (default Smiling); D has a second output that
@@ -276,21 +275,25 @@ class GAN(nn.Module):
 
     def __init__(self, settings: GANSettings):
         super().__init__()
-        conditional = settings.variant == "acgan"
-        self.attribute_channels = 2 if conditional else 0  # one-hot c appended to z
+        self.conditional = settings.variant == "acgan"  # G gets c, D also predicts it
+        self.attribute_channels = 2 if self.conditional else 0  # one-hot c appended to z
         self.generator = nets.dcgan_init_(nets.dcgan_generator(
             settings.latent_dim + self.attribute_channels, image_size=settings.image_size))
-        norm = settings.d_norm if settings.improved else \
-            "none" if settings.variant == "wgan-gp" else "batch"
+        if settings.improved:
+            norm = settings.d_norm  # batch norm, or spectral norm
+        elif settings.variant == "wgan-gp":
+            norm = "none"  # the penalty is per image: no batch statistics in the critic
+        else:
+            norm = "batch"
         self.discriminator = nets.dcgan_init_(nets.dcgan_discriminator(
-            image_size=settings.image_size, outputs=2 if conditional else 1, norm=norm,
+            image_size=settings.image_size, outputs=2 if self.conditional else 1, norm=norm,
             dropout=settings.dropout if settings.variant == "hacks" else 0.0))
         self.ema = copy.deepcopy(self.generator).requires_grad_(False) if settings.improved \
             else None
 
     def generator_input(self, z: torch.Tensor, attributes: torch.Tensor | None):
         """(B, latent) and c (B,) -> (B, latent [+ 2], 1, 1)."""
-        if self.attribute_channels:
+        if self.conditional:
             z = torch.cat([z, F.one_hot(attributes, 2).to(z)], dim=1)
         return z[:, :, None, None]
 
@@ -334,11 +337,11 @@ def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
     augmentation: DiffAugment's; noise_std: hacks' instance noise sigma_t at this step."""
     count = len(real)
     z = noise.randn(count, settings.latent_dim)                          # z ~ N(0, I)
-    fake_attributes = noise.randint(0, 2, (count,)) if gan.attribute_channels else None
+    fake_attributes = noise.randint(0, 2, (count,)) if gan.conditional else None
     fake = gan.generator(gan.generator_input(z, fake_attributes))
     hinge = settings.improved
 
-    def augment(images):  # what D sees: DiffAugment (b, acgan), instance noise (hacks)
+    def as_d_sees(images):  # DiffAugment (b, acgan), instance noise (hacks), or as they are
         if settings.improved:
             return diff_augment(images, settings.augment, augmentation)
         if settings.variant == "hacks":  # x + sigma_t n, n ~ N(0, I)
@@ -346,14 +349,13 @@ def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
         return images
 
     # (1) D: maximise D(x) and minimise D(G(z)); fake.detach() keeps this step out of G
-    real_out = gan.discriminator(augment(real)).flatten(1)               # (B, 1 or 2)
-    fake_out = gan.discriminator(augment(fake.detach())).flatten(1)
-    if settings.variant == "hacks":  # smoothed, noisy, sometimes swapped targets
-        targets = discriminator_targets(count, settings, noise)
-        d_loss = discriminator_loss(real_out[:, 0], fake_out[:, 0], hinge, targets=targets)
-    else:
-        d_loss = discriminator_loss(real_out[:, 0], fake_out[:, 0], hinge)
-    if gan.attribute_channels:  # ACGAN: D learns the attribute of real and generated faces
+    real_out = gan.discriminator(as_d_sees(real)).flatten(1)             # (B, 1 or 2)
+    fake_out = gan.discriminator(as_d_sees(fake.detach())).flatten(1)
+    # hacks: smoothed, noisy, sometimes swapped targets in place of 1 and 0
+    targets = discriminator_targets(count, settings, noise) if settings.variant == "hacks" \
+        else None
+    d_loss = discriminator_loss(real_out[:, 0], fake_out[:, 0], hinge, targets=targets)
+    if gan.conditional:  # ACGAN: D learns the attribute of real and generated faces
         d_loss = d_loss + attribute_loss(real_out, real_attributes) \
             + attribute_loss(fake_out, fake_attributes)
     optimizers["discriminator"].zero_grad(set_to_none=True)
@@ -361,9 +363,9 @@ def train_step(gan: GAN, optimizers: dict, real: torch.Tensor, real_attributes,
     optimizers["discriminator"].step()
 
     # (2) G: the same fakes, scored by the updated D; only G's optimizer steps
-    fake_out_for_g = gan.discriminator(augment(fake)).flatten(1)
+    fake_out_for_g = gan.discriminator(as_d_sees(fake)).flatten(1)
     g_loss = generator_loss(fake_out_for_g[:, 0], hinge)
-    if gan.attribute_channels:  # ... and G must draw the attribute it was asked for
+    if gan.conditional:  # ... and G must draw the attribute it was asked for
         g_loss = g_loss + attribute_loss(fake_out_for_g, fake_attributes)
     optimizers["generator"].zero_grad(set_to_none=True)
     g_loss.backward()

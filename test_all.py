@@ -3619,9 +3619,9 @@ def test_nan_loss_stops_the_gan_and_keeps_the_last_good_checkpoint(tmp_path, mon
     calls = {"count": 0}
     real_loss = gan.discriminator_loss
 
-    def diverging(real, fake, hinge):
+    def diverging(real, fake, hinge, targets=None):
         calls["count"] += 1
-        loss = real_loss(real, fake, hinge)
+        loss = real_loss(real, fake, hinge, targets)
         return loss * float("nan") if calls["count"] >= 3 else loss
     monkeypatch.setattr(gan, "discriminator_loss", diverging)
     with pytest.raises(util.UserError, match="diverged"):
