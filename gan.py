@@ -163,11 +163,10 @@ def discriminator_loss(real_logits, fake_logits, hinge: bool, targets=None) -> t
     t's BCE -t log sigmoid(D) - (1 - t) log(1 - sigmoid(D))."""
     if hinge:
         return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
-    if targets is not None:
-        real_targets, fake_targets = targets
-        return (F.binary_cross_entropy_with_logits(real_logits, real_targets)
-                + F.binary_cross_entropy_with_logits(fake_logits, fake_targets))
-    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    real_targets, fake_targets = targets if targets is not None else (
+        torch.ones_like(real_logits), torch.zeros_like(fake_logits))
+    return (F.binary_cross_entropy_with_logits(real_logits, real_targets)
+            + F.binary_cross_entropy_with_logits(fake_logits, fake_targets))
 
 
 def generator_loss(fake_logits, hinge: bool) -> torch.Tensor:
