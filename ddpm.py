@@ -27,7 +27,7 @@ x_{t-1} ~ q(x_{t-1} | x_t, x^_0) = N(mu~_t, beta~_t I),
     mu~_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x^_0
             + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t,
     beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
-(of Ho et al.'s two variances, beta_t and beta~_t, this one). DDPM ancestral sampling
+sigma_t^2 = beta~_t (Ho et al. also try sigma_t^2 = beta_t). DDPM ancestral sampling
 takes all T steps.
 
 DDIM (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models") reuses the same
@@ -41,8 +41,9 @@ sqrt(alpha_bar_t) x^_0) / sqrt(1 - alpha_bar_t)), so that both describe the same
 paper's equation 12 uses the network's eps^ and no clipping.
 
 Classifier-free guidance (Ho & Salimans 2022): in training the class is replaced by a
-"no class" token with probability 0.1, so one network learns eps(x, t, c) and eps(x, t);
-sampling uses  eps~ = (1 + w) eps(x, t, c) - w eps(x, t),  w >= 0 the guidance strength
+"no class" token with probability drop_class (0.1), so one network learns eps(x, t, c)
+and eps(x, t); sampling uses
+    eps~ = (1 + w) eps(x, t, c) - w eps(x, t),   w >= 0 the guidance strength
 (the eps^ of the samplers above).
 
 Schedules: `linear` (beta from 1e-4 to 0.02, Ho et al.) or `cosine` (Nichol & Dhariwal
@@ -77,11 +78,12 @@ WARM_UP_STEPS = 500  # the lr rises linearly over these first steps
 # Named settings (run.py --preset NAME): the configurations RESULTS.md measured.
 # cpu: about 40 minutes of training on 2 cores. Min-SNR weighting, a cosine decay of a
 # higher lr and no dropout make the short run learn the digits' shapes sooner, and a
-# stronger guidance (w = 6) makes more of its digits legible; the FID curve uses 100
-# digits a checkpoint, the final 1000 digits' FID all of them. gpu: about 30 minutes on
-# one GPU under bfloat16 autocast, the default U-Net (width 64) for 60,000 steps of 128
-# digits with the same schedule and weights, dropout 0.1 and a slower average (not yet
-# measured: RESULTS.md gives the figures it is expected to reach).
+# stronger guidance (w = 6) makes more of its digits legible; the FID curve measures 100
+# digits at each checkpoint, the final FID all 1000 course digits. gpu: an estimated 30
+# minutes on one GPU under bfloat16 autocast, the default U-Net (width 64) for 60,000
+# steps of 128 digits with the same learning-rate schedule and Min-SNR loss weights,
+# dropout 0.1 and a slower average (not yet measured: RESULTS.md gives the figures it is
+# expected to reach).
 PRESETS = {"cpu": {"width": 32, "batch_size": 64, "steps": 4000, "lr": 1e-3,
                    "lr_schedule": "cosine", "loss_weight": "min-snr", "dropout": 0.0,
                    "ema_decay": 0.995, "sample_every": 1000, "guidance": 6.0,
@@ -146,12 +148,13 @@ class NoiseSchedule:
             betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
         elif kind == "cosine":
             steps = torch.arange(T + 1, dtype=torch.float64)                 # t = 0 .. T
-            f = torch.cos((steps / T + 0.008) / 1.008 * math.pi / 2) ** 2
+            s = 0.008  # the offset that keeps beta_1 from being too small
+            f = torch.cos((steps / T + s) / (1 + s) * math.pi / 2) ** 2
             alpha_bar = f / f[0]
             betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
         else:
             raise UserError(f"unknown noise schedule '{kind}': use linear or cosine")
-        self.T, self.kind = T, kind
+        self.T = T
         self.betas = betas
         self.alphas = 1 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)            # alpha_bar_t
@@ -260,7 +263,8 @@ class Diffusion(torch.nn.Module):
     @torch.no_grad()
     def guided_eps(self, x_t, t, labels, w: float) -> torch.Tensor:
         """eps~ = (1 + w) eps(x, t, c) - w eps(x, t): both in one batch of 2B, from the EMA
-        network in eval mode (no dropout: an image depends on its own x_t alone)."""
+        network in eval mode (no dropout: eps~ is a function of x_t, t and c alone, so DDIM
+        with eta = 0 draws nothing but x_T)."""
         unconditional = torch.full_like(labels, CLASSES)   # the "no class" token
         self.ema.eval()
         with autocast(x_t.device, self.settings.amp):

@@ -152,8 +152,8 @@ def vae_curves(out: Path, settings, history: dict, fid, samples: torch.Tensor):
     save_checkpoint_grid(samples, out, history, gif="samples.gif",
                          title=f"epoch {len(history['test_mse'])}")
     plots.line_plot({"train": history["train_mse"], "test": history["test_mse"]},
-                    out / "mse.png", title=f"{title}: reconstruction MSE per pixel",
-                    xlabel="epoch", ylabel="MSE per pixel")
+                    out / "mse.png", title=f"{title}: reconstruction MSE per colour value",
+                    xlabel="epoch", ylabel="MSE per colour value")
     plots.line_plot({"train": history["train_kl"], "test": history["test_kl"]},
                     out / "kl.png", title=f"{title}: KL(q(z|x) || N(0, I)) per image",
                     xlabel="epoch", ylabel="KL (nats per image)")

@@ -4098,12 +4098,15 @@ class StubVAE(nn.Module):
         return self.from_code(z)
 
 
-def test_vae_fid_every_k_epochs_and_of_the_reconstructions(tmp_path, cheap_fid):
+@pytest.mark.parametrize("fid_every, fid_steps", [(2, [4, 6]), (0, [2, 4, 6])])
+def test_vae_fid_every_k_epochs_and_of_the_reconstructions(tmp_path, cheap_fid, fid_every,
+                                                           fid_steps):
     faces, test = toy_faces(16, 64), data.ImageSet(toy_faces(12, 64).pixels.flip(0))
-    results = vae.train(faces, test, tiny_vae(epochs=3, fid_every=2, fid_images=10,
+    results = vae.train(faces, test, tiny_vae(epochs=3, fid_every=fid_every, fid_images=10,
                                               tsne_points=0), tmp_path, "cpu", 0,
                         weights=cheap_fid)
-    assert results["fid_curve"]["step"] == [4, 6]  # 2 steps an epoch: epochs 2 and 3
+    # 2 steps an epoch: epochs 2 and 3 (fid_every 2), or every epoch (0)
+    assert results["fid_curve"]["step"] == fid_steps
     # best.pt: the checkpoint of the lowest FID, saved after that FID was measured
     assert util.load_checkpoint(tmp_path / "best.pt")["step"] == results["best_fid_step"]
     model = util.load_trained(tmp_path / "checkpoint.pt", "cpu", vae.VAESettings,
@@ -4163,9 +4166,9 @@ def test_vae_test_figures_are_means_over_every_test_image_in_eval_mode():
 def test_vae_curves_results_and_t_sne_inputs_are_each_epochs_model_on_the_test_faces(
         tmp_path, monkeypatch):
     """Through vae.train: each epoch's train MSE and KL are the means over its steps of
-    the batches' figures (train mode, per pixel), its test MSE and KL those of the model
+    the batches' figures (train mode, per colour value), its test MSE and KL those of the model
     saved at that epoch on the test faces (eval mode); results.json holds the last ones,
-    the first ten test faces' reconstruction MSE per pixel, the seconds of the last
+    the first ten test faces' reconstruction MSE per colour value, the seconds of the last
     checkpoint and their share per epoch; the t-SNE embeds mu of the test faces."""
     models = []
 

@@ -62,7 +62,7 @@ class VAESettings:
         "help": "samples (and test reconstructions) for the FID against every test face "
                 "(0: no FID)"})
     fid_every: int = field(default=5, metadata={
-        "help": "epochs between FID evaluations (and always after the last)"})
+        "help": "epochs between FID evaluations (0: every epoch; always after the last)"})
     limit: int = field(default=0, metadata={"help": "use only the first N training faces"})
     resume: bool = field(default=False, metadata={"help": "continue from checkpoint.pt"})
 
@@ -120,7 +120,8 @@ def reparameterise(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) ->
 
 
 def losses(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> dict:
-    """Per-image squared error and KL, averaged over the batch; also the per-pixel MSE.
+    """Per-image squared error and KL, averaged over the batch; also the MSE per colour
+    value (the mean over pixels and channels, F.mse_loss's).
     eps (B, d): the standard normal noise of the reparameterisation."""
     mu, logvar = model.encode(x)                                   # q(z | x), (B, d) each
     reconstruction = model.decode(reparameterise(mu, logvar, eps))   # x^(z), z ~ q(z | x)
@@ -152,7 +153,8 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
         raise UserError(f"{len(faces)} faces is fewer than one batch of {settings.batch_size}:"
                         " lower --batch-size")
     steps = settings.epochs * steps_per_epoch
-    fid = metrics.fid_tracker(test, settings.fid_images, settings.fid_every * steps_per_epoch,
+    fid = metrics.fid_tracker(test, settings.fid_images,
+                              metrics.fid_period(settings.fid_every, 1) * steps_per_epoch,
                               device, cache_dir, weights)
     # with --resume, the model and the optimiser come back from the checkpoint here
     run = training.Run(out, "vae", settings, seed, device,
@@ -196,7 +198,7 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
 @torch.no_grad()
 def evaluate_test(model: VAE, test: data.ImageSet, seed: int, latent_dim: int,
                   batch_size: int = 500) -> dict:
-    """Test per-pixel MSE and per-image KL (z sampled with eps of the fixed "test"
+    """Test MSE per colour value and per-image KL (z sampled with eps of the fixed "test"
     stream), in eval mode."""
     model.eval()
     noise = training.fixed_random(seed, "test")
