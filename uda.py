@@ -8,16 +8,20 @@ Source only (lower bound):  min_{F,C} E_s[ CE(C(F(x_s)), y_s) ].
 Target only (upper bound):  the same on labelled target images.
 
 DANN (Ganin et al. 2016, "Domain-Adversarial Training of Neural Networks", JMLR):
-    min_{F,C} max_D  CE(C(F(x_s)), y_s) - L_dom,
-    L_dom = mean_s BCE(D(F(x_s)), 1) + mean_t BCE(D(F(x_t)), 0)   (a mean per domain).
+    min_{F,C} max_D  CE(C(F(x_s)), y_s) - lambda L_dom,
+    L_dom = mean_s BCE(D(F(x_s)), 1) + mean_t BCE(D(F(x_t)), 0)   (a mean per domain;
+the paper calls the source 0 and the target 1: the loss is the same either way).
 One backward pass does both: a gradient reversal layer between F and D is the identity
 forward and multiplies the gradient by -lambda backward, so D descends L_dom while F
 ascends it. lambda grows as lambda(p) = 2 / (1 + exp(-10 p)) - 1 over the training
 progress p in [0, 1], keeping the noisy early domain signal away from F; the paper also
-anneals the learning rate, lr(p) = lr / (1 + 10 p)^0.75 (--anneal).
+anneals the learning rate, lr(p) = lr / (1 + 10 p)^0.75 (--anneal), of SGD with momentum
+0.9 from 0.01, where this code anneals Adam from 1e-3 (RESULTS.md, "Tried and
+rejected", UDA).
 
 DANN + entropy: the same, plus w * H(C(F(x_t))), the mean entropy of the target
-predictions (Grandvalet & Bengio 2005; as in Long et al. 2018, "CDAN+E"). Aligning the
+predictions (Grandvalet & Bengio 2005, "Semi-supervised Learning by Entropy
+Minimization"; added to domain adaptation by Long et al. 2016, "RTN"). Aligning the
 feature distributions does not align the classes; pushing target points away from the
 decision boundaries, where entropy is high, does help with that.
 
@@ -72,7 +76,8 @@ its statistics come from plain target images. w = 3, b = 0.005 and Adam at a con
 the paper's 0.99 from the start.
 
 Every method uses the same F and C (self-ensembling standardises the images first), data
-order and step count, so the table compares methods and nothing else. Every method is
+order and step count (ADDA: the source-only run, then adapt_epochs more), so the table
+compares methods and nothing else. Every method is
 evaluated with an exponential moving average of its weights (nets.update_ema): the
 adversarial methods' last weights swing by a few points of target accuracy from one
 epoch to the next, their average much less. After each epoch the average gets
@@ -257,10 +262,10 @@ def adda_step(networks: Networks, source, target, optimizers) -> dict:
     domain_loss.backward()
     optimizers["domain"].step()
     # F_t: min BCE(D(F_t(x_t)), 1), D says "source" for target features (inverted labels);
-    # only F_t's optimizer steps, so D's gradients from this loss are discarded
+    # the gradient goes into F_t alone, D stays as its own step left it
     encoder_loss = bce_toward(networks.domain(target_features).squeeze(1), 1.0)
     optimizers["target"].zero_grad(set_to_none=True)
-    encoder_loss.backward()
+    encoder_loss.backward(inputs=list(networks.target_features.parameters()))
     optimizers["target"].step()
     return {"domain": domain_loss, "encoder": encoder_loss}
 
@@ -535,10 +540,12 @@ def adda(domains: "Domains", settings: UDASettings, out: Path, device, seed: int
 
 # ============================================================================ evaluation
 def statistics_sources(domains: "Domains", method: str) -> list:
-    """The train sets whose batches give the average its batch-norm statistics: those
-    the method normalises in training, the source for source-only (and so ADDA's
-    pre-training), the target for target-only and for self-ensembling (whose teacher
-    normalises target batches only), both for DANN and GTA."""
+    """The train sets whose batches give the average its batch-norm statistics: the
+    source for source-only (and so ADDA's pre-training), the target for target-only and
+    for self-ensembling (whose teacher normalises target batches only), both pooled for
+    DANN and GTA. In training, DANN and GTA normalise each domain by its own batch: the
+    pooled statistics are a choice (RESULTS.md, "Tried and rejected", UDA: the
+    target's statistics alone gave no clear gain)."""
     return {"source": [domains.source_train], "target": [domains.target_train],
             "self-ensembling": [domains.target_train]}.get(
         method, [domains.source_train, domains.target_train])
