@@ -327,15 +327,15 @@ def self_ensembling_step(student: Networks, teacher: Networks, source, labels, t
     """One self-ensembling step: the student learns the source labels and to agree with
     its teacher (the weight average) on target images the teacher is sure of; only the
     student's optimiser steps (the teacher follows as the average, in the loop)."""
-    def predict(networks, images):
+    def logits(networks, images):
         return networks.classifier(networks.features(images))
-    class_loss = F.cross_entropy(predict(student, augment(source, augmentation)), labels)
+    class_loss = F.cross_entropy(logits(student, augment(source, augmentation)), labels)
     # S(a(x_t)), (B, K)
-    student_probs = predict(student, augment(target, augmentation)).softmax(dim=1)
+    student_probs = logits(student, augment(target, augmentation)).softmax(dim=1)
     teacher.train()  # like the student: batch statistics of the target batch, dropout
     with torch.no_grad():
         # T(a'(x_t)), (B, K): another augmentation of the same images
-        teacher_probs = predict(teacher, augment(target, augmentation)).softmax(dim=1)
+        teacher_probs = logits(teacher, augment(target, augmentation)).softmax(dim=1)
     # m_t = [max_k T(a'(x_t))_k > threshold], (B,)
     confident = (teacher_probs.max(dim=1).values > confidence).float()
     # consistency: mean_t m_t |S - T|^2 / K
