@@ -145,12 +145,15 @@ def gan_results(out: Path, settings, run, fid) -> dict:
 
 
 # ============================================================================ VAE
-def vae_curves(out: Path, settings, history: dict, fid, samples: torch.Tensor):
-    """mse.png and kl.png, train and test by epoch; fid.png and kid.png; grids/step_N.png
-    and samples.gif, the samples of the fixed z at every epoch so far."""
+def vae_epoch_pictures(out: Path, settings, history: dict, fid, samples: torch.Tensor):
+    """samples.png, the fixed z's samples after this epoch, also as grids/step_N.png and in
+    samples.gif with those of every epoch so far; mse.png and kl.png, train and test by
+    epoch; fid.png and kid.png."""
     out, title = Path(out), f"VAE, lambda = {settings.kl_weight:g}"
-    save_checkpoint_grid(samples, out, history, gif="samples.gif",
-                         title=f"epoch {len(history['test_mse'])}")
+    epoch = len(history["test_mse"])
+    save_grid(samples, out / "samples.png", title=f"{title}, epoch {epoch}: samples, "
+              "z ~ N(0, I)")
+    save_checkpoint_grid(samples, out, history, gif="samples.gif", title=f"epoch {epoch}")
     plots.line_plot({"train": history["train_mse"], "test": history["test_mse"]},
                     out / "mse.png", title=f"{title}: reconstruction MSE per colour value",
                     xlabel="epoch", ylabel="MSE per colour value")
@@ -161,16 +164,14 @@ def vae_curves(out: Path, settings, history: dict, fid, samples: torch.Tensor):
 
 
 def vae_results(out: Path, settings, run, fid_results: dict, faces: torch.Tensor,
-                rebuilt: torch.Tensor, samples: torch.Tensor, interpolation: torch.Tensor,
-                latents) -> dict:
-    """reconstructions.png, samples.png, interpolation.png and .gif, the t-SNE of the
-    latents (latents: (codes (N, d), labels (N,)) or None), results.json."""
+                rebuilt: torch.Tensor, interpolation: torch.Tensor, latents) -> dict:
+    """reconstructions.png, interpolation.png and .gif, the t-SNE of the latents (latents:
+    (codes (N, d), labels (N,)) or None), results.json."""
     out, title = Path(out), f"VAE, lambda = {settings.kl_weight:g}"
     mse = (rebuilt - faces).pow(2).mean().item()
     save_grid(torch.cat([faces, rebuilt]), out / "reconstructions.png", nrow=len(faces),
               rows=["test face", "reconstruction"],
               title=f"{title}: reconstructions from the mean code, MSE {mse:.4f}")
-    save_grid(samples, out / "samples.png", title=f"{title}: samples, z ~ N(0, I)")
     save_grid(interpolation, out / "interpolation.png", nrow=len(interpolation),
               title=f"{title}: decoded (1 - a) mu(x_1) + a mu(x_2), a from 0 to 1")
     there_and_back = torch.cat([interpolation, interpolation.flip(0)[1:-1]])

@@ -3125,7 +3125,7 @@ def test_final_numbers_are_each_curves_last_point_and_gan_results_its_step_and_s
     assert results["seconds_per_step"] == 2.0 and results["seed"] == 3
 
 
-def test_vae_results_are_the_last_epochs_test_figures_and_the_ten_faces_mse_per_pixel(
+def test_vae_results_are_the_last_epochs_test_figures_and_the_ten_faces_mse_per_value(
         tmp_path):
     history = {"step": [3, 6, 9], "train_mse": [0.5, 0.4, 0.3], "train_kl": [9.0, 8.0, 7.0],
                "test_mse": [0.45, 0.35, 0.31], "test_kl": [8.5, 7.5, 6.5]}
@@ -3136,7 +3136,7 @@ def test_vae_results_are_the_last_epochs_test_figures_and_the_ten_faces_mse_per_
     rebuilt[7, 0, 0, 0] -= 0.25
     results = reports.vae_results(tmp_path, tiny_vae(), fake_run(
         tmp_path, history=history, seconds=27.0, command="vae", settings=tiny_vae()),
-                                  {"fid": None}, faces, rebuilt, faces[:4], faces[:10], None)
+                                  {"fid": None}, faces, rebuilt, faces[:10], None)
     assert results == json.loads((tmp_path / "results.json").read_text())
     assert results["reconstruction_mse_10_faces"] == pytest.approx(
         (0.5 ** 2 + 0.25 ** 2) / (10 * 3 * 8 * 8))  # a mean over every pixel of every face
@@ -4254,7 +4254,8 @@ def test_a_tiny_vae_run_writes_every_file_and_resumes_to_the_same_weights(tmp_pa
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
     with monkeypatch.context() as patch:
-        patch.setattr(reports, "vae_curves", interrupt)  # right after the first checkpoint
+        patch.setattr(reports, "vae_epoch_pictures", interrupt)  # right after the first
+        # checkpoint
         with pytest.raises(KeyboardInterrupt):
             vae.train(faces, test, tiny_vae(), tmp_path / "parts", "cpu", seed=0)
     vae.train(faces, test, tiny_vae(resume=True), tmp_path / "parts", "cpu", seed=0)
@@ -4264,11 +4265,12 @@ def test_a_tiny_vae_run_writes_every_file_and_resumes_to_the_same_weights(tmp_pa
         assert torch.equal(tensor, parts[name]), name
 
 
-def test_vae_grids_are_the_fixed_z_decoded_by_each_epochs_model(tmp_path, monkeypatch):
-    """grids/step_N.png at the end of every epoch, titled with the epoch, and samples.gif of
-    them in order: each is the same 32 z of the "grid" stream decoded by that epoch's
-    weights in eval mode (a grid of fresh z, of the training noise, or of last epoch's
-    model would differ)."""
+def test_vae_grids_and_samples_are_the_fixed_z_decoded_by_each_epochs_model(tmp_path,
+                                                                            monkeypatch):
+    """grids/step_N.png at the end of every epoch, titled with the epoch, samples.gif of
+    them in order and samples.png the last: each is the same 32 z of the "grid" stream
+    decoded by that epoch's weights in eval mode (a grid of fresh z, of the training
+    noise, or of last epoch's model would differ)."""
     states = saved_states(monkeypatch, tmp_path)
     titles = []
     real_label_grid = plots.label_grid
@@ -4291,6 +4293,8 @@ def test_vae_grids_are_the_fixed_z_decoded_by_each_epochs_model(tmp_path, monkey
                            .convert("RGB"), dtype=int)[-expected.shape[0]:, -expected.shape[1]:]
         assert np.abs(drawn - expected).max() <= 1, epoch
         grids.append(drawn)
+    last = np.asarray(Image.open(tmp_path / "samples.png").convert("RGB"), dtype=int)
+    assert np.array_equal(last[-grids[-1].shape[0]:, -grids[-1].shape[1]:], grids[-1])
     animation = Image.open(tmp_path / "samples.gif")
     assert animation.n_frames == 3
     for epoch in range(3):  # GIF's palette blurs colours: each frame is nearest its grid

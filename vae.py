@@ -185,7 +185,8 @@ def train(faces: data.ImageSet, test: data.ImageSet, settings: VAESettings, out:
                 fid.measure(run.history, step + 1, lambda z: decode(model, z),
                             prior_samples(settings.fid_images, settings.latent_dim, seed, "fid"))
             run.save_checkpoint()  # after the FID: best.pt is the lowest FID's
-            reports.vae_curves(out, settings, run.history, fid, prior_grid(model, settings, seed))
+            reports.vae_epoch_pictures(out, settings, run.history, fid,
+                                       prior_grid(model, settings, seed))
     fid_results = fid.results(run.history)
     if fid:  # also the FID of the reconstructions (from the mean code) of the first
         # fid_images test faces, against all the test faces
@@ -260,14 +261,13 @@ def latent_codes(model: VAE, faces: data.ImageSet, batch_size: int = 500):
 
 
 def pictures(model: VAE, test: data.ImageSet, settings: VAESettings, seed: int) -> dict:
-    """What the VAE shows after training: the first ten test faces and their
-    reconstructions, 32 samples of the prior, an interpolation between the first two
-    faces, and the mean codes of the first tsne_points test faces with their labels."""
+    """What the VAE shows after training (its samples are the last epoch's grid): the
+    first ten test faces and their reconstructions, an interpolation between the first
+    two faces, and the mean codes of the first tsne_points test faces with their labels."""
     first_ten = test.subset(torch.arange(min(10, len(test))))
     faces = first_ten.images()
     chosen = test.subset(torch.arange(min(settings.tsne_points, len(test))))
     return {"faces": faces.cpu(), "rebuilt": reconstructions(model, first_ten),
-            "samples": prior_grid(model, settings, seed),
             "interpolation": interpolation(model, faces[0], faces[1]).cpu(),
             "latents": (latent_codes(model, chosen), chosen.labels)
             if settings.tsne_points and test.labels is not None else None}
