@@ -470,10 +470,10 @@ def train(faces: data.ImageSet, held_out: data.ImageSet | None, settings: GANSet
             # standing statistics for the average, from z of their own fixed stream
             gan.refresh_ema_statistics(settings, seed)
             if fid.due(step + 1, settings.steps):
+                # the FID of the same z every time (like with like); then D's scores of
+                # real faces, read against D(x) = 0, its boundary (a critic has none)
                 fid.measure(run.history, step + 1, lambda batch: gan.sample(*batch),
                             noise_batches(settings, settings.fid_images, seed, "fid"))
-                # (the same z every time: like with like) and D's view of real faces,
-                # where D(x) = 0 is its boundary between real and fake (not a critic's)
                 if settings.variant != "wgan-gp":
                     metrics.record(run.history, memorisation(gan, faces, held_out, settings))
             run.save_checkpoint()  # after the FID: best.pt is the lowest FID's

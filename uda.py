@@ -77,10 +77,9 @@ the paper's 0.99 from the start.
 
 Every method uses the same F and C (self-ensembling standardises the images first), data
 order and step count (ADDA: the source-only run, then adapt_epochs more), so the table
-compares methods and nothing else. Every method is
-evaluated with an exponential moving average of its weights (nets.update_ema): the
-adversarial methods' last weights swing by a few points of target accuracy from one
-epoch to the next, their average much less. After each epoch the average gets
+compares methods and nothing else. Every method is evaluated with an exponential moving
+average of its weights (nets.update_ema): the adversarial methods' last weights swing by
+a few points of target accuracy from one epoch to the next, their average much less. After each epoch the average gets
 batch-norm statistics of its own (refresh_statistics), since the ones it copies belong
 to the last weights. An epoch is max(|source|, |target|) / batch steps; the smaller set
 is cycled.
